@@ -1,0 +1,155 @@
+//! Isthmus IRC bridge.
+//!
+//! Personal mode, Biboumi style: each XMPP user gets their own IRC connection to
+//! each server they use, shared by all of their XMPP resources. Rooms are spelled
+//! `#channel%server` and people `nick%server` (the server alone names the
+//! server); a network entry with a pinned server also accepts `#channel` and `nick`.
+//!
+//! - [`address`]: parsing and building those identifiers;
+//! - [`text`]: making XMPP text safe and correctly sized for IRC lines;
+//! - [`flood`]: the per-connection token bucket;
+//! - [`connection`]: one IRC connection and the task that translates its traffic;
+//! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
+//!
+//! Depends on `isthmus-core` and `isthmus-config` only.
+
+pub mod address;
+pub mod connection;
+pub mod flood;
+pub mod text;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use isthmus_config::IrcNetworkConfig;
+use isthmus_core::jid::BareJid;
+use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId};
+use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network};
+use tokio::sync::Mutex;
+use tracing::{debug, info};
+
+use crate::address::IrcTarget;
+use crate::connection::{Connection, ConnectionKey};
+
+/// One configured IRC network (one component domain), with every user's connections.
+pub struct IrcNetwork {
+    id: NetworkId,
+    config: Arc<IrcNetworkConfig>,
+    sink: EventSink,
+    connections: Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
+}
+
+impl IrcNetwork {
+    pub fn new(id: NetworkId, config: IrcNetworkConfig, sink: EventSink) -> Arc<Self> {
+        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn config(&self) -> &IrcNetworkConfig {
+        &self.config
+    }
+
+    /// The live connection of `account` to `server`, if any.
+    pub async fn connection(&self, account: &BareJid, server: &str) -> Option<Arc<Connection>> {
+        let key = ConnectionKey { account: account.clone(), server: server.to_owned() };
+        let map = self.connections.lock().await;
+        map.get(&key).filter(|c| c.is_alive()).cloned()
+    }
+
+    /// The connection of `account` to `server`, opened with `nick` when there is none.
+    async fn connect(&self, account: &BareJid, server: &str, nick: &str) -> Result<Arc<Connection>, DeliveryError> {
+        let key = ConnectionKey { account: account.clone(), server: server.to_owned() };
+        let mut map = self.connections.lock().await;
+        if let Some(conn) = map.get(&key).filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
+        }
+        let server_config = match self.config.servers.get(server) {
+            Some(s) => s.clone(),
+            None if self.config.allow_unlisted_servers => Default::default(),
+            None => {
+                return Err(DeliveryError::Forbidden(format!(
+                    "the IRC server `{server}` is not one this gateway connects to; ask the admin to add it"
+                )));
+            }
+        };
+        info!(account = %account, server, nick, "opening IRC connection");
+        let conn = Connection::open(
+            self.id.clone(),
+            key.clone(),
+            nick.to_owned(),
+            server_config,
+            self.config.clone(),
+            self.sink.clone(),
+        )
+        .await?;
+        map.insert(key, conn.clone());
+        Ok(conn)
+    }
+
+    fn target(&self, event: &Event) -> Result<IrcTarget, DeliveryError> {
+        IrcTarget::parse(event.chat.id.as_str(), self.config.pinned_server.as_deref())
+            .map_err(|e| DeliveryError::Rejected(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Network for IrcNetwork {
+    fn id(&self) -> &NetworkId {
+        &self.id
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn chat_kind(&self, id: &str) -> Option<ChatKind> {
+        let target = IrcTarget::parse(id, self.config.pinned_server.as_deref()).ok()?;
+        Some(if target.name.is_empty() {
+            ChatKind::Service
+        } else if target.is_channel() {
+            ChatKind::Room
+        } else {
+            ChatKind::Direct
+        })
+    }
+
+    async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        let account = event
+            .account
+            .clone()
+            .ok_or_else(|| DeliveryError::Rejected("IRC rooms are personal: the event names no XMPP account".into()))?;
+        let target = self.target(&event)?;
+        debug!(account = %account, target = ?target, kind = event.kind.name(), "IRC delivery");
+        match (&event.kind, event.chat.kind) {
+            (EventKind::JoinRequest { nick, password }, ChatKind::Room) => {
+                let conn = self.connect(&account, &target.server, nick).await?;
+                conn.join(&target.name, password.as_deref())?;
+                Ok(Delivered::default())
+            }
+            (EventKind::Left { reason, .. }, ChatKind::Room) if event.sender.is_self => {
+                if let Some(conn) = self.connection(&account, &target.server).await {
+                    conn.part(&target.name, reason.as_deref())?;
+                }
+                Ok(Delivered::default())
+            }
+            (EventKind::Message(message), _) => {
+                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
+                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
+                })?;
+                // Plain IRC gives messages no ids: nothing to record in the id map.
+                conn.send_message(&target.name, message)?;
+                Ok(Delivered::default())
+            }
+            (EventKind::Topic { text }, ChatKind::Room) => {
+                let conn = self
+                    .connection(&account, &target.server)
+                    .await
+                    .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {}", target.server)))?;
+                conn.set_topic(&target.name, text)?;
+                Ok(Delivered::default())
+            }
+            // Everything else has no IRC form yet; accepted and not rendered.
+            _ => Ok(Delivered::default()),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Wiring: configuration → store → bridges → router → component links.
+
+use std::time::Duration;
+
+use isthmus_config::{Config, XmppMode};
+use isthmus_core::address::Escaping;
+use isthmus_core::model::NetworkId;
+use isthmus_core::network::EventSink;
+use isthmus_core::router::Router;
+use isthmus_core::store::Store;
+use isthmus_irc::IrcNetwork;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::gateway::{Domain, Gateway};
+use crate::link::{self, LinkConfig, LinkEvent};
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] isthmus_core::store::StoreError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Open the configured store and bring its schema up to date.
+pub async fn open_store(config: &Config) -> Result<Store, AppError> {
+    let url = config.store.resolved_url(&config.base_dir);
+    let store = Store::connect(&url, config.store.max_connections).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Run the gateway until the process is asked to stop.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let store = open_store(&config).await?;
+    let component = match config.xmpp.mode {
+        XmppMode::Component => config
+            .xmpp
+            .component
+            .clone()
+            .ok_or_else(|| AppError::Config("xmpp.mode is component but xmpp.component is missing".into()))?,
+    };
+    let (sink, events) = EventSink::channel(4096);
+    let mut domains = Vec::new();
+    let mut links = Vec::new();
+    let mut networks = Vec::new();
+    for net in &config.irc {
+        let id = NetworkId::new(net.domain.clone());
+        let secret = config
+            .component_secret_for(net)
+            .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        domains.push(Domain {
+            name: net.domain.clone(),
+            network: id.clone(),
+            escaping: Escaping::CaseInsensitive,
+            kind: "IRC",
+            outgoing: tx,
+        });
+        links.push((
+            LinkConfig {
+                domain: net.domain.clone(),
+                secret: secret.expose().to_owned(),
+                host: component.host.clone(),
+                port: component.port,
+                keepalive: Duration::from_secs(component.keepalive_secs.max(1)),
+                reconnect_initial: Duration::from_millis(component.reconnect_initial_ms.max(1)),
+                reconnect_max: Duration::from_millis(component.reconnect_max_ms.max(1)),
+            },
+            rx,
+        ));
+        networks.push(IrcNetwork::new(id, net.clone(), sink.clone()));
+    }
+    if domains.is_empty() {
+        warn!("no networks are configured: the gateway has nothing to bridge");
+    }
+    let gateway = Gateway::new(domains);
+    let mut builder = Router::builder(store).network(gateway.clone());
+    for n in networks {
+        builder = builder.network(n);
+    }
+    let router = builder.build();
+    gateway.attach(router.clone());
+    tokio::spawn(router.run(events));
+
+    for (link_config, outgoing) in links {
+        let (ev_tx, mut ev_rx) = mpsc::channel(4096);
+        let domain = link_config.domain.clone();
+        tokio::spawn(link::run(link_config, outgoing, ev_tx));
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                match ev {
+                    LinkEvent::Stanza(s) => gateway.handle(&domain, s).await,
+                    LinkEvent::Up => info!(domain, "serving"),
+                    LinkEvent::Down(reason) => warn!(domain, reason, "link down"),
+                }
+            }
+        });
+    }
+    info!("isthmus is running; stop it with Ctrl-C or SIGTERM");
+    shutdown_signal().await;
+    info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,647 @@
+//! The gateway's XMPP side: turns stanzas from the component links into core
+//! events for the router, and core events from the networks into stanzas.
+//!
+//! Each configured network is served on its own component domain. Rooms are
+//! personal (one IRC connection per XMPP user), so room state is kept per
+//! (room JID, XMPP account): which of the account's resources are in the room,
+//! the nick the network gave, the occupants and the subject. The XMPP side is
+//! itself a [`Network`] (named `xmpp`) so the router treats every side alike.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_trait::async_trait;
+use isthmus_core::address::Escaping;
+use isthmus_core::model::{
+    Affiliation, ChatKind, ChatRef, Event, EventKind, LeaveKind, Message as ModelMessage, NetworkId, Occupant, Role,
+    Sender,
+};
+use isthmus_core::network::{Capabilities, Delivered, DeliveryError, Network};
+use isthmus_core::router::Router;
+use tokio::sync::mpsc;
+use tokio_xmpp::Stanza;
+use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult, Identity};
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::muc::user::{Item, MucUser, Status};
+use tokio_xmpp::parsers::muc::{self, Muc};
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tracing::{Instrument, debug, info, warn};
+
+use crate::stanza::{self, bare, full};
+
+/// One component domain and the network it serves.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub name: String,
+    pub network: NetworkId,
+    pub escaping: Escaping,
+    /// Human name for disco (e.g. "IRC").
+    pub kind: &'static str,
+    /// Unbounded: the gateway never waits on the link (see `link`).
+    pub outgoing: mpsc::UnboundedSender<Stanza>,
+}
+
+/// Where one XMPP account stands in one room.
+#[derive(Debug, Default)]
+struct RoomSession {
+    /// The network confirmed the join.
+    joined: bool,
+    /// The nick the network gave the account.
+    nick: String,
+    /// The nick the account asked for (to report status 210 when they differ).
+    requested_nick: String,
+    /// Resources in the room.
+    resources: HashSet<FullJid>,
+    /// Resources waiting for the network to confirm the join.
+    pending: HashSet<FullJid>,
+    occupants: BTreeMap<String, Occupant>,
+    topic: Option<String>,
+}
+
+type RoomKey = (BareJid, BareJid); // (room, account)
+
+/// The XMPP side of the gateway.
+pub struct Gateway {
+    domains: HashMap<String, Domain>,
+    by_network: HashMap<NetworkId, String>,
+    router: OnceLock<Router>,
+    rooms: Mutex<HashMap<RoomKey, RoomSession>>,
+    id: NetworkId,
+}
+
+fn muc_role(role: Role) -> muc::user::Role {
+    match role {
+        Role::Moderator => muc::user::Role::Moderator,
+        Role::Participant => muc::user::Role::Participant,
+        Role::Visitor => muc::user::Role::Visitor,
+    }
+}
+
+fn muc_affiliation(a: Affiliation) -> muc::user::Affiliation {
+    match a {
+        Affiliation::Owner => muc::user::Affiliation::Owner,
+        Affiliation::Admin => muc::user::Affiliation::Admin,
+        Affiliation::Member => muc::user::Affiliation::Member,
+        Affiliation::None => muc::user::Affiliation::None,
+        Affiliation::Outcast => muc::user::Affiliation::Outcast,
+    }
+}
+
+/// An occupant presence from `room/nick`.
+fn occupant_presence(from: Jid, to: &FullJid, item: Item, statuses: Vec<Status>, unavailable: bool) -> Stanza {
+    let p = if unavailable { Presence::unavailable() } else { Presence::available() };
+    let muc_user = MucUser::new().with_items(vec![item]).with_statuses(statuses);
+    Stanza::Presence(p.with_from(from).with_to(Jid::from(to.clone())).with_payload(muc_user))
+}
+
+impl Gateway {
+    pub fn new(domains: Vec<Domain>) -> Arc<Gateway> {
+        let by_network = domains.iter().map(|d| (d.network.clone(), d.name.clone())).collect();
+        Arc::new(Gateway {
+            domains: domains.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            by_network,
+            router: OnceLock::new(),
+            rooms: Mutex::new(HashMap::new()),
+            id: NetworkId::xmpp(),
+        })
+    }
+
+    /// Connect the gateway to the router (once, after the router is built).
+    pub fn attach(&self, router: Router) {
+        let _ = self.router.set(router);
+    }
+
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomKey, RoomSession>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn send(&self, domain: &Domain, stanza: Stanza) {
+        if domain.outgoing.send(stanza).is_err() {
+            warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
+        }
+    }
+
+    async fn send_all(&self, domain: &Domain, stanzas: Vec<Stanza>) {
+        for s in stanzas {
+            self.send(domain, s).await;
+        }
+    }
+
+    /// The room or contact JID of a chat on a network.
+    fn chat_jid(&self, chat: &ChatRef) -> Option<(Domain, BareJid)> {
+        let domain = self.domains.get(self.by_network.get(&chat.network)?)?.clone();
+        let local = domain.escaping.to_localpart(chat.id.as_str()).ok()?;
+        let jid = bare(&local, &domain.name)?;
+        Some((domain, jid))
+    }
+
+    /// Handle one stanza that arrived on `domain`'s link.
+    pub async fn handle(&self, domain: &str, stanza: Stanza) {
+        let Some(domain) = self.domains.get(domain).cloned() else { return };
+        match stanza {
+            Stanza::Presence(p) => self.handle_presence(&domain, p).await,
+            Stanza::Message(m) => self.handle_message(&domain, m).await,
+            Stanza::Iq(iq) => self.handle_iq(&domain, iq).await,
+        }
+    }
+
+    /// Interpret the localpart of a JID on `domain` as a chat of its network.
+    fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
+        let node = to.node().ok_or_else(|| "this address is the gateway itself, not a room or person".to_owned())?;
+        let id = domain.escaping.from_localpart(node.as_str()).map_err(|e| e.to_string())?;
+        let router = self.router.get().ok_or("the gateway is starting")?;
+        let network = router.network(&domain.network).ok_or("this network is not running")?;
+        let kind = network.chat_kind(&id).ok_or_else(|| format!("`{id}` is not a valid address on {}", domain.kind))?;
+        Ok(ChatRef { network: domain.network.clone(), kind, id: isthmus_core::model::RemoteId::new(id) })
+    }
+
+    async fn handle_presence(&self, domain: &Domain, p: Presence) {
+        let (Some(from), Some(to)) = (p.from.clone().and_then(|j| j.try_into_full().ok()), p.to.clone()) else {
+            return;
+        };
+        let account = from.to_bare();
+        match p.type_ {
+            PresenceType::None => {}
+            PresenceType::Unavailable => return self.leave(domain, &from, &to).await,
+            // Subscriptions and probes to puppets are answered when contacts arrive; errors are ignored.
+            _ => return,
+        }
+        let Some(muc) = p.payloads.iter().find(|e| e.is("x", ns::MUC)).and_then(|e| Muc::try_from(e.clone()).ok())
+        else {
+            return; // a status change inside a room: nothing to bridge
+        };
+        let chat = match self.chat_of(domain, &to) {
+            Ok(c) if c.kind == ChatKind::Room => c,
+            Ok(_) => {
+                let s = stanza::presence_error(
+                    to.clone(),
+                    Jid::from(from),
+                    ErrorType::Cancel,
+                    DefinedCondition::ItemNotFound,
+                    "this address is not a room",
+                );
+                return self.send(domain, s).await;
+            }
+            Err(text) => {
+                let s = stanza::presence_error(
+                    to.clone(),
+                    Jid::from(from),
+                    ErrorType::Modify,
+                    DefinedCondition::JidMalformed,
+                    &text,
+                );
+                return self.send(domain, s).await;
+            }
+        };
+        let room = to.to_bare();
+        let Some(nick) = to.resource().map(|r| r.as_str().to_owned()) else {
+            let s = stanza::presence_error(
+                to.clone(),
+                Jid::from(from),
+                ErrorType::Modify,
+                DefinedCondition::JidMalformed,
+                "a nickname is required to join",
+            );
+            return self.send(domain, s).await;
+        };
+        let already = {
+            let mut rooms = self.rooms();
+            let session = rooms.entry((room.clone(), account.clone())).or_default();
+            if session.joined {
+                session.resources.insert(from.clone());
+                true
+            } else {
+                let first = session.pending.is_empty();
+                session.pending.insert(from.clone());
+                session.requested_nick = nick.clone();
+                !first // a join is already under way for this account
+            }
+        };
+        if already {
+            let stanzas = self.join_stanzas(&room, &account, &[from]);
+            return self.send_all(domain, stanzas).await;
+        }
+        info!(account = %account, room = %room, nick, "joining room");
+        let event = Event::new(
+            NetworkId::xmpp(),
+            chat,
+            Sender::own(account.to_string(), nick.clone()),
+            EventKind::JoinRequest { nick, password: muc.password },
+        )
+        .with_account(account.clone());
+        let report = self.route(event).await;
+        if let Some(e) = report.and_then(|r| r.first_error().cloned()) {
+            self.rooms().remove(&(room.clone(), account.clone()));
+            let condition = match e {
+                DeliveryError::Forbidden(_) => DefinedCondition::Forbidden,
+                DeliveryError::Unavailable(_) => DefinedCondition::RemoteServerNotFound,
+                _ => DefinedCondition::NotAcceptable,
+            };
+            let s = stanza::presence_error(to, Jid::from(from), ErrorType::Cancel, condition, &e.to_string());
+            self.send(domain, s).await;
+        }
+    }
+
+    async fn route(&self, event: Event) -> Option<isthmus_core::router::RouteReport> {
+        Some(self.router.get()?.route(event).await)
+    }
+
+    /// Presences and subject a resource gets when it enters a joined room:
+    /// every occupant, then itself (110, and 210 when the network changed the nick), then the subject.
+    fn join_stanzas(&self, room: &BareJid, account: &BareJid, resources: &[FullJid]) -> Vec<Stanza> {
+        let rooms = self.rooms();
+        let Some(session) = rooms.get(&(room.clone(), account.clone())) else { return Vec::new() };
+        let mut out = Vec::new();
+        for res in resources {
+            for o in session.occupants.values() {
+                if let Some(from) = full(room, &o.nick) {
+                    let item = Item::new(muc_affiliation(o.affiliation), muc_role(o.role));
+                    out.push(occupant_presence(Jid::from(from), res, item, vec![], false));
+                }
+            }
+            if let Some(from) = full(room, &session.nick) {
+                let item = Item::new(muc::user::Affiliation::None, muc::user::Role::Participant).with_jid(res.clone());
+                let mut codes = vec![Status::NonAnonymousRoom, Status::SelfPresence];
+                if session.nick != session.requested_nick {
+                    codes.push(Status::AssignedNick);
+                }
+                out.push(occupant_presence(Jid::from(from), res, item, codes, false));
+            }
+            let mut subject = Message::groupchat(Some(Jid::from(res.clone())));
+            subject.from = Some(Jid::from(room.clone()));
+            subject.id = Some(stanza::new_id());
+            subject.subjects.insert(Lang::default(), session.topic.clone().unwrap_or_default());
+            out.push(Stanza::Message(subject));
+        }
+        out
+    }
+
+    async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid) {
+        let room = to.to_bare();
+        let account = from.to_bare();
+        let (last, nick) = {
+            let mut rooms = self.rooms();
+            let key = (room.clone(), account.clone());
+            let Some(session) = rooms.get_mut(&key) else { return };
+            let was_in = session.resources.remove(from) | session.pending.remove(from);
+            if !was_in {
+                return;
+            }
+            let nick = session.nick.clone();
+            let last = session.resources.is_empty() && session.pending.is_empty();
+            if last {
+                rooms.remove(&key);
+            }
+            (last, nick)
+        };
+        if let Some(own) = full(&room, if nick.is_empty() { "you" } else { &nick }) {
+            let item = Item::new(muc::user::Affiliation::None, muc::user::Role::None);
+            let s = occupant_presence(Jid::from(own), from, item, vec![Status::SelfPresence], true);
+            self.send(domain, s).await;
+        }
+        if last {
+            if let Ok(chat) = self.chat_of(domain, to) {
+                let event = Event::new(
+                    NetworkId::xmpp(),
+                    chat,
+                    Sender::own(account.to_string(), nick),
+                    EventKind::Left { kind: LeaveKind::Part, reason: None },
+                )
+                .with_account(account);
+                self.route(event).await;
+            }
+        }
+    }
+
+    async fn handle_message(&self, domain: &Domain, m: Message) {
+        if m.type_ == MessageType::Error {
+            return;
+        }
+        let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };
+        let account = from.to_bare();
+        let Some(body) = stanza::body(&m) else { return };
+        let chat = match self.chat_of(domain, &to) {
+            Ok(c) => c,
+            Err(text) => {
+                if let Some(e) = stanza::message_error(&m, ErrorType::Modify, DefinedCondition::ItemNotFound, &text) {
+                    self.send(domain, e).await;
+                }
+                return;
+            }
+        };
+        let room = to.to_bare();
+        let nick = if chat.kind == ChatKind::Room {
+            let nick = self.rooms().get(&(room.clone(), account.clone())).and_then(|s| {
+                (s.joined && from.try_as_full().is_ok_and(|f| s.resources.contains(f))).then(|| s.nick.clone())
+            });
+            match nick {
+                Some(nick) => nick,
+                None => {
+                    if let Some(e) = stanza::message_error(
+                        &m,
+                        ErrorType::Cancel,
+                        DefinedCondition::NotAcceptable,
+                        "join the room before sending messages to it",
+                    ) {
+                        self.send(domain, e).await;
+                    }
+                    return;
+                }
+            }
+        } else {
+            account.node().map(|n| n.to_string()).unwrap_or_default()
+        };
+        let origin_id = stanza::origin_id(&m);
+        let mut event = Event::new(
+            NetworkId::xmpp(),
+            chat.clone(),
+            Sender::own(account.to_string(), nick.clone()),
+            EventKind::Message(ModelMessage::text(body.clone())),
+        )
+        .with_account(account.clone());
+        if let Some(id) = &origin_id {
+            event = event.with_origin_id(id.clone());
+        }
+        let key = event.key.clone();
+        let span = tracing::info_span!("xmpp-message", key = %key, origin_id = ?origin_id, from = %from);
+        let Some(report) = self.route(event).instrument(span).await else { return };
+        if let Some(e) = report.first_error() {
+            let condition = match e {
+                DeliveryError::Forbidden(_) => DefinedCondition::Forbidden,
+                DeliveryError::Unavailable(_) => DefinedCondition::RecipientUnavailable,
+                _ => DefinedCondition::NotAcceptable,
+            };
+            if let Some(err) = stanza::message_error(&m, ErrorType::Cancel, condition, &e.to_string()) {
+                self.send(domain, err).await;
+            }
+            return;
+        }
+        if chat.kind == ChatKind::Room {
+            // MUC semantics: the sender's resources see their own message reflected, with its id.
+            let resources: Vec<FullJid> = self
+                .rooms()
+                .get(&(room.clone(), account.clone()))
+                .map(|s| s.resources.iter().cloned().collect())
+                .unwrap_or_default();
+            let Some(from_occupant) = full(&room, &nick) else { return };
+            for res in resources {
+                let mut echo =
+                    stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), &body);
+                echo.id = m.id.clone();
+                echo.payloads.extend(m.payloads.iter().filter(|p| p.is("origin-id", ns::SID)).cloned());
+                let echo = stanza::with_stanza_id(echo, &key.0, &room);
+                self.send(domain, Stanza::Message(echo)).await;
+            }
+        }
+    }
+
+    async fn handle_iq(&self, domain: &Domain, iq: Iq) {
+        let (from, to, id, payload) = match iq {
+            Iq::Get { from: Some(from), to: Some(to), id, payload } => (from, to, id, payload),
+            Iq::Set { from: Some(from), to: Some(to), id, .. } => {
+                let err =
+                    StanzaError::new(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "en", "not supported");
+                return self.send(domain, Stanza::Iq(Iq::from_error(id, err).with_to(from).with_from(to))).await;
+            }
+            _ => return, // results and errors (our keepalive pings come back here)
+        };
+        let reply = if payload.is("ping", ns::PING) {
+            Iq::empty_result(from.clone(), id)
+        } else if payload.is("query", ns::DISCO_INFO) && DiscoInfoQuery::try_from(payload.clone()).is_ok() {
+            let (identity, features): (Identity, Vec<&str>) = if to.node().is_none() {
+                (
+                    Identity::new(
+                        "gateway",
+                        domain.kind.to_lowercase(),
+                        "en",
+                        format!("Isthmus {} gateway", domain.kind),
+                    ),
+                    vec![ns::DISCO_INFO, ns::MUC, ns::PING],
+                )
+            } else {
+                match self.chat_of(domain, &to).map(|c| c.kind) {
+                    Ok(ChatKind::Room) => (
+                        Identity::new("conference", "text", "en", to.node().map(|n| n.to_string()).unwrap_or_default()),
+                        vec![
+                            ns::DISCO_INFO,
+                            ns::MUC,
+                            "muc_nonanonymous",
+                            "muc_persistent",
+                            "muc_open",
+                            ns::SID,
+                            ns::PING,
+                        ],
+                    ),
+                    Ok(_) => (
+                        Identity::new("client", "pc", "en", to.node().map(|n| n.to_string()).unwrap_or_default()),
+                        vec![ns::DISCO_INFO],
+                    ),
+                    Err(text) => {
+                        let err = StanzaError::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, "en", text);
+                        return self
+                            .send(domain, Stanza::Iq(Iq::from_error(id, err).with_to(from).with_from(to)))
+                            .await;
+                    }
+                }
+            };
+            let result = DiscoInfoResult {
+                node: None,
+                identities: vec![identity],
+                features: features.into_iter().map(str::to_owned).collect(),
+                extensions: vec![],
+            };
+            Iq::from_result(id, Some(result))
+        } else {
+            let err = StanzaError::new(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "en", "not supported");
+            Iq::from_error(id, err)
+        };
+        self.send(domain, Stanza::Iq(reply.with_to(from).with_from(to))).await;
+    }
+
+    /// Render a network event for the XMPP account it belongs to.
+    fn render(&self, event: &Event, chat_jid: &BareJid) -> Result<Vec<Stanza>, DeliveryError> {
+        let account = event.account.clone().ok_or_else(|| DeliveryError::Rejected("no XMPP account named".into()))?;
+        let mut out = Vec::new();
+        match event.chat.kind {
+            ChatKind::Room => self.render_room(event, &account, chat_jid, &mut out),
+            ChatKind::Direct | ChatKind::Service => {
+                if let EventKind::Message(msg) = &event.kind {
+                    let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
+                    let mut m =
+                        stanza::message(MessageType::Chat, Jid::from(chat_jid.clone()), Jid::from(account), &body);
+                    m.id = Some(stanza::new_id());
+                    out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, chat_jid)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn render_room(&self, event: &Event, account: &BareJid, room: &BareJid, out: &mut Vec<Stanza>) {
+        let key = (room.clone(), account.clone());
+        let mut rooms = self.rooms();
+        let Some(session) = rooms.get_mut(&key) else {
+            debug!(room = %room, account = %account, "event for a room the account is not in; ignored");
+            return;
+        };
+        let nick = &event.sender.nick;
+        match &event.kind {
+            EventKind::SelfJoined { nick, occupants, topic } => {
+                session.joined = true;
+                session.nick = nick.clone();
+                session.occupants = occupants.iter().map(|o| (o.nick.clone(), o.clone())).collect();
+                session.topic = topic.clone();
+                let pending: Vec<FullJid> = session.pending.drain().collect();
+                session.resources.extend(pending.iter().cloned());
+                drop(rooms);
+                out.extend(self.join_stanzas(room, account, &pending));
+            }
+            EventKind::JoinFailed { reason } => {
+                let pending: Vec<FullJid> = session.pending.drain().collect();
+                if session.resources.is_empty() {
+                    rooms.remove(&key);
+                }
+                for res in pending {
+                    let from = full(room, nick).map(Jid::from).unwrap_or_else(|| Jid::from(room.clone()));
+                    out.push(stanza::presence_error(
+                        from,
+                        Jid::from(res),
+                        ErrorType::Auth,
+                        DefinedCondition::NotAuthorized,
+                        reason,
+                    ));
+                }
+            }
+            EventKind::Joined { occupant } => {
+                session.occupants.insert(occupant.nick.clone(), occupant.clone());
+                if let Some(from) = full(room, &occupant.nick) {
+                    let item = Item::new(muc_affiliation(occupant.affiliation), muc_role(occupant.role));
+                    for res in &session.resources {
+                        out.push(occupant_presence(Jid::from(from.clone()), res, item.clone(), vec![], false));
+                    }
+                }
+            }
+            EventKind::Left { kind, reason } => {
+                let mut codes = match kind {
+                    LeaveKind::Kick { .. } => vec![Status::Kicked],
+                    LeaveKind::Ban { .. } => vec![Status::Banned],
+                    LeaveKind::Disconnected => vec![Status::ServiceErrorKick],
+                    _ => vec![],
+                };
+                let mut item = Item::new(muc::user::Affiliation::None, muc::user::Role::None);
+                if let Some(r) = reason {
+                    item = item.with_reason(r.clone());
+                }
+                let targets: Vec<FullJid> = session.resources.iter().cloned().collect();
+                if event.sender.is_self {
+                    codes.push(Status::SelfPresence);
+                    rooms.remove(&key);
+                } else {
+                    session.occupants.remove(nick);
+                }
+                if let Some(from) = full(room, nick) {
+                    for res in &targets {
+                        out.push(occupant_presence(Jid::from(from.clone()), res, item.clone(), codes.clone(), true));
+                    }
+                }
+            }
+            EventKind::NickChanged { new_nick } => {
+                let mut occupant = session.occupants.remove(nick);
+                if event.sender.is_self {
+                    session.nick = new_nick.clone();
+                } else if let Some(o) = occupant.as_mut() {
+                    o.nick = new_nick.clone();
+                    session.occupants.insert(new_nick.clone(), o.clone());
+                }
+                let (aff, role) = occupant.map(|o| (o.affiliation, o.role)).unwrap_or_default();
+                let mut codes = vec![Status::NewNick];
+                if event.sender.is_self {
+                    codes.push(Status::SelfPresence);
+                }
+                for res in &session.resources {
+                    if let (Some(old), Some(new)) = (full(room, nick), full(room, new_nick)) {
+                        let item = Item::new(muc_affiliation(aff), muc_role(role)).with_nick(new_nick.clone());
+                        out.push(occupant_presence(Jid::from(old), res, item, codes.clone(), true));
+                        let item = Item::new(muc_affiliation(aff), muc_role(role));
+                        let codes = if event.sender.is_self { vec![Status::SelfPresence] } else { vec![] };
+                        out.push(occupant_presence(Jid::from(new), res, item, codes, false));
+                    }
+                }
+            }
+            EventKind::Topic { text } => {
+                session.topic = Some(text.clone());
+                for res in &session.resources {
+                    let from = full(room, nick).map(Jid::from).unwrap_or_else(|| Jid::from(room.clone()));
+                    let mut m = Message::groupchat(Some(Jid::from(res.clone())));
+                    m.from = Some(from);
+                    m.id = Some(stanza::new_id());
+                    m.subjects.insert(Lang::default(), text.clone());
+                    out.push(Stanza::Message(m));
+                }
+            }
+            EventKind::Message(msg) => {
+                let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
+                let Some(from) = full(room, nick) else { return };
+                for res in &session.resources {
+                    let mut m =
+                        stanza::message(MessageType::Groupchat, Jid::from(from.clone()), Jid::from(res.clone()), &body);
+                    m.id = Some(stanza::new_id());
+                    if event.delayed {
+                        if let Some(d) = stanza::delay(event.time, room) {
+                            m.payloads.push(d.into());
+                        }
+                    }
+                    out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, room)));
+                }
+            }
+            EventKind::Status { text } => {
+                for res in &session.resources {
+                    let mut m =
+                        stanza::message(MessageType::Groupchat, Jid::from(room.clone()), Jid::from(res.clone()), text);
+                    m.id = Some(stanza::new_id());
+                    out.push(Stanza::Message(m));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Network for Gateway {
+    fn id(&self) -> &NetworkId {
+        &self.id
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            formatted_bodies: true,
+            attachments: true,
+            replies: true,
+            threads: true,
+            corrections: true,
+            retractions: true,
+            reactions: true,
+            typing: true,
+            read_markers: true,
+            echoes_own_messages: true,
+        }
+    }
+
+    fn chat_kind(&self, _id: &str) -> Option<ChatKind> {
+        Some(ChatKind::Room)
+    }
+
+    async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        let (domain, chat_jid) = self.chat_jid(&event.chat).ok_or_else(|| {
+            DeliveryError::Rejected(format!("`{}` has no JID on any configured domain", event.chat.id))
+        })?;
+        let stanzas = self.render(&event, &chat_jid)?;
+        self.send_all(&domain, stanzas).await;
+        Ok(Delivered::ids(vec![event.key.0.clone()]))
+    }
+}

@@ -1,0 +1,13 @@
+//! Isthmus's XMPP side and the `isthmus` binary's building blocks.
+//!
+//! - [`link`]: the XEP-0114 component link, with its own reconnect and keepalive;
+//! - [`gateway`]: stanzas ↔ core events, the MUC service, the XMPP side as a network;
+//! - [`stanza`]: small helpers over xmpp-parsers;
+//! - [`app`]: wiring configuration, store, bridges, router and links together.
+//!
+//! Depends on `isthmus-core`, `isthmus-config` and the bridge crates; nothing depends on it.
+
+pub mod app;
+pub mod gateway;
+pub mod link;
+pub mod stanza;

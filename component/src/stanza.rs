@@ -1,0 +1,100 @@
+//! Small helpers for building and reading stanzas with xmpp-parsers.
+
+use std::time::SystemTime;
+
+use tokio_xmpp::Stanza;
+use tokio_xmpp::parsers::date::DateTime;
+use tokio_xmpp::parsers::delay::Delay;
+use tokio_xmpp::parsers::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
+use tokio_xmpp::parsers::minidom::Element;
+use tokio_xmpp::parsers::presence::Presence;
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_id::{OriginId, StanzaId};
+
+/// Parse a JID, `None` when it is not valid.
+pub fn parse_jid(s: &str) -> Option<Jid> {
+    Jid::new(s).ok()
+}
+
+/// A bare JID `local@domain`.
+pub fn bare(local: &str, domain: &str) -> Option<BareJid> {
+    BareJid::new(&format!("{local}@{domain}")).ok()
+}
+
+/// A full JID `bare/resource`.
+pub fn full(bare: &BareJid, resource: &str) -> Option<FullJid> {
+    FullJid::new(&format!("{bare}/{resource}")).ok()
+}
+
+/// An XMPP timestamp for `time`.
+pub fn datetime(time: SystemTime) -> Option<DateTime> {
+    let utc: chrono::DateTime<chrono::Utc> = time.into();
+    utc.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).parse().ok()
+}
+
+/// XEP-0203 delay for a message that happened at `time`, stamped by `from`.
+pub fn delay(time: SystemTime, from: &BareJid) -> Option<Delay> {
+    Some(Delay { from: Some(Jid::from(from.clone())), stamp: datetime(time)?, data: None })
+}
+
+/// A message with one body and no language.
+pub fn message(type_: MessageType, from: Jid, to: Jid, body: &str) -> Message {
+    let mut m = Message::new_with_type(type_, Some(to));
+    m.from = Some(from);
+    if !body.is_empty() {
+        m.bodies.insert(Lang::default(), body.to_owned());
+    }
+    m
+}
+
+/// Set the XEP-0359 stanza-id (assigned by `by`) on a message.
+pub fn with_stanza_id(mut m: Message, id: &str, by: &BareJid) -> Message {
+    m.payloads.push(StanzaId { id: id.to_owned(), by: Jid::from(by.clone()) }.into());
+    m
+}
+
+/// The message's own id for matching: XEP-0359 origin-id, else the id attribute.
+pub fn origin_id(m: &Message) -> Option<String> {
+    m.payloads
+        .iter()
+        .find(|p| p.is("origin-id", tokio_xmpp::parsers::ns::SID))
+        .and_then(|p| OriginId::try_from(p.clone()).ok())
+        .map(|o| o.id)
+        .or_else(|| m.id.as_ref().map(|i| i.0.clone()))
+}
+
+/// The plain body of a message, if any.
+pub fn body(m: &Message) -> Option<String> {
+    m.get_best_body_cloned(vec!["en"]).map(|(_, b)| b)
+}
+
+fn error(type_: ErrorType, condition: DefinedCondition, text: &str) -> StanzaError {
+    StanzaError::new(type_, condition, "en", text)
+}
+
+/// An error reply to a message.
+pub fn message_error(original: &Message, type_: ErrorType, condition: DefinedCondition, text: &str) -> Option<Stanza> {
+    let mut m = Message::error(original.from.clone()?);
+    m.from = original.to.clone();
+    m.id = original.id.clone();
+    m.payloads.push(error(type_, condition, text).into());
+    Some(Stanza::Message(m))
+}
+
+/// An error reply to a presence.
+pub fn presence_error(from: Jid, to: Jid, type_: ErrorType, condition: DefinedCondition, text: &str) -> Stanza {
+    let mut p = Presence::error().with_from(from).with_to(to);
+    p.payloads.push(error(type_, condition, text).into());
+    Stanza::Presence(p)
+}
+
+/// An element with the given name and namespace and no children.
+pub fn empty(name: &str, ns: &str) -> Element {
+    Element::builder(name, ns).build()
+}
+
+/// A message id for stanzas the gateway creates.
+pub fn new_id() -> Id {
+    Id(uuid::Uuid::new_v4().to_string())
+}

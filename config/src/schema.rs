@@ -1,0 +1,319 @@
+//! The configuration schema. Every key is documented in `config/examples/prosody.yaml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::secret::Secret;
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub xmpp: XmppConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    pub access: AccessConfig,
+    /// One entry per IRC network (one component domain each).
+    pub irc: Vec<IrcNetworkConfig>,
+    /// The configuration file's directory: relative paths are relative to it.
+    pub base_dir: PathBuf,
+    /// Where each IRC network entry starts in the file (for validation messages).
+    pub(crate) irc_locations: Vec<serde_saphyr::Location>,
+}
+
+/// The file as parsed, before secrets are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    xmpp: XmppConfig,
+    #[serde(default)]
+    store: StoreConfig,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    access: AccessConfig,
+    #[serde(default)]
+    irc: Vec<Spanned<IrcNetworkConfig>>,
+}
+
+impl RawConfig {
+    pub(crate) fn into_config(self, base_dir: PathBuf) -> Config {
+        let irc_locations = self.irc.iter().map(|s| s.referenced).collect();
+        Config {
+            xmpp: self.xmpp,
+            store: self.store,
+            log: self.log,
+            access: self.access,
+            irc: self.irc.into_iter().map(|s| s.value).collect(),
+            base_dir,
+            irc_locations,
+        }
+    }
+}
+
+impl Config {
+    /// The XEP-0114 secret for a network's domain: its own, else the global one.
+    pub fn component_secret_for<'a>(&'a self, net: &'a IrcNetworkConfig) -> Option<&'a Secret> {
+        net.secret.as_ref().or(self.xmpp.component.as_ref().and_then(|c| c.secret.as_ref()))
+    }
+}
+
+/// How Isthmus meets XMPP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XmppMode {
+    /// An external component (XEP-0114) of Prosody, ejabberd or another server.
+    #[default]
+    Component,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppConfig {
+    #[serde(default)]
+    pub mode: XmppMode,
+    pub component: Option<ComponentConfig>,
+}
+
+/// The XEP-0114 link to the XMPP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_component_port")]
+    pub port: u16,
+    /// Default component secret for every network domain.
+    pub secret: Option<Secret>,
+    /// Ping through the server after this much silence.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    #[serde(default = "default_reconnect_initial")]
+    pub reconnect_initial_ms: u64,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_component_port() -> u16 {
+    5347
+}
+fn default_keepalive() -> u64 {
+    60
+}
+fn default_reconnect_initial() -> u64 {
+    500
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (relative to the config file), a bare path, `sqlite::memory:`, or `postgres://…`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_store_url() -> String {
+    "sqlite://isthmus.db".into()
+}
+fn default_max_connections() -> u32 {
+    8
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { url: default_store_url(), max_connections: default_max_connections() }
+    }
+}
+
+impl StoreConfig {
+    /// The URL to open: relative SQLite paths are made absolute against `base_dir`.
+    pub fn resolved_url(&self, base_dir: &Path) -> String {
+        let url = self.url.trim();
+        if url.starts_with("sqlite::memory:") || url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return url.to_owned();
+        }
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let path = Path::new(path);
+        let abs = if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) };
+        match query {
+            Some(q) => format!("sqlite://{}?{q}", abs.display()),
+            None => format!("sqlite://{}", abs.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `info,isthmus_irc=debug`; `RUST_LOG` overrides it.
+    #[serde(default = "default_filter")]
+    pub filter: String,
+}
+
+fn default_filter() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { filter: default_filter() }
+    }
+}
+
+/// Who may use the gateway.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// JIDs with admin rights.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// JIDs or domains allowed to use every network (a network's own `allow` overrides).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// One IRC network, served on its own component domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcNetworkConfig {
+    /// The component domain, e.g. `irc.example.org`.
+    pub domain: String,
+    /// Component secret for this domain (else `xmpp.component.secret`).
+    pub secret: Option<Secret>,
+    /// JIDs or domains allowed to use this network (empty: `access.allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// When set, `#chan@domain` and `nick@domain` mean this server.
+    pub pinned_server: Option<String>,
+    #[serde(default = "default_realname")]
+    pub realname: String,
+    #[serde(default)]
+    pub flood: FloodConfig,
+    /// Servers users may reach, by the name used in JIDs (`#chan%NAME@domain`).
+    #[serde(default)]
+    pub servers: BTreeMap<String, IrcServerConfig>,
+    /// Let users reach servers not listed in `servers` (with default settings).
+    #[serde(default)]
+    pub allow_unlisted_servers: bool,
+}
+
+fn default_realname() -> String {
+    "Isthmus gateway user".into()
+}
+
+/// Pacing of lines sent to IRC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FloodConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    #[serde(default = "default_rate")]
+    pub lines_per_second: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_rate() -> f64 {
+    1.0
+}
+
+impl Default for FloodConfig {
+    fn default() -> Self {
+        FloodConfig { enabled: true, burst: default_burst(), lines_per_second: default_rate() }
+    }
+}
+
+/// How to reach one IRC server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcServerConfig {
+    /// Host to connect to (default: the server's name).
+    pub host: Option<String>,
+    /// Default 6697 with TLS, 6667 without.
+    pub port: Option<u16>,
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// Verify the server's certificate. Turning this off must be explicit.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+    /// Extra CA certificate (PEM) to trust for this server.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Server password (PASS).
+    pub password: Option<Secret>,
+    pub sasl: Option<SaslConfig>,
+    /// Raw IRC lines sent after registration (e.g. `PRIVMSG NickServ :IDENTIFY …`).
+    #[serde(default)]
+    pub on_connect: Vec<String>,
+    /// Decoding of lines that are not UTF-8.
+    #[serde(default = "default_fallback")]
+    pub encoding_fallback: String,
+}
+
+fn default_fallback() -> String {
+    "latin-1".into()
+}
+
+impl Default for IrcServerConfig {
+    fn default() -> Self {
+        IrcServerConfig {
+            host: None,
+            port: None,
+            tls: true,
+            tls_verify: true,
+            tls_ca_file: None,
+            password: None,
+            sasl: None,
+            on_connect: Vec::new(),
+            encoding_fallback: default_fallback(),
+        }
+    }
+}
+
+impl IrcServerConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls { 6697 } else { 6667 })
+    }
+
+    /// The host to connect to; `key` is the server's name in the `servers` map.
+    pub fn host_or<'a>(&'a self, key: &'a str) -> &'a str {
+        self.host.as_deref().unwrap_or(key)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaslMechanism {
+    Plain,
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    pub mechanism: SaslMechanism,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}

@@ -1,0 +1,219 @@
+//! Resolving secrets and checking the rules that tie keys together.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::error::ConfigError;
+use crate::schema::{Config, SaslMechanism, XmppMode};
+use crate::secret::{Secret, SecretSpec, interpolate};
+
+fn resolve(secret: &mut Secret, base_dir: &Path, file: &Path) -> Result<(), ConfigError> {
+    let at = secret.spec.referenced;
+    secret.value = match &secret.spec.value {
+        SecretSpec::Text(text) => {
+            interpolate(text, |name| std::env::var(name).ok()).map_err(|m| ConfigError::at(file, &at, m))?
+        }
+        SecretSpec::Env { env } => std::env::var(env)
+            .map_err(|_| ConfigError::at(file, &at, format!("environment variable `{env}` is not set")))?,
+        SecretSpec::File { file: path } => {
+            let full = if path.is_absolute() { path.clone() } else { base_dir.join(path) };
+            let text = std::fs::read_to_string(&full)
+                .map_err(|e| ConfigError::at(file, &at, format!("cannot read secret file {}: {e}", full.display())))?;
+            text.strip_suffix("\r\n").or_else(|| text.strip_suffix('\n')).unwrap_or(&text).to_owned()
+        }
+    };
+    Ok(())
+}
+
+/// Fill in every secret's value.
+pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), ConfigError> {
+    let base = config.base_dir.clone();
+    if let Some(s) = config.xmpp.component.as_mut().and_then(|c| c.secret.as_mut()) {
+        resolve(s, &base, file)?;
+    }
+    for net in &mut config.irc {
+        if let Some(s) = net.secret.as_mut() {
+            resolve(s, &base, file)?;
+        }
+        for server in net.servers.values_mut() {
+            if let Some(s) = server.password.as_mut() {
+                resolve(s, &base, file)?;
+            }
+            if let Some(s) = server.sasl.as_mut().and_then(|s| s.password.as_mut()) {
+                resolve(s, &base, file)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && !d.starts_with('.')
+        && !d.ends_with('.')
+        && d.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-' || c == '_')
+}
+
+/// Check the rules no single key can express.
+pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
+    let top = serde_saphyr::Location::UNKNOWN;
+    if config.xmpp.mode == XmppMode::Component && config.xmpp.component.is_none() {
+        return Err(ConfigError::at(
+            file,
+            &top,
+            "`xmpp.mode: component` needs an `xmpp.component` section (host, port, secret)",
+        ));
+    }
+    if let Some(c) = &config.xmpp.component {
+        if c.port == 0 {
+            return Err(ConfigError::at(file, &top, "`xmpp.component.port` must not be 0"));
+        }
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, net) in config.irc.iter().enumerate() {
+        let at = config.irc_locations.get(i).copied().unwrap_or(top);
+        let err = |m: String| Err(ConfigError::at(file, &at, format!("IRC network `{}`: {m}", net.domain)));
+        if !valid_domain(&net.domain) {
+            return err("`domain` must be a domain name like irc.example.org (no `@`, `/` or spaces)".into());
+        }
+        if let Some(prev) = seen.insert(net.domain.as_str(), i) {
+            return err(format!(
+                "the domain is already used by IRC network #{}: each network needs its own domain",
+                prev + 1
+            ));
+        }
+        if config.component_secret_for(net).is_none() {
+            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        }
+        if let Some(p) = &net.pinned_server {
+            if !net.servers.contains_key(p) {
+                let known: Vec<&str> = net.servers.keys().map(String::as_str).collect();
+                return err(format!("`pinned_server: {p}` is not one of the listed servers ({})", known.join(", ")));
+            }
+        }
+        if net.flood.enabled && (net.flood.burst < 1 || !(net.flood.lines_per_second > 0.0)) {
+            return err(
+                "`flood` needs `burst` of at least 1 and `lines_per_second` above 0 (or `enabled: false`)".into()
+            );
+        }
+        for (name, server) in &net.servers {
+            if server.port == Some(0) {
+                return err(format!("server `{name}`: `port` must not be 0"));
+            }
+            if let Some(sasl) = &server.sasl {
+                match sasl.mechanism {
+                    SaslMechanism::Plain if sasl.username.is_none() || sasl.password.is_none() => {
+                        return err(format!("server `{name}`: SASL PLAIN needs `username` and `password`"));
+                    }
+                    SaslMechanism::External if sasl.client_cert.is_none() => {
+                        return err(format!("server `{name}`: SASL EXTERNAL needs `client_cert`"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::from_str;
+
+    const BASE: &str = "xmpp:\n  component:\n    secret: s\n";
+
+    fn err(src: &str) -> crate::ConfigError {
+        from_str(src, Path::new("test.yaml")).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn full_config_loads() {
+        let src = "xmpp:\n  mode: component\n  component:\n    host: 127.0.0.1\n    port: 5348\n    secret: s3cret\n    keepalive_secs: 30\nstore:\n  url: sqlite://data/isthmus.db\nlog:\n  filter: debug\naccess:\n  admins: [admin@localhost]\n  allow: [localhost]\nirc:\n  - domain: irc.localhost\n    pinned_server: libera\n    flood: { enabled: false }\n    servers:\n      libera:\n        host: irc.libera.chat\n        sasl: { mechanism: plain, username: u, password: p }\n      local:\n        tls: false\n";
+        let c = from_str(src, Path::new("/etc/isthmus/isthmus.yaml")).expect("valid");
+        let comp = c.xmpp.component.as_ref().expect("component");
+        assert_eq!(
+            (comp.port, comp.keepalive_secs, comp.secret.as_ref().map(|s| s.expose())),
+            (5348, 30, Some("s3cret"))
+        );
+        assert_eq!(c.store.resolved_url(&c.base_dir), "sqlite:///etc/isthmus/data/isthmus.db");
+        assert_eq!(c.log.filter, "debug");
+        assert_eq!(c.access.admins, vec!["admin@localhost"]);
+        let net = &c.irc[0];
+        assert!(!net.flood.enabled);
+        assert_eq!(net.servers["libera"].port(), 6697);
+        assert_eq!(net.servers["libera"].host_or("libera"), "irc.libera.chat");
+        assert_eq!(net.servers["local"].port(), 6667);
+        assert_eq!(net.servers["local"].host_or("local"), "local");
+        assert_eq!(c.component_secret_for(net).map(|s| s.expose()), Some("s3cret"));
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = err("xmpp:\n  component:\n    port: abc\n    secret: s\n");
+        assert_eq!((e.line(), e.column()), (Some(3), Some(11)), "{e}");
+        assert!(e.to_string().starts_with("test.yaml:3:11: "), "{e}");
+        assert_eq!(e.message(), "expected u16, found `abc`", "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let e = err("xmpp:\n  component:\n    secret: s\n    prot: 5347\n");
+        assert_eq!(e.line(), Some(4), "{e}");
+        assert!(e.message().contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_is_reported() {
+        let e = err(&format!("{BASE}irc:\n  - servers: {{}}\n"));
+        assert!(e.message().contains("domain"), "{e}");
+        assert!(e.line().is_some(), "{e}");
+    }
+
+    #[test]
+    fn unset_variable_is_located() {
+        let e = err("xmpp:\n  component:\n    secret: ${ISTHMUS_TEST_SURELY_UNSET}\n");
+        assert_eq!((e.line(), e.column()), (Some(3), Some(13)), "{e}");
+        assert!(e.message().contains("ISTHMUS_TEST_SURELY_UNSET"), "{e}");
+    }
+
+    #[test]
+    fn file_secret_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("secret.txt"), "from-file\n").expect("write");
+        let c = from_str("xmpp:\n  component:\n    secret: { file: secret.txt }\n", &dir.path().join("c.yaml"))
+            .expect("ok");
+        assert_eq!(c.xmpp.component.and_then(|c| c.secret).map(|s| s.expose().to_owned()), Some("from-file".into()));
+        let e = from_str("xmpp:\n  component:\n    secret: { file: missing.txt }\n", &dir.path().join("c.yaml"))
+            .expect_err("missing file");
+        assert_eq!(e.line(), Some(3), "{e}");
+    }
+
+    #[test]
+    fn rules_between_keys() {
+        let e = err("xmpp:\n  mode: component\n");
+        assert!(e.message().contains("xmpp.component"), "{e}");
+        let e = err("xmpp:\n  component: {}\nirc:\n  - domain: irc.localhost\n");
+        assert!(e.message().contains("no component secret"), "{e}");
+        assert_eq!(e.line(), Some(4), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n  - domain: irc.localhost\n"));
+        assert!(e.message().contains("already used"), "{e}");
+        assert_eq!(e.line(), Some(6), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    pinned_server: nope\n"));
+        assert!(e.message().contains("pinned_server"), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: a@b\n"));
+        assert!(e.message().contains("domain name"), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    flood: {{ burst: 0 }}\n"));
+        assert!(e.message().contains("burst"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: plain }} }}\n"
+        ));
+        assert!(e.message().contains("SASL PLAIN"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external }} }}\n"
+        ));
+        assert!(e.message().contains("client_cert"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! Isthmus core: what every network has in common.
+//!
+//! - [`model`]: the common message model (events, messages, references) that every
+//!   network translates to and from;
+//! - [`address`]: reversible mapping of remote identifiers into JID localparts;
+//! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
+//! - [`router`]: hands each event to the networks it must reach and records the id map;
+//! - [`store`]: the SQL store (SQLite or PostgreSQL).
+//!
+//! This crate knows no network protocol and no XMPP beyond JIDs. Bridges
+//! (`bridges/*`) and the XMPP component depend on it; it depends on none of them.
+
+pub mod address;
+pub mod model;
+pub mod network;
+pub mod router;
+pub mod store;
+
+pub use jid;

@@ -1,0 +1,118 @@
+//! The contract between the core and each bridge.
+//!
+//! A bridge (one crate per network) implements [`Network`]: the router hands it
+//! events to render on its network through [`Network::deliver`], and the bridge
+//! hands the router what happens on its network through an [`EventSink`].
+//! What a network can render natively beyond plain messages is declared in
+//! [`Capabilities`]; for the rest the bridge applies its documented fallback
+//! (a correction as a marked new line on IRC, for example), but it always
+//! receives the event, so other networks in the same portal still get it natively.
+
+use async_trait::async_trait;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::model::{ChatKind, Event, NetworkId};
+
+/// What a network renders natively.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub formatted_bodies: bool,
+    pub attachments: bool,
+    pub replies: bool,
+    pub threads: bool,
+    pub corrections: bool,
+    pub retractions: bool,
+    pub reactions: bool,
+    pub typing: bool,
+    pub read_markers: bool,
+    /// The network confirms what it accepted by echoing it back with its own id
+    /// (IRCv3 echo-message, Matrix sync): the echo is the confirmation.
+    pub echoes_own_messages: bool,
+}
+
+/// What a successful delivery produced on the destination network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// The ids the destination gave the event, in order (one XMPP message can become
+    /// several IRC lines). Empty when the network has no ids (plain IRC).
+    pub remote_ids: Vec<String>,
+}
+
+impl Delivered {
+    pub fn ids(remote_ids: Vec<String>) -> Self {
+        Delivered { remote_ids }
+    }
+}
+
+/// Why a delivery did not happen. Every variant carries a text fit for the sender.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// The destination is temporarily unreachable; retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The destination refused this event (bad target, not joined, too long…).
+    #[error("{0}")]
+    Rejected(String),
+    /// The sender may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No network by that name is configured.
+    #[error("no network named `{0}` is configured")]
+    UnknownNetwork(String),
+}
+
+impl DeliveryError {
+    /// Whether a later retry may succeed.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, DeliveryError::Unavailable(_))
+    }
+}
+
+/// A network a bridge connects to.
+#[async_trait]
+pub trait Network: Send + Sync + 'static {
+    /// The configured name of this network.
+    fn id(&self) -> &NetworkId;
+
+    /// What this network renders natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// What a remote id names on this network (a room, a person, the service), or
+    /// `None` when it is not a valid id here. The XMPP side asks this to interpret a
+    /// JID localpart.
+    fn chat_kind(&self, id: &str) -> Option<ChatKind>;
+
+    /// Render one event on this network. References inside the event
+    /// ([`crate::model::MessageRef`]) are already in this network's id space
+    /// where the id map knew them.
+    async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError>;
+}
+
+/// Where a bridge sends what happens on its network. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    tx: mpsc::Sender<Event>,
+}
+
+/// The receiving end of an [`EventSink`], drained by the router.
+pub type EventStream = mpsc::Receiver<Event>;
+
+/// The sink is closed: the gateway is shutting down.
+#[derive(Debug, Error)]
+#[error("the gateway is shutting down; event not accepted")]
+pub struct SinkClosed;
+
+impl EventSink {
+    /// A sink and the stream the router reads. `capacity` bounds memory: a bridge
+    /// that produces faster than the router delivers waits.
+    pub fn channel(capacity: usize) -> (EventSink, EventStream) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (EventSink { tx }, rx)
+    }
+
+    /// Hand one event to the router, waiting when it is busy.
+    pub async fn emit(&self, event: Event) -> Result<(), SinkClosed> {
+        self.tx.send(event).await.map_err(|_| SinkClosed)
+    }
+}

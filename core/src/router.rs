@@ -1,0 +1,222 @@
+//! The router: takes each event from the network it happened on to every network
+//! that must see it, and keeps the message id map.
+//!
+//! Destinations: a chat that belongs to a portal reaches every other member of
+//! the portal; any other chat is personal and links exactly two sides, the XMPP
+//! user and the remote network. An event is never sent back to its origin, so
+//! loops cannot happen.
+//!
+//! For every message-like event the router records the origin's ids and each
+//! destination's ids under one [`MessageKey`], and rewrites references (reply,
+//! correction, retraction, reaction, marker targets) from the origin's id space
+//! into each destination's before delivery.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::{Instrument, debug, warn};
+
+use crate::model::{ChatRef, Event, EventKind, MessageRef, NetworkId};
+use crate::network::{Delivered, DeliveryError, EventStream, Network};
+use crate::store::Store;
+
+/// The outcome of routing one event: one entry per destination.
+#[derive(Debug, Default)]
+pub struct RouteReport {
+    pub deliveries: Vec<(NetworkId, Result<Delivered, DeliveryError>)>,
+}
+
+impl RouteReport {
+    /// The first failure, if any.
+    pub fn first_error(&self) -> Option<&DeliveryError> {
+        self.deliveries.iter().find_map(|(_, r)| r.as_ref().err())
+    }
+    /// Ids produced on `network`, if it was a destination and succeeded.
+    pub fn ids_on(&self, network: &NetworkId) -> Option<&[String]> {
+        self.deliveries
+            .iter()
+            .find(|(n, _)| n == network)
+            .and_then(|(_, r)| r.as_ref().ok())
+            .map(|d| d.remote_ids.as_slice())
+    }
+}
+
+/// Routes events between networks. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    networks: HashMap<NetworkId, Arc<dyn Network>>,
+    /// chat → every member chat of its portal (including itself).
+    portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
+    store: Store,
+}
+
+/// Builds a [`Router`].
+pub struct RouterBuilder {
+    networks: HashMap<NetworkId, Arc<dyn Network>>,
+    portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
+    store: Store,
+}
+
+impl RouterBuilder {
+    /// Register a network (bridges and the XMPP side alike).
+    pub fn network(mut self, network: Arc<dyn Network>) -> Self {
+        self.networks.insert(network.id().clone(), network);
+        self
+    }
+
+    /// Link several chats on different networks into one portal.
+    pub fn portal(mut self, members: Vec<ChatRef>) -> Self {
+        let members = Arc::new(members);
+        for m in members.iter() {
+            self.portals.insert(m.clone(), members.clone());
+        }
+        self
+    }
+
+    pub fn build(self) -> Router {
+        Router { inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store }) }
+    }
+}
+
+impl Router {
+    pub fn builder(store: Store) -> RouterBuilder {
+        RouterBuilder { networks: HashMap::new(), portals: HashMap::new(), store }
+    }
+
+    /// A registered network.
+    pub fn network(&self, id: &NetworkId) -> Option<Arc<dyn Network>> {
+        self.inner.networks.get(id).cloned()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The networks an event must reach, each with the chat spelled as that network knows it.
+    ///
+    /// A personal chat keeps the remote network's spelling on the XMPP side too: the
+    /// XMPP side derives the room or contact JID from it.
+    pub fn destinations(&self, event: &Event) -> Vec<(NetworkId, ChatRef)> {
+        if let Some(members) = self.inner.portals.get(&event.chat) {
+            return members
+                .iter()
+                .filter(|c| c.network != event.origin)
+                .map(|c| (c.network.clone(), c.clone()))
+                .collect();
+        }
+        if event.origin.is_xmpp() {
+            vec![(event.chat.network.clone(), event.chat.clone())]
+        } else {
+            vec![(NetworkId::xmpp(), event.chat.clone())]
+        }
+    }
+
+    /// Route one event to every destination and wait for each delivery.
+    pub async fn route(&self, event: Event) -> RouteReport {
+        let span = tracing::info_span!(
+            "route",
+            key = %event.key,
+            origin = %event.origin,
+            origin_ids = ?event.origin_ids,
+            chat = %event.chat.id,
+            kind = event.kind.name(),
+        );
+        self.route_inner(event).instrument(span).await
+    }
+
+    async fn route_inner(&self, event: Event) -> RouteReport {
+        let origin_scope = scope(&event, &event.chat);
+        if event.kind.is_message_like() && !event.origin_ids.is_empty() {
+            if let Err(e) = self
+                .inner
+                .store
+                .map_message(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids)
+                .await
+            {
+                warn!(error = %e, "could not record the origin ids in the id map");
+            }
+        }
+        let mut report = RouteReport::default();
+        for (dest, chat) in self.destinations(&event) {
+            let Some(network) = self.inner.networks.get(&dest).cloned() else {
+                report.deliveries.push((dest.clone(), Err(DeliveryError::UnknownNetwork(dest.to_string()))));
+                continue;
+            };
+            let mut copy = event.clone();
+            let dest_scope = scope(&event, &chat);
+            copy.chat = chat;
+            self.translate_refs(&mut copy, &event.origin, &origin_scope, &dest).await;
+            let result = network.deliver(copy).await;
+            match &result {
+                Ok(d) if event.kind.is_message_like() && !d.remote_ids.is_empty() => {
+                    if let Err(e) =
+                        self.inner.store.map_message(&event.key.0, dest.as_str(), &dest_scope, &d.remote_ids).await
+                    {
+                        warn!(error = %e, network = %dest, "could not record delivered ids in the id map");
+                    }
+                    debug!(network = %dest, remote_ids = ?d.remote_ids, "delivered");
+                }
+                Ok(_) => debug!(network = %dest, "delivered"),
+                Err(e) => warn!(network = %dest, error = %e, "delivery failed"),
+            }
+            report.deliveries.push((dest, result));
+        }
+        report
+    }
+
+    /// Rewrite message references from the origin's ids to the destination's.
+    async fn translate_refs(&self, event: &mut Event, origin: &NetworkId, origin_scope: &str, dest: &NetworkId) {
+        let mut refs: Vec<&mut MessageRef> = Vec::new();
+        match &mut event.kind {
+            EventKind::Message(m) => {
+                if let Some(r) = m.reply_to.as_mut() {
+                    refs.push(&mut r.target);
+                }
+                if let Some(t) = m.thread.as_mut() {
+                    refs.push(t);
+                }
+            }
+            EventKind::Correction { target, message } => {
+                refs.push(target);
+                if let Some(r) = message.reply_to.as_mut() {
+                    refs.push(&mut r.target);
+                }
+            }
+            EventKind::Retraction { target, .. }
+            | EventKind::Reactions { target, .. }
+            | EventKind::Displayed { target } => refs.push(target),
+            _ => {}
+        }
+        for r in refs {
+            match self.inner.store.key_for_remote(origin.as_str(), origin_scope, &r.0).await {
+                Ok(Some(key)) => match self.inner.store.remote_ids_for(&key, dest.as_str()).await {
+                    Ok(ids) if !ids.is_empty() => r.0 = ids[0].clone(),
+                    Ok(_) => debug!(target = %r.0, "reference has no id on the destination"),
+                    Err(e) => warn!(error = %e, "id map lookup failed"),
+                },
+                Ok(None) => debug!(target = %r.0, "reference unknown to the id map"),
+                Err(e) => warn!(error = %e, "id map lookup failed"),
+            }
+        }
+    }
+
+    /// Drain a bridge's event stream, routing each event in order.
+    pub async fn run(self, mut events: EventStream) {
+        while let Some(event) = events.recv().await {
+            self.route(event).await;
+        }
+    }
+}
+
+/// The id-map scope of a chat as seen by one account: personal chats of different
+/// users on the same network are different conversations.
+fn scope(event: &Event, chat: &ChatRef) -> String {
+    match &event.account {
+        Some(account) => format!("{account}/{}", chat.scope()),
+        None => chat.scope(),
+    }
+}

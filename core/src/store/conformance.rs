@@ -1,0 +1,198 @@
+//! The store's behaviour, written once and run against every backend
+//! (SQLite here; PostgreSQL from the end-to-end test crate with feature `test-support`).
+//! The store must be freshly created: every run starts from an empty database.
+
+use super::*;
+
+/// Run every check against `store` (migrates it first).
+pub async fn run_all(store: &Store) {
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrating twice is a no-op");
+    puppets(store).await;
+    rooms_and_portals(store).await;
+    accounts(store).await;
+    message_map(store).await;
+    archive_visibility(store).await;
+    archive_paging(store).await;
+    archive_filters_and_expiry(store).await;
+}
+
+async fn puppets(store: &Store) {
+    let mut p = PuppetRecord {
+        network: "irc".into(),
+        remote_id: "Bob%irc.example".into(),
+        jid: "bob%irc.example@irc.localhost".into(),
+        name: "Bob".into(),
+        avatar_hash: None,
+        updated_us: 1,
+    };
+    store.upsert_puppet(&p).await.expect("insert puppet");
+    assert_eq!(store.puppet_by_remote("irc", "Bob%irc.example").await.expect("get"), Some(p.clone()));
+    p.name = "Bobby".into();
+    p.avatar_hash = Some("abc".into());
+    store.upsert_puppet(&p).await.expect("update puppet");
+    assert_eq!(store.puppet_by_jid("bob%irc.example@irc.localhost").await.expect("get"), Some(p));
+    assert_eq!(store.puppet_by_remote("irc", "nobody").await.expect("get"), None);
+    // case matters (Matrix ids are case-sensitive)
+    assert_eq!(store.puppet_by_remote("irc", "bob%irc.example").await.expect("get"), None);
+}
+
+async fn rooms_and_portals(store: &Store) {
+    let r = RoomRecord {
+        network: "irc".into(),
+        remote_id: "#test%srv".into(),
+        jid: "#test%srv@irc.localhost".into(),
+        name: Some("test".into()),
+        portal: None,
+    };
+    store.upsert_room(&r).await.expect("room");
+    let r2 = RoomRecord { remote_id: "#a%srv".into(), jid: "#a%srv@irc.localhost".into(), ..r.clone() };
+    store.upsert_room(&r2).await.expect("room 2");
+    assert_eq!(store.room_by_jid("#test%srv@irc.localhost").await.expect("get"), Some(r.clone()));
+    assert_eq!(store.room_by_remote("irc", "#test%srv").await.expect("get"), Some(r.clone()));
+    let all = store.rooms_of_network("irc").await.expect("list");
+    assert_eq!(all.iter().map(|r| r.remote_id.as_str()).collect::<Vec<_>>(), vec!["#a%srv", "#test%srv"]);
+
+    let members = vec![("discord".to_owned(), "123".to_owned()), ("irc".to_owned(), "#test%srv".to_owned())];
+    store.set_portal_members("lobby", &members).await.expect("portal");
+    assert_eq!(store.portal_members("lobby").await.expect("members"), members);
+    assert_eq!(store.portal_of("irc", "#test%srv").await.expect("of"), Some("lobby".into()));
+    store.set_portal_members("lobby", &members[..1]).await.expect("replace");
+    assert_eq!(store.portal_members("lobby").await.expect("members"), members[..1].to_vec());
+    assert_eq!(store.portal_of("irc", "#test%srv").await.expect("of"), None);
+}
+
+async fn accounts(store: &Store) {
+    let a = AccountRecord {
+        xmpp_jid: "alice@localhost".into(),
+        network: "matrix".into(),
+        remote_user: "@alice:m.org".into(),
+        credentials: vec![0, 1, 2, 255],
+        settings: "{}".into(),
+        updated_us: 5,
+    };
+    store.upsert_account(&a).await.expect("account");
+    assert_eq!(store.account("alice@localhost", "matrix").await.expect("get"), Some(a.clone()));
+    let b = AccountRecord { settings: "{\"nick\":\"al\"}".into(), ..a.clone() };
+    store.upsert_account(&b).await.expect("update");
+    assert_eq!(store.accounts_of_network("matrix").await.expect("list"), vec![b]);
+    assert!(store.delete_account("alice@localhost", "matrix").await.expect("delete"));
+    assert!(!store.delete_account("alice@localhost", "matrix").await.expect("delete again"));
+    assert_eq!(store.account("alice@localhost", "matrix").await.expect("get"), None);
+}
+
+async fn message_map(store: &Store) {
+    let ids = vec!["line-1".to_owned(), "line-2".to_owned(), "line-3".to_owned()];
+    store.map_message("k1", "irc", "alice/irc:#c", &ids).await.expect("map");
+    store.map_message("k1", "xmpp", "alice/irc:#c", &["origin-1".to_owned()]).await.expect("map xmpp");
+    // idempotent
+    store.map_message("k1", "irc", "alice/irc:#c", &ids).await.expect("map again");
+    assert_eq!(store.remote_ids_for("k1", "irc").await.expect("ids"), ids);
+    assert_eq!(store.remote_ids_for("k1", "xmpp").await.expect("ids"), vec!["origin-1".to_owned()]);
+    assert_eq!(store.key_for_remote("irc", "alice/irc:#c", "line-2").await.expect("key"), Some("k1".into()));
+    assert_eq!(store.key_for_remote("xmpp", "alice/irc:#c", "origin-1").await.expect("key"), Some("k1".into()));
+    // the same id in another scope is another message
+    assert_eq!(store.key_for_remote("irc", "bob/irc:#c", "line-2").await.expect("key"), None);
+    assert!(store.remote_ids_for("missing", "irc").await.expect("ids").is_empty());
+}
+
+fn entry(room: &str, owner: Option<&str>, n: usize, time_us: i64, nick: &str) -> ArchiveEntry {
+    ArchiveEntry {
+        archive_id: next_archive_id(),
+        stanza_id: format!("{room}-{}-{n}", owner.unwrap_or("shared")),
+        origin_id: Some(format!("o{n}")),
+        room: room.into(),
+        owner: owner.map(str::to_owned),
+        sender_nick: nick.into(),
+        sender_jid: Some(format!("{nick}@x")),
+        time_us,
+        body: format!("message {n}"),
+        payload: None,
+    }
+}
+
+async fn archive_visibility(store: &Store) {
+    let room = "#vis%srv@irc.localhost";
+    let batch = vec![
+        entry(room, Some("alice@localhost"), 1, 10, "bob"),
+        entry(room, Some("carol@localhost"), 2, 11, "bob"),
+        entry(room, None, 3, 12, "bob"),
+    ];
+    store.archive_append(&batch).await.expect("append");
+    store.archive_append(&batch).await.expect("appending the same stanza ids again is harmless");
+    let q = ArchiveQuery { room: room.into(), owner: Some("alice@localhost".into()), max: 50, ..Default::default() };
+    let page = store.archive_query(&q).await.expect("query");
+    let bodies: Vec<_> = page.entries.iter().map(|e| e.body.as_str()).collect();
+    assert_eq!(bodies, vec!["message 1", "message 3"], "alice sees her own and shared entries only");
+    assert!(page.complete);
+    let q = ArchiveQuery { owner: None, ..q };
+    assert_eq!(store.archive_query(&q).await.expect("query").entries.len(), 1, "anonymous sees shared only");
+    assert_eq!(store.archive_get(&batch[0].stanza_id).await.expect("get"), Some(batch[0].clone()));
+}
+
+async fn archive_paging(store: &Store) {
+    let room = "#page%srv@irc.localhost";
+    let all: Vec<ArchiveEntry> = (0..500).map(|n| entry(room, None, n, 1_000 + n as i64, "bob")).collect();
+    for chunk in all.chunks(100) {
+        store.archive_append(chunk).await.expect("append");
+    }
+    // forward
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let q = ArchiveQuery { room: room.into(), after: after.clone(), max: 50, ..Default::default() };
+        let page = store.archive_query(&q).await.expect("page");
+        assert!(page.entries.len() <= 50);
+        seen.extend(page.entries.iter().map(|e| e.stanza_id.clone()));
+        after = page.last.clone();
+        if page.complete {
+            break;
+        }
+    }
+    assert_eq!(seen, all.iter().map(|e| e.stanza_id.clone()).collect::<Vec<_>>(), "forward: none missing or repeated");
+    // backward from the newest page
+    let mut seen = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let q = ArchiveQuery {
+            room: room.into(),
+            before: before.clone(),
+            last_page: before.is_none(),
+            max: 50,
+            ..Default::default()
+        };
+        let page = store.archive_query(&q).await.expect("page");
+        assert!(page.entries.windows(2).all(|w| w[0].archive_id < w[1].archive_id), "ascending within a page");
+        let mut ids: Vec<String> = page.entries.iter().map(|e| e.stanza_id.clone()).collect();
+        ids.extend(seen);
+        seen = ids;
+        before = page.first.clone();
+        if page.complete {
+            break;
+        }
+    }
+    assert_eq!(seen, all.iter().map(|e| e.stanza_id.clone()).collect::<Vec<_>>(), "backward: none missing or repeated");
+    // an unknown paging id gives an empty page, not everything
+    let q = ArchiveQuery { room: room.into(), after: Some("nope".into()), max: 50, ..Default::default() };
+    assert!(store.archive_query(&q).await.expect("page").entries.is_empty());
+}
+
+async fn archive_filters_and_expiry(store: &Store) {
+    let room = "#filter%srv@irc.localhost";
+    let batch: Vec<ArchiveEntry> =
+        (0..10).map(|n| entry(room, None, n, 100 * n as i64, if n % 2 == 0 { "even" } else { "odd" })).collect();
+    store.archive_append(&batch).await.expect("append");
+    let q = ArchiveQuery { room: room.into(), start_us: Some(200), end_us: Some(500), max: 50, ..Default::default() };
+    let times: Vec<i64> = store.archive_query(&q).await.expect("q").entries.iter().map(|e| e.time_us).collect();
+    assert_eq!(times, vec![200, 300, 400, 500]);
+    let q = ArchiveQuery { room: room.into(), with_nick: Some("odd".into()), max: 50, ..Default::default() };
+    assert_eq!(store.archive_query(&q).await.expect("q").entries.len(), 5);
+    let q = ArchiveQuery { room: room.into(), with_jid: Some("even@x".into()), max: 2, ..Default::default() };
+    let page = store.archive_query(&q).await.expect("q");
+    assert_eq!(page.entries.len(), 2);
+    assert!(!page.complete);
+    let removed = store.archive_expire(300).await.expect("expire");
+    assert!(removed >= 3, "entries at 0, 100, 200 are gone (got {removed})");
+    let q = ArchiveQuery { room: room.into(), max: 50, ..Default::default() };
+    assert_eq!(store.archive_query(&q).await.expect("q").entries.first().map(|e| e.time_us), Some(300));
+}
