@@ -1,1 +1,38 @@
-//! placeholder
+//! The end-to-end test harness: real peers on loopback, driven from Rust.
+//!
+//! Each test starts its own servers on free ports in its own temporary
+//! directory, so tests are isolated and may restart a peer. Everything started
+//! is killed when its handle is dropped, and with the test process if it dies.
+//!
+//! - [`process`]: spawning and waiting helpers;
+//! - [`peers`]: Prosody, ngIRCd, PostgreSQL;
+//! - [`xmpp`]: a real XMPP client (slixmpp, through `tests/clients/xmpp_driver.py`);
+//! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
+//! - [`gateway`]: the `isthmus` binary under test.
+//!
+//! The peers are installed by `tests/install-deps.sh`.
+
+pub mod gateway;
+pub mod irc;
+pub mod peers;
+pub mod process;
+pub mod xmpp;
+
+pub use gateway::Isthmus;
+pub use irc::IrcClient;
+pub use peers::{Ngircd, Postgres, Prosody, ProsodyOptions};
+pub use xmpp::{Stanza, XmppClient};
+
+/// Where the test tooling (the Python venv) lives.
+pub fn cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("ISTHMUS_TEST_CACHE") {
+        return d.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::path::PathBuf::from(home).join(".cache/isthmus")
+}
+
+/// The repository root.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}

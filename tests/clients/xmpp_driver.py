@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""A real XMPP client (slixmpp) driven by the Rust test harness over JSON lines.
+
+usage: xmpp_driver.py JID PASSWORD HOST PORT
+
+stdout: {"event": "ready"} once logged in, then one line per received stanza:
+  {"event": "stanza", "kind": "message|presence|iq", "from", "to", "type", "id", "body", "xml"}
+  {"event": "disconnected"} / {"event": "failed", "reason"}
+stdin commands:
+  {"op": "send_raw", "xml": "<message .../>"}
+  {"op": "join", "room": "...", "nick": "...", "password": null, "maxstanzas": null}
+  {"op": "send", "to": "...", "type": "groupchat", "body": "...", "id": "..."}
+  {"op": "disconnect"}
+"""
+import asyncio
+import json
+import sys
+from xml.sax.saxutils import quoteattr, escape
+
+import slixmpp
+from slixmpp.xmlstream import tostring
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Driver(slixmpp.ClientXMPP):
+    def __init__(self, jid, password):
+        super().__init__(jid, password)
+        self.enable_plaintext = True      # loopback tests: no TLS
+        self.enable_starttls = False
+        self.enable_direct_tls = False
+        self.plugin["feature_mechanisms"].unencrypted_plain = True
+        self.plugin["feature_mechanisms"].unencrypted_scram = True
+        for p in ("xep_0030", "xep_0045", "xep_0199", "xep_0359"):
+            self.register_plugin(p)
+        self.add_event_handler("session_start", self.on_start)
+        self.add_event_handler("failed_auth", lambda _: emit({"event": "failed", "reason": "authentication failed"}))
+        self.add_event_handler("disconnected", lambda _: emit({"event": "disconnected"}))
+        for kind in ("message", "presence", "iq"):
+            self.register_handler(slixmpp.xmlstream.handler.Callback(
+                "driver-" + kind,
+                slixmpp.xmlstream.matcher.MatchXPath("{%s}%s" % (self.default_ns, kind)),
+                self.make_handler(kind)))
+
+    def make_handler(self, kind):
+        def handler(stanza):
+            body = stanza["body"] if kind == "message" and stanza["body"] else None
+            emit({"event": "stanza", "kind": kind, "from": str(stanza["from"]), "to": str(stanza["to"]),
+                  "type": stanza["type"] or "", "id": stanza["id"] or "", "body": body, "xml": tostring(stanza.xml)})
+        return handler
+
+    async def on_start(self, _):
+        self.send_presence()
+        emit({"event": "ready"})
+
+
+async def commands(client):
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            client.disconnect()
+            return
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        if op == "send_raw":
+            client.send_raw(cmd["xml"])
+        elif op == "join":
+            x = "<x xmlns='http://jabber.org/protocol/muc'>"
+            if cmd.get("password"):
+                x += "<password>%s</password>" % escape(cmd["password"])
+            if cmd.get("maxstanzas") is not None:
+                x += "<history maxstanzas='%d'/>" % int(cmd["maxstanzas"])
+            x += "</x>"
+            client.send_raw("<presence to=%s>%s</presence>" % (quoteattr(cmd["room"] + "/" + cmd["nick"]), x))
+        elif op == "send":
+            msg = client.make_message(mto=cmd["to"], mbody=cmd["body"], mtype=cmd.get("type", "chat"))
+            if cmd.get("id"):
+                msg["id"] = cmd["id"]
+            msg.send()
+        elif op == "disconnect":
+            client.disconnect()
+            return
+
+
+async def main():
+    jid, password, host, port = sys.argv[1:5]
+    client = Driver(jid, password)
+    client.connect(host, int(port))
+    await commands(client)
+    await asyncio.sleep(0.2)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what the end-to-end tests need on a Debian machine, idempotently:
+# Prosody, ngIRCd and PostgreSQL from Debian (as root), slixmpp from PyPI in a venv.
+# Services are never started here: each test starts its own on loopback.
+set -euo pipefail
+
+CACHE=${ISTHMUS_TEST_CACHE:-$HOME/.cache/isthmus}
+PACKAGES=(prosody lua-unbound lua-event ngircd postgresql openssl python3-venv)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+  # Keep package scripts from starting system daemons on the default ports.
+  if [ ! -x /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+  fi
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# A system instance left running would hold the default ports; the tests use their own.
+for svc in prosody ngircd postgresql; do
+  if command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
+    service "$svc" stop >/dev/null 2>&1 || true
+  fi
+done
+
+if [ ! -x "$CACHE/venv/bin/python" ] || ! "$CACHE/venv/bin/python" -c 'import slixmpp' 2>/dev/null; then
+  echo "creating the slixmpp venv in $CACHE/venv"
+  mkdir -p "$CACHE"
+  python3 -m venv "$CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q slixmpp==1.17.0
+fi
+echo "test dependencies ready"

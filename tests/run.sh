@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install what the tests need, build everything, run every test (unit, store on
+# SQLite and PostgreSQL, end-to-end against real Prosody and ngIRCd on loopback).
+# Each test starts and stops its own servers; nothing is left running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/isthmus/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+./tests/install-deps.sh
+cargo build --workspace --all-targets --locked
+cargo test --workspace --all-targets --locked
+echo "all tests passed"

@@ -1,0 +1,85 @@
+//! A raw IRC client on a TCP socket: the far end of the tests, independent of the
+//! IRC library the bridge uses.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+pub struct IrcClient {
+    pub nick: String,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    buffer: VecDeque<String>,
+    seen: Vec<String>,
+}
+
+impl IrcClient {
+    /// Connect to 127.0.0.1:`port` and register as `nick`.
+    pub async fn connect(port: u16, nick: &str) -> Result<IrcClient> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.context("connect to the IRC server")?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        let mut c = IrcClient {
+            nick: nick.to_owned(),
+            reader: BufReader::new(r),
+            writer: w,
+            buffer: VecDeque::new(),
+            seen: vec![],
+        };
+        c.send_line(&format!("NICK {nick}")).await?;
+        c.send_line(&format!("USER {nick} 0 * :test client {nick}")).await?;
+        c.expect_line(Duration::from_secs(10), |l| l.split(' ').nth(1) == Some("001")).await?;
+        Ok(c)
+    }
+
+    pub async fn send_line(&mut self, line: &str) -> Result<()> {
+        self.writer.write_all(format!("{line}\r\n").as_bytes()).await?;
+        Ok(())
+    }
+
+    pub async fn privmsg(&mut self, target: &str, text: &str) -> Result<()> {
+        self.send_line(&format!("PRIVMSG {target} :{text}")).await
+    }
+
+    /// Join and wait for the end of NAMES.
+    pub async fn join(&mut self, channel: &str) -> Result<()> {
+        self.send_line(&format!("JOIN {channel}")).await?;
+        self.expect_line(Duration::from_secs(10), |l| l.split(' ').nth(1) == Some("366")).await?;
+        Ok(())
+    }
+
+    /// The first line (buffered or new) matching `pred`; PINGs are answered.
+    pub async fn expect_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        if let Some(i) = self.buffer.iter().position(|l| pred(l)) {
+            return Ok(self.buffer.remove(i).expect("index from position"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut raw = Vec::new();
+            let n = match tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut raw)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let last: Vec<&String> = self.seen.iter().rev().take(10).collect();
+                    bail!("{}: no matching IRC line within {timeout:?}; last lines:\n{:#?}", self.nick, last);
+                }
+            };
+            if n == 0 {
+                bail!("{}: the IRC server closed the connection", self.nick);
+            }
+            let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+            if let Some(rest) = line.strip_prefix("PING") {
+                self.send_line(&format!("PONG{rest}")).await?;
+                continue;
+            }
+            self.seen.push(line.clone());
+            if pred(&line) {
+                return Ok(line);
+            }
+            self.buffer.push_back(line);
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Real servers started on loopback for one test: Prosody, ngIRCd, PostgreSQL.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::process::Child;
+
+use crate::process::{command, find_program, free_port, tail, terminate, wait_port};
+
+/// What a test's Prosody serves.
+#[derive(Debug, Clone, Default)]
+pub struct ProsodyOptions {
+    /// Accounts on `localhost` (user, password).
+    pub users: Vec<(String, String)>,
+    /// External components (domain, secret).
+    pub components: Vec<(String, String)>,
+}
+
+/// A Prosody on its own ports; `localhost` is its host, `muc.localhost` its MUC.
+pub struct Prosody {
+    dir: TempDir,
+    c2s: u16,
+    component: u16,
+    child: Option<Child>,
+}
+
+impl Prosody {
+    pub async fn start(opts: ProsodyOptions) -> Result<Prosody> {
+        let dir = tempfile::Builder::new().prefix("isthmus-prosody-").tempdir()?;
+        let (c2s, component) = (free_port(), free_port());
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("data"))?;
+        std::fs::create_dir_all(d.join("certs"))?;
+        let mut cfg = format!(
+            r#"run_as_root = true
+pidfile = "{d}/prosody.pid"
+data_path = "{d}/data"
+certificates = "{d}/certs"
+network_settings = {{ nagle = false }}
+log = {{ {{ levels = {{ min = "info" }}, to = "console" }} }}
+interfaces = {{ "127.0.0.1" }}
+c2s_ports = {{ {c2s} }}
+component_interfaces = {{ "127.0.0.1" }}
+component_ports = {{ {component} }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"; "carbons"; "version"; }}
+modules_disabled = {{ "s2s"; "offline"; }}
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_plain"
+storage = "internal"
+VirtualHost "localhost"
+Component "muc.localhost" "muc"
+  restrict_room_creation = false
+  muc_room_locking = false
+"#,
+            d = d.display()
+        );
+        for (domain, secret) in &opts.components {
+            cfg += &format!("Component \"{domain}\"\n  component_secret = \"{secret}\"\n");
+        }
+        std::fs::write(d.join("prosody.cfg.lua"), cfg)?;
+        let prosodyctl = find_program("prosodyctl", &[])?;
+        for (user, password) in &opts.users {
+            let out = std::process::Command::new(&prosodyctl)
+                .arg("--config")
+                .arg(d.join("prosody.cfg.lua"))
+                .args(["register", user, "localhost", password])
+                .output()
+                .context("run prosodyctl")?;
+            if !out.status.success() {
+                bail!("prosodyctl register {user} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let mut p = Prosody { dir, c2s, component, child: None };
+        p.launch().await?;
+        Ok(p)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = self.log_path();
+        let mut cmd = command(find_program("prosody", &[])?, &log)?;
+        cmd.arg("--config").arg(self.dir.path().join("prosody.cfg.lua")).arg("-F");
+        self.child = Some(cmd.spawn().context("start prosody")?);
+        wait_port(self.component, Duration::from_secs(20), "Prosody", &log).await?;
+        wait_port(self.c2s, Duration::from_secs(5), "Prosody c2s", &log).await
+    }
+
+    pub fn c2s_port(&self) -> u16 {
+        self.c2s
+    }
+    pub fn component_port(&self) -> u16 {
+        self.component
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("prosody.log")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Stop and start again on the same ports with the same data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        self.launch().await
+    }
+}
+
+/// An ngIRCd on its own port, flood penalties off, no per-IP connection limit.
+pub struct Ngircd {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Ngircd {
+    pub async fn start() -> Result<Ngircd> {
+        let dir = tempfile::Builder::new().prefix("isthmus-ngircd-").tempdir()?;
+        let port = free_port();
+        // ngIRCd drops root to `nobody` before writing its pid file.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+        let cfg = format!(
+            "[Global]\n\tName = irc.localhost\n\tInfo = Isthmus test server\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
+             \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n\
+             [Limits]\n\tMaxConnections = 0\n\tMaxConnectionsIP = 0\n\tMaxJoins = 0\n\tMaxPenaltyTime = 0\n\tMaxNickLength = 31\n\
+             \tPingTimeout = 120\n\tPongTimeout = 20\n\
+             [Options]\n\tDNS = no\n\tIdent = no\n\tPAM = no\n\tMorePrivacy = no\n\tRequireAuthPing = no\n\tOperCanUseMode = yes\n\
+             [Operator]\n\tName = oper\n\tPassword = operpass\n\
+             [Channel]\n\tName = #test\n\tTopic = test channel\n\tModes = +tn\n",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("ngircd.conf"), cfg)?;
+        let mut n = Ngircd { dir, port, child: None };
+        n.launch().await?;
+        Ok(n)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = self.log_path();
+        let mut cmd = command(find_program("ngircd", &["/usr/sbin"])?, &log)?;
+        cmd.arg("-n").arg("-f").arg(self.dir.path().join("ngircd.conf"));
+        self.child = Some(cmd.spawn().context("start ngircd")?);
+        wait_port(self.port, Duration::from_secs(20), "ngIRCd", &log).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("ngircd.log")
+    }
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(5)).await;
+        }
+    }
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        self.launch().await
+    }
+}
+
+/// A PostgreSQL cluster in a temporary directory, trust auth on 127.0.0.1 only.
+pub struct Postgres {
+    dir: TempDir,
+    port: u16,
+    bin: PathBuf,
+    uid: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+/// uid and gid of a system user, from /etc/passwd.
+fn system_user(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name) && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+fn postgres_bin() -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).filter(|p| p.join("postgres").is_file()).collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .context("PostgreSQL server binaries not found under /usr/lib/postgresql: run ./tests/install-deps.sh")
+}
+
+impl Postgres {
+    pub async fn start() -> Result<Postgres> {
+        let dir = tempfile::Builder::new().prefix("isthmus-pg-").tempdir()?;
+        let bin = postgres_bin()?;
+        // As root, the server must run as an unprivileged user.
+        let uid = if unsafe { libc::geteuid() } == 0 {
+            Some(system_user("postgres").context("no `postgres` system user: run ./tests/install-deps.sh")?)
+        } else {
+            None
+        };
+        let data = dir.path().join("data");
+        if let Some((u, g)) = uid {
+            std::os::unix::fs::chown(dir.path(), Some(u), Some(g))?;
+        }
+        let log = dir.path().join("postgres.log");
+        let mut init = command(bin.join("initdb"), &log)?;
+        init.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        if let Some((u, g)) = uid {
+            init.uid(u).gid(g);
+        }
+        let status = init.status().await.context("run initdb")?;
+        if !status.success() {
+            bail!("initdb failed:\n{}", tail(&log, 20));
+        }
+        let mut pg = Postgres { port: free_port(), dir, bin, uid, child: None };
+        pg.launch().await?;
+        let mut createdb = command(pg.bin.join("createdb"), &log)?;
+        createdb.args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "isthmus_test"]);
+        if !createdb.status().await.context("run createdb")?.success() {
+            bail!("createdb failed:\n{}", tail(&log, 20));
+        }
+        Ok(pg)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = self.dir.path().join("postgres.log");
+        let mut cmd = command(self.bin.join("postgres"), &log)?;
+        cmd.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .arg("-k")
+            .arg(self.dir.path());
+        if let Some((u, g)) = self.uid {
+            cmd.uid(u).gid(g);
+        }
+        self.child = Some(cmd.spawn().context("start postgres")?);
+        wait_port(self.port, Duration::from_secs(30), "PostgreSQL", &log).await?;
+        // The port opens slightly before connections are accepted.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/isthmus_test", self.port)
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(10)).await;
+        }
+    }
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        self.launch().await
+    }
+}
