@@ -62,3 +62,32 @@ fn check_config_reports_missing_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/isthmus.yaml"));
 }
+
+#[test]
+fn migrate_creates_the_database_and_is_repeatable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("isthmus.yaml");
+    std::fs::write(&file, "xmpp:\n  component:\n    secret: s\nstore:\n  url: sqlite://state/isthmus.db\n")
+        .expect("write config");
+    std::fs::create_dir(dir.path().join("state")).expect("state dir");
+    for _ in 0..2 {
+        let out = isthmus().arg("migrate").arg("-c").arg(&file).output().expect("isthmus runs");
+        assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // the relative SQLite path is resolved next to the configuration file
+    let db = dir.path().join("state/isthmus.db");
+    let bytes = std::fs::read(&db).expect("database file exists");
+    assert!(bytes.starts_with(b"SQLite format 3"), "{} is a SQLite database", db.display());
+}
+
+#[test]
+fn run_reports_an_unreachable_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("isthmus.yaml");
+    std::fs::write(&file, "xmpp:\n  component:\n    secret: s\nstore:\n  url: sqlite:///nonexistent-dir/x/isthmus.db\n")
+        .expect("write config");
+    let out = isthmus().arg("migrate").arg("-c").arg(&file).output().expect("isthmus runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the database"), "clear message: {stderr}");
+}
