@@ -84,8 +84,11 @@ fn migrate_creates_the_database_and_is_repeatable() {
 fn run_reports_an_unreachable_store() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("isthmus.yaml");
-    std::fs::write(&file, "xmpp:\n  component:\n    secret: s\nstore:\n  url: sqlite:///nonexistent-dir/x/isthmus.db\n")
-        .expect("write config");
+    std::fs::write(
+        &file,
+        "xmpp:\n  component:\n    secret: s\nstore:\n  url: sqlite:///nonexistent-dir/x/isthmus.db\n",
+    )
+    .expect("write config");
     let out = isthmus().arg("migrate").arg("-c").arg(&file).output().expect("isthmus runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -36,6 +36,11 @@ impl IrcClient {
         Ok(c)
     }
 
+    /// Forget lines received but not yet matched.
+    pub fn clear_buffer(&mut self) {
+        self.buffer.clear();
+    }
+
     pub async fn send_line(&mut self, line: &str) -> Result<()> {
         self.writer.write_all(format!("{line}\r\n").as_bytes()).await?;
         Ok(())

@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod irc;
 pub mod peers;
 pub mod process;
+pub mod scenario;
 pub mod xmpp;
 
 pub use gateway::Isthmus;

@@ -1,15 +1,22 @@
-//! One IRC connection of one XMPP user to one server, and the task that turns
-//! its traffic into core events.
+//! One IRC connection of one XMPP user to one server, kept up across outages,
+//! and the translation of its traffic into core events.
 //!
-//! Outgoing lines go through a queue drained by a writer task that waits until
-//! the server has accepted the registration (001) and paces lines with the
-//! [`TokenBucket`]. Incoming lines are translated into [`Event`]s for the router:
-//! a channel join is reported once the occupant list (NAMES) is complete, so the
-//! XMPP side can send the occupants, then the user's own presence, then the subject.
+//! A [`Connection`] outlives the TCP connections under it: a supervisor task
+//! connects, registers, rejoins the user's channels, and when the server goes
+//! away tells each room, waits (exponential backoff with jitter, under a cap on
+//! concurrent reconnects shared by the whole network) and starts again.
+//! Everything the user sends goes through one ordered queue that is only
+//! drained while the server has registered us and our channels are rejoined,
+//! paced by the [`TokenBucket`]; what the user sends during an outage waits
+//! there and goes out, in order, after the reconnect.
+//!
+//! A channel join is reported once the occupant list (NAMES) is complete, so
+//! the XMPP side can send the occupants, then the user's own presence, then the subject.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use irc::client::prelude::{Client, Command, Config as IrcClientConfig, Prefix, Response};
@@ -20,7 +27,8 @@ use isthmus_core::model::{
     Affiliation, ChatRef, Event, EventKind, LeaveKind, Message, NetworkId, Occupant, RemoteId, Role, Sender,
 };
 use isthmus_core::network::{DeliveryError, EventSink};
-use tokio::sync::{mpsc, watch};
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::address::chat_id;
@@ -44,6 +52,12 @@ struct Channel {
     joined: bool,
     /// The join was reported to the router (after the end of NAMES).
     announced: bool,
+    /// Rejoining after a reconnect: the next end of NAMES completes it.
+    rejoining: bool,
+    /// Channel key, for rejoins.
+    key: Option<String>,
+    /// Occupants before an outage, to report who came and went meanwhile.
+    before: HashMap<String, Occupant>,
     topic: Option<String>,
     /// Occupants by lower-cased nick.
     members: HashMap<String, Occupant>,
@@ -55,15 +69,39 @@ struct State {
     /// Our `nick!user@host` as the server relays it, learnt from our own JOIN.
     prefix: Option<String>,
     channels: HashMap<String, Channel>,
+    /// Channels still to be rejoined before the queue may be drained.
+    pending_rejoins: usize,
 }
 
-/// A live IRC connection.
+/// Reconnect timing and the network-wide cap on concurrent connection attempts.
+#[derive(Debug, Clone)]
+pub struct ReconnectPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    pub gate: Arc<Semaphore>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            gate: Arc::new(Semaphore::new(8)),
+        }
+    }
+}
+
+/// One user's connection to one IRC server, across reconnects.
 pub struct Connection {
     network: NetworkId,
     key: ConnectionKey,
     outgoing: mpsc::UnboundedSender<IrcMessage>,
     state: Arc<Mutex<State>>,
-    alive: Arc<AtomicBool>,
+    /// The user left every channel: the supervisor quits and does not reconnect.
+    closed: AtomicBool,
+    /// Registered and rejoined: what the user sends goes out now.
+    online: AtomicBool,
+    close_signal: Notify,
 }
 
 /// IRC compares names case-insensitively (RFC 1459 casemapping).
@@ -93,58 +131,54 @@ fn ident_for(account: &BareJid) -> String {
 }
 
 impl Connection {
-    /// Connect and register; returns once the TCP (and TLS) connection is up.
-    pub async fn open(
+    /// Start a connection; it connects in the background and keeps reconnecting until closed.
+    pub fn open(
         network: NetworkId,
         key: ConnectionKey,
         nick: String,
         server: IrcServerConfig,
         net_config: Arc<IrcNetworkConfig>,
         sink: EventSink,
-    ) -> Result<Arc<Connection>, DeliveryError> {
+        policy: ReconnectPolicy,
+    ) -> Arc<Connection> {
         let nick = one_line(&nick).replace([' ', ','], "_");
-        let config = IrcClientConfig {
-            nickname: Some(nick.clone()),
-            alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
-            username: Some(ident_for(&key.account)),
-            realname: Some(net_config.realname.clone()),
-            server: Some(server.host_or(&key.server).to_owned()),
-            port: Some(server.port()),
-            use_tls: Some(server.tls),
-            dangerously_accept_invalid_certs: Some(!server.tls_verify),
-            cert_path: server.tls_ca_file.as_ref().map(|p| p.display().to_string()),
-            password: server.password.as_ref().map(|p| p.expose().to_owned()),
-            encoding: Some("UTF-8".to_owned()),
-            ping_time: Some(60),
-            ping_timeout: Some(30),
-            ..Default::default()
-        };
-        let mut client = Client::from_config(config)
-            .await
-            .map_err(|e| DeliveryError::Unavailable(format!("cannot connect to IRC server {}: {e}", key.server)))?;
-        client.identify().map_err(|e| DeliveryError::Unavailable(format!("cannot register on {}: {e}", key.server)))?;
-        let stream = client
-            .stream()
-            .map_err(|e| DeliveryError::Unavailable(format!("IRC connection to {} failed: {e}", key.server)))?;
-
         let (tx, rx) = mpsc::unbounded_channel();
-        let (registered_tx, registered_rx) = watch::channel(false);
-        let state = Arc::new(Mutex::new(State { nick: nick.clone(), ..Default::default() }));
-        let alive = Arc::new(AtomicBool::new(true));
-        let conn = Arc::new(Connection { network, key: key.clone(), outgoing: tx, state, alive });
-
+        let state = Arc::new(Mutex::new(State { nick, ..Default::default() }));
+        let conn = Arc::new(Connection {
+            network,
+            key: key.clone(),
+            outgoing: tx,
+            state,
+            closed: AtomicBool::new(false),
+            online: AtomicBool::new(false),
+            close_signal: Notify::new(),
+        });
         let span = tracing::info_span!("irc", account = %key.account, server = %key.server);
-        let flood =
-            TokenBucket::new(net_config.flood.enabled, net_config.flood.burst, net_config.flood.lines_per_second);
-        tokio::spawn(writer(client.sender(), rx, registered_rx, flood, conn.alive.clone()).instrument(span.clone()));
-        let reader =
-            Reader { conn: conn.clone(), sink, on_connect: server.on_connect.clone(), registered: registered_tx };
-        tokio::spawn(reader.run(client, stream).instrument(span));
-        Ok(conn)
+        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx };
+        tokio::spawn(supervisor.run().instrument(span));
+        conn
     }
 
+    /// Whether the server currently has us registered.
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Whether this connection still serves its user (it may be reconnecting).
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Stop for good: QUIT now if connected, never reconnect.
+    pub fn close(&self, reason: &str) {
+        let _ = self.outgoing.send(IrcMessage::from(Command::QUIT(Some(one_line(reason)))));
+        self.closed.store(true, Ordering::Release);
+        self.close_signal.notify_one();
+    }
+
+    /// Channels the user is in (or joining).
+    pub fn channel_count(&self) -> usize {
+        self.lock().channels.len()
     }
 
     pub fn nick(&self) -> String {
@@ -164,12 +198,21 @@ impl Connection {
 
     /// Join `channel` (with its key, if any). The join is reported when the server confirms it.
     pub fn join(&self, channel: &str, key: Option<&str>) -> Result<(), DeliveryError> {
-        self.lock().channels.entry(fold(channel)).or_default().name = channel.to_owned();
+        {
+            let mut st = self.lock();
+            let ch = st.channels.entry(fold(channel)).or_default();
+            ch.name = channel.to_owned();
+            ch.key = key.map(one_line);
+        }
         self.send(Command::JOIN(channel.to_owned(), key.map(one_line), None))
     }
 
-    pub fn part(&self, channel: &str, reason: Option<&str>) -> Result<(), DeliveryError> {
-        self.send(Command::PART(channel.to_owned(), reason.map(one_line)))
+    /// Leave a channel; returns whether the user is still in any channel here.
+    pub fn part(&self, channel: &str, reason: Option<&str>) -> Result<bool, DeliveryError> {
+        self.send(Command::PART(channel.to_owned(), reason.map(one_line)))?;
+        let mut st = self.lock();
+        st.channels.remove(&fold(channel));
+        Ok(!st.channels.is_empty())
     }
 
     pub fn set_topic(&self, channel: &str, topic: &str) -> Result<(), DeliveryError> {
@@ -208,23 +251,190 @@ impl Connection {
     }
 }
 
-/// Drains the outgoing queue once registered, paced by the token bucket.
-async fn writer(
-    sender: irc::client::Sender,
-    mut rx: mpsc::UnboundedReceiver<IrcMessage>,
-    mut registered: watch::Receiver<bool>,
-    mut flood: TokenBucket,
-    alive: Arc<AtomicBool>,
-) {
-    if registered.wait_for(|r| *r).await.is_err() {
-        return;
+/// Spread reconnects of many connections over time: 50–150 % of the delay.
+fn jitter(delay: Duration) -> Duration {
+    delay.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+/// Keeps one [`Connection`] connected and translates its traffic.
+struct Supervisor {
+    conn: Arc<Connection>,
+    sink: EventSink,
+    server: IrcServerConfig,
+    net_config: Arc<IrcNetworkConfig>,
+    policy: ReconnectPolicy,
+    queue: mpsc::UnboundedReceiver<IrcMessage>,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut delay = self.policy.initial;
+        let mut flood = TokenBucket::new(
+            self.net_config.flood.enabled,
+            self.net_config.flood.burst,
+            self.net_config.flood.lines_per_second,
+        );
+        let mut attempt = 0u32;
+        while self.conn.is_alive() {
+            attempt += 1;
+            let connected = {
+                // A cap on concurrent connection attempts across the whole network.
+                let _permit = self.policy.gate.acquire().await;
+                self.connect().await
+            };
+            let reason = match connected {
+                Ok((client, stream)) => {
+                    delay = self.policy.initial;
+                    if attempt > 1 {
+                        info!("reconnected to IRC server");
+                    }
+                    self.session(client, stream, &mut flood).await
+                }
+                Err(e) => {
+                    if attempt == 1 {
+                        // Never connected: the joins waiting on this connection fail now, with the reason.
+                        self.fail_first_connect(&e).await;
+                        break;
+                    }
+                    e
+                }
+            };
+            self.conn.online.store(false, Ordering::Release);
+            if !self.conn.is_alive() {
+                break;
+            }
+            let wait = jitter(delay);
+            warn!(%reason, retry_in = ?wait, "IRC connection lost; reconnecting");
+            self.outage(&reason, wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.conn.close_signal.notified() => {}
+            }
+            delay = (delay * 2).min(self.policy.max);
+        }
+        info!("IRC connection closed");
     }
-    while let Some(message) = rx.recv().await {
-        flood.take().await;
-        if let Err(e) = sender.send(message) {
-            warn!(error = %e, "IRC write failed");
-            alive.store(false, Ordering::Release);
-            return;
+
+    async fn connect(&self) -> Result<(Client, irc::client::ClientStream), String> {
+        let key = &self.conn.key;
+        let nick = self.conn.nick();
+        let config = IrcClientConfig {
+            nickname: Some(nick.clone()),
+            alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
+            username: Some(ident_for(&key.account)),
+            realname: Some(self.net_config.realname.clone()),
+            server: Some(self.server.host_or(&key.server).to_owned()),
+            port: Some(self.server.port()),
+            use_tls: Some(self.server.tls),
+            dangerously_accept_invalid_certs: Some(!self.server.tls_verify),
+            cert_path: self.server.tls_ca_file.as_ref().map(|p| p.display().to_string()),
+            password: self.server.password.as_ref().map(|p| p.expose().to_owned()),
+            encoding: Some("UTF-8".to_owned()),
+            ping_time: Some(60),
+            ping_timeout: Some(30),
+            ..Default::default()
+        };
+        let mut client =
+            Client::from_config(config).await.map_err(|e| format!("cannot connect to {}: {e}", key.server))?;
+        client.identify().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
+        let stream = client.stream().map_err(|e| format!("connection to {} failed: {e}", key.server))?;
+        Ok((client, stream))
+    }
+
+    /// Serve one TCP connection until it ends; returns why it ended.
+    async fn session(
+        &mut self,
+        client: Client,
+        mut stream: irc::client::ClientStream,
+        flood: &mut TokenBucket,
+    ) -> String {
+        let sender = client.sender();
+        let reader = Reader {
+            conn: self.conn.clone(),
+            sink: self.sink.clone(),
+            on_connect: self.server.on_connect.clone(),
+            sender: Some(sender.clone()),
+        };
+        // Registered and rejoined: give up waiting for slow rejoins after this long.
+        let rejoin_deadline = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(rejoin_deadline);
+        let mut deadline_armed = false;
+        loop {
+            let online = self.conn.is_online();
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(message)) => {
+                        let welcomed = matches!(message.command, Command::Response(Response::RPL_WELCOME, _));
+                        reader.handle(message).await;
+                        if welcomed && !self.conn.is_online() {
+                            rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
+                            deadline_armed = true;
+                        }
+                    }
+                    Some(Err(e)) => return e.to_string(),
+                    None => return "the server closed the connection".to_owned(),
+                },
+                line = self.queue.recv(), if online => match line {
+                    Some(line) => {
+                        flood.take().await;
+                        if let Err(e) = sender.send(line) {
+                            return format!("write failed: {e}");
+                        }
+                    }
+                    None => return "shutting down".to_owned(),
+                },
+                _ = &mut rejoin_deadline, if deadline_armed && !online => {
+                    warn!("channels did not all rejoin in time; sending queued messages anyway");
+                    self.conn.online.store(true, Ordering::Release);
+                    deadline_armed = false;
+                }
+                _ = self.conn.close_signal.notified() => {
+                    // Send what is queued (the QUIT last), then stop.
+                    while let Ok(line) = self.queue.try_recv() {
+                        let _ = sender.send(line);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return "closed".to_owned();
+                }
+            }
+        }
+    }
+
+    /// The first connection attempt failed: fail the pending joins and close.
+    async fn fail_first_connect(&self, reason: &str) {
+        warn!(reason, "cannot connect to IRC server");
+        self.conn.closed.store(true, Ordering::Release);
+        let rooms: Vec<String> = self.conn.lock().channels.drain().map(|(_, c)| c.name).collect();
+        let reader = Reader::detached(self.conn.clone(), self.sink.clone());
+        for room in rooms {
+            reader.emit_room_as(&room, reader.own_sender(), EventKind::JoinFailed { reason: reason.to_owned() }).await;
+        }
+    }
+
+    /// The server went away: say so in every room, and prepare to rejoin them.
+    async fn outage(&self, reason: &str, wait: Duration) {
+        let (nick, rooms) = {
+            let mut st = self.conn.lock();
+            st.pending_rejoins = 0;
+            let rooms: Vec<String> = st
+                .channels
+                .values_mut()
+                .filter(|c| c.announced)
+                .map(|c| {
+                    c.joined = false;
+                    c.name.clone()
+                })
+                .collect();
+            (st.nick.clone(), rooms)
+        };
+        let reader = Reader::detached(self.conn.clone(), self.sink.clone());
+        let text = format!(
+            "Lost the connection to {}: {reason}. Reconnecting in {}s; what you send meanwhile is kept and sent after the reconnect.",
+            self.conn.key.server,
+            wait.as_secs().max(1)
+        );
+        for room in rooms {
+            reader.emit_room(&room, &nick, EventKind::Status { text: text.clone() }).await;
         }
     }
 }
@@ -234,41 +444,20 @@ struct Reader {
     conn: Arc<Connection>,
     sink: EventSink,
     on_connect: Vec<String>,
-    registered: watch::Sender<bool>,
+    sender: Option<irc::client::Sender>,
 }
 
 impl Reader {
-    async fn run(self, client: Client, mut stream: irc::client::ClientStream) {
-        let _client = client; // keeps the connection's state alive as long as the stream
-        let reason = loop {
-            match stream.next().await {
-                Some(Ok(message)) => self.handle(message).await,
-                Some(Err(e)) => break e.to_string(),
-                None => break "the server closed the connection".to_owned(),
+    fn detached(conn: Arc<Connection>, sink: EventSink) -> Reader {
+        Reader { conn, sink, on_connect: Vec::new(), sender: None }
+    }
+
+    /// Send a line now, ahead of the user's queue (registration, rejoins).
+    fn send_now(&self, command: Command) {
+        if let Some(s) = &self.sender {
+            if let Err(e) = s.send(command) {
+                warn!(error = %e, "IRC write failed");
             }
-        };
-        info!(%reason, "IRC connection ended");
-        self.conn.alive.store(false, Ordering::Release);
-        let channels: Vec<String> = {
-            let mut st = self.conn.lock();
-            let names = st.channels.values().filter(|c| c.announced).map(|c| c.name.clone()).collect();
-            st.channels.clear();
-            names
-        };
-        let nick = self.conn.nick();
-        for channel in channels {
-            self.emit_room(
-                &channel,
-                &nick,
-                EventKind::Status { text: format!("Disconnected from {}: {reason}", self.conn.key.server) },
-            )
-            .await;
-            self.emit_room(
-                &channel,
-                &nick,
-                EventKind::Left { kind: LeaveKind::Disconnected, reason: Some(reason.clone()) },
-            )
-            .await;
         }
     }
 
@@ -288,8 +477,21 @@ impl Reader {
     }
 
     async fn emit_room(&self, channel: &str, nick: &str, kind: EventKind) {
+        self.emit_room_as(channel, self.sender(nick), kind).await;
+    }
+
+    async fn emit_room_as(&self, channel: &str, sender: Sender, kind: EventKind) {
         let chat = ChatRef::room(self.conn.network.clone(), chat_id(channel, &self.conn.key.server));
-        self.emit(self.event(chat, nick, kind)).await;
+        let event =
+            Event::new(self.conn.network.clone(), chat, sender, kind).with_account(self.conn.key.account.clone());
+        self.emit(event).await;
+    }
+
+    /// The user's own sender identity, whatever the server thinks the nick is now.
+    fn own_sender(&self) -> Sender {
+        let mut sender = self.sender(&self.conn.nick());
+        sender.is_self = true;
+        sender
     }
 
     /// The JID spelling of a channel the server names.
@@ -310,13 +512,31 @@ impl Reader {
                 info!(nick = %self.conn.nick(), "registered on IRC server");
                 for line in &self.on_connect {
                     match line.parse::<IrcMessage>() {
-                        Ok(m) => {
-                            let _ = self.conn.outgoing.send(m);
-                        }
+                        Ok(m) => self.send_now(m.command),
                         Err(e) => warn!(line, error = %e, "on_connect line is not a valid IRC command; skipped"),
                     }
                 }
-                let _ = self.registered.send(true);
+                // Rejoin what the user was in before an outage; queued lines wait for it.
+                let rejoins: Vec<(String, Option<String>)> = {
+                    let mut st = self.conn.lock();
+                    let list: Vec<_> = st
+                        .channels
+                        .values_mut()
+                        .filter(|c| c.announced)
+                        .map(|c| {
+                            c.rejoining = true;
+                            (c.name.clone(), c.key.clone())
+                        })
+                        .collect();
+                    st.pending_rejoins = list.len();
+                    list
+                };
+                for (name, key) in &rejoins {
+                    self.send_now(Command::JOIN(name.clone(), key.clone(), None));
+                }
+                if rejoins.is_empty() {
+                    self.conn.online.store(true, Ordering::Release);
+                }
             }
             Command::JOIN(ref channel, _, _) => {
                 let Some(nick) = nick else { return };
@@ -328,7 +548,10 @@ impl Reader {
                         ch.name = channel.clone();
                     }
                     ch.joined = true;
-                    ch.members.clear();
+                    let members = std::mem::take(&mut ch.members);
+                    if ch.rejoining {
+                        ch.before = members;
+                    }
                     return;
                 }
                 let occupant = self.occupant(&nick, "");
@@ -365,22 +588,64 @@ impl Reader {
                 }
             }
             Command::Response(Response::RPL_ENDOFNAMES, ref args) if args.len() >= 2 => {
-                let announce = {
+                enum Done {
+                    First(String, String, Vec<Occupant>, Option<String>),
+                    Rejoined(String, String, Vec<Occupant>, Vec<Occupant>),
+                }
+                let done = {
                     let mut st = self.conn.lock();
                     let nick = st.nick.clone();
-                    match st.channels.get_mut(&fold(&args[1])) {
+                    let mut rejoined = false;
+                    let done = match st.channels.get_mut(&fold(&args[1])) {
+                        Some(ch) if ch.joined && ch.rejoining => {
+                            ch.rejoining = false;
+                            rejoined = true;
+                            // Who came and went while we were away.
+                            let before = std::mem::take(&mut ch.before);
+                            let came =
+                                ch.members.iter().filter(|(k, _)| !before.contains_key(*k)).map(|(_, o)| o.clone());
+                            let went =
+                                before.iter().filter(|(k, _)| !ch.members.contains_key(*k)).map(|(_, o)| o.clone());
+                            let me = fold(&nick);
+                            let came: Vec<Occupant> = came.filter(|o| fold(&o.nick) != me).collect();
+                            let went: Vec<Occupant> = went.filter(|o| fold(&o.nick) != me).collect();
+                            Some(Done::Rejoined(ch.name.clone(), nick, came, went))
+                        }
                         Some(ch) if ch.joined && !ch.announced => {
                             ch.announced = true;
                             let mut occupants: Vec<Occupant> =
                                 ch.members.values().filter(|o| fold(&o.nick) != fold(&nick)).cloned().collect();
                             occupants.sort_by(|a, b| a.nick.cmp(&b.nick));
-                            Some((ch.name.clone(), nick, occupants, ch.topic.clone()))
+                            Some(Done::First(ch.name.clone(), nick, occupants, ch.topic.clone()))
                         }
                         _ => None,
+                    };
+                    if rejoined {
+                        st.pending_rejoins = st.pending_rejoins.saturating_sub(1);
+                        if st.pending_rejoins == 0 {
+                            self.conn.online.store(true, Ordering::Release);
+                        }
                     }
+                    done
                 };
-                if let Some((name, nick, occupants, topic)) = announce {
-                    self.emit_room(&name, &nick, EventKind::SelfJoined { nick: nick.clone(), occupants, topic }).await;
+                match done {
+                    Some(Done::First(name, nick, occupants, topic)) => {
+                        self.emit_room(&name, &nick, EventKind::SelfJoined { nick: nick.clone(), occupants, topic })
+                            .await;
+                    }
+                    Some(Done::Rejoined(name, nick, came, went)) => {
+                        let text = format!("Reconnected to {}.", self.conn.key.server);
+                        self.emit_room(&name, &nick, EventKind::Status { text }).await;
+                        for o in went {
+                            self.emit_room(&name, &o.nick, EventKind::Left { kind: LeaveKind::Quit, reason: None })
+                                .await;
+                        }
+                        for occupant in came {
+                            let n = occupant.nick.clone();
+                            self.emit_room(&name, &n, EventKind::Joined { occupant }).await;
+                        }
+                    }
+                    None => {}
                 }
             }
             Command::Response(
@@ -393,10 +658,24 @@ impl Reader {
                 ref args,
             ) if args.len() >= 2 => {
                 let name = self.channel_name(&args[1]);
-                self.conn.lock().channels.remove(&fold(&args[1]));
+                let was_rejoining = {
+                    let mut st = self.conn.lock();
+                    let rejoining = st.channels.remove(&fold(&args[1])).is_some_and(|c| c.rejoining);
+                    if rejoining {
+                        st.pending_rejoins = st.pending_rejoins.saturating_sub(1);
+                        if st.pending_rejoins == 0 {
+                            self.conn.online.store(true, Ordering::Release);
+                        }
+                    }
+                    rejoining
+                };
                 let text = args.get(2).cloned().unwrap_or_else(|| format!("{code:?}"));
-                let me = self.conn.nick();
-                self.emit_room(&name, &me, EventKind::JoinFailed { reason: text }).await;
+                let kind = if was_rejoining {
+                    EventKind::Left { kind: LeaveKind::Disconnected, reason: Some(format!("could not rejoin: {text}")) }
+                } else {
+                    EventKind::JoinFailed { reason: text }
+                };
+                self.emit_room_as(&name, self.own_sender(), kind).await;
             }
             Command::TOPIC(ref channel, Some(ref topic)) => {
                 let Some(nick) = nick else { return };
@@ -474,18 +753,11 @@ impl Reader {
                         })
                         .collect()
                 };
+                let is_self = fold(new_nick) == fold(&self.conn.nick());
                 for room in rooms {
                     let mut sender = self.sender(&nick);
-                    sender.is_self = fold(new_nick) == fold(&self.conn.nick());
-                    let chat = ChatRef::room(self.conn.network.clone(), chat_id(&room, &self.conn.key.server));
-                    let event = Event::new(
-                        self.conn.network.clone(),
-                        chat,
-                        sender,
-                        EventKind::NickChanged { new_nick: new_nick.clone() },
-                    )
-                    .with_account(self.conn.key.account.clone());
-                    self.emit(event).await;
+                    sender.is_self = is_self;
+                    self.emit_room_as(&room, sender, EventKind::NickChanged { new_nick: new_nick.clone() }).await;
                 }
             }
             Command::ERROR(ref text) => warn!(text, "IRC server sent ERROR"),

@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info};
 
 use crate::address::IrcTarget;
-use crate::connection::{Connection, ConnectionKey};
+use crate::connection::{Connection, ConnectionKey, ReconnectPolicy};
 
 /// One configured IRC network (one component domain), with every user's connections.
 pub struct IrcNetwork {
@@ -38,11 +38,17 @@ pub struct IrcNetwork {
     config: Arc<IrcNetworkConfig>,
     sink: EventSink,
     connections: Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
+    policy: ReconnectPolicy,
 }
 
 impl IrcNetwork {
     pub fn new(id: NetworkId, config: IrcNetworkConfig, sink: EventSink) -> Arc<Self> {
-        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections: Mutex::new(HashMap::new()) })
+        Self::with_policy(id, config, sink, ReconnectPolicy::default())
+    }
+
+    /// Like [`IrcNetwork::new`] with explicit reconnect timing.
+    pub fn with_policy(id: NetworkId, config: IrcNetworkConfig, sink: EventSink, policy: ReconnectPolicy) -> Arc<Self> {
+        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections: Mutex::new(HashMap::new()), policy })
     }
 
     pub fn config(&self) -> &IrcNetworkConfig {
@@ -80,8 +86,8 @@ impl IrcNetwork {
             server_config,
             self.config.clone(),
             self.sink.clone(),
-        )
-        .await?;
+            self.policy.clone(),
+        );
         map.insert(key, conn.clone());
         Ok(conn)
     }
@@ -128,7 +134,11 @@ impl Network for IrcNetwork {
             }
             (EventKind::Left { reason, .. }, ChatKind::Room) if event.sender.is_self => {
                 if let Some(conn) = self.connection(&account, &target.server).await {
-                    conn.part(&target.name, reason.as_deref())?;
+                    if !conn.part(&target.name, reason.as_deref())? {
+                        // Left every channel on this server: the connection is no longer needed.
+                        conn.close("left all channels");
+                        self.connections.lock().await.remove(&ConnectionKey { account, server: target.server });
+                    }
                 }
                 Ok(Delivered::default())
             }

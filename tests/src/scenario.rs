@@ -1,0 +1,71 @@
+//! Ready-made setups shared by the end-to-end tests.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::{Isthmus, Ngircd, Prosody, ProsodyOptions, XmppClient};
+
+/// The component secret used by the test setups.
+pub const SECRET: &str = "test-component-secret";
+/// The IRC component domain of the test setups.
+pub const IRC_DOMAIN: &str = "irc.localhost";
+/// A generous timeout for one expected stanza or line.
+pub const T: Duration = Duration::from_secs(15);
+
+/// Prosody (users alice, bob, carol; component irc.localhost) + ngIRCd + Isthmus.
+pub struct IrcSetup {
+    pub prosody: Prosody,
+    pub ngircd: Ngircd,
+    pub gateway: Isthmus,
+}
+
+/// The room JID of `channel` on the test ngIRCd.
+pub fn room(channel: &str) -> String {
+    format!("{channel}%127.0.0.1@{IRC_DOMAIN}")
+}
+
+impl IrcSetup {
+    /// Start everything; `irc_extra` is YAML appended to the IRC network entry (indented 4).
+    pub async fn start(irc_extra: &str) -> Result<IrcSetup> {
+        let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
+        let prosody =
+            Prosody::start(ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())] }).await?;
+        let ngircd = Ngircd::start().await?;
+        let config = format!(
+            r#"xmpp:
+  mode: component
+  component:
+    host: 127.0.0.1
+    port: {component}
+    secret: ${{ISTHMUS_COMPONENT_SECRET}}
+    reconnect_initial_ms: 200
+    reconnect_max_ms: 2000
+store:
+  url: sqlite://{{dir}}/isthmus.db
+irc:
+  - domain: {IRC_DOMAIN}
+    flood: {{ enabled: false }}
+    servers:
+      "127.0.0.1":
+        port: {irc}
+        tls: false
+{irc_extra}
+"#,
+            component = prosody.component_port(),
+            irc = ngircd.port()
+        );
+        let gateway = Isthmus::start(&config, &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
+        gateway.wait_log("component link established", 1, T).await?;
+        Ok(IrcSetup { prosody, ngircd, gateway })
+    }
+
+    /// Log `user` in (resource `res`) and join `room` as `nick`; returns once the self-presence (110) arrived.
+    pub async fn join(&self, user: &str, res: &str, room: &str, nick: &str) -> Result<XmppClient> {
+        let mut c =
+            XmppClient::connect(&self.prosody, &format!("{user}@localhost/{res}"), &format!("{user}pass")).await?;
+        c.join(room, nick).await?;
+        c.expect(T, |s| s.kind == "presence" && s.from.starts_with(&format!("{room}/")) && s.has_status(110)).await?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,203 @@
+//! The IRC bridge end to end: real ngIRCd, real Prosody, slixmpp on the XMPP side
+//! and a raw IRC client on the other.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use isthmus_tests::IrcClient;
+use isthmus_tests::scenario::{IRC_DOMAIN, IrcSetup, T, room};
+
+fn privmsg_text<'a>(line: &'a str, target: &str) -> Option<&'a str> {
+    let marker = format!(" PRIVMSG {target} :");
+    line.find(&marker).map(|i| &line[i + marker.len()..])
+}
+
+#[tokio::test]
+async fn crlf_in_a_body_never_becomes_an_irc_command() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#test").await?;
+    bob.join("#other").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!(
+            "<message to='{room}' type='groupchat' id='inj'><body>safe&#13;&#10;QUIT :x&#13;&#10;PRIVMSG #other :x</body></message>"
+        ))
+        .await?;
+    for expected in ["safe", "QUIT :x", "PRIVMSG #other :x"] {
+        let line = bob.expect_line(T, |l| privmsg_text(l, "#test") == Some(expected)).await?;
+        assert!(line.starts_with(":alice!"), "{line}");
+    }
+    // still connected, and nothing reached #other
+    alice.send_groupchat(&room, "still here").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("still here")).await?;
+    assert!(bob.expect_line(Duration::from_millis(500), |l| l.contains("#other :x")).await.is_err());
+    assert!(bob.expect_line(Duration::from_millis(100), |l| l.contains("QUIT")).await.is_err(), "alice did not quit");
+    Ok(())
+}
+
+#[tokio::test]
+async fn long_multibyte_message_is_split_on_line_and_char_boundaries() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let body = "é€😀a".repeat(200); // 2,000 bytes, 2-, 3- and 4-byte characters
+    assert_eq!(body.len(), 2000);
+    alice.send_groupchat(&room, &body).await?;
+    let mut received = String::new();
+    let mut lines = 0;
+    while received.len() < body.len() {
+        let line = bob.expect_line(T, |l| privmsg_text(l, "#test").is_some()).await?;
+        assert!(line.len() + 2 <= 512, "a relayed line fits in 512 bytes with CR LF: {} bytes", line.len() + 2);
+        received.push_str(privmsg_text(&line, "#test").unwrap_or_default());
+        lines += 1;
+    }
+    assert_eq!(received, body, "the pieces reassemble to the original");
+    assert!(lines >= 4, "2,000 bytes need several lines (got {lines})");
+    Ok(())
+}
+
+#[tokio::test]
+async fn nick_collision_gives_status_210_with_the_assigned_nick() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut squatter = IrcClient::connect(s.ngircd.port(), "alice").await?;
+    squatter.join("#test").await?;
+    let room = room("#test");
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.join(&room, "alice").await?;
+    let me = alice.expect(T, |st| st.kind == "presence" && st.has_status(110)).await?;
+    assert_eq!(me.from, format!("{room}/alice_"), "the nick IRC assigned");
+    assert!(me.has_status(210), "status 210: {}", me.xml);
+    // the squatter appears under its own nick
+    alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_resources_share_one_irc_connection() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut phone = s.join("alice", "phone", &room, "alice").await?;
+    let mut laptop = s.join("alice", "laptop", &room, "alice").await?;
+    bob.privmsg("#test", "to every device").await?;
+    for c in [&mut phone, &mut laptop] {
+        let m = c.expect(T, |st| st.body.as_deref() == Some("to every device")).await?;
+        assert_eq!(m.from, format!("{room}/bob"));
+    }
+    // One IRC connection: the channel holds bob and one alice, and the server counts two users.
+    bob.clear_buffer();
+    bob.send_line("NAMES #test").await?;
+    let names = bob.expect_line(T, |l| l.contains(" 353 ")).await?;
+    let nicks: Vec<&str> = names.rsplit(':').next().unwrap_or("").split_whitespace().collect();
+    let mut nicks: Vec<String> = nicks.iter().map(|n| n.trim_start_matches(['@', '+']).to_owned()).collect();
+    nicks.sort();
+    assert_eq!(nicks, vec!["alice", "bob"], "{names}");
+    bob.send_line("LUSERS").await?;
+    let lusers = bob.expect_line(T, |l| l.contains(" 251 ")).await?;
+    assert!(lusers.contains("There are 2 users"), "{lusers}");
+    // a message from one device reaches IRC once
+    laptop.send_groupchat(&room, "from the laptop").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("from the laptop")).await?;
+    assert!(
+        bob.expect_line(Duration::from_millis(500), |l| privmsg_text(l, "#test") == Some("from the laptop"))
+            .await
+            .is_err()
+    );
+    // and both devices see it reflected
+    phone.expect(T, |st| st.body.as_deref() == Some("from the laptop")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn irc_outage_queues_messages_and_delivers_them_in_order() -> Result<()> {
+    let mut s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+
+    s.ngircd.stop().await;
+    let notice = alice
+        .expect(T, |st| {
+            st.kind == "message"
+                && st.from == room
+                && st.body.as_deref().is_some_and(|b| b.contains("Lost the connection"))
+        })
+        .await?;
+    assert_eq!(notice.type_, "groupchat");
+    let texts: Vec<String> = (0..5).map(|i| format!("during the outage {i}")).collect();
+    for t in &texts {
+        alice.send_groupchat(&room, t).await?;
+    }
+    s.ngircd.restart().await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#test").await?;
+    let mut got = Vec::new();
+    while got.len() < texts.len() {
+        let line = bob
+            .expect_line(Duration::from_secs(30), |l| {
+                privmsg_text(l, "#test").is_some_and(|t| t.starts_with("during the outage"))
+            })
+            .await?;
+        assert!(line.starts_with(":alice!"), "{line}");
+        got.push(privmsg_text(&line, "#test").unwrap_or_default().to_owned());
+    }
+    assert_eq!(got, texts, "every message, in order");
+    alice.expect(T, |st| st.from == room && st.body.as_deref().is_some_and(|b| b.contains("Reconnected"))).await?;
+    // and the room works normally again
+    bob.privmsg("#test", "welcome back").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("welcome back")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn actions_private_messages_and_topics() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    bob.join("#chat").await?; // first in: bob is operator
+    bob.send_line("TOPIC #chat :the first topic").await?;
+    bob.expect_line(T, |l| l.contains("TOPIC #chat")).await?;
+    let room = room("#chat");
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.join(&room, "alice").await?;
+    // subject on join
+    let subject = alice.expect(T, |st| st.kind == "message" && st.xml.contains("<subject")).await?;
+    assert!(subject.xml.contains("the first topic"), "{}", subject.xml);
+    // the operator is a moderator
+    let op = alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/bob")).await?;
+    assert!(op.xml.contains("role=\"moderator\""), "{}", op.xml);
+
+    // /me both ways
+    alice.send_groupchat(&room, "/me waves").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#chat") == Some("\u{1}ACTION waves\u{1}")).await?;
+    bob.privmsg("#chat", "\u{1}ACTION dances\u{1}").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("/me dances")).await?;
+
+    // topic change
+    bob.send_line("TOPIC #chat :a new topic").await?;
+    let m = alice.expect(T, |st| st.kind == "message" && st.xml.contains("a new topic")).await?;
+    assert_eq!(m.from, format!("{room}/bob"));
+
+    // private messages both ways, bob as a contact nick%server@domain
+    let bob_jid = format!("bob%127.0.0.1@{IRC_DOMAIN}");
+    bob.privmsg("alice", "psst").await?;
+    let pm = alice.expect(T, |st| st.kind == "message" && st.body.as_deref() == Some("psst")).await?;
+    assert_eq!(pm.from, bob_jid);
+    assert_eq!(pm.type_, "chat");
+    alice.send_raw(&format!("<message to='{bob_jid}' type='chat' id='pm1'><body>hello bob</body></message>")).await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "bob") == Some("hello bob")).await?;
+    assert!(line.starts_with(":alice!"), "{line}");
+
+    // kick
+    bob.send_line("KICK #chat alice :behave").await?;
+    let kicked = alice.expect(T, |st| st.kind == "presence" && st.has_status(307)).await?;
+    assert_eq!(kicked.type_, "unavailable");
+    assert!(kicked.has_status(110), "it is alice's own presence: {}", kicked.xml);
+    assert!(kicked.xml.contains("behave"), "{}", kicked.xml);
+    Ok(())
+}
