@@ -5,7 +5,7 @@
 //! is killed when its handle is dropped, and with the test process if it dies.
 //!
 //! - [`process`]: spawning and waiting helpers;
-//! - [`peers`]: Prosody, ngIRCd, PostgreSQL;
+//! - [`peers`]: Prosody, ngIRCd and InspIRCd, PostgreSQL;
 //! - [`xmpp`]: a real XMPP client (slixmpp, through `tests/clients/xmpp_driver.py`);
 //! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
 //! - [`gateway`]: the `isthmus` binary under test.
@@ -21,7 +21,7 @@ pub mod xmpp;
 
 pub use gateway::Isthmus;
 pub use irc::IrcClient;
-pub use peers::{Ngircd, Postgres, Prosody, ProsodyOptions};
+pub use peers::{IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions};
 pub use xmpp::{Stanza, XmppClient};
 
 /// Where the test tooling (the Python venv) lives.

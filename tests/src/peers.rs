@@ -110,48 +110,148 @@ Component "muc.localhost" "muc"
     }
 }
 
-/// An ngIRCd on its own port, flood penalties off, no per-IP connection limit.
-pub struct Ngircd {
+/// Which IRC server implementation a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrcServerKind {
+    /// ngIRCd: plain RFC IRC, no IRCv3 beyond multi-prefix.
+    Ngircd,
+    /// InspIRCd 3: rich IRCv3 (message-tags, server-time, echo-message, msgid, labeled-response).
+    Inspircd,
+}
+
+/// An IRC server on its own ports (plain, and TLS with a self-signed certificate
+/// for `localhost`/127.0.0.1), flood limits off, no per-IP connection limit.
+pub struct IrcServer {
+    pub kind: IrcServerKind,
     dir: TempDir,
     port: u16,
+    tls_port: u16,
     child: Option<Child>,
 }
 
-impl Ngircd {
-    pub async fn start() -> Result<Ngircd> {
-        let dir = tempfile::Builder::new().prefix("isthmus-ngircd-").tempdir()?;
-        let port = free_port();
+/// Ngircd is the IRC server most tests use.
+pub type Ngircd = IrcServer;
+
+fn self_signed_cert(dir: &Path) -> Result<()> {
+    let out = std::process::Command::new(find_program("openssl", &[])?)
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // rustls refuses a CA certificate as a server's own certificate
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(dir.join("localhost.key"))
+        .arg("-out")
+        .arg(dir.join("localhost.crt"))
+        .output()
+        .context("run openssl")?;
+    if !out.status.success() {
+        bail!("openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for f in ["localhost.key", "localhost.crt"] {
+        // the servers read them after dropping root
+        std::fs::set_permissions(dir.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+impl IrcServer {
+    /// An ngIRCd.
+    pub async fn start() -> Result<IrcServer> {
+        Self::start_kind(IrcServerKind::Ngircd).await
+    }
+
+    pub async fn start_kind(kind: IrcServerKind) -> Result<IrcServer> {
+        let dir = tempfile::Builder::new().prefix("isthmus-ircd-").tempdir()?;
+        let (port, tls_port) = (free_port(), free_port());
         // ngIRCd drops root to `nobody` before writing its pid file.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
-        let cfg = format!(
-            "[Global]\n\tName = irc.localhost\n\tInfo = Isthmus test server\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
-             \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n\
-             [Limits]\n\tMaxConnections = 0\n\tMaxConnectionsIP = 0\n\tMaxJoins = 0\n\tMaxPenaltyTime = 0\n\tMaxNickLength = 31\n\
-             \tPingTimeout = 120\n\tPongTimeout = 20\n\
-             [Options]\n\tDNS = no\n\tIdent = no\n\tPAM = no\n\tMorePrivacy = no\n\tRequireAuthPing = no\n\tOperCanUseMode = yes\n\
-             [Operator]\n\tName = oper\n\tPassword = operpass\n\
-             [Channel]\n\tName = #test\n\tTopic = test channel\n\tModes = +tn\n",
-            d = dir.path().display()
-        );
-        std::fs::write(dir.path().join("ngircd.conf"), cfg)?;
-        let mut n = Ngircd { dir, port, child: None };
+        self_signed_cert(dir.path())?;
+        let d = dir.path().display();
+        let cfg = match kind {
+            IrcServerKind::Ngircd => format!(
+                "[Global]\n\tName = irc.localhost\n\tInfo = Isthmus test server\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
+                 \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n\
+                 [Limits]\n\tMaxConnections = 0\n\tMaxConnectionsIP = 0\n\tMaxJoins = 0\n\tMaxPenaltyTime = 0\n\tMaxNickLength = 31\n\
+                 \tPingTimeout = 120\n\tPongTimeout = 20\n\
+                 [Options]\n\tDNS = no\n\tIdent = no\n\tPAM = no\n\tMorePrivacy = no\n\tRequireAuthPing = no\n\tOperCanUseMode = yes\n\
+                 [SSL]\n\tCertFile = {d}/localhost.crt\n\tKeyFile = {d}/localhost.key\n\tPorts = {tls_port}\n\
+                 [Operator]\n\tName = oper\n\tPassword = operpass\n\
+                 [Channel]\n\tName = #test\n\tTopic = test channel\n\tModes = +tn\n"
+            ),
+            IrcServerKind::Inspircd => format!(
+                r#"<server name="irc.localhost" description="Isthmus test server" network="LocalNet">
+<admin name="test" nick="test" email="test@localhost">
+<bind address="127.0.0.1" port="{port}" type="clients">
+<bind address="127.0.0.1" port="{tls_port}" type="clients" sslprofile="main">
+<module name="ssl_gnutls">
+<sslprofile name="main" provider="gnutls" certfile="{d}/localhost.crt" keyfile="{d}/localhost.key" dhfile="" hash="sha256" requestclientcert="no">
+<connect name="main" allow="*" timeout="60" pingfreq="120" localmax="10000" globalmax="10000" maxconnwarn="off"
+         threshold="100000" commandrate="100000000" fakelag="off" hardsendq="10485760" softsendq="1048576"
+         recvq="1048576" maxchans="1000" limit="10000" useident="no" resolvehostnames="no">
+<dns server="127.0.0.1" timeout="3">
+<pid file="{d}/inspircd.pid">
+<log method="file" type="* -USERINPUT -USEROUTPUT" level="default" target="{d}/inspircd-internal.log">
+<options prefixquit="Quit: " syntaxhints="no" announcets="yes" hostintopic="yes" pingwarning="15" splitwhois="no">
+<security hideserver="" userstats="Pu" customversion="" flatlinks="no" hidesplits="no" hideulines="no" maxtargets="20">
+<performance softlimit="4096" somaxconn="128" netbuffersize="10240">
+<channels users="1000" opers="1000">
+<limits maxnick="31" maxchan="64" maxmodes="20" maxident="12" maxquit="255" maxtopic="307" maxkick="255" maxreal="128" maxaway="200">
+<module name="cap">
+<module name="ircv3">
+<module name="ircv3_accounttag">
+<module name="ircv3_batch">
+<module name="ircv3_capnotify">
+<module name="ircv3_ctctags">
+<module name="ircv3_echomessage">
+<module name="ircv3_labeledresponse">
+<module name="ircv3_msgid">
+<module name="ircv3_servertime">
+<module name="namesx">
+<module name="sha256">
+"#
+            ),
+        };
+        let file = match kind {
+            IrcServerKind::Ngircd => "ngircd.conf",
+            IrcServerKind::Inspircd => "inspircd.conf",
+        };
+        std::fs::write(dir.path().join(file), cfg)?;
+        let mut n = IrcServer { kind, dir, port, tls_port, child: None };
         n.launch().await?;
         Ok(n)
     }
 
     async fn launch(&mut self) -> Result<()> {
         let log = self.log_path();
-        let mut cmd = command(find_program("ngircd", &["/usr/sbin"])?, &log)?;
-        cmd.arg("-n").arg("-f").arg(self.dir.path().join("ngircd.conf"));
-        self.child = Some(cmd.spawn().context("start ngircd")?);
-        wait_port(self.port, Duration::from_secs(20), "ngIRCd", &log).await
+        let mut cmd = match self.kind {
+            IrcServerKind::Ngircd => {
+                let mut c = command(find_program("ngircd", &["/usr/sbin"])?, &log)?;
+                c.arg("-n").arg("-f").arg(self.dir.path().join("ngircd.conf"));
+                c
+            }
+            IrcServerKind::Inspircd => {
+                let mut c = command(find_program("inspircd", &["/usr/sbin"])?, &log)?;
+                c.arg("--config").arg(self.dir.path().join("inspircd.conf")).args(["--nofork", "--runasroot"]);
+                c
+            }
+        };
+        self.child = Some(cmd.spawn().context("start the IRC server")?);
+        wait_port(self.port, Duration::from_secs(20), "the IRC server", &log).await?;
+        wait_port(self.tls_port, Duration::from_secs(10), "the IRC server (TLS)", &log).await
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+    }
+    /// The CA (self-signed certificate) that verifies the TLS port.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("localhost.crt")
+    }
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("ngircd.log")
+        self.dir.path().join("ircd.log")
     }
     pub async fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::{Isthmus, Ngircd, Prosody, ProsodyOptions, XmppClient};
+use crate::{IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions, XmppClient};
 
 /// The component secret used by the test setups.
 pub const SECRET: &str = "test-component-secret";
@@ -13,10 +13,10 @@ pub const IRC_DOMAIN: &str = "irc.localhost";
 /// A generous timeout for one expected stanza or line.
 pub const T: Duration = Duration::from_secs(15);
 
-/// Prosody (users alice, bob, carol; component irc.localhost) + ngIRCd + Isthmus.
+/// Prosody (users alice, bob, carol; component irc.localhost) + an IRC server + Isthmus.
 pub struct IrcSetup {
     pub prosody: Prosody,
-    pub ngircd: Ngircd,
+    pub irc: IrcServer,
     pub gateway: Isthmus,
 }
 
@@ -26,12 +26,17 @@ pub fn room(channel: &str) -> String {
 }
 
 impl IrcSetup {
-    /// Start everything; `irc_extra` is YAML appended to the IRC network entry (indented 4).
+    /// Start everything on ngIRCd; `irc_extra` is YAML appended to the IRC network entry (indented 4).
     pub async fn start(irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_on(IrcServerKind::Ngircd, irc_extra).await
+    }
+
+    /// Start everything on the given IRC server.
+    pub async fn start_on(kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
         let prosody =
             Prosody::start(ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())] }).await?;
-        let ngircd = Ngircd::start().await?;
+        let irc = IrcServer::start_kind(kind).await?;
         let config = format!(
             r#"xmpp:
   mode: component
@@ -48,16 +53,26 @@ irc:
     flood: {{ enabled: false }}
     servers:
       "127.0.0.1":
-        port: {irc}
+        port: {irc_port}
         tls: false
+      localhost:
+        port: {tls_port}
+        tls: true
+        tls_ca_file: {ca}
+      unverified.localhost:
+        host: localhost
+        port: {tls_port}
+        tls: true
 {irc_extra}
 "#,
             component = prosody.component_port(),
-            irc = ngircd.port()
+            irc_port = irc.port(),
+            tls_port = irc.tls_port(),
+            ca = irc.ca_file().display()
         );
         let gateway = Isthmus::start(&config, &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
         gateway.wait_log("component link established", 1, T).await?;
-        Ok(IrcSetup { prosody, ngircd, gateway })
+        Ok(IrcSetup { prosody, irc, gateway })
     }
 
     /// Log `user` in (resource `res`) and join `room` as `nick`; returns once the self-presence (110) arrived.

@@ -4,18 +4,17 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use isthmus_tests::IrcClient;
 use isthmus_tests::scenario::{IRC_DOMAIN, IrcSetup, T, room};
+use isthmus_tests::{IrcClient, IrcServerKind};
 
 fn privmsg_text<'a>(line: &'a str, target: &str) -> Option<&'a str> {
     let marker = format!(" PRIVMSG {target} :");
     line.find(&marker).map(|i| &line[i + marker.len()..])
 }
 
-#[tokio::test]
-async fn crlf_in_a_body_never_becomes_an_irc_command() -> Result<()> {
-    let s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+async fn crlf_in_a_body_never_becomes_an_irc_command(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     bob.join("#other").await?;
     let room = room("#test");
@@ -37,10 +36,9 @@ async fn crlf_in_a_body_never_becomes_an_irc_command() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn long_multibyte_message_is_split_on_line_and_char_boundaries() -> Result<()> {
-    let s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+async fn long_multibyte_message_is_split_on_line_and_char_boundaries(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let room = room("#test");
     let mut alice = s.join("alice", "r", &room, "alice").await?;
@@ -60,10 +58,9 @@ async fn long_multibyte_message_is_split_on_line_and_char_boundaries() -> Result
     Ok(())
 }
 
-#[tokio::test]
-async fn nick_collision_gives_status_210_with_the_assigned_nick() -> Result<()> {
-    let s = IrcSetup::start("").await?;
-    let mut squatter = IrcClient::connect(s.ngircd.port(), "alice").await?;
+async fn nick_collision_gives_status_210_with_the_assigned_nick(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut squatter = IrcClient::connect(s.irc.port(), "alice").await?;
     squatter.join("#test").await?;
     let room = room("#test");
     let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
@@ -76,10 +73,9 @@ async fn nick_collision_gives_status_210_with_the_assigned_nick() -> Result<()> 
     Ok(())
 }
 
-#[tokio::test]
-async fn two_resources_share_one_irc_connection() -> Result<()> {
-    let s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+async fn two_resources_share_one_irc_connection(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let room = room("#test");
     let mut phone = s.join("alice", "phone", &room, "alice").await?;
@@ -113,15 +109,14 @@ async fn two_resources_share_one_irc_connection() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn irc_outage_queues_messages_and_delivers_them_in_order() -> Result<()> {
-    let mut s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+async fn irc_outage_queues_messages_and_delivers_them_in_order(kind: IrcServerKind) -> Result<()> {
+    let mut s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let room = room("#test");
     let mut alice = s.join("alice", "r", &room, "alice").await?;
 
-    s.ngircd.stop().await;
+    s.irc.stop().await;
     let notice = alice
         .expect(T, |st| {
             st.kind == "message"
@@ -134,8 +129,8 @@ async fn irc_outage_queues_messages_and_delivers_them_in_order() -> Result<()> {
     for t in &texts {
         alice.send_groupchat(&room, t).await?;
     }
-    s.ngircd.restart().await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    s.irc.restart().await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let mut got = Vec::new();
     while got.len() < texts.len() {
@@ -155,10 +150,9 @@ async fn irc_outage_queues_messages_and_delivers_them_in_order() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn actions_private_messages_and_topics() -> Result<()> {
-    let s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+async fn actions_private_messages_and_topics(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#chat").await?; // first in: bob is operator
     bob.send_line("TOPIC #chat :the first topic").await?;
     bob.expect_line(T, |l| l.contains("TOPIC #chat")).await?;
@@ -201,3 +195,48 @@ async fn actions_private_messages_and_topics() -> Result<()> {
     assert!(kicked.xml.contains("behave"), "{}", kicked.xml);
     Ok(())
 }
+
+/// Each scenario runs against ngIRCd (plain RFC IRC) and InspIRCd (IRCv3).
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn ngircd() -> anyhow::Result<()> {
+                super::$name(isthmus_tests::IrcServerKind::Ngircd).await
+            }
+            #[tokio::test]
+            async fn inspircd() -> anyhow::Result<()> {
+                super::$name(isthmus_tests::IrcServerKind::Inspircd).await
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    crlf_in_a_body_never_becomes_an_irc_command,
+    long_multibyte_message_is_split_on_line_and_char_boundaries,
+    nick_collision_gives_status_210_with_the_assigned_nick,
+    two_resources_share_one_irc_connection,
+    irc_outage_queues_messages_and_delivers_them_in_order,
+    actions_private_messages_and_topics
+);
+
+async fn tls_verifies_certificates(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#tls").await?;
+    // `localhost` trusts the test CA: the TLS connection is verified and works.
+    let room = room("#tls").replace("%127.0.0.1@", "%localhost@");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice.send_groupchat(&room, "over verified TLS").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#tls") == Some("over verified TLS")).await?;
+    // `unverified.localhost` is the same server without the CA: the certificate is refused,
+    // and the user is told why.
+    let bad = room.replace("%localhost@", "%unverified.localhost@");
+    alice.join(&bad, "alice").await?;
+    let err = alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&bad) && st.type_ == "error").await?;
+    assert!(err.xml.to_lowercase().contains("certificate"), "the error names the certificate problem: {}", err.xml);
+    Ok(())
+}
+
+on_both_servers!(tls_verifies_certificates);

@@ -37,7 +37,7 @@ async fn both_ways(s: &IrcSetup, bob: &mut IrcClient, tag: &str) -> Result<XmppC
 #[tokio::test]
 async fn xmpp_and_irc_talk_through_the_gateway() -> Result<()> {
     let s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let alice = both_ways(&s, &mut bob, "first").await?;
     alice.disconnect().await;
@@ -47,7 +47,7 @@ async fn xmpp_and_irc_talk_through_the_gateway() -> Result<()> {
 #[tokio::test]
 async fn gateway_reconnects_after_prosody_restart() -> Result<()> {
     let mut s = IrcSetup::start("").await?;
-    let mut bob = IrcClient::connect(s.ngircd.port(), "bob").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let alice = both_ways(&s, &mut bob, "before").await?;
     drop(alice);

@@ -251,6 +251,20 @@ impl Connection {
     }
 }
 
+/// An error with its causes ("an io error occurred: invalid peer certificate: …").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Spread reconnects of many connections over time: 50–150 % of the delay.
 fn jitter(delay: Duration) -> Duration {
     delay.mul_f64(rand::rng().random_range(0.5..1.5))
@@ -334,8 +348,9 @@ impl Supervisor {
             ping_timeout: Some(30),
             ..Default::default()
         };
-        let mut client =
-            Client::from_config(config).await.map_err(|e| format!("cannot connect to {}: {e}", key.server))?;
+        let mut client = Client::from_config(config)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {}", key.server, error_chain(&e)))?;
         client.identify().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
         let stream = client.stream().map_err(|e| format!("connection to {} failed: {e}", key.server))?;
         Ok((client, stream))
