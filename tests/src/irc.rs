@@ -46,6 +46,12 @@ impl IrcClient {
         Ok(())
     }
 
+    /// Send raw bytes (for encoding tests).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_all(bytes).await?;
+        Ok(())
+    }
+
     pub async fn privmsg(&mut self, target: &str, text: &str) -> Result<()> {
         self.send_line(&format!("PRIVMSG {target} :{text}")).await
     }

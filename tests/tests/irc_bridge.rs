@@ -240,3 +240,20 @@ async fn tls_verifies_certificates(kind: IrcServerKind) -> Result<()> {
 }
 
 on_both_servers!(tls_verifies_certificates);
+
+async fn invalid_utf8_from_irc_keeps_the_connection(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.send_bytes(b"PRIVMSG #test :caf\xe9 \xff\xfe ok\r\n").await?;
+    let m =
+        alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.starts_with("caf") && b.ends_with(" ok"))).await?;
+    assert_eq!(m.from, format!("{room}/bob"));
+    bob.privmsg("#test", "after the bad bytes").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("after the bad bytes")).await?;
+    Ok(())
+}
+
+on_both_servers!(invalid_utf8_from_irc_keeps_the_connection);
