@@ -257,3 +257,48 @@ async fn invalid_utf8_from_irc_keeps_the_connection(kind: IrcServerKind) -> Resu
 }
 
 on_both_servers!(invalid_utf8_from_irc_keeps_the_connection);
+
+async fn formatting_maps_to_message_styling(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.privmsg("#test", "\u{2}bold\u{2} \u{1d}it\u{1d} \u{3}4,2red\u{3} plain").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("*bold* _it_ red plain")).await?;
+    alice.send_groupchat(&room, "a *strong* word, 2*3*4").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("a \u{2}strong\u{2} word, 2*3*4")).await?;
+    Ok(())
+}
+
+on_both_servers!(formatting_maps_to_message_styling);
+
+/// IRCv3 where offered (InspIRCd): server-time becomes a XEP-0203 delay, msgid enters the id map.
+/// Where not (ngIRCd): no delay, no ids.
+async fn ircv3_server_time_and_msgid(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.privmsg("#test", "tagged").await?;
+    let m = alice.expect(T, |st| st.body.as_deref() == Some("tagged")).await?;
+    let db = format!("sqlite://{}/isthmus.db", s.gateway.dir().display());
+    let pool = sqlx::SqlitePool::connect(&db).await?;
+    let (ids,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM message_map WHERE network = 'irc.localhost'").fetch_one(&pool).await?;
+    match kind {
+        IrcServerKind::Inspircd => {
+            assert!(m.xml.contains("urn:xmpp:delay"), "server-time gives a delay: {}", m.xml);
+            assert!(s.gateway.log().contains("IRCv3 capabilities enabled"), "negotiated");
+            assert_eq!(ids, 1, "the msgid is in the id map");
+        }
+        IrcServerKind::Ngircd => {
+            assert!(!m.xml.contains("urn:xmpp:delay"), "no server-time, no delay: {}", m.xml);
+            assert_eq!(ids, 0, "no msgid, nothing to map");
+        }
+    }
+    Ok(())
+}
+
+on_both_servers!(ircv3_server_time_and_msgid);

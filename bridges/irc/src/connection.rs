@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use irc::client::prelude::{Client, Command, Config as IrcClientConfig, Prefix, Response};
+use irc::proto::CapSubCommand;
 use irc::proto::Message as IrcMessage;
 use isthmus_config::{IrcNetworkConfig, IrcServerConfig};
 use isthmus_core::jid::BareJid;
@@ -71,7 +72,13 @@ struct State {
     channels: HashMap<String, Channel>,
     /// Channels still to be rejoined before the queue may be drained.
     pending_rejoins: usize,
+    /// IRCv3 capabilities the server offers, and those enabled on this connection.
+    offered: Vec<String>,
+    enabled: Vec<String>,
 }
+
+/// The IRCv3 capabilities the bridge uses when offered.
+const WANTED_CAPS: &[&str] = &["server-time", "message-tags", "multi-prefix"];
 
 /// Reconnect timing and the network-wide cap on concurrent connection attempts.
 #[derive(Debug, Clone)]
@@ -234,7 +241,7 @@ impl Connection {
         if action {
             budget = budget.saturating_sub("\u{1}ACTION \u{1}".len()).max(1);
         }
-        let lines = split_lines(body, budget);
+        let lines = split_lines(&crate::format::styling_to_irc(body), budget);
         if lines.is_empty() {
             return Err(DeliveryError::Rejected("an empty message cannot be sent to IRC".into()));
         }
@@ -351,7 +358,17 @@ impl Supervisor {
         let mut client = Client::from_config(config)
             .await
             .map_err(|e| format!("cannot connect to {}: {}", key.server, error_chain(&e)))?;
-        client.identify().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
+        // Registration with capability negotiation: CAP LS 302 first; the reader
+        // answers the server's list and ends negotiation (CAP END) to complete it.
+        let register = || -> irc::error::Result<()> {
+            client.send(Command::CAP(None, CapSubCommand::LS, Some("302".to_owned()), None))?;
+            if let Some(p) = &self.server.password {
+                client.send(Command::PASS(p.expose().to_owned()))?;
+            }
+            client.send(Command::NICK(nick.clone()))?;
+            client.send(Command::USER(ident_for(&key.account), "0".to_owned(), self.net_config.realname.clone()))
+        };
+        register().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
         let stream = client.stream().map_err(|e| format!("connection to {} failed: {e}", key.server))?;
         Ok((client, stream))
     }
@@ -431,6 +448,8 @@ impl Supervisor {
         let (nick, rooms) = {
             let mut st = self.conn.lock();
             st.pending_rejoins = 0;
+            st.offered.clear();
+            st.enabled.clear();
             let rooms: Vec<String> = st
                 .channels
                 .values_mut()
@@ -702,7 +721,7 @@ impl Reader {
             }
             Command::PRIVMSG(ref target, ref text) | Command::NOTICE(ref target, ref text) => {
                 let notice = matches!(message.command, Command::NOTICE(..));
-                self.relay_text(nick.as_deref(), target, text, notice).await;
+                self.relay_text(nick.as_deref(), target, text, notice, &Meta::of(&message)).await;
             }
             Command::PART(ref channel, ref reason) => {
                 let Some(nick) = nick else { return };
@@ -775,7 +794,46 @@ impl Reader {
                     self.emit_room_as(&room, sender, EventKind::NickChanged { new_nick: new_nick.clone() }).await;
                 }
             }
+            Command::CAP(_, ref sub, ref a, ref b) => self.negotiate(sub, a.as_deref(), b.as_deref()),
             Command::ERROR(ref text) => warn!(text, "IRC server sent ERROR"),
+            _ => {}
+        }
+    }
+
+    /// IRCv3 capability negotiation: request what we use from what the server offers.
+    fn negotiate(&self, sub: &CapSubCommand, a: Option<&str>, b: Option<&str>) {
+        match sub {
+            CapSubCommand::LS => {
+                // `CAP * LS * :caps` continues, `CAP * LS :caps` ends the list.
+                let (more, caps) = match (a, b) {
+                    (Some("*"), Some(caps)) => (true, caps),
+                    (Some(caps), None) => (false, caps),
+                    _ => (false, ""),
+                };
+                let wanted: Vec<String> = {
+                    let mut st = self.conn.lock();
+                    st.offered.extend(caps.split_whitespace().map(|c| c.split('=').next().unwrap_or(c).to_owned()));
+                    if more {
+                        return;
+                    }
+                    WANTED_CAPS.iter().filter(|c| st.offered.iter().any(|o| o == *c)).map(|c| c.to_string()).collect()
+                };
+                if wanted.is_empty() {
+                    self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+                } else {
+                    self.send_now(Command::CAP(None, CapSubCommand::REQ, None, Some(wanted.join(" "))));
+                }
+            }
+            CapSubCommand::ACK => {
+                let caps = b.or(a).unwrap_or_default();
+                info!(caps, "IRCv3 capabilities enabled");
+                self.conn.lock().enabled.extend(caps.split_whitespace().map(str::to_owned));
+                self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+            }
+            CapSubCommand::NAK => {
+                warn!(caps = ?b.or(a), "the server refused the requested capabilities");
+                self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+            }
             _ => {}
         }
     }
@@ -795,32 +853,68 @@ impl Reader {
         Occupant { id: RemoteId::new(chat_id(nick, &self.conn.key.server)), nick: nick.to_owned(), role, affiliation }
     }
 
-    async fn relay_text(&self, nick: Option<&str>, target: &str, text: &str, notice: bool) {
+    async fn relay_text(&self, nick: Option<&str>, target: &str, text: &str, notice: bool, meta: &Meta) {
         let (body, action) = match text.strip_prefix("\u{1}ACTION ") {
             Some(rest) => (rest.trim_end_matches('\u{1}'), true),
             None if text.starts_with('\u{1}') => return, // other CTCP requests are not chat
             None => (text, false),
         };
-        let message = Message { body: body.to_owned(), action, notice, ..Default::default() };
+        let message = Message { body: crate::format::irc_to_styling(body), action, notice, ..Default::default() };
         let server = &self.conn.key.server;
         let network = self.conn.network.clone();
-        match nick {
+        let event = match nick {
             Some(nick) if target.starts_with(['#', '&', '+', '!']) => {
                 let name = self.channel_name(target);
-                self.emit_room(&name, nick, EventKind::Message(message)).await;
+                let chat = ChatRef::room(network, chat_id(&name, server));
+                self.event(chat, nick, EventKind::Message(message))
             }
-            Some(nick) => {
+            Some(nick) if fold(target) == fold(&self.conn.nick()) => {
                 let chat = ChatRef::direct(network, chat_id(nick, server));
-                self.emit(self.event(chat, nick, EventKind::Message(message))).await;
+                self.event(chat, nick, EventKind::Message(message))
             }
-            None => {
-                // From the server itself: shown on the server's JID.
+            // Addressed to someone else: the server's notices before registration (`*`, `AUTH`).
+            _ => {
                 let chat = ChatRef::service(network.clone(), server.clone());
-                let sender = Sender::new(server.clone(), server.clone());
-                let event = Event::new(network, chat, sender, EventKind::Message(message))
-                    .with_account(self.conn.key.account.clone());
-                self.emit(event).await;
+                let sender = Sender::new(server.clone(), nick.unwrap_or(server).to_owned());
+                Event::new(network, chat, sender, EventKind::Message(message))
+                    .with_account(self.conn.key.account.clone())
+            }
+        };
+        self.emit(meta.apply(event)).await;
+    }
+}
+
+/// What IRCv3 tags say about a message.
+#[derive(Debug, Default)]
+struct Meta {
+    /// `server-time`.
+    time: Option<std::time::SystemTime>,
+    /// `msgid`.
+    msgid: Option<String>,
+}
+
+impl Meta {
+    fn of(message: &IrcMessage) -> Meta {
+        let mut meta = Meta::default();
+        for tag in message.tags.iter().flatten() {
+            match (tag.0.as_str(), tag.1.as_deref()) {
+                ("time", Some(t)) => {
+                    meta.time = chrono::DateTime::parse_from_rfc3339(t).ok().map(std::time::SystemTime::from);
+                }
+                ("msgid", Some(id)) if !id.is_empty() => meta.msgid = Some(id.to_owned()),
+                _ => {}
             }
         }
+        meta
+    }
+
+    fn apply(&self, mut event: Event) -> Event {
+        if let Some(t) = self.time {
+            event = event.with_time(t);
+        }
+        if let Some(id) = &self.msgid {
+            event = event.with_origin_id(id.clone());
+        }
+        event
     }
 }

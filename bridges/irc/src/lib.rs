@@ -8,6 +8,7 @@
 //! - [`address`]: parsing and building those identifiers;
 //! - [`text`]: making XMPP text safe and correctly sized for IRC lines;
 //! - [`flood`]: the per-connection token bucket;
+//! - [`format`]: IRC formatting codes ↔ XEP-0393 styling;
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
 //!
@@ -16,6 +17,7 @@
 pub mod address;
 pub mod connection;
 pub mod flood;
+pub mod format;
 pub mod text;
 
 use std::collections::HashMap;

@@ -1,0 +1,169 @@
+//! IRC formatting codes ↔ XEP-0393 message styling.
+//!
+//! | IRC | code | XEP-0393 |
+//! |---|---|---|
+//! | bold | `\x02` | `*bold*` |
+//! | italic | `\x1d` | `_italic_` |
+//! | strikethrough | `\x1e` | `~strike~` |
+//! | monospace | `\x11` | `` `mono` `` |
+//! | underline, reverse, colours (`\x1f`, `\x16`, `\x03NN,NN`, `\x04RRGGBB`) | | no equivalent: stripped |
+//! | reset | `\x0f` | closes every open span |
+//!
+//! Towards IRC only well-formed XEP-0393 spans are converted (the opening marker at
+//! the start or after a space, followed by a non-space; the closing one after a
+//! non-space and followed by the end, a space or punctuation), so `2*3*4` stays as it is.
+
+const STYLES: [(char, char); 4] = [('\u{2}', '*'), ('\u{1d}', '_'), ('\u{1e}', '~'), ('\u{11}', '`')];
+
+/// IRC text → plain text with XEP-0393 styling.
+pub fn irc_to_styling(text: &str) -> String {
+    if !text.chars().any(|c| (c as u32) < 0x20) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut open: Vec<char> = Vec::new(); // open XEP-0393 markers, innermost last
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if let Some(&(_, marker)) = STYLES.iter().find(|(code, _)| *code == c) {
+            if let Some(i) = open.iter().rposition(|m| *m == marker) {
+                // close the span and any opened inside it
+                for m in open.drain(i..).rev() {
+                    out.push(m);
+                }
+            } else {
+                open.push(marker);
+                out.push(marker);
+            }
+            continue;
+        }
+        match c {
+            '\u{f}' => {
+                while let Some(m) = open.pop() {
+                    out.push(m);
+                }
+            }
+            '\u{3}' => {
+                // \x03[fg[,bg]] with one or two digits each; a background needs a foreground
+                let mut fg = false;
+                for _ in 0..2 {
+                    if chars.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                        fg = true;
+                    }
+                }
+                if fg && chars.peek() == Some(&',') {
+                    let mut look = chars.clone();
+                    look.next();
+                    if look.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                        for _ in 0..2 {
+                            if chars.peek().is_some_and(char::is_ascii_digit) {
+                                chars.next();
+                            }
+                        }
+                    }
+                }
+            }
+            '\u{4}' => {
+                for _ in 0..6 {
+                    if chars.peek().is_some_and(char::is_ascii_hexdigit) {
+                        chars.next();
+                    }
+                }
+            }
+            '\u{1f}' | '\u{16}' => {}
+            c => out.push(c),
+        }
+    }
+    while let Some(m) = open.pop() {
+        out.push(m);
+    }
+    // Empty spans ("**") carry nothing: drop them.
+    for (_, m) in STYLES {
+        let empty = format!("{m}{m}");
+        if out.contains(&empty) {
+            out = out.replace(&empty, "");
+        }
+    }
+    out
+}
+
+/// XEP-0393 styling → IRC formatting codes.
+pub fn styling_to_irc(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let at_start = i == 0 || chars[i - 1].is_whitespace();
+        if let Some(&(code, marker)) = STYLES.iter().find(|(_, m)| *m == c) {
+            if at_start && chars.get(i + 1).is_some_and(|n| !n.is_whitespace() && *n != marker) {
+                // find the closing marker on the same line
+                let close = (i + 2..chars.len()).take_while(|&j| chars[j] != '\n').find(|&j| {
+                    chars[j] == marker
+                        && !chars[j - 1].is_whitespace()
+                        && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
+                });
+                if let Some(j) = close {
+                    out.push(code);
+                    out.extend(&chars[i + 1..j]);
+                    out.push(code);
+                    i = j + 1;
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irc_codes_become_styling() {
+        assert_eq!(irc_to_styling("a \u{2}bold\u{2} and \u{1d}it\u{1d}"), "a *bold* and _it_");
+        assert_eq!(irc_to_styling("\u{1e}gone\u{1e} \u{11}code\u{11}"), "~gone~ `code`");
+        assert_eq!(irc_to_styling("\u{2}unclosed"), "*unclosed*");
+        assert_eq!(irc_to_styling("\u{2}\u{1d}both\u{f} plain"), "*_both_* plain");
+    }
+
+    #[test]
+    fn colours_and_unmappable_codes_are_stripped() {
+        assert_eq!(irc_to_styling("\u{3}4red\u{3} \u{3}04,12on blue\u{3} 5,3"), "red on blue 5,3");
+        assert_eq!(irc_to_styling("\u{3},5 comma kept"), ",5 comma kept");
+        assert_eq!(irc_to_styling("\u{1f}under\u{1f} \u{16}rev\u{16} \u{4}ff0000hex"), "under rev hex");
+        assert_eq!(irc_to_styling("\u{2}\u{2}empty"), "empty");
+    }
+
+    #[test]
+    fn plain_text_is_untouched() {
+        let s = "nothing *special* here: 2*3*4";
+        assert_eq!(irc_to_styling(s), s);
+    }
+
+    #[test]
+    fn styling_becomes_irc_codes() {
+        assert_eq!(
+            styling_to_irc("a *bold* _it_ ~s~ `m`."),
+            "a \u{2}bold\u{2} \u{1d}it\u{1d} \u{1e}s\u{1e} \u{11}m\u{11}."
+        );
+    }
+
+    #[test]
+    fn only_well_formed_spans_convert() {
+        for s in ["2*3*4", "* not bold *", "*open only", "snake_case_name", "**", "a * b"] {
+            assert_eq!(styling_to_irc(s), s, "{s}");
+        }
+        assert_eq!(styling_to_irc("*not\nacross lines*"), "*not\nacross lines*");
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = "say *hello* to _everyone_";
+        assert_eq!(irc_to_styling(&styling_to_irc(s)), s);
+    }
+}
