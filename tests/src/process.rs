@@ -25,10 +25,13 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>, log: &Path) -> Result<Comma
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; it only sets a flag on the child.
+    // SAFETY: prctl and setrlimit are async-signal-safe; they only change the child.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // No core files: InspIRCd 3.15 crashes while shutting down.
+            let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
             Ok(())
         });
     }
