@@ -323,6 +323,11 @@ impl Gateway {
         }
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };
         let account = from.to_bare();
+        if m.type_ == MessageType::Groupchat && stanza::body(&m).is_none() {
+            if let Some((_, subject)) = m.get_best_subject_cloned(vec!["en"]) {
+                return self.set_subject(domain, &m, &account, &to, subject).await;
+            }
+        }
         let Some(body) = stanza::body(&m) else { return };
         let chat = match self.chat_of(domain, &to) {
             Ok(c) => c,
@@ -395,6 +400,32 @@ impl Gateway {
                 echo.payloads.extend(m.payloads.iter().filter(|p| p.is("origin-id", ns::SID)).cloned());
                 let echo = stanza::with_stanza_id(echo, &key.0, &room);
                 self.send(domain, Stanza::Message(echo)).await;
+            }
+        }
+    }
+
+    /// A MUC subject change: the network's topic.
+    async fn set_subject(&self, domain: &Domain, m: &Message, account: &BareJid, to: &Jid, subject: String) {
+        let nick = self.rooms().get(&(to.to_bare(), account.clone())).filter(|s| s.joined).map(|s| s.nick.clone());
+        let (Some(nick), Ok(chat)) = (nick, self.chat_of(domain, to)) else {
+            if let Some(e) =
+                stanza::message_error(m, ErrorType::Cancel, DefinedCondition::NotAcceptable, "join the room first")
+            {
+                self.send(domain, e).await;
+            }
+            return;
+        };
+        let event = Event::new(
+            NetworkId::xmpp(),
+            chat,
+            Sender::own(account.to_string(), nick),
+            EventKind::Topic { text: subject },
+        )
+        .with_account(account.clone());
+        if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
+            if let Some(err) = stanza::message_error(m, ErrorType::Cancel, DefinedCondition::Forbidden, &e.to_string())
+            {
+                self.send(domain, err).await;
             }
         }
     }
@@ -569,6 +600,24 @@ impl Gateway {
                         let item = Item::new(muc_affiliation(aff), muc_role(role));
                         let codes = if event.sender.is_self { vec![Status::SelfPresence] } else { vec![] };
                         out.push(occupant_presence(Jid::from(new), res, item, codes, false));
+                    }
+                }
+            }
+            EventKind::RoleChanged { role, affiliation } => {
+                if let Some(o) = session.occupants.get_mut(nick) {
+                    o.role = *role;
+                    o.affiliation = *affiliation;
+                }
+                let is_self = event.sender.is_self;
+                if let Some(from) = full(room, nick) {
+                    for res in &session.resources {
+                        let mut item = Item::new(muc_affiliation(*affiliation), muc_role(*role));
+                        let mut codes = vec![];
+                        if is_self {
+                            item = item.with_jid(res.clone());
+                            codes.push(Status::SelfPresence);
+                        }
+                        out.push(occupant_presence(Jid::from(from.clone()), res, item, codes, false));
                     }
                 }
             }

@@ -302,3 +302,42 @@ async fn ircv3_server_time_and_msgid(kind: IrcServerKind) -> Result<()> {
 }
 
 on_both_servers!(ircv3_server_time_and_msgid);
+
+async fn server_commands_modes_and_subject(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#modes").await?; // bob is operator
+    let room = room("#modes");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let own = format!("{room}/alice");
+
+    // raw commands to the server's JID; the replies come back from it
+    let server_jid = format!("127.0.0.1@{IRC_DOMAIN}");
+    alice
+        .send_raw(&format!("<message to='{server_jid}' type='chat' id='raw1'><body>WHOIS bob</body></message>"))
+        .await?;
+    let reply =
+        alice.expect(T, |st| st.from == server_jid && st.body.as_deref().is_some_and(|b| b.contains("bob"))).await?;
+    assert_eq!(reply.type_, "chat");
+
+    // IRC modes become MUC roles
+    bob.send_line("MODE #modes +v alice").await?;
+    let voiced = alice
+        .expect(T, |st| st.kind == "presence" && st.from == own && st.xml.contains("affiliation=\"member\""))
+        .await?;
+    assert!(voiced.has_status(110), "{}", voiced.xml);
+    bob.send_line("MODE #modes +o alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from == own && st.xml.contains("role=\"moderator\"")).await?;
+
+    // now an operator, alice changes the subject from XMPP
+    alice
+        .send_raw(&format!(
+            "<message to='{room}' type='groupchat' id='subj'><subject>set from xmpp</subject></message>"
+        ))
+        .await?;
+    let line = bob.expect_line(T, |l| l.contains("TOPIC #modes")).await?;
+    assert!(line.starts_with(":alice!") && line.ends_with(":set from xmpp"), "{line}");
+    Ok(())
+}
+
+on_both_servers!(server_commands_modes_and_subject);

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use irc::client::prelude::{Client, Command, Config as IrcClientConfig, Prefix, Response};
-use irc::proto::CapSubCommand;
 use irc::proto::Message as IrcMessage;
+use irc::proto::{CapSubCommand, ChannelMode, Mode};
 use isthmus_config::{IrcNetworkConfig, IrcServerConfig};
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{
@@ -57,6 +57,8 @@ struct Channel {
     rejoining: bool,
     /// Channel key, for rejoins.
     key: Option<String>,
+    /// Channel status prefixes (`~&@%+`) by lower-cased nick.
+    prefixes: HashMap<String, String>,
     /// Occupants before an outage, to report who came and went meanwhile.
     before: HashMap<String, Occupant>,
     topic: Option<String>,
@@ -75,6 +77,28 @@ struct State {
     /// IRCv3 capabilities the server offers, and those enabled on this connection.
     offered: Vec<String>,
     enabled: Vec<String>,
+}
+
+/// Numeric replies that are part of registration or handled elsewhere: not shown to the user.
+const SILENT_REPLIES: &[u16] = &[
+    1, 2, 3, 4, 5, 42, 250, 251, 252, 253, 254, 255, 265, 266, 331, 332, 333, 353, 366, 372, 375, 376, 396, 422, 433,
+    403, 405, 471, 473, 474, 475,
+];
+
+/// MUC role and affiliation for IRC channel prefixes: `~`/`&` owner, `@` admin,
+/// `%` moderator member, `+` member with voice.
+fn roles(prefixes: &str) -> (Role, Affiliation) {
+    if prefixes.contains(['~', '&']) {
+        (Role::Moderator, Affiliation::Owner)
+    } else if prefixes.contains('@') {
+        (Role::Moderator, Affiliation::Admin)
+    } else if prefixes.contains('%') {
+        (Role::Moderator, Affiliation::Member)
+    } else if prefixes.contains('+') {
+        (Role::Participant, Affiliation::Member)
+    } else {
+        (Role::Participant, Affiliation::None)
+    }
 }
 
 /// The IRCv3 capabilities the bridge uses when offered.
@@ -224,6 +248,26 @@ impl Connection {
 
     pub fn set_topic(&self, channel: &str, topic: &str) -> Result<(), DeliveryError> {
         self.send(Command::TOPIC(channel.to_owned(), Some(one_line(topic))))
+    }
+
+    /// Send raw IRC commands typed by the user, one per line. Every line is parsed
+    /// first: nothing is sent unless all of them are valid commands.
+    pub fn send_raw(&self, text: &str) -> Result<(), DeliveryError> {
+        let mut commands = Vec::new();
+        for line in text.split('\n').map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()) {
+            let line = line.replace('\0', "");
+            let message = format!("{line}\r\n")
+                .parse::<IrcMessage>()
+                .map_err(|e| DeliveryError::Rejected(format!("`{line}` is not a valid IRC command: {e}")))?;
+            commands.push(message.command);
+        }
+        if commands.is_empty() {
+            return Err(DeliveryError::Rejected("type an IRC command, e.g. `WHOIS nick`".into()));
+        }
+        for c in commands {
+            self.send(c)?;
+        }
+        Ok(())
     }
 
     /// Send a message as one or more lines; returns how many lines were queued.
@@ -607,16 +651,18 @@ impl Reader {
                 }
             }
             Command::Response(Response::RPL_NAMREPLY, ref args) if args.len() >= 4 => {
-                let names: Vec<Occupant> = args[3]
+                let names: Vec<(Occupant, String)> = args[3]
                     .split_whitespace()
                     .map(|entry| {
                         let bare = entry.trim_start_matches(['~', '&', '@', '%', '+']);
-                        self.occupant(bare, &entry[..entry.len() - bare.len()])
+                        let prefixes = entry[..entry.len() - bare.len()].to_owned();
+                        (self.occupant(bare, &prefixes), prefixes)
                     })
                     .collect();
                 let mut st = self.conn.lock();
                 if let Some(ch) = st.channels.get_mut(&fold(&args[2])) {
-                    for o in names {
+                    for (o, prefixes) in names {
+                        ch.prefixes.insert(fold(&o.nick), prefixes);
                         ch.members.insert(fold(&o.nick), o);
                     }
                 }
@@ -795,6 +841,48 @@ impl Reader {
                 }
             }
             Command::CAP(_, ref sub, ref a, ref b) => self.negotiate(sub, a.as_deref(), b.as_deref()),
+            Command::ChannelMODE(ref channel, ref modes) => {
+                let mut changed = Vec::new();
+                {
+                    let mut st = self.conn.lock();
+                    let Some(ch) = st.channels.get_mut(&fold(channel)) else { return };
+                    for mode in modes {
+                        let (plus, m, arg) = match mode {
+                            Mode::Plus(m, Some(a)) => (true, m, a),
+                            Mode::Minus(m, Some(a)) => (false, m, a),
+                            _ => continue,
+                        };
+                        let prefix = match m {
+                            ChannelMode::Founder => '~',
+                            ChannelMode::Admin => '&',
+                            ChannelMode::Oper => '@',
+                            ChannelMode::Halfop => '%',
+                            ChannelMode::Voice => '+',
+                            _ => continue,
+                        };
+                        let prefixes = ch.prefixes.entry(fold(arg)).or_default();
+                        if plus && !prefixes.contains(prefix) {
+                            prefixes.push(prefix);
+                        } else if !plus {
+                            prefixes.retain(|c| c != prefix);
+                        }
+                        let (role, affiliation) = roles(prefixes);
+                        if let Some(o) = ch.members.get_mut(&fold(arg)) {
+                            o.role = role;
+                            o.affiliation = affiliation;
+                            changed.push((ch.name.clone(), o.nick.clone(), role, affiliation));
+                        }
+                    }
+                }
+                for (room, nick, role, affiliation) in changed {
+                    self.emit_room(&room, &nick, EventKind::RoleChanged { role, affiliation }).await;
+                }
+            }
+            Command::Response(code, ref args) if !SILENT_REPLIES.contains(&(code as u16)) && args.len() >= 2 => {
+                // Replies to the user's own commands (WHOIS, errors…) go to the server's JID.
+                let text = args[1..].join(" ");
+                self.relay_text(None, "*", &text, true, &Meta::default()).await;
+            }
             Command::ERROR(ref text) => warn!(text, "IRC server sent ERROR"),
             _ => {}
         }
@@ -839,17 +927,7 @@ impl Reader {
     }
 
     fn occupant(&self, nick: &str, prefixes: &str) -> Occupant {
-        let (role, affiliation) = if prefixes.contains(['~', '&']) {
-            (Role::Moderator, Affiliation::Owner)
-        } else if prefixes.contains('@') {
-            (Role::Moderator, Affiliation::Admin)
-        } else if prefixes.contains('%') {
-            (Role::Moderator, Affiliation::Member)
-        } else if prefixes.contains('+') {
-            (Role::Participant, Affiliation::Member)
-        } else {
-            (Role::Participant, Affiliation::None)
-        };
+        let (role, affiliation) = roles(prefixes);
         Occupant { id: RemoteId::new(chat_id(nick, &self.conn.key.server)), nick: nick.to_owned(), role, affiliation }
     }
 

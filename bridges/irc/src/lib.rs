@@ -144,6 +144,14 @@ impl Network for IrcNetwork {
                 }
                 Ok(Delivered::default())
             }
+            (EventKind::Message(message), ChatKind::Service) => {
+                // Messages to the server's JID are raw IRC commands, one per line.
+                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
+                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
+                })?;
+                conn.send_raw(&message.body)?;
+                Ok(Delivered::default())
+            }
             (EventKind::Message(message), _) => {
                 let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
                     DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
