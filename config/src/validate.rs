@@ -111,6 +111,10 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                     }
                     _ => {}
                 }
+                // Refused rather than silently ignored until the IRC bridge performs SASL.
+                return err(format!(
+                    "server `{name}`: SASL is not supported yet; identify with `on_connect` (e.g. \"PRIVMSG NickServ :IDENTIFY …\") meanwhile"
+                ));
             }
         }
     }
@@ -131,7 +135,7 @@ mod tests {
 
     #[test]
     fn full_config_loads() {
-        let src = "xmpp:\n  mode: component\n  component:\n    host: 127.0.0.1\n    port: 5348\n    secret: s3cret\n    keepalive_secs: 30\nstore:\n  url: sqlite://data/isthmus.db\nlog:\n  filter: debug\naccess:\n  admins: [admin@localhost]\n  allow: [localhost]\nirc:\n  - domain: irc.localhost\n    pinned_server: libera\n    flood: { enabled: false }\n    servers:\n      libera:\n        host: irc.libera.chat\n        sasl: { mechanism: plain, username: u, password: p }\n      local:\n        tls: false\n";
+        let src = "xmpp:\n  mode: component\n  component:\n    host: 127.0.0.1\n    port: 5348\n    secret: s3cret\n    keepalive_secs: 30\nstore:\n  url: sqlite://data/isthmus.db\nlog:\n  filter: debug\naccess:\n  admins: [admin@localhost]\n  allow: [localhost]\nirc:\n  - domain: irc.localhost\n    pinned_server: libera\n    flood: { enabled: false }\n    servers:\n      libera:\n        host: irc.libera.chat\n        on_connect: [\"PRIVMSG NickServ :IDENTIFY x\"]\n      local:\n        tls: false\n";
         let c = from_str(src, Path::new("/etc/isthmus/isthmus.yaml")).expect("valid");
         let comp = c.xmpp.component.as_ref().expect("component");
         assert_eq!(
@@ -215,5 +219,9 @@ mod tests {
             "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external }} }}\n"
         ));
         assert!(e.message().contains("client_cert"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: plain, username: u, password: p }} }}\n"
+        ));
+        assert!(e.message().contains("SASL is not supported yet"), "{e}");
     }
 }
