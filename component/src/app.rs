@@ -57,6 +57,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             network: id.clone(),
             escaping: Escaping::CaseInsensitive,
             kind: "IRC",
+            allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
             outgoing: tx,
         });
         links.push((
@@ -72,6 +73,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             rx,
         ));
         networks.push(IrcNetwork::new(id, net.clone(), sink.clone()));
+    }
+    for d in &domains {
+        if d.allow.is_empty() {
+            warn!(domain = %d.name, "no allow list: anyone whose server reaches this component may use it (set access.allow)");
+        }
     }
     if domains.is_empty() {
         warn!("no networks are configured: the gateway has nothing to bridge");

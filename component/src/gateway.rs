@@ -41,6 +41,8 @@ pub struct Domain {
     pub escaping: Escaping,
     /// Human name for disco (e.g. "IRC").
     pub kind: &'static str,
+    /// JIDs and domains allowed to use this network; empty = everyone.
+    pub allow: Vec<String>,
     /// Unbounded: the gateway never waits on the link (see `link`).
     pub outgoing: mpsc::UnboundedSender<Stanza>,
 }
@@ -149,6 +151,18 @@ impl Gateway {
         }
     }
 
+    /// Whether `jid` may use `domain`'s network: its bare JID or its domain is listed.
+    fn allowed(domain: &Domain, jid: &Jid) -> bool {
+        if domain.allow.is_empty() {
+            return true;
+        }
+        let bare = jid.to_bare().to_string();
+        let host = jid.domain().as_str();
+        domain.allow.iter().any(|a| a.eq_ignore_ascii_case(&bare) || a.eq_ignore_ascii_case(host))
+    }
+
+    const NOT_ALLOWED: &'static str = "you are not allowed to use this gateway; ask its admin to add your address";
+
     /// Interpret the localpart of a JID on `domain` as a chat of its network.
     fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
         let node = to.node().ok_or_else(|| "this address is the gateway itself, not a room or person".to_owned())?;
@@ -164,6 +178,16 @@ impl Gateway {
             return;
         };
         let account = from.to_bare();
+        if p.type_ == PresenceType::None && !Self::allowed(domain, &Jid::from(from.clone())) {
+            let s = stanza::presence_error(
+                to,
+                Jid::from(from),
+                ErrorType::Auth,
+                DefinedCondition::Forbidden,
+                Self::NOT_ALLOWED,
+            );
+            return self.send(domain, s).await;
+        }
         match p.type_ {
             PresenceType::None => {}
             PresenceType::Unavailable => return self.leave(domain, &from, &to).await,
@@ -323,6 +347,13 @@ impl Gateway {
         }
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };
         let account = from.to_bare();
+        if !Self::allowed(domain, &from) {
+            if let Some(e) = stanza::message_error(&m, ErrorType::Auth, DefinedCondition::Forbidden, Self::NOT_ALLOWED)
+            {
+                self.send(domain, e).await;
+            }
+            return;
+        }
         if m.type_ == MessageType::Groupchat && stanza::body(&m).is_none() {
             if let Some((_, subject)) = m.get_best_subject_cloned(vec!["en"]) {
                 return self.set_subject(domain, &m, &account, &to, subject).await;

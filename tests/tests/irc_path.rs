@@ -58,3 +58,21 @@ async fn gateway_reconnects_after_prosody_restart() -> Result<()> {
     alice.disconnect().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn only_allowed_jids_may_use_the_gateway() -> Result<()> {
+    let s = IrcSetup::start("    allow: [alice@localhost]").await?;
+    let room = room("#test");
+    let mut bob = XmppClient::connect(&s.prosody, "bob@localhost/r", "bobpass").await?;
+    bob.join(&room, "bob").await?;
+    let err = bob.expect(T, |st| st.kind == "presence" && st.type_ == "error").await?;
+    assert!(err.xml.contains("<forbidden"), "forbidden: {}", err.xml);
+    assert!(err.xml.contains("not allowed"), "with a text: {}", err.xml);
+    bob.send_raw(&format!("<message to='{room}' type='groupchat' id='x'><body>sneak</body></message>")).await?;
+    let err = bob.expect(T, |st| st.kind == "message" && st.type_ == "error").await?;
+    assert!(err.xml.contains("<forbidden"), "{}", err.xml);
+    // alice is listed
+    let alice = s.join("alice", "r", &room, "alice").await?;
+    alice.disconnect().await;
+    Ok(())
+}
