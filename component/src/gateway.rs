@@ -354,6 +354,17 @@ impl Gateway {
             }
             return;
         }
+        if let Some(kind) = stanza::encryption(&m) {
+            // Never relayed, not even the fallback body: the remote side could not read it,
+            // and the gateway must not pretend it can.
+            let text = format!(
+                "This {kind} message was not sent: the gateway cannot read end-to-end encrypted messages, so they cannot be bridged. Send it unencrypted to reach the other side."
+            );
+            if let Some(e) = stanza::message_error(&m, ErrorType::Modify, DefinedCondition::NotAcceptable, &text) {
+                self.send(domain, e).await;
+            }
+            return;
+        }
         if m.type_ == MessageType::Groupchat && stanza::body(&m).is_none() {
             if let Some((_, subject)) = m.get_best_subject_cloned(vec!["en"]) {
                 return self.set_subject(domain, &m, &account, &to, subject).await;

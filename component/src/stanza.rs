@@ -98,3 +98,17 @@ pub fn empty(name: &str, ns: &str) -> Element {
 pub fn new_id() -> Id {
     Id(uuid::Uuid::new_v4().to_string())
 }
+
+/// The end-to-end encryption a message uses, if any: OMEMO (legacy and 2),
+/// OpenPGP (XEP-0027 and XEP-0373).
+pub fn encryption(m: &Message) -> Option<&'static str> {
+    m.payloads.iter().find_map(|p| {
+        if p.is("encrypted", "eu.siacs.conversations.axolotl") || p.is("encrypted", "urn:xmpp:omemo:2") {
+            Some("OMEMO")
+        } else if p.is("x", "jabber:x:encrypted") || p.is("openpgp", "urn:xmpp:openpgp:0") {
+            Some("OpenPGP")
+        } else {
+            None
+        }
+    })
+}

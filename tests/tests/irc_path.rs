@@ -76,3 +76,31 @@ async fn only_allowed_jids_may_use_the_gateway() -> Result<()> {
     alice.disconnect().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn encrypted_messages_are_refused_and_never_relayed() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let payloads = [
+        "<encrypted xmlns='eu.siacs.conversations.axolotl'><header sid='1'><iv>AAAA</iv></header><payload>AAAA</payload></encrypted>",
+        "<encrypted xmlns='urn:xmpp:omemo:2'><header sid='1'/><payload>AAAA</payload></encrypted>",
+        "<openpgp xmlns='urn:xmpp:openpgp:0'>AAAA</openpgp>",
+    ];
+    for (i, p) in payloads.iter().enumerate() {
+        let id = format!("enc{i}");
+        alice
+            .send_raw(&format!(
+                "<message to='{room}' type='groupchat' id='{id}'><body>I sent you an encrypted message but your client doesn't seem to support that.</body>{p}</message>"
+            ))
+            .await?;
+        let err = alice.expect(T, |st| st.kind == "message" && st.type_ == "error" && st.id == id).await?;
+        assert!(err.xml.contains("cannot be bridged"), "explains why: {}", err.xml);
+    }
+    alice.send_groupchat(&room, "plain after encrypted").await?;
+    let line = bob.expect_line(T, |l| l.contains("PRIVMSG #test")).await?;
+    assert!(line.ends_with(":plain after encrypted"), "no fallback body reached IRC before it: {line}");
+    Ok(())
+}
