@@ -482,8 +482,31 @@ impl Gateway {
             }
             _ => return, // results and errors (our keepalive pings come back here)
         };
-        let reply = if payload.is("ping", ns::PING) {
+        let reply = if payload.is("ping", ns::PING) && to.resource().is_some() {
+            // XEP-0410 MUC self-ping: answer only while the pinging resource is in the room.
+            let joined = from.try_as_full().is_ok_and(|f| {
+                self.rooms().get(&(to.to_bare(), f.to_bare())).is_some_and(|s| s.joined && s.resources.contains(f))
+            });
+            if joined {
+                Iq::empty_result(from.clone(), id)
+            } else {
+                let err = StanzaError::new(
+                    ErrorType::Modify,
+                    DefinedCondition::NotAcceptable,
+                    "en",
+                    "you are not in this room",
+                );
+                Iq::from_error(id, err)
+            }
+        } else if payload.is("ping", ns::PING) {
             Iq::empty_result(from.clone(), id)
+        } else if payload.is("query", ns::VERSION) {
+            let version = tokio_xmpp::parsers::version::VersionResult {
+                name: "Isthmus".to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                os: None,
+            };
+            Iq::from_result(id, Some(version))
         } else if payload.is("query", ns::DISCO_INFO) && DiscoInfoQuery::try_from(payload.clone()).is_ok() {
             let (identity, features): (Identity, Vec<&str>) = if to.node().is_none() {
                 (

@@ -104,3 +104,23 @@ async fn encrypted_messages_are_refused_and_never_relayed() -> Result<()> {
     assert!(line.ends_with(":plain after encrypted"), "no fallback body reached IRC before it: {line}");
     Ok(())
 }
+
+#[tokio::test]
+async fn self_ping_and_version() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice.send_raw(&format!("<iq type='get' id='sp1' to='{room}/alice'><ping xmlns='urn:xmpp:ping'/></iq>")).await?;
+    let pong = alice.expect(T, |st| st.kind == "iq" && st.id == "sp1").await?;
+    assert_eq!(pong.type_, "result", "joined: {}", pong.xml);
+    // another account that never joined is told it is not in the room
+    let mut carol = XmppClient::connect(&s.prosody, "carol@localhost/r", "carolpass").await?;
+    carol.send_raw(&format!("<iq type='get' id='sp2' to='{room}/carol'><ping xmlns='urn:xmpp:ping'/></iq>")).await?;
+    let err = carol.expect(T, |st| st.kind == "iq" && st.id == "sp2").await?;
+    assert_eq!(err.type_, "error");
+    assert!(err.xml.contains("not-acceptable"), "{}", err.xml);
+    alice.send_raw("<iq type='get' id='v1' to='irc.localhost'><query xmlns='jabber:iq:version'/></iq>").await?;
+    let v = alice.expect(T, |st| st.kind == "iq" && st.id == "v1").await?;
+    assert!(v.xml.contains("<name>Isthmus</name>"), "{}", v.xml);
+    Ok(())
+}
