@@ -82,7 +82,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if domains.is_empty() {
         warn!("no networks are configured: the gateway has nothing to bridge");
     }
-    let gateway = Gateway::new(domains);
+    let archive = crate::archive::Archive::spawn(store.clone(), config.archive.retention_days);
+    let gateway = Gateway::new(domains, archive, config.archive.history_on_join);
     let mut builder = Router::builder(store).network(gateway.clone());
     for n in networks {
         builder = builder.network(n);

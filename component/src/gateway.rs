@@ -18,19 +18,27 @@ use isthmus_core::model::{
 };
 use isthmus_core::network::{Capabilities, Delivered, DeliveryError, Network};
 use isthmus_core::router::Router;
+use isthmus_core::store::{ArchiveEntry, ArchiveQuery, next_archive_id};
 use tokio::sync::mpsc;
 use tokio_xmpp::Stanza;
+use tokio_xmpp::parsers::delay::Delay;
 use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult, Identity};
+use tokio_xmpp::parsers::forwarding::Forwarded;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::parsers::mam::{Fin, Query as MamQuery, Result_ as MamResult};
 use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::minidom::Element;
+use tokio_xmpp::parsers::muc::muc::History;
 use tokio_xmpp::parsers::muc::user::{Item, MucUser, Status};
 use tokio_xmpp::parsers::muc::{self, Muc};
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::rsm::{First, SetResult};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tracing::{Instrument, debug, info, warn};
 
+use crate::archive::Archive;
 use crate::stanza::{self, bare, full};
 
 /// One component domain and the network it serves.
@@ -62,6 +70,8 @@ struct RoomSession {
     pending: HashSet<FullJid>,
     occupants: BTreeMap<String, Occupant>,
     topic: Option<String>,
+    /// The history each entering resource asked for (MUC `<history/>`).
+    history: HashMap<FullJid, Option<History>>,
 }
 
 type RoomKey = (BareJid, BareJid); // (room, account)
@@ -73,6 +83,9 @@ pub struct Gateway {
     router: OnceLock<Router>,
     rooms: Mutex<HashMap<RoomKey, RoomSession>>,
     id: NetworkId,
+    archive: Archive,
+    /// Messages replayed on join when the client does not say how many.
+    default_history: u32,
 }
 
 fn muc_role(role: Role) -> muc::user::Role {
@@ -101,7 +114,7 @@ fn occupant_presence(from: Jid, to: &FullJid, item: Item, statuses: Vec<Status>,
 }
 
 impl Gateway {
-    pub fn new(domains: Vec<Domain>) -> Arc<Gateway> {
+    pub fn new(domains: Vec<Domain>, archive: Archive, default_history: u32) -> Arc<Gateway> {
         let by_network = domains.iter().map(|d| (d.network.clone(), d.name.clone())).collect();
         Arc::new(Gateway {
             domains: domains.into_iter().map(|d| (d.name.clone(), d)).collect(),
@@ -109,6 +122,8 @@ impl Gateway {
             router: OnceLock::new(),
             rooms: Mutex::new(HashMap::new()),
             id: NetworkId::xmpp(),
+            archive,
+            default_history,
         })
     }
 
@@ -235,6 +250,7 @@ impl Gateway {
         let already = {
             let mut rooms = self.rooms();
             let session = rooms.entry((room.clone(), account.clone())).or_default();
+            session.history.insert(from.clone(), muc.history.clone());
             if session.joined {
                 session.resources.insert(from.clone());
                 true
@@ -246,8 +262,7 @@ impl Gateway {
             }
         };
         if already {
-            let stanzas = self.join_stanzas(&room, &account, &[from]);
-            return self.send_all(domain, stanzas).await;
+            return self.enter(domain, &room, &account, &[from]).await;
         }
         info!(account = %account, room = %room, nick, "joining room");
         let event = Event::new(
@@ -274,34 +289,112 @@ impl Gateway {
         Some(self.router.get()?.route(event).await)
     }
 
-    /// Presences and subject a resource gets when it enters a joined room:
-    /// every occupant, then itself (110, and 210 when the network changed the nick), then the subject.
-    fn join_stanzas(&self, room: &BareJid, account: &BareJid, resources: &[FullJid]) -> Vec<Stanza> {
-        let rooms = self.rooms();
-        let Some(session) = rooms.get(&(room.clone(), account.clone())) else { return Vec::new() };
-        let mut out = Vec::new();
+    /// What a resource gets when it enters a joined room: every occupant, then
+    /// itself (110, and 210 when the network changed the nick), then history
+    /// from the archive, then the subject.
+    async fn enter(&self, domain: &Domain, room: &BareJid, account: &BareJid, resources: &[FullJid]) {
         for res in resources {
-            for o in session.occupants.values() {
-                if let Some(from) = full(room, &o.nick) {
-                    let item = Item::new(muc_affiliation(o.affiliation), muc_role(o.role));
-                    out.push(occupant_presence(Jid::from(from), res, item, vec![], false));
+            let (presences, history, topic) = {
+                let mut rooms = self.rooms();
+                let Some(session) = rooms.get_mut(&(room.clone(), account.clone())) else { return };
+                let mut out = Vec::new();
+                for o in session.occupants.values() {
+                    if let Some(from) = full(room, &o.nick) {
+                        let item = Item::new(muc_affiliation(o.affiliation), muc_role(o.role));
+                        out.push(occupant_presence(Jid::from(from), res, item, vec![], false));
+                    }
                 }
-            }
-            if let Some(from) = full(room, &session.nick) {
-                let item = Item::new(muc::user::Affiliation::None, muc::user::Role::Participant).with_jid(res.clone());
-                let mut codes = vec![Status::NonAnonymousRoom, Status::SelfPresence];
-                if session.nick != session.requested_nick {
-                    codes.push(Status::AssignedNick);
+                if let Some(from) = full(room, &session.nick) {
+                    let item =
+                        Item::new(muc::user::Affiliation::None, muc::user::Role::Participant).with_jid(res.clone());
+                    let mut codes = vec![Status::NonAnonymousRoom, Status::SelfPresence];
+                    if session.nick != session.requested_nick {
+                        codes.push(Status::AssignedNick);
+                    }
+                    out.push(occupant_presence(Jid::from(from), res, item, codes, false));
                 }
-                out.push(occupant_presence(Jid::from(from), res, item, codes, false));
+                (out, session.history.remove(res).flatten(), session.topic.clone())
+            };
+            self.send_all(domain, presences).await;
+            for m in self.history(room, account, res, history).await {
+                self.send(domain, Stanza::Message(m)).await;
             }
             let mut subject = Message::groupchat(Some(Jid::from(res.clone())));
             subject.from = Some(Jid::from(room.clone()));
             subject.id = Some(stanza::new_id());
-            subject.subjects.insert(Lang::default(), session.topic.clone().unwrap_or_default());
-            out.push(Stanza::Message(subject));
+            subject.subjects.insert(Lang::default(), topic.unwrap_or_default());
+            self.send(domain, Stanza::Message(subject)).await;
         }
-        out
+    }
+
+    /// The history a resource asked for on join, as delayed groupchat messages.
+    async fn history(&self, room: &BareJid, account: &BareJid, to: &FullJid, asked: Option<History>) -> Vec<Message> {
+        let asked = asked.unwrap_or_default();
+        let max = asked.maxstanzas.unwrap_or(self.default_history);
+        if max == 0 || asked.maxchars == Some(0) {
+            return Vec::new();
+        }
+        let mut start_us = asked.seconds.map(|s| isthmus_core::store::now_us() - i64::from(s) * 1_000_000);
+        if let Some(since) = &asked.since {
+            let t = since.0.timestamp_micros();
+            start_us = Some(start_us.map_or(t, |s| s.max(t)));
+        }
+        let q = ArchiveQuery {
+            room: room.to_string(),
+            owner: Some(account.to_string()),
+            start_us,
+            last_page: true,
+            max,
+            ..Default::default()
+        };
+        let mut entries = match self.archive.query(&q).await {
+            Ok(page) => page.entries,
+            Err(e) => {
+                warn!(error = %e, room = %room, "history on join unavailable");
+                return Vec::new();
+            }
+        };
+        if let Some(maxchars) = asked.maxchars {
+            // Keep the newest messages whose bodies fit in maxchars.
+            let mut total = 0usize;
+            let keep = entries
+                .iter()
+                .rev()
+                .take_while(|e| {
+                    total += e.body.chars().count();
+                    total <= maxchars as usize
+                })
+                .count();
+            entries.drain(..entries.len() - keep);
+        }
+        entries.iter().filter_map(|e| archived_message(e, room, Jid::from(to.clone()))).collect()
+    }
+
+    /// Record a room message in the archive of `account` (IRC rooms are personal).
+    fn archive_message(
+        &self,
+        room: &BareJid,
+        account: &BareJid,
+        key: &str,
+        origin_id: Option<String>,
+        nick: &str,
+        sender_jid: Option<String>,
+        body: &str,
+        time: std::time::SystemTime,
+    ) {
+        let time_us = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        self.archive.record(ArchiveEntry {
+            archive_id: next_archive_id(),
+            stanza_id: key.to_owned(),
+            origin_id,
+            room: room.to_string(),
+            owner: Some(account.to_string()),
+            sender_nick: nick.to_owned(),
+            sender_jid,
+            time_us,
+            body: body.to_owned(),
+            payload: None,
+        });
     }
 
     async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid) {
@@ -435,6 +528,16 @@ impl Gateway {
                 .map(|s| s.resources.iter().cloned().collect())
                 .unwrap_or_default();
             let Some(from_occupant) = full(&room, &nick) else { return };
+            self.archive_message(
+                &room,
+                &account,
+                &key.0,
+                origin_id.clone(),
+                &nick,
+                Some(account.to_string()),
+                &body,
+                std::time::SystemTime::now(),
+            );
             for res in resources {
                 let mut echo =
                     stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), &body);
@@ -472,13 +575,112 @@ impl Gateway {
         }
     }
 
+    /// XEP-0313 query on a room's archive: the requester's own archive of that room
+    /// (IRC rooms are personal), filtered by time and sender, paged with XEP-0059.
+    async fn mam_query(&self, domain: &Domain, from: &Jid, room: &BareJid, id: &str, payload: Element) -> Iq {
+        let bad = |text: &str| {
+            Iq::from_error(id.to_owned(), StanzaError::new(ErrorType::Modify, DefinedCondition::BadRequest, "en", text))
+        };
+        if !Self::allowed(domain, from) {
+            let err = StanzaError::new(ErrorType::Auth, DefinedCondition::Forbidden, "en", Self::NOT_ALLOWED);
+            return Iq::from_error(id.to_owned(), err);
+        }
+        let query = match MamQuery::try_from(payload) {
+            Ok(q) => q,
+            Err(e) => return bad(&format!("invalid archive query: {e}")),
+        };
+        let mut q = ArchiveQuery {
+            room: room.to_string(),
+            owner: Some(from.to_bare().to_string()),
+            max: 50,
+            ..Default::default()
+        };
+        for field in query.form.iter().flat_map(|f| f.fields.iter()) {
+            let value = field.values.first().map(String::as_str).unwrap_or_default();
+            let time = || value.parse::<tokio_xmpp::parsers::date::DateTime>().map(|d| d.0.timestamp_micros());
+            match field.var.as_deref() {
+                Some("start") => match time() {
+                    Ok(t) => q.start_us = Some(t),
+                    Err(_) => return bad("`start` is not a date-time"),
+                },
+                Some("end") => match time() {
+                    Ok(t) => q.end_us = Some(t),
+                    Err(_) => return bad("`end` is not a date-time"),
+                },
+                Some("with") => match value.parse::<Jid>() {
+                    // In a room archive, `with` names an occupant (room/nick).
+                    Ok(j) => match j.resource() {
+                        Some(nick) => q.with_nick = Some(nick.to_string()),
+                        None => q.with_jid = Some(j.to_string()),
+                    },
+                    Err(_) => return bad("`with` is not a JID"),
+                },
+                _ => {}
+            }
+        }
+        if let Some(set) = &query.set {
+            if let Some(max) = set.max {
+                q.max = max.min(isthmus_core::store::MAX_PAGE as usize) as u32;
+            }
+            q.after = set.after.clone().filter(|a| !a.is_empty());
+            match &set.before {
+                Some(b) if b.is_empty() => q.last_page = true,
+                Some(b) => q.before = Some(b.clone()),
+                None => {}
+            }
+        }
+        let page = match self.archive.query(&q).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "archive query failed");
+                let err = StanzaError::new(
+                    ErrorType::Wait,
+                    DefinedCondition::InternalServerError,
+                    "en",
+                    "the archive is unavailable right now",
+                );
+                return Iq::from_error(id.to_owned(), err);
+            }
+        };
+        for e in &page.entries {
+            let Some(mut message) = archived_message(e, room, from.clone()) else { continue };
+            let delay =
+                message.payloads.iter().position(|p| p.is("delay", ns::DELAY)).map(|i| message.payloads.remove(i));
+            message.to = None;
+            let result = MamResult {
+                id: e.stanza_id.clone(),
+                queryid: query.queryid.clone(),
+                forwarded: Forwarded { delay: delay.and_then(|d| Delay::try_from(d).ok()), message },
+            };
+            let mut wrapper = Message::normal(Some(from.clone()));
+            wrapper.from = Some(Jid::from(room.clone()));
+            wrapper.id = Some(stanza::new_id());
+            wrapper.payloads.push(stanza::client_namespace(result.into()));
+            self.send(domain, Stanza::Message(wrapper)).await;
+        }
+        let fin = Fin {
+            complete: page.complete,
+            set: SetResult { first: page.first.map(|item| First { index: None, item }), last: page.last, count: None },
+        };
+        Iq::from_result(id.to_owned(), Some(fin))
+    }
+
     async fn handle_iq(&self, domain: &Domain, iq: Iq) {
         let (from, to, id, payload) = match iq {
             Iq::Get { from: Some(from), to: Some(to), id, payload } => (from, to, id, payload),
-            Iq::Set { from: Some(from), to: Some(to), id, .. } => {
-                let err =
-                    StanzaError::new(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "en", "not supported");
-                return self.send(domain, Stanza::Iq(Iq::from_error(id, err).with_to(from).with_from(to))).await;
+            Iq::Set { from: Some(from), to: Some(to), id, payload } => {
+                let reply = if payload.is("query", ns::MAM) && to.node().is_some() && to.resource().is_none() {
+                    self.mam_query(domain, &from, &to.to_bare(), &id, payload).await
+                } else {
+                    let err = StanzaError::new(
+                        ErrorType::Cancel,
+                        DefinedCondition::ServiceUnavailable,
+                        "en",
+                        "not supported",
+                    );
+                    Iq::from_error(id, err)
+                };
+                return self.send(domain, Stanza::Iq(reply.with_to(from).with_from(to))).await;
             }
             _ => return, // results and errors (our keepalive pings come back here)
         };
@@ -559,11 +761,14 @@ impl Gateway {
     }
 
     /// Render a network event for the XMPP account it belongs to.
-    fn render(&self, event: &Event, chat_jid: &BareJid) -> Result<Vec<Stanza>, DeliveryError> {
+    /// Stanzas for an event, and the resources that just entered the room (they still
+    /// need occupants, history and subject).
+    fn render(&self, event: &Event, chat_jid: &BareJid) -> Result<(Vec<Stanza>, Vec<FullJid>), DeliveryError> {
         let account = event.account.clone().ok_or_else(|| DeliveryError::Rejected("no XMPP account named".into()))?;
         let mut out = Vec::new();
+        let mut entering = Vec::new();
         match event.chat.kind {
-            ChatKind::Room => self.render_room(event, &account, chat_jid, &mut out),
+            ChatKind::Room => self.render_room(event, &account, chat_jid, &mut out, &mut entering),
             ChatKind::Direct | ChatKind::Service => {
                 if let EventKind::Message(msg) = &event.kind {
                     let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
@@ -574,10 +779,17 @@ impl Gateway {
                 }
             }
         }
-        Ok(out)
+        Ok((out, entering))
     }
 
-    fn render_room(&self, event: &Event, account: &BareJid, room: &BareJid, out: &mut Vec<Stanza>) {
+    fn render_room(
+        &self,
+        event: &Event,
+        account: &BareJid,
+        room: &BareJid,
+        out: &mut Vec<Stanza>,
+        entering: &mut Vec<FullJid>,
+    ) {
         let key = (room.clone(), account.clone());
         let mut rooms = self.rooms();
         let Some(session) = rooms.get_mut(&key) else {
@@ -593,8 +805,7 @@ impl Gateway {
                 session.topic = topic.clone();
                 let pending: Vec<FullJid> = session.pending.drain().collect();
                 session.resources.extend(pending.iter().cloned());
-                drop(rooms);
-                out.extend(self.join_stanzas(room, account, &pending));
+                entering.extend(pending);
             }
             EventKind::JoinFailed { reason } => {
                 let pending: Vec<FullJid> = session.pending.drain().collect();
@@ -711,6 +922,19 @@ impl Gateway {
                     }
                     out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, room)));
                 }
+                let sender_jid = event.sender.id.as_str().to_owned();
+                let puppet =
+                    self.chat_jid(&ChatRef::direct(event.chat.network.clone(), sender_jid)).map(|(_, j)| j.to_string());
+                self.archive_message(
+                    room,
+                    account,
+                    &event.key.0,
+                    event.origin_ids.first().cloned(),
+                    nick,
+                    puppet,
+                    &body,
+                    event.time,
+                );
             }
             EventKind::Status { text } => {
                 for res in &session.resources {
@@ -754,8 +978,21 @@ impl Network for Gateway {
         let (domain, chat_jid) = self.chat_jid(&event.chat).ok_or_else(|| {
             DeliveryError::Rejected(format!("`{}` has no JID on any configured domain", event.chat.id))
         })?;
-        let stanzas = self.render(&event, &chat_jid)?;
+        let (stanzas, entering) = self.render(&event, &chat_jid)?;
         self.send_all(&domain, stanzas).await;
+        if let Some(account) = &event.account {
+            self.enter(&domain, &chat_jid, account, &entering).await;
+        }
         Ok(Delivered::ids(vec![event.key.0.clone()]))
     }
+}
+
+/// An archived message as a delayed groupchat message from its occupant JID.
+fn archived_message(e: &ArchiveEntry, room: &BareJid, to: Jid) -> Option<Message> {
+    let from = full(room, &e.sender_nick)?;
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(e.time_us).ok()?);
+    let mut m = stanza::message(MessageType::Groupchat, Jid::from(from), to, &e.body);
+    m.id = Some(stanza::new_id());
+    m.payloads.push(stanza::delay(time, room)?.into());
+    Some(stanza::with_stanza_id(m, &e.stanza_id, room))
 }

@@ -3,11 +3,13 @@
 //! - [`link`]: the XEP-0114 component link, with its own reconnect and keepalive;
 //! - [`gateway`]: stanzas ↔ core events, the MUC service, the XMPP side as a network;
 //! - [`stanza`]: small helpers over xmpp-parsers;
+//! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`app`]: wiring configuration, store, bridges, router and links together.
 //!
 //! Depends on `isthmus-core`, `isthmus-config` and the bridge crates; nothing depends on it.
 
 pub mod app;
+pub mod archive;
 pub mod gateway;
 pub mod link;
 pub mod stanza;

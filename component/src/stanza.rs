@@ -112,3 +112,21 @@ pub fn encryption(m: &Message) -> Option<&'static str> {
         }
     })
 }
+
+/// Stanzas nested in payloads (forwarded messages) belong to `jabber:client`, but
+/// xmpp-parsers built for components writes `jabber:component:accept`: rewrite them.
+pub fn client_namespace(el: Element) -> Element {
+    const COMPONENT: &str = "jabber:component:accept";
+    let ns = if el.ns() == COMPONENT { "jabber:client".to_owned() } else { el.ns() };
+    let mut builder = Element::builder(el.name(), ns);
+    for ((attr_ns, name), value) in el.attrs() {
+        builder = builder.attr_ns(attr_ns.clone(), name.clone(), value.clone());
+    }
+    for node in el.nodes() {
+        builder = match node {
+            tokio_xmpp::parsers::minidom::Node::Element(child) => builder.append(client_namespace(child.clone())),
+            tokio_xmpp::parsers::minidom::Node::Text(t) => builder.append(t.clone()),
+        };
+    }
+    builder.build()
+}

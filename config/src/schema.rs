@@ -15,6 +15,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: LogConfig,
     pub access: AccessConfig,
+    pub archive: ArchiveConfig,
     /// One entry per IRC network (one component domain each).
     pub irc: Vec<IrcNetworkConfig>,
     /// The configuration file's directory: relative paths are relative to it.
@@ -35,6 +36,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     access: AccessConfig,
     #[serde(default)]
+    archive: ArchiveConfig,
+    #[serde(default)]
     irc: Vec<Spanned<IrcNetworkConfig>>,
 }
 
@@ -46,6 +49,7 @@ impl RawConfig {
             store: self.store,
             log: self.log,
             access: self.access,
+            archive: self.archive,
             irc: self.irc.into_iter().map(|s| s.value).collect(),
             base_dir,
             irc_locations,
@@ -185,6 +189,31 @@ pub struct AccessConfig {
     /// JIDs or domains allowed to use every network (a network's own `allow` overrides).
     #[serde(default)]
     pub allow: Vec<String>,
+}
+
+/// The room archive (history on join, XEP-0313).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Days messages are kept; 0 keeps them forever.
+    #[serde(default = "default_retention")]
+    pub retention_days: u32,
+    /// Messages replayed on join when the client does not say how many.
+    #[serde(default = "default_history")]
+    pub history_on_join: u32,
+}
+
+fn default_retention() -> u32 {
+    7
+}
+fn default_history() -> u32 {
+    20
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig { retention_days: default_retention(), history_on_join: default_history() }
+    }
 }
 
 /// One IRC network, served on its own component domain.

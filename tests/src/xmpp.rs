@@ -101,6 +101,11 @@ impl XmppClient {
         Ok(())
     }
 
+    /// Forget stanzas received but not yet matched.
+    pub fn clear_buffer(&mut self) {
+        self.buffer.clear();
+    }
+
     /// Send a stanza written as XML.
     pub async fn send_raw(&mut self, xml: &str) -> Result<()> {
         self.command(json!({"op": "send_raw", "xml": xml})).await
@@ -109,6 +114,11 @@ impl XmppClient {
     /// Send a MUC join presence (does not wait for the answer).
     pub async fn join(&mut self, room: &str, nick: &str) -> Result<()> {
         self.command(json!({"op": "join", "room": room, "nick": nick})).await
+    }
+
+    /// Send a MUC join presence asking for at most `maxstanzas` messages of history.
+    pub async fn join_with_history(&mut self, room: &str, nick: &str, maxstanzas: u32) -> Result<()> {
+        self.command(json!({"op": "join", "room": room, "nick": nick, "maxstanzas": maxstanzas})).await
     }
 
     /// Send a groupchat message; returns its id.

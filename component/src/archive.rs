@@ -1,0 +1,105 @@
+//! The room archive as the XMPP side uses it: batched writes off the relay path,
+//! retention, history on join and XEP-0313 queries.
+//!
+//! Messages are handed to a writer task that stores them in batches (one
+//! transaction per batch), so relaying never waits on the database. Queries
+//! first ask the writer to flush, so a query sees every message relayed before it.
+
+use std::time::Duration;
+
+use isthmus_core::store::{ArchiveEntry, ArchivePage, ArchiveQuery, Store, StoreError, now_us};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+enum Command {
+    Record(ArchiveEntry),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the archive. Cheap to clone.
+#[derive(Clone)]
+pub struct Archive {
+    tx: mpsc::UnboundedSender<Command>,
+    store: Store,
+}
+
+/// Largest batch written in one transaction.
+const BATCH: usize = 512;
+
+impl Archive {
+    /// Start the writer (and, when `retention_days` > 0, hourly expiry).
+    pub fn spawn(store: Store, retention_days: u32) -> Archive {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(store.clone(), rx));
+        if retention_days > 0 {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let keep = Duration::from_secs(u64::from(retention_days) * 86_400).as_micros() as i64;
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tick.tick().await;
+                    match store.archive_expire(now_us() - keep).await {
+                        Ok(0) => {}
+                        Ok(n) => debug!(removed = n, "archive retention applied"),
+                        Err(e) => warn!(error = %e, "archive retention failed; will retry"),
+                    }
+                }
+            });
+        }
+        Archive { tx, store }
+    }
+
+    /// Queue one message for the archive.
+    pub fn record(&self, entry: ArchiveEntry) {
+        if self.tx.send(Command::Record(entry)).is_err() {
+            warn!("archive writer gone; message not archived");
+        }
+    }
+
+    /// Wait until everything recorded so far is stored.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Query, after a flush.
+    pub async fn query(&self, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
+        self.flush().await;
+        self.store.archive_query(q).await
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut waiting = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Command::Record(e) => batch.push(e),
+                Command::Flush(done) => waiting.push(done),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let mut tries = 0;
+            while let Err(e) = store.archive_append(&batch).await {
+                tries += 1;
+                if tries >= 5 {
+                    warn!(error = %e, lost = batch.len(), "archive write failed repeatedly; messages not archived");
+                    break;
+                }
+                warn!(error = %e, "archive write failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            batch.clear();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}

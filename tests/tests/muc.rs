@@ -1,0 +1,178 @@
+//! The MUC service and archive, end to end: history on join and XEP-0313 queries
+//! with XEP-0059 paging, on per-user IRC room archives.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use isthmus_tests::scenario::{IrcSetup, T, room};
+use isthmus_tests::{IrcClient, Stanza, XmppClient};
+
+/// The text between `<tag ...>` and `</tag>` in some XML.
+fn inner<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{tag}"))?;
+    let open_end = start + xml[start..].find('>')?;
+    if xml[..open_end].ends_with('/') {
+        return Some("");
+    }
+    let close = open_end + xml[open_end..].find(&format!("</{tag}>"))?;
+    Some(&xml[open_end + 1..close])
+}
+
+/// Send a MAM query and collect (results, fin iq).
+async fn mam(c: &mut XmppClient, room: &str, qid: &str, rsm: &str, form: &str) -> Result<(Vec<Stanza>, Stanza)> {
+    c.send_raw(&format!(
+        "<iq type='set' id='{qid}' to='{room}'><query xmlns='urn:xmpp:mam:2' queryid='{qid}'>{form}<set xmlns='http://jabber.org/protocol/rsm'>{rsm}</set></query></iq>"
+    ))
+    .await?;
+    let mut results = Vec::new();
+    loop {
+        let st = c
+            .expect(T, |st| (st.kind == "iq" && st.id == qid) || st.xml.contains(&format!("queryid=\"{qid}\"")))
+            .await?;
+        if st.kind == "iq" {
+            if st.type_ != "result" {
+                bail!("MAM query failed: {}", st.xml);
+            }
+            return Ok((results, st));
+        }
+        results.push(st);
+    }
+}
+
+async fn fill(bob: &mut IrcClient, alice: &mut XmppClient, channel: &str, prefix: &str, n: usize) -> Result<()> {
+    for i in 0..n {
+        bob.privmsg(channel, &format!("{prefix} {i}")).await?;
+    }
+    let last = format!("{prefix} {}", n - 1);
+    alice.expect(Duration::from_secs(60), |st| st.body.as_deref() == Some(last.as_str())).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_on_join_honours_maxstanzas() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#hist").await?;
+    let room = room("#hist");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    fill(&mut bob, &mut alice, "#hist", "history", 6).await?;
+    alice.send_raw(&format!("<presence to='{room}/alice' type='unavailable'/>")).await?;
+    alice.expect(T, |st| st.kind == "presence" && st.type_ == "unavailable" && st.has_status(110)).await?;
+
+    alice.clear_buffer();
+    alice.join_with_history(&room, "alice", 3).await?;
+    alice.expect(T, |st| st.kind == "presence" && st.has_status(110) && st.type_ != "unavailable").await?;
+    let mut replayed = Vec::new();
+    loop {
+        let st = alice.expect(T, |st| st.kind == "message").await?;
+        if st.xml.contains("<subject") {
+            break;
+        }
+        assert!(st.xml.contains("urn:xmpp:delay"), "history is delayed: {}", st.xml);
+        assert_eq!(st.from, format!("{room}/bob"));
+        replayed.push(st.body.unwrap_or_default());
+    }
+    assert_eq!(replayed, vec!["history 3", "history 4", "history 5"], "exactly the last 3, before the subject");
+    Ok(())
+}
+
+#[tokio::test]
+async fn mam_pages_500_messages_back_without_gaps_or_repeats() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#mam").await?;
+    let room = room("#mam");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    fill(&mut bob, &mut alice, "#mam", "archived", 500).await?;
+
+    // page backwards from the newest, 50 at a time
+    let mut pages = Vec::new();
+    let mut before = String::new();
+    for n in 0.. {
+        let rsm = format!("<max>50</max><before>{before}</before>");
+        let (results, fin) = mam(&mut alice, &room, &format!("q{n}"), &rsm, "").await?;
+        assert!(results.len() <= 50);
+        if let Some(first) = results.first() {
+            assert!(
+                first.xml.contains("<message xmlns=\"jabber:client\""),
+                "the forwarded message is in the client namespace: {}",
+                first.xml
+            );
+        }
+        let bodies: Vec<String> =
+            results.iter().map(|r| inner(&r.xml, "body").unwrap_or_default().to_owned()).collect();
+        let ids: Vec<String> = results
+            .iter()
+            .filter_map(|r| {
+                r.xml
+                    .split("<result")
+                    .nth(1)
+                    .and_then(|t| t.split(" id=\"").nth(1))
+                    .map(|t| t.split('"').next().unwrap_or("").to_owned())
+            })
+            .collect();
+        pages.push((bodies, ids));
+        let complete = fin.xml.contains("complete=\"true\"");
+        if complete {
+            break;
+        }
+        before = inner(&fin.xml, "first").unwrap_or_default().to_owned();
+        assert!(!before.is_empty(), "an incomplete page names its first item: {}", fin.xml);
+        assert!(n < 20, "paging must end");
+    }
+    pages.reverse();
+    let bodies: Vec<String> = pages.iter().flat_map(|(b, _)| b.clone()).collect();
+    let ids: Vec<String> = pages.iter().flat_map(|(_, i)| i.clone()).collect();
+    let expected: Vec<String> = (0..500).map(|i| format!("archived {i}")).collect();
+    assert_eq!(bodies.len(), 500, "500 messages");
+    assert_eq!(bodies, expected, "none missing, none repeated, in order");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 500, "500 distinct archive ids");
+    assert_eq!(pages.len(), 10, "ten pages of 50");
+    Ok(())
+}
+
+#[tokio::test]
+async fn mam_time_and_sender_filters() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#mamtime").await?;
+    let room = room("#mamtime");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    fill(&mut bob, &mut alice, "#mamtime", "early", 5).await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cut = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fill(&mut bob, &mut alice, "#mamtime", "late", 4).await?;
+    alice.send_groupchat(&room, "from alice").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("from alice")).await?;
+
+    let form = |extra: &str| {
+        format!(
+            "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>{extra}</x>"
+        )
+    };
+    let (results, _) = mam(
+        &mut alice,
+        &room,
+        "t1",
+        "<max>50</max>",
+        &form(&format!("<field var='start'><value>{cut}</value></field>")),
+    )
+    .await?;
+    let bodies: Vec<&str> = results.iter().filter_map(|r| inner(&r.xml, "body")).collect();
+    assert_eq!(bodies, vec!["late 0", "late 1", "late 2", "late 3", "from alice"], "only what came after `start`");
+    let (results, _) =
+        mam(&mut alice, &room, "t2", "<max>50</max>", &form(&format!("<field var='end'><value>{cut}</value></field>")))
+            .await?;
+    assert_eq!(results.len(), 5, "only what came before `end`");
+    let with = format!("<field var='with'><value>{room}/alice</value></field>");
+    let (results, _) = mam(&mut alice, &room, "t3", "<max>50</max>", &form(&with)).await?;
+    let bodies: Vec<&str> = results.iter().filter_map(|r| inner(&r.xml, "body")).collect();
+    assert_eq!(bodies, vec!["from alice"], "only alice's messages");
+    // another account sees nothing of alice's personal archive
+    let mut carol = XmppClient::connect(&s.prosody, "carol@localhost/r", "carolpass").await?;
+    let (results, _) = mam(&mut carol, &room, "t4", "<max>50</max>", "").await?;
+    assert!(results.is_empty(), "per-user archive: carol was never in the room");
+    Ok(())
+}
