@@ -64,6 +64,12 @@ impl Archive {
         }
     }
 
+    /// One archived message by its stanza-id, after a flush.
+    pub async fn get(&self, stanza_id: &str) -> Result<Option<ArchiveEntry>, StoreError> {
+        self.flush().await;
+        self.store.archive_get(stanza_id).await
+    }
+
     /// Query, after a flush.
     pub async fn query(&self, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
         self.flush().await;

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use isthmus_core::address::Escaping;
 use isthmus_core::model::{
-    Affiliation, ChatKind, ChatRef, Event, EventKind, LeaveKind, Message as ModelMessage, NetworkId, Occupant, Role,
-    Sender,
+    Affiliation, ChatKind, ChatRef, Event, EventKind, LeaveKind, NetworkId, Occupant, Quote, Role, Sender,
 };
 use isthmus_core::network::{Capabilities, Delivered, DeliveryError, Network};
 use isthmus_core::router::Router;
@@ -463,7 +462,8 @@ impl Gateway {
                 return self.set_subject(domain, &m, &account, &to, subject).await;
             }
         }
-        let Some(body) = stanza::body(&m) else { return };
+        let body = stanza::body(&m).unwrap_or_default();
+        let Some(kind) = stanza::event_kind(&m, &body) else { return };
         let chat = match self.chat_of(domain, &to) {
             Ok(c) => c,
             Err(text) => {
@@ -496,15 +496,21 @@ impl Gateway {
             account.node().map(|n| n.to_string()).unwrap_or_default()
         };
         let origin_id = stanza::origin_id(&m);
-        let mut event = Event::new(
-            NetworkId::xmpp(),
-            chat.clone(),
-            Sender::own(account.to_string(), nick.clone()),
-            EventKind::Message(ModelMessage::text(body.clone())),
-        )
-        .with_account(account.clone());
+        let is_message = matches!(kind, EventKind::Message(_));
+        let mut event =
+            Event::new(NetworkId::xmpp(), chat.clone(), Sender::own(account.to_string(), nick.clone()), kind)
+                .with_account(account.clone());
         if let Some(id) = &origin_id {
             event = event.with_origin_id(id.clone());
+        }
+        // Retractions and reactions in a room name their target by the room's stanza-id,
+        // which is the event key: record it too, and quote the target for text fallbacks.
+        let key_id = event.key.0.clone();
+        event = event.with_origin_id(key_id);
+        if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. })) {
+            if let Ok(Some(e)) = self.archive.get(&target.0).await {
+                event.context = Some(Quote { author: e.sender_nick, text: e.body });
+            }
         }
         let key = event.key.clone();
         let span = tracing::info_span!("xmpp-message", key = %key, origin_id = ?origin_id, from = %from);
@@ -528,21 +534,25 @@ impl Gateway {
                 .map(|s| s.resources.iter().cloned().collect())
                 .unwrap_or_default();
             let Some(from_occupant) = full(&room, &nick) else { return };
-            self.archive_message(
-                &room,
-                &account,
-                &key.0,
-                origin_id.clone(),
-                &nick,
-                Some(account.to_string()),
-                &body,
-                std::time::SystemTime::now(),
-            );
+            if is_message {
+                self.archive_message(
+                    &room,
+                    &account,
+                    &key.0,
+                    origin_id.clone(),
+                    &nick,
+                    Some(account.to_string()),
+                    &body,
+                    std::time::SystemTime::now(),
+                );
+            }
             for res in resources {
+                // The whole stanza is reflected (corrections, reactions and retractions
+                // included), so the user's other devices apply it too.
                 let mut echo =
                     stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), &body);
                 echo.id = m.id.clone();
-                echo.payloads.extend(m.payloads.iter().filter(|p| p.is("origin-id", ns::SID)).cloned());
+                echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
                 let echo = stanza::with_stanza_id(echo, &key.0, &room);
                 self.send(domain, Stanza::Message(echo)).await;
             }

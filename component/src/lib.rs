@@ -3,6 +3,7 @@
 //! - [`link`]: the XEP-0114 component link, with its own reconnect and keepalive;
 //! - [`gateway`]: stanzas ↔ core events, the MUC service, the XMPP side as a network;
 //! - [`stanza`]: small helpers over xmpp-parsers;
+//! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`app`]: wiring configuration, store, bridges, router and links together.
 //!
@@ -13,3 +14,4 @@ pub mod archive;
 pub mod gateway;
 pub mod link;
 pub mod stanza;
+pub mod xep;

@@ -130,3 +130,32 @@ pub fn client_namespace(el: Element) -> Element {
     }
     builder.build()
 }
+
+/// What a message from an XMPP user means: a correction (XEP-0308), a retraction
+/// (XEP-0424), a full reaction set (XEP-0444), or a plain message. Bodies that
+/// are only fallbacks for those are not relayed as text. `None`: nothing to bridge.
+pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventKind> {
+    use isthmus_core::model::{EventKind, Message as Content, MessageRef};
+    use tokio_xmpp::parsers::message_correct::Replace;
+    use tokio_xmpp::parsers::reactions::Reactions;
+
+    for p in &m.payloads {
+        if p.is("replace", tokio_xmpp::parsers::ns::MESSAGE_CORRECT) {
+            if let Ok(r) = Replace::try_from(p.clone()) {
+                return Some(EventKind::Correction { target: MessageRef(r.id.0), message: Content::text(body) });
+            }
+        }
+        if p.is("retract", crate::xep::NS_RETRACT) {
+            if let Ok(r) = crate::xep::Retract::try_from(p.clone()) {
+                return Some(EventKind::Retraction { target: MessageRef(r.id), moderator: None, reason: None });
+            }
+        }
+        if p.is("reactions", tokio_xmpp::parsers::ns::REACTIONS) {
+            if let Ok(r) = Reactions::try_from(p.clone()) {
+                let emojis = r.reactions.into_iter().map(|e| e.emoji).collect();
+                return Some(EventKind::Reactions { target: MessageRef(r.id), emojis });
+            }
+        }
+    }
+    (!body.is_empty()).then(|| EventKind::Message(Content::text(body)))
+}

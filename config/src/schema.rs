@@ -239,6 +239,54 @@ pub struct IrcNetworkConfig {
     /// Let users reach servers not listed in `servers` (with default settings).
     #[serde(default)]
     pub allow_unlisted_servers: bool,
+    /// How corrections, retractions and reactions, which IRC has no form for, are shown there.
+    #[serde(default)]
+    pub fallbacks: IrcFallbacks,
+}
+
+/// IRC renderings of what IRC cannot carry natively.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcFallbacks {
+    #[serde(default)]
+    pub corrections: CorrectionFallback,
+    #[serde(default)]
+    pub retractions: RetractionFallback,
+    #[serde(default)]
+    pub reactions: ReactionFallback,
+}
+
+/// A correction on IRC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorrectionFallback {
+    /// Send the corrected text as a new line starting with `[edit] `.
+    #[default]
+    Mark,
+    /// Send nothing.
+    Ignore,
+}
+
+/// A retraction on IRC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetractionFallback {
+    /// Send nothing: the line cannot be taken back on IRC.
+    #[default]
+    Ignore,
+    /// Say that a message was deleted (`/me deleted a message: "…"`).
+    Notice,
+}
+
+/// A reaction on IRC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReactionFallback {
+    /// `/me reacted 👍 to bob: "…"`.
+    #[default]
+    Action,
+    /// Send nothing.
+    Ignore,
 }
 
 fn default_realname() -> String {

@@ -179,6 +179,15 @@ pub struct ReplyTo {
     pub quote: Option<String>,
 }
 
+/// An excerpt of an earlier message, for networks that render references as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    /// Who wrote it.
+    pub author: String,
+    /// What it said (possibly shortened).
+    pub text: String,
+}
+
 /// A chat message's content.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
@@ -312,9 +321,28 @@ impl EventKind {
         }
     }
 
-    /// Whether this kind of event gets an entry in the message id map.
+    /// Whether this kind of event gets an entry in the message id map (its own ids are
+    /// needed later: edits and retractions target messages, removing a Matrix reaction
+    /// redacts the reaction event).
     pub fn is_message_like(&self) -> bool {
-        matches!(self, EventKind::Message(_) | EventKind::Correction { .. })
+        matches!(
+            self,
+            EventKind::Message(_)
+                | EventKind::Correction { .. }
+                | EventKind::Retraction { .. }
+                | EventKind::Reactions { .. }
+        )
+    }
+
+    /// The message this event refers to, if it is a correction, retraction, reaction or marker.
+    pub fn target(&self) -> Option<&MessageRef> {
+        match self {
+            EventKind::Correction { target, .. }
+            | EventKind::Retraction { target, .. }
+            | EventKind::Reactions { target, .. }
+            | EventKind::Displayed { target } => Some(target),
+            _ => None,
+        }
     }
 }
 
@@ -339,6 +367,9 @@ pub struct Event {
     /// True when `time` came from the remote side (IRC server-time, history replay).
     pub delayed: bool,
     pub kind: EventKind,
+    /// The message a correction, retraction or reaction refers to, as text, for
+    /// networks that can only render those as text (filled when the origin knows it).
+    pub context: Option<Quote>,
 }
 
 impl Event {
@@ -354,6 +385,7 @@ impl Event {
             time: SystemTime::now(),
             delayed: false,
             kind,
+            context: None,
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tracing::{Instrument, debug, warn};
 
-use crate::model::{ChatRef, Event, EventKind, MessageRef, NetworkId};
+use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
 use crate::network::{Delivered, DeliveryError, EventStream, Network};
 use crate::store::Store;
 
@@ -128,8 +128,17 @@ impl Router {
         self.route_inner(event).instrument(span).await
     }
 
-    async fn route_inner(&self, event: Event) -> RouteReport {
+    async fn route_inner(&self, mut event: Event) -> RouteReport {
         let origin_scope = scope(&event, &event.chat);
+        // A correction belongs to the message it corrects: its ids join the original's
+        // key, so a correction of a correction still reaches the original.
+        if let EventKind::Correction { target, .. } = &event.kind {
+            match self.inner.store.key_for_remote(event.origin.as_str(), &origin_scope, &target.0).await {
+                Ok(Some(key)) => event.key = MessageKey(key),
+                Ok(None) => debug!(target = %target.0, "correction of a message unknown to the id map"),
+                Err(e) => warn!(error = %e, "id map lookup failed"),
+            }
+        }
         if event.kind.is_message_like() && !event.origin_ids.is_empty() {
             if let Err(e) = self
                 .inner
@@ -214,9 +223,13 @@ impl Router {
 
 /// The id-map scope of a chat as seen by one account: personal chats of different
 /// users on the same network are different conversations.
-fn scope(event: &Event, chat: &ChatRef) -> String {
-    match &event.account {
+pub fn id_scope(account: Option<&jid::BareJid>, chat: &ChatRef) -> String {
+    match account {
         Some(account) => format!("{account}/{}", chat.scope()),
         None => chat.scope(),
     }
+}
+
+fn scope(event: &Event, chat: &ChatRef) -> String {
+    id_scope(event.account.as_ref(), chat)
 }

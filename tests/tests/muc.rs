@@ -176,3 +176,84 @@ async fn mam_time_and_sender_filters() -> Result<()> {
     assert!(results.is_empty(), "per-user archive: carol was never in the room");
     Ok(())
 }
+
+fn stanza_id(xml: &str) -> String {
+    let tag = xml.split("<stanza-id").nth(1).unwrap_or_default();
+    tag.split(" id=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned()
+}
+
+fn privmsg_text<'a>(line: &'a str, target: &str) -> Option<&'a str> {
+    let marker = format!(" PRIVMSG {target} :");
+    line.find(&marker).map(|i| &line[i + marker.len()..])
+}
+
+#[tokio::test]
+async fn corrections_reactions_and_retractions_reach_irc_by_policy() -> Result<()> {
+    let s = IrcSetup::start("    fallbacks: { retractions: notice }").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#edits").await?;
+    let room = room("#edits");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let msg = |id: &str, body: &str, extra: &str| {
+        format!("<message to='{room}' type='groupchat' id='{id}'><body>{body}</body>{extra}</message>")
+    };
+
+    alice.send_raw(&msg("m1", "first version", "")).await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#edits") == Some("first version")).await?;
+    let own = alice.expect(T, |st| st.id == "m1" && st.kind == "message").await?;
+    let own_sid = stanza_id(&own.xml);
+    assert!(!own_sid.is_empty(), "reflection carries a stanza-id: {}", own.xml);
+
+    // a correction, then a correction of the correction
+    alice.send_raw(&msg("m2", "second version", "<replace xmlns='urn:xmpp:message-correct:0' id='m1'/>")).await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#edits") == Some("[edit] second version")).await?;
+    alice.send_raw(&msg("m3", "third version", "<replace xmlns='urn:xmpp:message-correct:0' id='m2'/>")).await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#edits") == Some("[edit] third version")).await?;
+    let echo = alice.expect(T, |st| st.id == "m3" && st.kind == "message").await?;
+    assert!(
+        echo.xml.contains("urn:xmpp:message-correct:0"),
+        "the correction is reflected as a correction: {}",
+        echo.xml
+    );
+
+    // a reaction to bob's message, by its stanza-id
+    bob.privmsg("#edits", "nice").await?;
+    let nice = alice.expect(T, |st| st.body.as_deref() == Some("nice")).await?;
+    let nice_sid = stanza_id(&nice.xml);
+    alice
+        .send_raw(&format!(
+            "<message to='{room}' type='groupchat' id='r1'><reactions xmlns='urn:xmpp:reactions:0' id='{nice_sid}'><reaction>👍</reaction></reactions></message>"
+        ))
+        .await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#edits") == Some("\u{1}ACTION reacted 👍 to bob: \"nice\"\u{1}")).await?;
+
+    // retracting the first message (by its stanza-id), with the XEP-0428 fallback body
+    alice
+        .send_raw(&msg(
+            "x1",
+            "This person attempted to retract a previous message, but it's unsupported by your client.",
+            &format!("<retract xmlns='urn:xmpp:message-retract:1' id='{own_sid}'/><fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:message-retract:1'/>"),
+        ))
+        .await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#edits").is_some()).await?;
+    assert_eq!(
+        privmsg_text(&line, "#edits"),
+        Some("\u{1}ACTION deleted a message: \"first version\"\u{1}"),
+        "policy notice, no fallback body"
+    );
+
+    // the id map: the original and both corrections share one key; reaction and retraction are recorded
+    let db = format!("sqlite://{}/isthmus.db", s.gateway.dir().display());
+    let pool = sqlx::SqlitePool::connect(&db).await?;
+    let keys: Vec<(String, String)> = sqlx::query_as(
+        "SELECT remote_id, msg_key FROM message_map WHERE network = 'xmpp' AND remote_id IN ('m1', 'm2', 'm3', 'r1', 'x1')",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let key_of = |id: &str| keys.iter().find(|(r, _)| r == id).map(|(_, k)| k.clone());
+    assert!(key_of("m1").is_some(), "{keys:?}");
+    assert_eq!(key_of("m2"), key_of("m1"), "a correction joins the original");
+    assert_eq!(key_of("m3"), key_of("m1"), "a correction of a correction targets the original");
+    assert!(key_of("r1").is_some() && key_of("x1").is_some(), "reaction and retraction are in the id map: {keys:?}");
+    Ok(())
+}

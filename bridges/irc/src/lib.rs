@@ -9,6 +9,7 @@
 //! - [`text`]: making XMPP text safe and correctly sized for IRC lines;
 //! - [`flood`]: the per-connection token bucket;
 //! - [`format`]: IRC formatting codes ↔ XEP-0393 styling;
+//! - [`fallback`]: how corrections, retractions and reactions look on IRC;
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
 //!
@@ -16,6 +17,7 @@
 
 pub mod address;
 pub mod connection;
+pub mod fallback;
 pub mod flood;
 pub mod format;
 pub mod text;
@@ -158,6 +160,17 @@ impl Network for IrcNetwork {
                 })?;
                 // Plain IRC gives messages no ids: nothing to record in the id map.
                 conn.send_message(&target.name, message)?;
+                Ok(Delivered::default())
+            }
+            (EventKind::Correction { .. } | EventKind::Retraction { .. } | EventKind::Reactions { .. }, _) => {
+                // No IRC form: render the documented fallback, if any.
+                let Some(message) = fallback::render(&event, &self.config.fallbacks) else {
+                    return Ok(Delivered::default());
+                };
+                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
+                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
+                })?;
+                conn.send_message(&target.name, &message)?;
                 Ok(Delivered::default())
             }
             (EventKind::Topic { text }, ChatKind::Room) => {

@@ -1,0 +1,114 @@
+//! IRC has no edits, deletions or reactions. The bridge still receives them (other
+//! networks in a portal get them natively) and shows them on IRC by the policy the
+//! admin chose (`fallbacks:` in the network's YAML):
+//!
+//! | event | policy | IRC line |
+//! |---|---|---|
+//! | correction | `mark` (default) | `[edit] the corrected text` |
+//! | retraction | `notice` | `/me deleted a message: "quote…"` |
+//! | retraction | `ignore` (default) | nothing |
+//! | reaction | `action` (default) | `/me reacted 👍 to bob: "quote…"`, or `/me removed their reaction to …` |
+
+use isthmus_config::{CorrectionFallback, IrcFallbacks, ReactionFallback, RetractionFallback};
+use isthmus_core::model::{Event, EventKind, Message, Quote};
+
+/// Longest quote of the target message.
+const QUOTE_CHARS: usize = 60;
+
+fn about(context: Option<&Quote>, with_author: bool) -> String {
+    let Some(q) = context else { return String::new() };
+    let mut text: String = q.text.chars().take(QUOTE_CHARS).collect();
+    if q.text.chars().count() > QUOTE_CHARS {
+        text.push('…');
+    }
+    let text = text.replace(['\r', '\n'], " ");
+    if with_author { format!(" to {}: \"{text}\"", q.author) } else { format!(": \"{text}\"") }
+}
+
+/// The IRC message standing for `event`, or `None` when the policy says nothing is sent.
+pub fn render(event: &Event, policy: &IrcFallbacks) -> Option<Message> {
+    let context = event.context.as_ref();
+    match &event.kind {
+        EventKind::Correction { message, .. } => match policy.corrections {
+            CorrectionFallback::Mark => {
+                Some(Message { body: format!("[edit] {}", message.body), ..Message::default() })
+            }
+            CorrectionFallback::Ignore => None,
+        },
+        EventKind::Retraction { .. } => match policy.retractions {
+            RetractionFallback::Notice => Some(Message {
+                body: format!("deleted a message{}", about(context, false)),
+                action: true,
+                ..Message::default()
+            }),
+            RetractionFallback::Ignore => None,
+        },
+        EventKind::Reactions { emojis, .. } => match policy.reactions {
+            ReactionFallback::Action if emojis.is_empty() => Some(Message {
+                body: format!("removed their reaction{}", about(context, true)),
+                action: true,
+                ..Message::default()
+            }),
+            ReactionFallback::Action => Some(Message {
+                body: format!("reacted {}{}", emojis.join(" "), about(context, true)),
+                action: true,
+                ..Message::default()
+            }),
+            ReactionFallback::Ignore => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_core::model::{ChatRef, MessageRef, NetworkId, Sender};
+
+    fn event(kind: EventKind, context: Option<Quote>) -> Event {
+        let mut e = Event::new(
+            NetworkId::xmpp(),
+            ChatRef::room(NetworkId::new("irc"), "#c%s"),
+            Sender::own("a@x", "alice"),
+            kind,
+        );
+        e.context = context;
+        e
+    }
+
+    fn quote() -> Option<Quote> {
+        Some(Quote { author: "bob".into(), text: "a".repeat(70) })
+    }
+
+    #[test]
+    fn defaults() {
+        let p = IrcFallbacks::default();
+        let fix = EventKind::Correction { target: MessageRef("m1".into()), message: Message::text("fixed") };
+        assert_eq!(render(&event(fix, None), &p).map(|m| m.body), Some("[edit] fixed".into()));
+        let retract = EventKind::Retraction { target: MessageRef("m1".into()), moderator: None, reason: None };
+        assert_eq!(render(&event(retract, quote()), &p), None);
+        let react =
+            EventKind::Reactions { target: MessageRef("m1".into()), emojis: vec!["👍".into(), "🎉".into()] };
+        let m = render(&event(react, quote()), &p).expect("a line");
+        assert!(m.action);
+        assert_eq!(m.body, format!("reacted 👍 🎉 to bob: \"{}…\"", "a".repeat(60)));
+        let unreact = EventKind::Reactions { target: MessageRef("m1".into()), emojis: vec![] };
+        assert!(render(&event(unreact, None), &p).expect("a line").body.starts_with("removed their reaction"));
+    }
+
+    #[test]
+    fn other_policies() {
+        let p = IrcFallbacks {
+            corrections: CorrectionFallback::Ignore,
+            retractions: RetractionFallback::Notice,
+            reactions: ReactionFallback::Ignore,
+        };
+        let fix = EventKind::Correction { target: MessageRef("m1".into()), message: Message::text("fixed") };
+        assert_eq!(render(&event(fix, None), &p), None);
+        let retract = EventKind::Retraction { target: MessageRef("m1".into()), moderator: None, reason: None };
+        let q = Some(Quote { author: "alice".into(), text: "oops\\nline".into() });
+        assert_eq!(render(&event(retract, q), &p).map(|m| m.body), Some("deleted a message: \"oops\\nline\"".into()));
+        let react = EventKind::Reactions { target: MessageRef("m1".into()), emojis: vec!["👍".into()] };
+        assert_eq!(render(&event(react, None), &p), None);
+    }
+}
