@@ -210,7 +210,8 @@ impl Gateway {
         }
         let Some(muc) = p.payloads.iter().find(|e| e.is("x", ns::MUC)).and_then(|e| Muc::try_from(e.clone()).ok())
         else {
-            return; // a status change inside a room: nothing to bridge
+            // Inside a room, presence to another nick is a nick change; otherwise a status change.
+            return self.change_nick(domain, &from, &to).await;
         };
         let chat = match self.chat_of(domain, &to) {
             Ok(c) if c.kind == ChatKind::Room => c,
@@ -280,6 +281,40 @@ impl Gateway {
                 _ => DefinedCondition::NotAcceptable,
             };
             let s = stanza::presence_error(to, Jid::from(from), ErrorType::Cancel, condition, &e.to_string());
+            self.send(domain, s).await;
+        }
+    }
+
+    /// A joined resource asked for another nick (XEP-0045 §7.6): ask the network;
+    /// the change shows when the network confirms it (status 303).
+    async fn change_nick(&self, domain: &Domain, from: &FullJid, to: &Jid) {
+        let Some(new_nick) = to.resource().map(|r| r.to_string()) else { return };
+        let room = to.to_bare();
+        let account = from.to_bare();
+        let current = self
+            .rooms()
+            .get(&(room.clone(), account.clone()))
+            .filter(|s| s.joined && s.resources.contains(from))
+            .map(|s| s.nick.clone());
+        let (Some(current), Ok(chat)) = (current, self.chat_of(domain, to)) else { return };
+        if current == new_nick {
+            return;
+        }
+        let event = Event::new(
+            NetworkId::xmpp(),
+            chat,
+            Sender::own(account.to_string(), current),
+            EventKind::NickChanged { new_nick },
+        )
+        .with_account(account);
+        if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
+            let s = stanza::presence_error(
+                to.clone(),
+                Jid::from(from.clone()),
+                ErrorType::Cancel,
+                DefinedCondition::NotAcceptable,
+                &e.to_string(),
+            );
             self.send(domain, s).await;
         }
     }

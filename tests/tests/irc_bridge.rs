@@ -341,3 +341,27 @@ async fn server_commands_modes_and_subject(kind: IrcServerKind) -> Result<()> {
 }
 
 on_both_servers!(server_commands_modes_and_subject);
+
+async fn nick_change_from_xmpp(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice.send_raw(&format!("<presence to='{room}/alicia'/>")).await?;
+    let line = bob.expect_line(T, |l| l.contains(" NICK ")).await?;
+    assert!(line.starts_with(":alice!") && line.ends_with("alicia"), "{line}");
+    let gone =
+        alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice") && st.has_status(303)).await?;
+    assert_eq!(gone.type_, "unavailable");
+    assert!(gone.has_status(110) && gone.xml.contains("nick=\"alicia\""), "{}", gone.xml);
+    let back = alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alicia")).await?;
+    assert!(back.has_status(110), "{}", back.xml);
+    // messages now come from the new nick
+    alice.send_groupchat(&room, "renamed").await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("renamed")).await?;
+    assert!(line.starts_with(":alicia!"), "{line}");
+    Ok(())
+}
+
+on_both_servers!(nick_change_from_xmpp);

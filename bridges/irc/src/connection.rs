@@ -246,6 +246,15 @@ impl Connection {
         Ok(!st.channels.is_empty())
     }
 
+    /// Ask for another nick on this server (it changes in every channel).
+    pub fn change_nick(&self, nick: &str) -> Result<(), DeliveryError> {
+        let nick = one_line(nick);
+        if nick.is_empty() || nick.contains([' ', ',', ':', '!', '@']) {
+            return Err(DeliveryError::Rejected(format!("`{nick}` cannot be an IRC nickname")));
+        }
+        self.send(Command::NICK(nick))
+    }
+
     pub fn set_topic(&self, channel: &str, topic: &str) -> Result<(), DeliveryError> {
         self.send(Command::TOPIC(channel.to_owned(), Some(one_line(topic))))
     }

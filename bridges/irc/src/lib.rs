@@ -173,6 +173,14 @@ impl Network for IrcNetwork {
                 conn.send_message(&target.name, &message)?;
                 Ok(Delivered::default())
             }
+            (EventKind::NickChanged { new_nick }, ChatKind::Room) if event.sender.is_self => {
+                let conn = self
+                    .connection(&account, &target.server)
+                    .await
+                    .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {}", target.server)))?;
+                conn.change_nick(new_nick)?;
+                Ok(Delivered::default())
+            }
             (EventKind::Topic { text }, ChatKind::Room) => {
                 let conn = self
                     .connection(&account, &target.server)
