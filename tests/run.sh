@@ -9,6 +9,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/isthmus/target}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 ./tests/install-deps.sh
+# ejabberd's tooling may start an Erlang port mapper: stop it again if it was not running before.
+if ! pgrep -x epmd >/dev/null; then trap 'pkill -x epmd 2>/dev/null || true' EXIT; fi
 cargo build --workspace --all-targets --locked
 cargo test --workspace --all-targets --locked
 echo "all tests passed"

@@ -5,7 +5,7 @@
 //! is killed when its handle is dropped, and with the test process if it dies.
 //!
 //! - [`process`]: spawning and waiting helpers;
-//! - [`peers`]: Prosody, ngIRCd and InspIRCd, PostgreSQL;
+//! - [`peers`]: Prosody and ejabberd, ngIRCd and InspIRCd, PostgreSQL;
 //! - [`xmpp`]: a real XMPP client (slixmpp, through `tests/clients/xmpp_driver.py`);
 //! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
 //! - [`gateway`]: the `isthmus` binary under test.
@@ -21,7 +21,9 @@ pub mod xmpp;
 
 pub use gateway::Isthmus;
 pub use irc::IrcClient;
-pub use peers::{IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions};
+pub use peers::{
+    Ejabberd, IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions, XmppServer, XmppServerKind,
+};
 pub use xmpp::{Stanza, XmppClient};
 
 /// Where the test tooling (the Python venv) lives.
@@ -36,4 +38,40 @@ pub fn cache_dir() -> std::path::PathBuf {
 /// The repository root.
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Generate, for each scenario `fn name(kind: XmppServerKind)`, a test module
+/// running it attached to Prosody and to ejabberd.
+#[macro_export]
+macro_rules! on_both_xmpp_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn prosody() -> anyhow::Result<()> {
+                super::$name($crate::XmppServerKind::Prosody).await
+            }
+            #[tokio::test]
+            async fn ejabberd() -> anyhow::Result<()> {
+                super::$name($crate::XmppServerKind::Ejabberd).await
+            }
+        }
+    )*};
+}
+
+/// Generate, for each scenario `fn name(kind: IrcServerKind)`, a test module
+/// running it against ngIRCd (plain RFC IRC) and InspIRCd (IRCv3).
+#[macro_export]
+macro_rules! on_both_irc_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn ngircd() -> anyhow::Result<()> {
+                super::$name($crate::IrcServerKind::Ngircd).await
+            }
+            #[tokio::test]
+            async fn inspircd() -> anyhow::Result<()> {
+                super::$name($crate::IrcServerKind::Inspircd).await
+            }
+        }
+    )*};
 }

@@ -110,6 +110,241 @@ Component "muc.localhost" "muc"
     }
 }
 
+/// An ejabberd on its own ports, with the same accounts and components as [`Prosody`].
+pub struct Ejabberd {
+    dir: TempDir,
+    c2s: u16,
+    component: u16,
+    node: String,
+    child: Option<Child>,
+    uid: (u32, u32),
+}
+
+impl Ejabberd {
+    pub async fn start(opts: ProsodyOptions) -> Result<Ejabberd> {
+        let dir = tempfile::Builder::new().prefix("isthmus-ejabberd-").tempdir()?;
+        let (c2s, component, dist) = (free_port(), free_port(), free_port());
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("spool"))?;
+        std::fs::create_dir_all(d.join("logs"))?;
+        let mut services = String::new();
+        for (domain, secret) in &opts.components {
+            services += &format!("      {domain}:\n        password: \"{secret}\"\n");
+        }
+        let cfg = format!(
+            r#"hosts:
+  - localhost
+loglevel: info
+log_rotate_count: 0
+certfiles: []
+listen:
+  - port: {c2s}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    starttls: false
+    shaper: none
+    access: all
+  - port: {component}
+    ip: "127.0.0.1"
+    module: ejabberd_service
+    shaper: none
+    hosts:
+{services}
+auth_method: internal
+auth_password_format: plain
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+api_permissions:
+  "console commands":
+    from: [ejabberd_ctl]
+    who: all
+    what: "*"
+modules:
+  mod_disco: {{}}
+  mod_ping: {{}}
+  mod_roster: {{}}
+  mod_version: {{}}
+  mod_carboncopy: {{}}
+"#
+        );
+        std::fs::write(d.join("ejabberd.yml"), cfg)?;
+        let node = format!("isthmus{dist}@localhost");
+        std::fs::write(
+            d.join("ejabberdctl.cfg"),
+            format!(
+                "ERLANG_NODE={node}\nINET_DIST_INTERFACE=127.0.0.1\nERL_DIST_PORT={dist}\nERL_EPMD_ADDRESS=127.0.0.1\n"
+            ),
+        )?;
+        std::fs::write(d.join("inetrc"), "")?;
+        let uid = system_user("ejabberd").context("no `ejabberd` system user: run ./tests/install-deps.sh")?;
+        for entry in walk(d)? {
+            std::os::unix::fs::chown(&entry, Some(uid.0), Some(uid.1))?;
+        }
+        let mut e = Ejabberd { dir, c2s, component, node, child: None, uid };
+        e.launch().await?;
+        for (user, password) in &opts.users {
+            let out = e.ctl(&["register", user, "localhost", password]).await?;
+            if !out.status.success() {
+                bail!("ejabberdctl register {user} failed: {}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        Ok(e)
+    }
+
+    fn ctl_command(&self, log: Option<&Path>) -> Result<tokio::process::Command> {
+        let d = self.dir.path();
+        let mut cmd = match log {
+            Some(log) => command(find_program("ejabberdctl", &["/usr/sbin"])?, log)?,
+            None => tokio::process::Command::new(find_program("ejabberdctl", &["/usr/sbin"])?),
+        };
+        cmd.arg("--config-dir").arg(d).arg("--config").arg(d.join("ejabberd.yml"));
+        cmd.arg("--ctl-config").arg(d.join("ejabberdctl.cfg")).arg("--spool").arg(d.join("spool"));
+        cmd.arg("--logs").arg(d.join("logs"));
+        cmd.env("ERLANG_NODE", &self.node);
+        let _ = self.uid;
+        Ok(cmd)
+    }
+
+    async fn ctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = self.ctl_command(None)?;
+        cmd.args(args);
+        Ok(tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.context("ejabberdctl timed out")??)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = self.log_path();
+        let mut cmd = self.ctl_command(Some(&log))?;
+        cmd.arg("foreground");
+        self.child = Some(cmd.spawn().context("start ejabberd")?);
+        wait_port(self.component, Duration::from_secs(60), "ejabberd", &log).await?;
+        wait_port(self.c2s, Duration::from_secs(10), "ejabberd c2s", &log).await
+    }
+
+    pub fn c2s_port(&self) -> u16 {
+        self.c2s
+    }
+    pub fn component_port(&self) -> u16 {
+        self.component
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("ejabberd.out")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = self.ctl(&["stop"]).await;
+            if tokio::time::timeout(Duration::from_secs(20), c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+            kill_matching(&self.node);
+        }
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        self.launch().await
+    }
+}
+
+impl Drop for Ejabberd {
+    fn drop(&mut self) {
+        // The Erlang VM outlives the ejabberdctl wrapper: kill it by its node name.
+        kill_matching(&self.node);
+    }
+}
+
+/// SIGKILL every process whose command line contains `needle`.
+fn kill_matching(needle: &str) {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            // SAFETY: signalling a process of our own test run.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The XMPP server a test runs against.
+pub enum XmppServer {
+    Prosody(Prosody),
+    Ejabberd(Ejabberd),
+}
+
+/// Which XMPP server implementation a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XmppServerKind {
+    Prosody,
+    Ejabberd,
+}
+
+impl XmppServer {
+    pub async fn start(kind: XmppServerKind, opts: ProsodyOptions) -> Result<XmppServer> {
+        Ok(match kind {
+            XmppServerKind::Prosody => XmppServer::Prosody(Prosody::start(opts).await?),
+            XmppServerKind::Ejabberd => XmppServer::Ejabberd(Ejabberd::start(opts).await?),
+        })
+    }
+    pub fn c2s_port(&self) -> u16 {
+        match self {
+            XmppServer::Prosody(p) => p.c2s_port(),
+            XmppServer::Ejabberd(e) => e.c2s_port(),
+        }
+    }
+    pub fn component_port(&self) -> u16 {
+        match self {
+            XmppServer::Prosody(p) => p.component_port(),
+            XmppServer::Ejabberd(e) => e.component_port(),
+        }
+    }
+    pub async fn restart(&mut self) -> Result<()> {
+        match self {
+            XmppServer::Prosody(p) => p.restart().await,
+            XmppServer::Ejabberd(e) => e.restart().await,
+        }
+    }
+}
+
+/// Anything XMPP clients log in to.
+pub trait C2s {
+    fn c2s_port(&self) -> u16;
+}
+impl C2s for Prosody {
+    fn c2s_port(&self) -> u16 {
+        Prosody::c2s_port(self)
+    }
+}
+impl C2s for Ejabberd {
+    fn c2s_port(&self) -> u16 {
+        Ejabberd::c2s_port(self)
+    }
+}
+impl C2s for XmppServer {
+    fn c2s_port(&self) -> u16 {
+        XmppServer::c2s_port(self)
+    }
+}
+
 /// Which IRC server implementation a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IrcServerKind {

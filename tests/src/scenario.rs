@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::{IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions, XmppClient};
+use crate::{IrcServer, IrcServerKind, Isthmus, ProsodyOptions, XmppClient, XmppServer, XmppServerKind};
 
 /// The component secret used by the test setups.
 pub const SECRET: &str = "test-component-secret";
@@ -15,7 +15,8 @@ pub const T: Duration = Duration::from_secs(15);
 
 /// Prosody (users alice, bob, carol; component irc.localhost) + an IRC server + Isthmus.
 pub struct IrcSetup {
-    pub prosody: Prosody,
+    /// The XMPP server (Prosody unless a test asks for ejabberd).
+    pub prosody: XmppServer,
     pub irc: IrcServer,
     pub gateway: Isthmus,
 }
@@ -33,9 +34,20 @@ impl IrcSetup {
 
     /// Start everything on the given IRC server.
     pub async fn start_on(kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_with(XmppServerKind::Prosody, kind, irc_extra).await
+    }
+
+    /// Start everything on the given XMPP server (and ngIRCd).
+    pub async fn start_xmpp(xmpp: XmppServerKind, irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_with(xmpp, IrcServerKind::Ngircd, irc_extra).await
+    }
+
+    /// Start everything on the given XMPP and IRC servers.
+    pub async fn start_with(xmpp: XmppServerKind, kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
         let prosody =
-            Prosody::start(ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())] }).await?;
+            XmppServer::start(xmpp, ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())] })
+                .await?;
         let irc = IrcServer::start_kind(kind).await?;
         let config = format!(
             r#"xmpp:

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use crate::peers::Prosody;
+use crate::peers::C2s;
 
 /// A stanza the client received.
 #[derive(Debug, Clone)]
@@ -52,12 +52,12 @@ fn venv_python() -> Result<std::path::PathBuf> {
 }
 
 impl XmppClient {
-    /// Log `jid` in to `prosody` (plain c2s on loopback).
-    pub async fn connect(prosody: &Prosody, jid: &str, password: &str) -> Result<XmppClient> {
+    /// Log `jid` in to `server` (plain c2s on loopback).
+    pub async fn connect(server: &impl C2s, jid: &str, password: &str) -> Result<XmppClient> {
         let script = crate::repo_root().join("tests/clients/xmpp_driver.py");
         let mut child = Command::new(venv_python()?)
             .arg(script)
-            .args([jid, password, "127.0.0.1", &prosody.c2s_port().to_string()])
+            .args([jid, password, "127.0.0.1", &server.c2s_port().to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

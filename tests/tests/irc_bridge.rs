@@ -196,23 +196,7 @@ async fn actions_private_messages_and_topics(kind: IrcServerKind) -> Result<()> 
     Ok(())
 }
 
-/// Each scenario runs against ngIRCd (plain RFC IRC) and InspIRCd (IRCv3).
-macro_rules! on_both_servers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn ngircd() -> anyhow::Result<()> {
-                super::$name(isthmus_tests::IrcServerKind::Ngircd).await
-            }
-            #[tokio::test]
-            async fn inspircd() -> anyhow::Result<()> {
-                super::$name(isthmus_tests::IrcServerKind::Inspircd).await
-            }
-        }
-    )*};
-}
-
-on_both_servers!(
+isthmus_tests::on_both_irc_servers!(
     crlf_in_a_body_never_becomes_an_irc_command,
     long_multibyte_message_is_split_on_line_and_char_boundaries,
     nick_collision_gives_status_210_with_the_assigned_nick,
@@ -239,7 +223,7 @@ async fn tls_verifies_certificates(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 
-on_both_servers!(tls_verifies_certificates);
+isthmus_tests::on_both_irc_servers!(tls_verifies_certificates);
 
 async fn invalid_utf8_from_irc_keeps_the_connection(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on(kind, "").await?;
@@ -256,7 +240,7 @@ async fn invalid_utf8_from_irc_keeps_the_connection(kind: IrcServerKind) -> Resu
     Ok(())
 }
 
-on_both_servers!(invalid_utf8_from_irc_keeps_the_connection);
+isthmus_tests::on_both_irc_servers!(invalid_utf8_from_irc_keeps_the_connection);
 
 async fn formatting_maps_to_message_styling(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on(kind, "").await?;
@@ -271,7 +255,7 @@ async fn formatting_maps_to_message_styling(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 
-on_both_servers!(formatting_maps_to_message_styling);
+isthmus_tests::on_both_irc_servers!(formatting_maps_to_message_styling);
 
 /// IRCv3 where offered (InspIRCd): server-time becomes a XEP-0203 delay, msgid enters the id map.
 /// Where not (ngIRCd): no delay, no ids.
@@ -301,7 +285,7 @@ async fn ircv3_server_time_and_msgid(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 
-on_both_servers!(ircv3_server_time_and_msgid);
+isthmus_tests::on_both_irc_servers!(ircv3_server_time_and_msgid);
 
 async fn server_commands_modes_and_subject(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on(kind, "").await?;
@@ -340,7 +324,7 @@ async fn server_commands_modes_and_subject(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 
-on_both_servers!(server_commands_modes_and_subject);
+isthmus_tests::on_both_irc_servers!(server_commands_modes_and_subject);
 
 async fn nick_change_from_xmpp(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on(kind, "").await?;
@@ -364,4 +348,4 @@ async fn nick_change_from_xmpp(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 
-on_both_servers!(nick_change_from_xmpp);
+isthmus_tests::on_both_irc_servers!(nick_change_from_xmpp);

@@ -1,3 +1,5 @@
+//! Every scenario here runs against Prosody and against ejabberd.
+//!
 //! The first end-to-end path: a slixmpp client in an IRC channel through Isthmus
 //! attached to Prosody as component `irc.localhost`, with a raw IRC client in the
 //! channel on ngIRCd; and the same path again after Prosody restarts.
@@ -6,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use isthmus_tests::scenario::{IrcSetup, T, room};
-use isthmus_tests::{IrcClient, XmppClient};
+use isthmus_tests::{IrcClient, XmppClient, XmppServerKind};
 
 /// alice joins through the gateway; bob (raw IRC) is in the channel; both directions asserted.
 async fn both_ways(s: &IrcSetup, bob: &mut IrcClient, tag: &str) -> Result<XmppClient> {
@@ -34,9 +36,8 @@ async fn both_ways(s: &IrcSetup, bob: &mut IrcClient, tag: &str) -> Result<XmppC
     Ok(alice)
 }
 
-#[tokio::test]
-async fn xmpp_and_irc_talk_through_the_gateway() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn xmpp_and_irc_talk_through_the_gateway(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let alice = both_ways(&s, &mut bob, "first").await?;
@@ -44,9 +45,8 @@ async fn xmpp_and_irc_talk_through_the_gateway() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn gateway_reconnects_after_prosody_restart() -> Result<()> {
-    let mut s = IrcSetup::start("").await?;
+async fn gateway_reconnects_after_xmpp_server_restart(xmpp: XmppServerKind) -> Result<()> {
+    let mut s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let alice = both_ways(&s, &mut bob, "before").await?;
@@ -59,9 +59,8 @@ async fn gateway_reconnects_after_prosody_restart() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn only_allowed_jids_may_use_the_gateway() -> Result<()> {
-    let s = IrcSetup::start("    allow: [alice@localhost]").await?;
+async fn only_allowed_jids_may_use_the_gateway(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "    allow: [alice@localhost]").await?;
     let room = room("#test");
     let mut bob = XmppClient::connect(&s.prosody, "bob@localhost/r", "bobpass").await?;
     bob.join(&room, "bob").await?;
@@ -77,9 +76,8 @@ async fn only_allowed_jids_may_use_the_gateway() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn encrypted_messages_are_refused_and_never_relayed() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn encrypted_messages_are_refused_and_never_relayed(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#test").await?;
     let room = room("#test");
@@ -105,9 +103,8 @@ async fn encrypted_messages_are_refused_and_never_relayed() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn self_ping_and_version() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn self_ping_and_version(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let room = room("#test");
     let mut alice = s.join("alice", "r", &room, "alice").await?;
     alice.send_raw(&format!("<iq type='get' id='sp1' to='{room}/alice'><ping xmlns='urn:xmpp:ping'/></iq>")).await?;
@@ -124,3 +121,11 @@ async fn self_ping_and_version() -> Result<()> {
     assert!(v.xml.contains("<name>Isthmus</name>"), "{}", v.xml);
     Ok(())
 }
+
+isthmus_tests::on_both_xmpp_servers!(
+    xmpp_and_irc_talk_through_the_gateway,
+    gateway_reconnects_after_xmpp_server_restart,
+    only_allowed_jids_may_use_the_gateway,
+    encrypted_messages_are_refused_and_never_relayed,
+    self_ping_and_version
+);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use isthmus_tests::scenario::{IrcSetup, T, room};
-use isthmus_tests::{IrcClient, Stanza, XmppClient};
+use isthmus_tests::{IrcClient, Stanza, XmppClient, XmppServerKind};
 
 /// The text between `<tag ...>` and `</tag>` in some XML.
 fn inner<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
@@ -49,9 +49,8 @@ async fn fill(bob: &mut IrcClient, alice: &mut XmppClient, channel: &str, prefix
     Ok(())
 }
 
-#[tokio::test]
-async fn history_on_join_honours_maxstanzas() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn history_on_join_honours_maxstanzas(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#hist").await?;
     let room = room("#hist");
@@ -77,9 +76,8 @@ async fn history_on_join_honours_maxstanzas() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn mam_pages_500_messages_back_without_gaps_or_repeats() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn mam_pages_500_messages_back_without_gaps_or_repeats(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#mam").await?;
     let room = room("#mam");
@@ -132,9 +130,8 @@ async fn mam_pages_500_messages_back_without_gaps_or_repeats() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn mam_time_and_sender_filters() -> Result<()> {
-    let s = IrcSetup::start("").await?;
+async fn mam_time_and_sender_filters(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#mamtime").await?;
     let room = room("#mamtime");
@@ -187,9 +184,8 @@ fn privmsg_text<'a>(line: &'a str, target: &str) -> Option<&'a str> {
     line.find(&marker).map(|i| &line[i + marker.len()..])
 }
 
-#[tokio::test]
-async fn corrections_reactions_and_retractions_reach_irc_by_policy() -> Result<()> {
-    let s = IrcSetup::start("    fallbacks: { retractions: notice }").await?;
+async fn corrections_reactions_and_retractions_reach_irc_by_policy(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "    fallbacks: { retractions: notice }").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#edits").await?;
     let room = room("#edits");
@@ -257,3 +253,10 @@ async fn corrections_reactions_and_retractions_reach_irc_by_policy() -> Result<(
     assert!(key_of("r1").is_some() && key_of("x1").is_some(), "reaction and retraction are in the id map: {keys:?}");
     Ok(())
 }
+
+isthmus_tests::on_both_xmpp_servers!(
+    history_on_join_honours_maxstanzas,
+    mam_pages_500_messages_back_without_gaps_or_repeats,
+    mam_time_and_sender_filters,
+    corrections_reactions_and_retractions_reach_irc_by_policy
+);
