@@ -561,6 +561,21 @@ impl Gateway {
             }
             return;
         }
+        // XEP-0184: the receipt says the remote network accepted the message, so it is
+        // only sent now, after delivery succeeded.
+        if chat.kind != ChatKind::Room && m.payloads.iter().any(|p| p.is("request", ns::RECEIPTS)) {
+            if let Some(id) = &m.id {
+                let mut receipt = Message::new_with_type(MessageType::Chat, Some(from.clone()));
+                receipt.from = Some(to.clone());
+                receipt.id = Some(stanza::new_id());
+                receipt.payloads.push(
+                    Element::builder("received", ns::RECEIPTS)
+                        .attr(xso::exports::rxml::NcName::try_from("id").expect("valid name"), id.0.clone())
+                        .build(),
+                );
+                self.send(domain, Stanza::Message(receipt)).await;
+            }
+        }
         if chat.kind == ChatKind::Room {
             // MUC semantics: the sender's resources see their own message reflected, with its id.
             let resources: Vec<FullJid> = self
@@ -747,6 +762,24 @@ impl Gateway {
             }
         } else if payload.is("ping", ns::PING) {
             Iq::empty_result(from.clone(), id)
+        } else if payload.is("vCard", ns::VCARD) && to.node().is_some() && to.resource().is_none() {
+            // vcard-temp for puppets and rooms: the remote name, as the network spells it.
+            match self.chat_of(domain, &to) {
+                Ok(chat) => {
+                    let name = match self.router.get().and_then(|r| r.network(&chat.network)) {
+                        Some(network) => network.display_name(&chat.id.0),
+                        None => chat.id.0.clone(),
+                    };
+                    let vcard = Element::builder("vCard", ns::VCARD)
+                        .append(Element::builder("FN", ns::VCARD).append(name.clone()).build())
+                        .append(Element::builder("NICKNAME", ns::VCARD).append(name).build())
+                        .build();
+                    Iq::Result { from: None, to: None, id, payload: Some(vcard) }
+                }
+                Err(text) => {
+                    Iq::from_error(id, StanzaError::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, "en", text))
+                }
+            }
         } else if payload.is("query", ns::VERSION) {
             let version = tokio_xmpp::parsers::version::VersionResult {
                 name: "Isthmus".to_owned(),

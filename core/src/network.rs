@@ -83,6 +83,11 @@ pub trait Network: Send + Sync + 'static {
     /// JID localpart.
     fn chat_kind(&self, id: &str) -> Option<ChatKind>;
 
+    /// The name to show for a remote id (a person's nick, a room's name). By default the id itself.
+    fn display_name(&self, id: &str) -> String {
+        id.to_owned()
+    }
+
     /// Render one event on this network. References inside the event
     /// ([`crate::model::MessageRef`]) are already in this network's id space
     /// where the id map knew them.

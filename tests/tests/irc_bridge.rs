@@ -349,3 +349,39 @@ async fn nick_change_from_xmpp(kind: IrcServerKind) -> Result<()> {
 }
 
 isthmus_tests::on_both_irc_servers!(nick_change_from_xmpp);
+
+async fn channel_keys_receipts_and_vcards(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#locked").await?;
+    bob.send_line("MODE #locked +k sesame").await?;
+    bob.expect_line(T, |l| l.contains("MODE #locked +k")).await?;
+    let room = room("#locked");
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    // without the key: refused, with the server's reason
+    alice.join(&room, "alice").await?;
+    let err = alice.expect(T, |st| st.kind == "presence" && st.type_ == "error").await?;
+    assert!(err.xml.contains("<error"), "{}", err.xml);
+    // the key is the room password
+    alice.send_raw(&format!("<presence to='{room}/alice'><x xmlns='http://jabber.org/protocol/muc'><password>sesame</password></x></presence>")).await?;
+    alice.expect(T, |st| st.kind == "presence" && st.has_status(110)).await?;
+
+    // a private message asking for a receipt gets it once IRC accepted it
+    let bob_jid = format!("bob%127.0.0.1@{IRC_DOMAIN}");
+    alice
+        .send_raw(&format!("<message to='{bob_jid}' type='chat' id='rq1'><body>receipt please</body><request xmlns='urn:xmpp:receipts'/></message>"))
+        .await?;
+    bob.expect_line(T, |l| privmsg_text(l, "bob") == Some("receipt please")).await?;
+    let receipt = alice.expect(T, |st| st.kind == "message" && st.xml.contains("urn:xmpp:receipts")).await?;
+    assert_eq!(receipt.from, bob_jid);
+    assert!(receipt.xml.contains("id=\"rq1\""), "{}", receipt.xml);
+
+    // puppets have a vCard with their IRC nick
+    alice.send_raw(&format!("<iq type='get' id='vc1' to='{bob_jid}'><vCard xmlns='vcard-temp'/></iq>")).await?;
+    let vcard = alice.expect(T, |st| st.kind == "iq" && st.id == "vc1").await?;
+    assert_eq!(vcard.type_, "result", "{}", vcard.xml);
+    assert!(vcard.xml.contains("<NICKNAME>bob</NICKNAME>"), "{}", vcard.xml);
+    Ok(())
+}
+
+isthmus_tests::on_both_irc_servers!(channel_keys_receipts_and_vcards);

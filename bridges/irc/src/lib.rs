@@ -112,6 +112,14 @@ impl Network for IrcNetwork {
         Capabilities::default()
     }
 
+    fn display_name(&self, id: &str) -> String {
+        match IrcTarget::parse(id, self.config.pinned_server.as_deref()) {
+            Ok(t) if !t.name.is_empty() => t.name,
+            Ok(t) => t.server,
+            Err(_) => id.to_owned(),
+        }
+    }
+
     fn chat_kind(&self, id: &str) -> Option<ChatKind> {
         let target = IrcTarget::parse(id, self.config.pinned_server.as_deref()).ok()?;
         Some(if target.name.is_empty() {
