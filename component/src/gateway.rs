@@ -56,15 +56,15 @@ pub struct Domain {
 
 /// Where one XMPP account stands in one room.
 #[derive(Debug, Default)]
-struct RoomSession {
+pub(crate) struct RoomSession {
     /// The network confirmed the join.
-    joined: bool,
+    pub(crate) joined: bool,
     /// The nick the network gave the account.
-    nick: String,
+    pub(crate) nick: String,
     /// The nick the account asked for (to report status 210 when they differ).
     requested_nick: String,
     /// Resources in the room.
-    resources: HashSet<FullJid>,
+    pub(crate) resources: HashSet<FullJid>,
     /// Resources waiting for the network to confirm the join.
     pending: HashSet<FullJid>,
     occupants: BTreeMap<String, Occupant>,
@@ -73,13 +73,13 @@ struct RoomSession {
     history: HashMap<FullJid, Option<History>>,
 }
 
-type RoomKey = (BareJid, BareJid); // (room, account)
+pub(crate) type RoomKey = (BareJid, BareJid); // (room, account)
 
 /// The XMPP side of the gateway.
 pub struct Gateway {
     domains: HashMap<String, Domain>,
     by_network: HashMap<NetworkId, String>,
-    router: OnceLock<Router>,
+    pub(crate) router: OnceLock<Router>,
     rooms: Mutex<HashMap<RoomKey, RoomSession>>,
     id: NetworkId,
     archive: Archive,
@@ -131,11 +131,11 @@ impl Gateway {
         let _ = self.router.set(router);
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomKey, RoomSession>> {
+    pub(crate) fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomKey, RoomSession>> {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn send(&self, domain: &Domain, stanza: Stanza) {
+    pub(crate) async fn send(&self, domain: &Domain, stanza: Stanza) {
         if domain.outgoing.send(stanza).is_err() {
             warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
         }
@@ -166,7 +166,7 @@ impl Gateway {
     }
 
     /// Whether `jid` may use `domain`'s network: its bare JID or its domain is listed.
-    fn allowed(domain: &Domain, jid: &Jid) -> bool {
+    pub(crate) fn allowed(domain: &Domain, jid: &Jid) -> bool {
         if domain.allow.is_empty() {
             return true;
         }
@@ -175,10 +175,11 @@ impl Gateway {
         domain.allow.iter().any(|a| a.eq_ignore_ascii_case(&bare) || a.eq_ignore_ascii_case(host))
     }
 
-    const NOT_ALLOWED: &'static str = "you are not allowed to use this gateway; ask its admin to add your address";
+    pub(crate) const NOT_ALLOWED: &'static str =
+        "you are not allowed to use this gateway; ask its admin to add your address";
 
     /// Interpret the localpart of a JID on `domain` as a chat of its network.
-    fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
+    pub(crate) fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
         let node = to.node().ok_or_else(|| "this address is the gateway itself, not a room or person".to_owned())?;
         let id = domain.escaping.from_localpart(node.as_str()).map_err(|e| e.to_string())?;
         let router = self.router.get().ok_or("the gateway is starting")?;
@@ -319,7 +320,7 @@ impl Gateway {
         }
     }
 
-    async fn route(&self, event: Event) -> Option<isthmus_core::router::RouteReport> {
+    pub(crate) async fn route(&self, event: Event) -> Option<isthmus_core::router::RouteReport> {
         Some(self.router.get()?.route(event).await)
     }
 
@@ -481,6 +482,10 @@ impl Gateway {
             }
             return;
         }
+        if to.node().is_none() && m.type_ != MessageType::Groupchat {
+            // Messages to the gateway itself are commands (`help` lists them).
+            return self.chat_command(domain, &m, &from).await;
+        }
         if let Some(kind) = stanza::encryption(&m) {
             // Never relayed, not even the fallback body: the remote side could not read it,
             // and the gateway must not pretend it can.
@@ -570,7 +575,7 @@ impl Gateway {
                 receipt.id = Some(stanza::new_id());
                 receipt.payloads.push(
                     Element::builder("received", ns::RECEIPTS)
-                        .attr(xso::exports::rxml::NcName::try_from("id").expect("valid name"), id.0.clone())
+                        .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), id.0.clone())
                         .build(),
                 );
                 self.send(domain, Stanza::Message(receipt)).await;
@@ -731,6 +736,8 @@ impl Gateway {
             Iq::Set { from: Some(from), to: Some(to), id, payload } => {
                 let reply = if payload.is("query", ns::MAM) && to.node().is_some() && to.resource().is_none() {
                     self.mam_query(domain, &from, &to.to_bare(), &id, payload).await
+                } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
+                    self.adhoc(domain, &from, &id, payload).await
                 } else {
                     let err = StanzaError::new(
                         ErrorType::Cancel,
@@ -762,6 +769,8 @@ impl Gateway {
             }
         } else if payload.is("ping", ns::PING) {
             Iq::empty_result(from.clone(), id)
+        } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
+            Iq::Result { from: None, to: None, id, payload: Some(crate::commands::command_items(&to, &payload)) }
         } else if payload.is("vCard", ns::VCARD) && to.node().is_some() && to.resource().is_none() {
             // vcard-temp for puppets and rooms: the remote name, as the network spells it.
             match self.chat_of(domain, &to) {

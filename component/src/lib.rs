@@ -4,6 +4,7 @@
 //! - [`gateway`]: stanzas ↔ core events, the MUC service, the XMPP side as a network;
 //! - [`stanza`]: small helpers over xmpp-parsers;
 //! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
+//! - [`commands`]: XEP-0050 ad-hoc commands and their chat equivalents;
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`app`]: wiring configuration, store, bridges, router and links together.
 //!
@@ -11,6 +12,7 @@
 
 pub mod app;
 pub mod archive;
+pub mod commands;
 pub mod gateway;
 pub mod link;
 pub mod stanza;

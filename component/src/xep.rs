@@ -1,6 +1,6 @@
 //! XEPs that xmpp-parsers does not cover yet, declared with `xso` in one place,
-//! each with its rejection tests: XEP-0424 message retraction and the XEP-0428
-//! fallback indication it relies on.
+//! each with its rejection tests: XEP-0424 message retraction, the XEP-0428
+//! fallback indication it relies on, and XEP-0050 ad-hoc commands.
 
 use xso::{AsXml, FromXml};
 
@@ -27,6 +27,45 @@ pub struct Fallback {
     /// The namespace the fallback stands in for.
     #[xml(attribute(name = "for", default))]
     pub for_: Option<String>,
+}
+
+/// XEP-0050 namespace.
+pub const NS_COMMANDS: &str = "http://jabber.org/protocol/commands";
+
+/// `<command/>`: a request to run an ad-hoc command, or its answer.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_COMMANDS, name = "command")]
+pub struct AdHocCommand {
+    /// Which command.
+    #[xml(attribute)]
+    pub node: String,
+    /// Ties the steps of a multi-step command together.
+    #[xml(attribute(default))]
+    pub sessionid: Option<String>,
+    /// `execute` (default), `next`, `complete`, `cancel`…
+    #[xml(attribute(default))]
+    pub action: Option<String>,
+    /// In answers: `executing`, `completed` or `canceled`.
+    #[xml(attribute(default))]
+    pub status: Option<String>,
+    /// The form to fill in, or the filled-in form.
+    #[xml(child(default))]
+    pub form: Option<tokio_xmpp::parsers::data_forms::DataForm>,
+    /// Texts for the user.
+    #[xml(child(n = ..))]
+    pub notes: Vec<Note>,
+}
+
+/// `<note type='info|warn|error'>text</note>` in a command answer.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_COMMANDS, name = "note")]
+pub struct Note {
+    /// `info`, `warn` or `error`.
+    #[xml(attribute(name = "type", default))]
+    pub type_: Option<String>,
+    /// The text.
+    #[xml(text)]
+    pub text: String,
 }
 
 #[cfg(test)]
@@ -70,5 +109,25 @@ mod tests {
         let f = parse::<Fallback>("<fallback xmlns='urn:xmpp:fallback:0' bar='x'/>").expect("unknown attr tolerated");
         assert_eq!(f.for_, None);
         assert!(parse::<Fallback>("<fallback xmlns='urn:xmpp:other' for='x'/>").is_err(), "other namespace");
+    }
+
+    #[test]
+    fn command_valid_round_trip_and_rejections() {
+        let c: AdHocCommand = parse(
+            "<command xmlns='http://jabber.org/protocol/commands' node='status' action='execute'><note type='info'>hi</note></command>",
+        )
+        .expect("valid");
+        assert_eq!((c.node.as_str(), c.action.as_deref(), c.notes.len()), ("status", Some("execute"), 1));
+        assert_eq!(c.notes[0].text, "hi");
+        let el: Element = c.clone().into();
+        assert_eq!(AdHocCommand::try_from(el).expect("round trip"), c);
+        let e =
+            parse::<AdHocCommand>("<command xmlns='http://jabber.org/protocol/commands'/>").expect_err("missing node");
+        assert!(e.contains("node"), "{e}");
+        let e = parse::<AdHocCommand>(
+            "<command xmlns='http://jabber.org/protocol/commands' node='x'><x xmlns='jabber:x:data' type='bogus'/></command>",
+        )
+        .expect_err("bad form");
+        assert!(!e.is_empty());
     }
 }

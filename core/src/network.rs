@@ -88,6 +88,11 @@ pub trait Network: Send + Sync + 'static {
         id.to_owned()
     }
 
+    /// One line per connection of `account` to this network, for status commands.
+    async fn account_status(&self, _account: &jid::BareJid) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Render one event on this network. References inside the event
     /// ([`crate::model::MessageRef`]) are already in this network's id space
     /// where the id map knew them.

@@ -260,3 +260,57 @@ isthmus_tests::on_both_xmpp_servers!(
     mam_time_and_sender_filters,
     corrections_reactions_and_retractions_reach_irc_by_policy
 );
+
+async fn ad_hoc_and_chat_commands(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#cmd").await?;
+    let room = room("#cmd");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+
+    // the command list
+    alice
+        .send_raw("<iq type='get' id='l1' to='irc.localhost'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>")
+        .await?;
+    let list = alice.expect(T, |st| st.kind == "iq" && st.id == "l1").await?;
+    for node in ["status", "rooms", "leave"] {
+        assert!(list.xml.contains(&format!("node=\"{node}\"")), "{node} listed: {}", list.xml);
+    }
+    // status: one IRC connection, in #cmd
+    alice
+        .send_raw("<iq type='set' id='c1' to='irc.localhost'><command xmlns='http://jabber.org/protocol/commands' node='status' action='execute'/></iq>")
+        .await?;
+    let status = alice.expect(T, |st| st.kind == "iq" && st.id == "c1").await?;
+    assert!(status.xml.contains("status=\"completed\""), "{}", status.xml);
+    assert!(status.xml.contains("127.0.0.1: connected as alice, in #cmd"), "{}", status.xml);
+
+    // the same as a chat command, and help
+    alice.send_raw("<message to='irc.localhost' type='chat' id='h1'><body>help</body></message>").await?;
+    let help = alice
+        .expect(T, |st| st.from == "irc.localhost" && st.body.as_deref().is_some_and(|b| b.contains("leave")))
+        .await?;
+    assert!(help.body.unwrap_or_default().contains("status"));
+    alice.send_raw("<message to='irc.localhost' type='chat' id='s1'><body>rooms</body></message>").await?;
+    alice.expect(T, |st| st.from == "irc.localhost" && st.body.as_deref() == Some(room.as_str())).await?;
+
+    // leave, in two steps: the form lists the room, submitting it leaves
+    alice
+        .send_raw("<iq type='set' id='c2' to='irc.localhost'><command xmlns='http://jabber.org/protocol/commands' node='leave' action='execute'/></iq>")
+        .await?;
+    let form = alice.expect(T, |st| st.kind == "iq" && st.id == "c2").await?;
+    assert!(form.xml.contains("status=\"executing\"") && form.xml.contains(&room), "{}", form.xml);
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned();
+    alice
+        .send_raw(&format!(
+            "<iq type='set' id='c3' to='irc.localhost'><command xmlns='http://jabber.org/protocol/commands' node='leave' sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='room'><value>{room}</value></field></x></command></iq>"
+        ))
+        .await?;
+    let done = alice.expect(T, |st| st.kind == "iq" && st.id == "c3").await?;
+    assert!(done.xml.contains("status=\"completed\""), "{}", done.xml);
+    alice.expect(T, |st| st.kind == "presence" && st.type_ == "unavailable" && st.has_status(110)).await?;
+    bob.expect_line(T, |l| l.contains("PART #cmd") || l.contains("QUIT")).await?;
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(ad_hoc_and_chat_commands);

@@ -207,9 +207,11 @@ impl Connection {
         self.close_signal.notify_one();
     }
 
-    /// Channels the user is in (or joining).
-    pub fn channel_count(&self) -> usize {
-        self.lock().channels.len()
+    /// Channels the user is in (or joining), sorted.
+    pub fn channel_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().channels.values().map(|c| c.name.clone()).collect();
+        names.sort();
+        names
     }
 
     pub fn nick(&self) -> String {

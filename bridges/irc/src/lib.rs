@@ -112,6 +112,26 @@ impl Network for IrcNetwork {
         Capabilities::default()
     }
 
+    async fn account_status(&self, account: &BareJid) -> Vec<String> {
+        let map = self.connections.lock().await;
+        let mut lines: Vec<String> = map
+            .iter()
+            .filter(|(k, c)| &k.account == account && c.is_alive())
+            .map(|(k, c)| {
+                let channels = c.channel_names();
+                let state =
+                    if c.is_online() { format!("connected as {}", c.nick()) } else { "reconnecting".to_owned() };
+                if channels.is_empty() {
+                    format!("{}: {state}", k.server)
+                } else {
+                    format!("{}: {state}, in {}", k.server, channels.join(", "))
+                }
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
     fn display_name(&self, id: &str) -> String {
         match IrcTarget::parse(id, self.config.pinned_server.as_deref()) {
             Ok(t) if !t.name.is_empty() => t.name,
