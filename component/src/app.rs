@@ -57,6 +57,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             network: id.clone(),
             escaping: Escaping::CaseInsensitive,
             kind: "IRC",
+            persistent: net.persistent_channels,
             allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
             outgoing: tx,
         });

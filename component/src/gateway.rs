@@ -48,6 +48,8 @@ pub struct Domain {
     pub escaping: Escaping,
     /// Human name for disco (e.g. "IRC").
     pub kind: &'static str,
+    /// Stay in remote rooms when the account's last device leaves (a bouncer).
+    pub persistent: bool,
     /// JIDs and domains allowed to use this network; empty = everyone.
     pub allow: Vec<String>,
     /// Unbounded: the gateway never waits on the link (see `link`).
@@ -444,8 +446,12 @@ impl Gateway {
                 return;
             }
             let nick = session.nick.clone();
-            let last = session.resources.is_empty() && session.pending.is_empty();
-            if last {
+            let mut last = session.resources.is_empty() && session.pending.is_empty();
+            if last && domain.persistent && session.joined {
+                // Persistent channels: the account stays in the channel while no device is
+                // in the room; messages keep being archived for history on the next join.
+                last = false;
+            } else if last {
                 rooms.remove(&key);
             }
             (last, nick)

@@ -239,6 +239,10 @@ pub struct IrcNetworkConfig {
     /// Let users reach servers not listed in `servers` (with default settings).
     #[serde(default)]
     pub allow_unlisted_servers: bool,
+    /// Stay in IRC channels while the user has no device in the room, so nothing is
+    /// missed: what is said meanwhile comes as history on the next join.
+    #[serde(default)]
+    pub persistent_channels: bool,
     /// How corrections, retractions and reactions, which IRC has no form for, are shown there.
     #[serde(default)]
     pub fallbacks: IrcFallbacks,

@@ -314,3 +314,33 @@ async fn ad_hoc_and_chat_commands(xmpp: XmppServerKind) -> Result<()> {
 }
 
 isthmus_tests::on_both_xmpp_servers!(ad_hoc_and_chat_commands);
+
+async fn persistent_channels_keep_the_user_on_irc(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "    persistent_channels: true").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#bouncer").await?;
+    let room = room("#bouncer");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains("JOIN")).await?;
+    alice.disconnect().await; // the XMPP server tells the gateway alice left
+    for i in 0..3 {
+        bob.privmsg("#bouncer", &format!("while away {i}")).await?;
+    }
+    // alice never left IRC
+    assert!(bob.expect_line(Duration::from_secs(1), |l| l.contains("PART") || l.contains("QUIT")).await.is_err());
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/r2", "alicepass").await?;
+    alice.join_with_history(&room, "alice", 10).await?;
+    alice.expect(T, |st| st.kind == "presence" && st.has_status(110)).await?;
+    let mut missed = Vec::new();
+    loop {
+        let st = alice.expect(T, |st| st.kind == "message").await?;
+        if st.xml.contains("<subject") {
+            break;
+        }
+        missed.push(st.body.unwrap_or_default());
+    }
+    assert_eq!(missed, vec!["while away 0", "while away 1", "while away 2"], "nothing missed");
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(persistent_channels_keep_the_user_on_irc);
