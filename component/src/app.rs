@@ -22,6 +22,8 @@ pub enum AppError {
     Store(#[from] isthmus_core::store::StoreError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
 }
 
 /// Open the configured store and bring its schema up to date.
@@ -36,21 +38,22 @@ pub async fn open_store(config: &Config) -> Result<Store, AppError> {
 pub async fn run(config: Config) -> Result<(), AppError> {
     let store = open_store(&config).await?;
     let component = match config.xmpp.mode {
-        XmppMode::Component => config
-            .xmpp
-            .component
-            .clone()
-            .ok_or_else(|| AppError::Config("xmpp.mode is component but xmpp.component is missing".into()))?,
+        XmppMode::Component => Some(
+            config
+                .xmpp
+                .component
+                .clone()
+                .ok_or_else(|| AppError::Config("xmpp.mode is component but xmpp.component is missing".into()))?,
+        ),
+        XmppMode::Embedded => None,
     };
     let (sink, events) = EventSink::channel(4096);
     let mut domains = Vec::new();
     let mut links = Vec::new();
     let mut networks = Vec::new();
+    let mut in_process = Vec::new();
     for net in &config.irc {
         let id = NetworkId::new(net.domain.clone());
-        let secret = config
-            .component_secret_for(net)
-            .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
         let (tx, rx) = mpsc::unbounded_channel();
         domains.push(Domain {
             name: net.domain.clone(),
@@ -61,7 +64,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
             outgoing: tx,
         });
-        links.push((
+        if let Some(component) = &component {
+            let secret = config
+                .component_secret_for(net)
+                .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
+            links.push((
             LinkConfig {
                 domain: net.domain.clone(),
                 secret: secret.expose().to_owned(),
@@ -73,16 +80,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             },
             rx,
         ));
+        } else {
+            in_process.push((net.domain.clone(), rx));
+        }
         networks.push(IrcNetwork::new(id, net.clone(), sink.clone()));
     }
     for d in &domains {
-        if d.allow.is_empty() {
+        if d.allow.is_empty() && config.xmpp.mode == XmppMode::Component {
             warn!(domain = %d.name, "no allow list: anyone whose server reaches this component may use it (set access.allow)");
         }
     }
     if domains.is_empty() {
         warn!("no networks are configured: the gateway has nothing to bridge");
     }
+    let store_for_server = store.clone();
     let archive = crate::archive::Archive::spawn(store.clone(), config.archive.retention_days);
     let gateway = Gateway::new(domains, archive, config.archive.history_on_join);
     let mut builder = Router::builder(store).network(gateway.clone());
@@ -92,6 +103,24 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let router = builder.build();
     gateway.attach(router.clone());
     tokio::spawn(router.run(events));
+
+    if config.xmpp.mode == XmppMode::Embedded {
+        let embedded = config.xmpp.embedded.clone().unwrap_or_default();
+        let names = config.irc.iter().map(|n| (n.domain.clone(), format!("IRC ({})", n.domain))).collect();
+        let server = crate::server::Server::new(&embedded, &config.base_dir, store_for_server, gateway.clone(), names)?;
+        // The gateway's stanzas for users go straight to the server's router: no socket hop.
+        for (domain, mut outgoing) in in_process {
+            let server = server.clone();
+            tokio::spawn(async move {
+                while let Some(stanza) = outgoing.recv().await {
+                    let el = tokio_xmpp::minidom::Element::from(stanza);
+                    server.route(crate::server::xml::rename_ns(&el, crate::server::xml::COMPONENT, crate::server::xml::CLIENT)).await;
+                }
+                warn!(domain, "gateway output closed");
+            });
+        }
+        server.listen(&embedded).await?;
+    }
 
     for (link_config, outgoing) in links {
         let (ev_tx, mut ev_rx) = mpsc::channel(4096);

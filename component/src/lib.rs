@@ -6,6 +6,7 @@
 //! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
 //! - [`commands`]: XEP-0050 ad-hoc commands and their chat equivalents;
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
+//! - [`server`]: the embedded XMPP server core (c2s, SASL, rosters, presence, carbons);
 //! - [`app`]: wiring configuration, store, bridges, router and links together.
 //!
 //! Depends on `isthmus-core`, `isthmus-config` and the bridge crates; nothing depends on it.
@@ -15,5 +16,6 @@ pub mod archive;
 pub mod commands;
 pub mod gateway;
 pub mod link;
+pub mod server;
 pub mod stanza;
 pub mod xep;

@@ -1,4 +1,4 @@
-//! The `isthmus` binary: `run`, `check-config`, `migrate`.
+//! The `isthmus` binary: `run`, `check-config`, `migrate`, `user`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,12 +27,32 @@ enum Command {
         /// The YAML configuration file.
         file: PathBuf,
     },
+    /// Manage the embedded server's accounts (stored in the database, never as plain text).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+        /// The YAML configuration file (for the database).
+        #[arg(short, long, default_value = "isthmus.yaml", global = true)]
+        config: PathBuf,
+    },
     /// Create or update the database schema, then exit.
     Migrate {
         /// The YAML configuration file.
         #[arg(short, long, default_value = "isthmus.yaml")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Create an account; the password is read from standard input.
+    Add { jid: String },
+    /// Change an account's password (read from standard input).
+    Passwd { jid: String },
+    /// Delete an account and its roster.
+    Del { jid: String },
+    /// Print the hash of a password (read from standard input) for `xmpp.embedded.users`.
+    Hash,
 }
 
 fn init_logging(default_filter: &str) {
@@ -57,6 +77,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => exit(run(&config, false)),
         Command::Migrate { config } => exit(run(&config, true)),
+        Command::User { action, config } => exit(user(action, &config)),
     }
 }
 
@@ -85,4 +106,61 @@ fn run(path: &std::path::Path, migrate_only: bool) -> anyhow::Result<()> {
             isthmus_component::app::run(config).await.map_err(anyhow::Error::from)
         }
     })
+}
+
+/// Read a password: prompted without echo on a terminal, else the first line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("password: ").context("cannot read the password")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("cannot read the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    Ok(password)
+}
+
+fn user(action: UserAction, path: &std::path::Path) -> anyhow::Result<()> {
+    use isthmus_component::server::accounts;
+    if let UserAction::Hash = action {
+        let c = accounts::Credentials::from_password(&read_password()?)?;
+        println!("{}", c.to_hash_string());
+        return Ok(());
+    }
+    let config = isthmus_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let store = isthmus_component::app::open_store(&config).await?;
+        match action {
+            UserAction::Add { jid } => {
+                let jid = accounts::account_jid(&jid)?;
+                check_domain(&config, &jid)?;
+                anyhow::ensure!(store.local_user(&jid).await?.is_none(), "{jid} already exists (use `isthmus user passwd`)");
+                accounts::set_password(&store, &jid, &read_password()?).await?;
+                eprintln!("added {jid}");
+            }
+            UserAction::Passwd { jid } => {
+                let jid = accounts::account_jid(&jid)?;
+                anyhow::ensure!(store.local_user(&jid).await?.is_some(), "there is no account {jid}");
+                accounts::set_password(&store, &jid, &read_password()?).await?;
+                eprintln!("changed the password of {jid}");
+            }
+            UserAction::Del { jid } => {
+                let jid = accounts::account_jid(&jid)?;
+                anyhow::ensure!(store.delete_local_user(&jid).await?, "there is no account {jid}");
+                eprintln!("deleted {jid}");
+            }
+            UserAction::Hash => {}
+        }
+        Ok(())
+    })
+}
+
+fn check_domain(config: &isthmus_config::Config, jid: &str) -> anyhow::Result<()> {
+    let domain = config.xmpp.embedded.clone().unwrap_or_default().domain.to_lowercase();
+    let (_, d) = jid.split_once('@').unwrap_or_default();
+    anyhow::ensure!(d == domain, "{jid} is not on the embedded server's domain {domain}");
+    Ok(())
 }

@@ -71,6 +71,8 @@ pub enum XmppMode {
     /// An external component (XEP-0114) of Prosody, ejabberd or another server.
     #[default]
     Component,
+    /// Isthmus's own XMPP server core: clients log in to Isthmus directly.
+    Embedded,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +81,62 @@ pub struct XmppConfig {
     #[serde(default)]
     pub mode: XmppMode,
     pub component: Option<ComponentConfig>,
+    pub embedded: Option<EmbeddedConfig>,
+}
+
+/// The embedded XMPP server core (`xmpp.mode: embedded`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// The users' domain: accounts are `name@domain`.
+    #[serde(default = "default_embedded_domain")]
+    pub domain: String,
+    /// Where clients connect (STARTTLS); `0.0.0.0:5222` to listen publicly.
+    #[serde(default = "default_c2s_listen")]
+    pub listen: String,
+    /// Optional direct-TLS listener (XEP-0368), e.g. `127.0.0.1:5223`.
+    pub direct_tls_listen: Option<String>,
+    /// PEM certificate chain and key; generated on first start when not given.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest stanza a client may send; larger ones end its stream with an error.
+    #[serde(default = "default_max_stanza_bytes")]
+    pub max_stanza_bytes: usize,
+    /// Accounts listed here (in addition to those made with `isthmus user add`).
+    #[serde(default)]
+    pub users: Vec<EmbeddedUser>,
+}
+
+/// An account given in the file: the hash comes from `isthmus user hash`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedUser {
+    pub jid: String,
+    pub password_hash: String,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            domain: default_embedded_domain(),
+            listen: default_c2s_listen(),
+            direct_tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            max_stanza_bytes: default_max_stanza_bytes(),
+            users: Vec::new(),
+        }
+    }
+}
+
+fn default_embedded_domain() -> String {
+    "localhost".into()
+}
+fn default_c2s_listen() -> String {
+    "127.0.0.1:5222".into()
+}
+fn default_max_stanza_bytes() -> usize {
+    256 * 1024
 }
 
 /// The XEP-0114 link to the XMPP server.

@@ -65,6 +65,48 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             "`xmpp.mode: component` needs an `xmpp.component` section (host, port, secret)",
         ));
     }
+    if config.xmpp.mode == XmppMode::Embedded {
+        let e = config.xmpp.embedded.clone().unwrap_or_default();
+        if !valid_domain(&e.domain) {
+            return Err(ConfigError::at(file, &top, format!("`xmpp.embedded.domain` `{}` is not a domain name", e.domain)));
+        }
+        for listen in std::iter::once(&e.listen).chain(e.direct_tls_listen.iter()) {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::at(
+                    file,
+                    &top,
+                    format!("`{listen}` is not an address to listen on: expected IP:PORT such as 127.0.0.1:5222"),
+                ));
+            }
+        }
+        if e.tls_cert.is_some() != e.tls_key.is_some() {
+            return Err(ConfigError::at(file, &top, "`xmpp.embedded.tls_cert` and `tls_key` go together: give both or neither"));
+        }
+        if e.max_stanza_bytes < 10_000 {
+            return Err(ConfigError::at(file, &top, "`xmpp.embedded.max_stanza_bytes` must be at least 10000"));
+        }
+        for u in &e.users {
+            match u.jid.split_once('@') {
+                Some((node, domain)) if !node.is_empty() && domain == e.domain => {}
+                _ => {
+                    return Err(ConfigError::at(
+                        file,
+                        &top,
+                        format!("user `{}` must be name@{} (the embedded server's domain)", u.jid, e.domain),
+                    ));
+                }
+            }
+        }
+        for net in &config.irc {
+            if net.domain == e.domain {
+                return Err(ConfigError::at(
+                    file,
+                    &top,
+                    format!("IRC domain `{}` is the users' domain; give the network its own, e.g. irc.{}", net.domain, e.domain),
+                ));
+            }
+        }
+    }
     if let Some(c) = &config.xmpp.component {
         if c.port == 0 {
             return Err(ConfigError::at(file, &top, "`xmpp.component.port` must not be 0"));
@@ -83,7 +125,7 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 prev + 1
             ));
         }
-        if config.component_secret_for(net).is_none() {
+        if config.xmpp.mode == XmppMode::Component && config.component_secret_for(net).is_none() {
             return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
         }
         if let Some(p) = &net.pinned_server {

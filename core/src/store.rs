@@ -80,6 +80,30 @@ pub struct AccountRecord {
     pub updated_us: i64,
 }
 
+/// An account of the embedded XMPP server. The credentials are SCRAM salted
+/// passwords (`iterations$salt$digest`, base64), never the password itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUserRecord {
+    pub jid: String,
+    pub scram_sha1: String,
+    pub scram_sha256: String,
+    pub created_us: i64,
+}
+
+/// One roster entry of an embedded-server account (RFC 6121).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterRecord {
+    pub owner: String,
+    pub contact: String,
+    pub name: Option<String>,
+    /// `none`, `to`, `from` or `both`.
+    pub subscription: String,
+    /// `Some("subscribe")` while our subscription request is pending.
+    pub ask: Option<String>,
+    /// Group names, newline-separated.
+    pub groups: String,
+}
+
 /// One archived room message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveEntry {
@@ -180,6 +204,17 @@ fn account(row: &AnyRow) -> Result<AccountRecord> {
         credentials: row.try_get::<Option<Vec<u8>>, _>("credentials")?.unwrap_or_default(),
         settings: row.try_get("settings")?,
         updated_us: row.try_get("updated_us")?,
+    })
+}
+
+fn roster_item(row: &AnyRow) -> Result<RosterRecord> {
+    Ok(RosterRecord {
+        owner: row.try_get("owner")?,
+        contact: row.try_get("contact")?,
+        name: row.try_get("name")?,
+        subscription: row.try_get("subscription")?,
+        ask: row.try_get("ask")?,
+        groups: row.try_get("groups")?,
     })
 }
 
@@ -599,6 +634,92 @@ impl Store {
             entries,
             complete,
         })
+    }
+
+    // --- embedded server accounts and rosters --------------------------------------------
+
+    pub async fn upsert_local_user(&self, u: &LocalUserRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO local_users (jid, scram_sha1, scram_sha256, created_us) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (jid) DO UPDATE SET scram_sha1 = excluded.scram_sha1, scram_sha256 = excluded.scram_sha256",
+        )
+        .bind(&u.jid)
+        .bind(&u.scram_sha1)
+        .bind(&u.scram_sha256)
+        .bind(u.created_us)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn local_user(&self, jid: &str) -> Result<Option<LocalUserRecord>> {
+        let row = sqlx::query("SELECT jid, scram_sha1, scram_sha256, created_us FROM local_users WHERE jid = $1")
+            .bind(jid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| -> Result<LocalUserRecord> {
+            Ok(LocalUserRecord {
+                jid: r.try_get("jid")?,
+                scram_sha1: r.try_get("scram_sha1")?,
+                scram_sha256: r.try_get("scram_sha256")?,
+                created_us: r.try_get("created_us")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Delete an account and its roster; false when there was no such account.
+    pub async fn delete_local_user(&self, jid: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM local_users WHERE jid = $1").bind(jid).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM roster WHERE owner = $1").bind(jid).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn roster(&self, owner: &str) -> Result<Vec<RosterRecord>> {
+        sqlx::query("SELECT * FROM roster WHERE owner = $1 ORDER BY contact")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(roster_item)
+            .collect()
+    }
+
+    pub async fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterRecord>> {
+        sqlx::query("SELECT * FROM roster WHERE owner = $1 AND contact = $2")
+            .bind(owner)
+            .bind(contact)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(roster_item)
+            .transpose()
+    }
+
+    pub async fn upsert_roster_item(&self, r: &RosterRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO roster (owner, contact, name, subscription, ask, groups) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (owner, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
+             ask = excluded.ask, groups = excluded.groups",
+        )
+        .bind(&r.owner)
+        .bind(&r.contact)
+        .bind(&r.name)
+        .bind(&r.subscription)
+        .bind(&r.ask)
+        .bind(&r.groups)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_roster_item(&self, owner: &str, contact: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM roster WHERE owner = $1 AND contact = $2")
+            .bind(owner)
+            .bind(contact)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// Delete entries older than `older_than_us`; returns how many.

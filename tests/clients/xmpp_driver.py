@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """A real XMPP client (slixmpp) driven by the Rust test harness over JSON lines.
 
-usage: xmpp_driver.py JID PASSWORD HOST PORT
+usage: xmpp_driver.py JID PASSWORD HOST PORT [CA_FILE]
 
-stdout: {"event": "ready"} once logged in, then one line per received stanza:
+Without CA_FILE the client talks plain text (loopback Prosody/ejabberd); with it,
+it requires STARTTLS and verifies the server certificate against CA_FILE.
+
+stdout: {"event": "ready", "mechanism", "tls"} once logged in, then one line per received stanza:
   {"event": "stanza", "kind": "message|presence|iq", "from", "to", "type", "id", "body", "xml"}
   {"event": "disconnected"} / {"event": "failed", "reason"}
 stdin commands:
@@ -27,13 +30,18 @@ def emit(obj):
 
 
 class Driver(slixmpp.ClientXMPP):
-    def __init__(self, jid, password):
+    def __init__(self, jid, password, ca_file=None):
         super().__init__(jid, password)
-        self.enable_plaintext = True      # loopback tests: no TLS
-        self.enable_starttls = False
         self.enable_direct_tls = False
-        self.plugin["feature_mechanisms"].unencrypted_plain = True
-        self.plugin["feature_mechanisms"].unencrypted_scram = True
+        if ca_file:
+            self.enable_plaintext = False
+            self.enable_starttls = True
+            self.ca_certs = ca_file
+        else:
+            self.enable_plaintext = True      # loopback tests: no TLS
+            self.enable_starttls = False
+            self.plugin["feature_mechanisms"].unencrypted_plain = True
+            self.plugin["feature_mechanisms"].unencrypted_scram = True
         for p in ("xep_0030", "xep_0045", "xep_0199", "xep_0359"):
             self.register_plugin(p)
         self.add_event_handler("session_start", self.on_start)
@@ -54,7 +62,9 @@ class Driver(slixmpp.ClientXMPP):
 
     async def on_start(self, _):
         self.send_presence()
-        emit({"event": "ready"})
+        mech = self.plugin["feature_mechanisms"].mech
+        emit({"event": "ready", "mechanism": mech.name if mech else None,
+              "tls": self.transport is not None and self.transport.get_extra_info("sslcontext") is not None})
 
 
 async def commands(client):
@@ -90,7 +100,7 @@ async def commands(client):
 
 async def main():
     jid, password, host, port = sys.argv[1:5]
-    client = Driver(jid, password)
+    client = Driver(jid, password, sys.argv[5] if len(sys.argv) > 5 else None)
     client.connect(host, int(port))
     await commands(client)
     await asyncio.sleep(0.2)

@@ -15,10 +15,13 @@ pub fn binary() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> → target/debug/isthmus
-    let p = exe.parent().and_then(|d| d.parent()).map(|d| d.join("isthmus")).expect("target dir");
-    assert!(p.is_file(), "{} not found: build it first with `cargo build -p isthmus`", p.display());
-    p
+    // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/isthmus
+    let dir = exe.parent().expect("the executable has a directory");
+    let candidates = [dir.join("isthmus"), dir.parent().map(|d| d.join("isthmus")).unwrap_or_default()];
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => p.clone(),
+        None => panic!("{} not found: build it first with `cargo build -p isthmus`", candidates[0].display()),
+    }
 }
 
 /// A running gateway with its own configuration file and log.
@@ -50,6 +53,11 @@ impl Isthmus {
         }
         self.child = Some(cmd.spawn().context("start isthmus")?);
         Ok(())
+    }
+
+    /// The gateway's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
 
     pub fn dir(&self) -> &std::path::Path {

@@ -54,6 +54,10 @@ macro_rules! on_both_xmpp_servers {
             async fn ejabberd() -> anyhow::Result<()> {
                 super::$name($crate::XmppServerKind::Ejabberd).await
             }
+            #[tokio::test]
+            async fn embedded() -> anyhow::Result<()> {
+                super::$name($crate::XmppServerKind::Embedded).await
+            }
         }
     )*};
 }

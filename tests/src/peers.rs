@@ -16,6 +16,9 @@ pub struct ProsodyOptions {
     pub users: Vec<(String, String)>,
     /// External components (domain, secret).
     pub components: Vec<(String, String)>,
+    /// Accounts written straight into Prosody's storage (fast, for benchmarks with
+    /// many users); ejabberd ignores this.
+    pub bulk_users: Vec<(String, String)>,
 }
 
 /// A Prosody on its own ports; `localhost` is its host, `muc.localhost` its MUC.
@@ -61,6 +64,16 @@ Component "muc.localhost" "muc"
             cfg += &format!("Component \"{domain}\"\n  component_secret = \"{secret}\"\n");
         }
         std::fs::write(d.join("prosody.cfg.lua"), cfg)?;
+        if !opts.bulk_users.is_empty() {
+            let accounts = d.join("data/localhost/accounts");
+            std::fs::create_dir_all(&accounts)?;
+            for (user, password) in &opts.bulk_users {
+                std::fs::write(
+                    accounts.join(format!("{user}.dat")),
+                    format!("return {{\n\t[\"password\"] = \"{password}\";\n}};\n"),
+                )?;
+            }
+        }
         let prosodyctl = find_program("prosodyctl", &[])?;
         for (user, password) in &opts.users {
             let out = std::process::Command::new(&prosodyctl)
@@ -289,6 +302,15 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 pub enum XmppServer {
     Prosody(Prosody),
     Ejabberd(Ejabberd),
+    /// Isthmus's own embedded server: clients log in to the gateway itself.
+    Embedded(EmbeddedC2s),
+}
+
+/// Where clients reach an Isthmus running in embedded mode (STARTTLS required).
+pub struct EmbeddedC2s {
+    pub port: u16,
+    /// The certificate the gateway generated, which clients must trust.
+    pub ca_file: std::path::PathBuf,
 }
 
 /// Which XMPP server implementation a test runs against.
@@ -296,6 +318,8 @@ pub enum XmppServer {
 pub enum XmppServerKind {
     Prosody,
     Ejabberd,
+    /// No XMPP server: Isthmus in `xmpp.mode: embedded`.
+    Embedded,
 }
 
 impl XmppServer {
@@ -303,24 +327,29 @@ impl XmppServer {
         Ok(match kind {
             XmppServerKind::Prosody => XmppServer::Prosody(Prosody::start(opts).await?),
             XmppServerKind::Ejabberd => XmppServer::Ejabberd(Ejabberd::start(opts).await?),
+            XmppServerKind::Embedded => anyhow::bail!("the embedded server is the gateway: start Isthmus instead"),
         })
     }
     pub fn c2s_port(&self) -> u16 {
         match self {
             XmppServer::Prosody(p) => p.c2s_port(),
             XmppServer::Ejabberd(e) => e.c2s_port(),
+            XmppServer::Embedded(e) => e.port,
         }
     }
+    /// The component port (0 for the embedded server, which has none).
     pub fn component_port(&self) -> u16 {
         match self {
             XmppServer::Prosody(p) => p.component_port(),
             XmppServer::Ejabberd(e) => e.component_port(),
+            XmppServer::Embedded(_) => 0,
         }
     }
     pub async fn restart(&mut self) -> Result<()> {
         match self {
             XmppServer::Prosody(p) => p.restart().await,
             XmppServer::Ejabberd(e) => e.restart().await,
+            XmppServer::Embedded(_) => anyhow::bail!("restart the gateway itself"),
         }
     }
 }
@@ -328,6 +357,18 @@ impl XmppServer {
 /// Anything XMPP clients log in to.
 pub trait C2s {
     fn c2s_port(&self) -> u16;
+    /// When set, clients must use STARTTLS and trust this certificate.
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+}
+impl C2s for EmbeddedC2s {
+    fn c2s_port(&self) -> u16 {
+        self.port
+    }
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        Some(self.ca_file.clone())
+    }
 }
 impl C2s for Prosody {
     fn c2s_port(&self) -> u16 {
@@ -342,6 +383,12 @@ impl C2s for Ejabberd {
 impl C2s for XmppServer {
     fn c2s_port(&self) -> u16 {
         XmppServer::c2s_port(self)
+    }
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        match self {
+            XmppServer::Embedded(e) => Some(e.ca_file.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -396,8 +443,13 @@ impl IrcServer {
     }
 
     pub async fn start_kind(kind: IrcServerKind) -> Result<IrcServer> {
+        Self::start_on_port(kind, free_port()).await
+    }
+
+    /// Start on a given plain-text port (benchmarks run gateways that expect 6667).
+    pub async fn start_on_port(kind: IrcServerKind, port: u16) -> Result<IrcServer> {
         let dir = tempfile::Builder::new().prefix("isthmus-ircd-").tempdir()?;
-        let (port, tls_port) = (free_port(), free_port());
+        let tls_port = free_port();
         // ngIRCd drops root to `nobody` before writing its pid file.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
         self_signed_cert(dir.path())?;

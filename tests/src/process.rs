@@ -32,6 +32,12 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>, log: &Path) -> Result<Comma
             // No core files: InspIRCd 3.15 crashes while shutting down.
             let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             libc::setrlimit(libc::RLIMIT_CORE, &none);
+            // Many connections in benchmarks: as many descriptors as allowed.
+            let mut files = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut files) == 0 {
+                files.rlim_cur = files.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &files);
+            }
             Ok(())
         });
     }

@@ -44,12 +44,17 @@ impl IrcSetup {
 
     /// Start everything on the given XMPP and IRC servers.
     pub async fn start_with(xmpp: XmppServerKind, kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
+        if xmpp == XmppServerKind::Embedded {
+            return Self::start_embedded(kind, irc_extra).await;
+        }
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
-        let prosody =
-            XmppServer::start(xmpp, ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())] })
-                .await?;
+        let prosody = XmppServer::start(
+            xmpp,
+            ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())], ..Default::default() },
+        )
+        .await?;
         let irc = IrcServer::start_kind(kind).await?;
-        let config = format!(
+        let xmpp_yaml = format!(
             r#"xmpp:
   mode: component
   component:
@@ -58,6 +63,35 @@ impl IrcSetup {
     secret: ${{ISTHMUS_COMPONENT_SECRET}}
     reconnect_initial_ms: 200
     reconnect_max_ms: 2000
+"#,
+            component = prosody.component_port()
+        );
+        let gateway =
+            Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra), &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
+        gateway.wait_log("component link established", 1, T).await?;
+        Ok(IrcSetup { prosody, irc, gateway })
+    }
+
+    /// Isthmus as the XMPP server itself (embedded mode, STARTTLS, SCRAM), users
+    /// alice, bob and carol listed in the configuration.
+    async fn start_embedded(kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
+        let irc = IrcServer::start_kind(kind).await?;
+        let port = crate::process::free_port();
+        let mut xmpp_yaml = format!(
+            "xmpp:\n  mode: embedded\n  embedded:\n    domain: localhost\n    listen: 127.0.0.1:{port}\n    users:\n"
+        );
+        for (user, hash) in embedded_password_hashes()? {
+            xmpp_yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
+        }
+        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra), &[]).await?;
+        gateway.wait_log("accepting XMPP clients", 1, T).await?;
+        let ca_file = gateway.dir().join("tls/localhost.crt");
+        Ok(IrcSetup { prosody: XmppServer::Embedded(crate::peers::EmbeddedC2s { port, ca_file }), irc, gateway })
+    }
+
+    fn config(xmpp_yaml: &str, irc: &IrcServer, irc_extra: &str) -> String {
+        format!(
+            r#"{xmpp_yaml}
 store:
   url: sqlite://{{dir}}/isthmus.db
 irc:
@@ -77,14 +111,10 @@ irc:
         tls: true
 {irc_extra}
 "#,
-            component = prosody.component_port(),
             irc_port = irc.port(),
             tls_port = irc.tls_port(),
             ca = irc.ca_file().display()
-        );
-        let gateway = Isthmus::start(&config, &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
-        gateway.wait_log("component link established", 1, T).await?;
-        Ok(IrcSetup { prosody, irc, gateway })
+        )
     }
 
     /// Log `user` in (resource `res`) and join `room` as `nick`; returns once the self-presence (110) arrived.
@@ -95,4 +125,26 @@ irc:
         c.expect(T, |s| s.kind == "presence" && s.from.starts_with(&format!("{room}/")) && s.has_status(110)).await?;
         Ok(c)
     }
+}
+
+/// `isthmus user hash` of the test users' passwords (`NAMEpass`), computed once per test binary.
+pub fn embedded_password_hashes() -> Result<Vec<(String, String)>> {
+    static HASHES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    if let Some(h) = HASHES.get() {
+        return Ok(h.clone());
+    }
+    let mut out = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        use std::io::Write;
+        let mut child = std::process::Command::new(crate::gateway::binary())
+            .args(["user", "hash"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().map(|mut i| writeln!(i, "{user}pass")).transpose()?;
+        let output = child.wait_with_output()?;
+        anyhow::ensure!(output.status.success(), "isthmus user hash failed");
+        out.push((user.to_owned(), String::from_utf8(output.stdout)?.trim().to_owned()));
+    }
+    Ok(HASHES.get_or_init(|| out).clone())
 }

@@ -52,12 +52,13 @@ fn venv_python() -> Result<std::path::PathBuf> {
 }
 
 impl XmppClient {
-    /// Log `jid` in to `server` (plain c2s on loopback).
+    /// Log `jid` in to `server` (plain c2s on loopback, or STARTTLS when the server has a CA file).
     pub async fn connect(server: &impl C2s, jid: &str, password: &str) -> Result<XmppClient> {
         let script = crate::repo_root().join("tests/clients/xmpp_driver.py");
         let mut child = Command::new(venv_python()?)
             .arg(script)
             .args([jid, password, "127.0.0.1", &server.c2s_port().to_string()])
+            .args(server.ca_file())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -320,7 +320,7 @@ async fn persistent_channels_keep_the_user_on_irc(xmpp: XmppServerKind) -> Resul
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
     bob.join("#bouncer").await?;
     let room = room("#bouncer");
-    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let alice = s.join("alice", "r", &room, "alice").await?;
     bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains("JOIN")).await?;
     alice.disconnect().await; // the XMPP server tells the gateway alice left
     for i in 0..3 {

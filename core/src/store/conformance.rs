@@ -15,6 +15,43 @@ pub async fn run_all(store: &Store) {
     archive_visibility(store).await;
     archive_paging(store).await;
     archive_filters_and_expiry(store).await;
+    local_users_and_rosters(store).await;
+}
+
+async fn local_users_and_rosters(store: &Store) {
+    let u = LocalUserRecord {
+        jid: "alice@localhost".into(),
+        scram_sha1: "4096$c2FsdA==$AAAA".into(),
+        scram_sha256: "4096$c2FsdA==$BBBB".into(),
+        created_us: 1,
+    };
+    store.upsert_local_user(&u).await.expect("add user");
+    assert_eq!(store.local_user("alice@localhost").await.expect("get"), Some(u.clone()));
+    let changed = LocalUserRecord { scram_sha256: "4096$c2FsdA==$CCCC".into(), ..u.clone() };
+    store.upsert_local_user(&changed).await.expect("change password");
+    assert_eq!(store.local_user("alice@localhost").await.expect("get").map(|u| u.scram_sha256), Some(changed.scram_sha256));
+    assert_eq!(store.local_user("bob@localhost").await.expect("get"), None);
+
+    let item = RosterRecord {
+        owner: "alice@localhost".into(),
+        contact: "bob@localhost".into(),
+        name: Some("Bob".into()),
+        subscription: "none".into(),
+        ask: Some("subscribe".into()),
+        groups: "Friends\nWork".into(),
+    };
+    store.upsert_roster_item(&item).await.expect("roster add");
+    let both = RosterRecord { subscription: "both".into(), ask: None, ..item.clone() };
+    store.upsert_roster_item(&both).await.expect("roster update");
+    assert_eq!(store.roster("alice@localhost").await.expect("roster"), vec![both.clone()]);
+    assert_eq!(store.roster_item("alice@localhost", "bob@localhost").await.expect("item"), Some(both));
+    assert!(store.roster("bob@localhost").await.expect("roster").is_empty());
+    assert!(store.delete_roster_item("alice@localhost", "bob@localhost").await.expect("delete"));
+    assert!(!store.delete_roster_item("alice@localhost", "bob@localhost").await.expect("delete again"));
+    store.upsert_roster_item(&item).await.expect("roster add");
+    assert!(store.delete_local_user("alice@localhost").await.expect("delete user"));
+    assert!(store.roster("alice@localhost").await.expect("roster").is_empty(), "the roster goes with the account");
+    assert!(!store.delete_local_user("alice@localhost").await.expect("delete again"));
 }
 
 async fn puppets(store: &Store) {

@@ -1,0 +1,472 @@
+//! One client connection to the embedded server (RFC 6120): stream header,
+//! STARTTLS, SASL (SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS only), resource
+//! binding, legacy session, then stanzas both ways until the stream ends. The
+//! stanza size limit is enforced on the bytes read between two elements.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::{SinkExt, StreamExt};
+use sasl::server::mechanisms::{Plain, Scram};
+use sasl::server::{Mechanism, Response};
+use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::parsers::bind::BindFeature;
+use tokio_xmpp::parsers::starttls::StartTls;
+use tokio_xmpp::parsers::stream_error::{DefinedCondition, StreamError};
+use tokio_xmpp::parsers::stream_features::StreamFeatures;
+use tokio_xmpp::xmlstream::{AcceptedStream, ReadError, StreamHeader, Timeouts, XmlStream, accept_stream};
+use tracing::{debug, info, warn};
+
+use super::Server;
+use super::accounts::{self, Known};
+use super::xml::{self, BIND, CLIENT, SASL, SESSION, TLS, elem, with_child, with_text};
+
+/// The transport under the XML stream: TCP, then TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Counts bytes read since the last complete element; past the limit, reading fails.
+struct Limited {
+    conn: Conn,
+    read: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.read.load(Ordering::Relaxed) > self.limit {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, TooLarge)));
+        }
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Poll::Ready(Ok(())) = r {
+            this.read.fetch_add(buf.filled().len() - before, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.conn {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.conn {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.conn {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TooLarge;
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stanza larger than the limit")
+    }
+}
+impl std::error::Error for TooLarge {}
+
+type Io = BufStream<Limited>;
+type Stream = XmlStream<Io, Element>;
+
+/// Where the negotiation stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    Authenticated,
+}
+
+struct Negotiation {
+    tls: bool,
+    phase: Phase,
+    user: Option<String>,
+}
+
+const TIMEOUTS: Timeouts = Timeouts { read_timeout: Duration::from_secs(240), response_timeout: Duration::from_secs(60) };
+
+/// Serve one client connection until it ends.
+pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = tcp.set_nodelay(true);
+    let read = Arc::new(AtomicUsize::new(0));
+    let limit = server.max_stanza_bytes;
+    let conn = if direct_tls {
+        match server.tls.acceptor.accept(tcp).await {
+            Ok(s) => Conn::Tls(Box::new(s)),
+            Err(e) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        }
+    } else {
+        Conn::Plain(tcp)
+    };
+    let io = BufStream::new(Limited { conn, read: read.clone(), limit });
+    let accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(%peer, error = %e, "no stream header");
+            return;
+        }
+    };
+    let mut state = Negotiation { tls: direct_tls, phase: Phase::Fresh, user: None };
+    let mut accepted = accepted;
+    loop {
+        match negotiate(&server, accepted, &mut state, &read, &peer).await {
+            Step::Restart(a) => accepted = a,
+            Step::Bound(stream, full) => {
+                session(&server, stream, full, &read, &peer).await;
+                return;
+            }
+            Step::StartTls(io) => {
+                let Limited { conn, .. } = io.into_inner();
+                let Conn::Plain(tcp) = conn else { return };
+                let tls = match server.tls.acceptor.accept(tcp).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                state.tls = true;
+                read.store(0, Ordering::Relaxed);
+                let io = BufStream::new(Limited { conn: Conn::Tls(Box::new(tls)), read: read.clone(), limit });
+                accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
+                    Ok(a) => a,
+                    Err(_) => return,
+                };
+            }
+            Step::End => return,
+        }
+    }
+}
+
+enum Step {
+    Restart(AcceptedStream<Io>),
+    StartTls(Io),
+    Bound(Stream, String),
+    End,
+}
+
+async fn stream_error(stream: &mut Stream, condition: DefinedCondition, text: &str) {
+    let error = StreamError::new(condition, "en", text);
+    let _ = stream.send(&error).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn negotiate(
+    server: &Server,
+    mut accepted: AcceptedStream<Io>,
+    state: &mut Negotiation,
+    read: &AtomicUsize,
+    peer: &str,
+) -> Step {
+    let to = accepted.take_header().to.map(|t| t.into_owned());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let header = StreamHeader { from: Some(server.domain.clone().into()), to: None, id: Some(id.into()) };
+    let pending = match accepted.send_header(header).await {
+        Ok(p) => p,
+        Err(_) => return Step::End,
+    };
+    if to.as_deref().map(str::to_lowercase).as_deref() != Some(server.domain.as_str()) {
+        let text = format!("this server serves {}", server.domain);
+        let _ = pending.send_error(&StreamError::new(DefinedCondition::HostUnknown, "en", text)).await;
+        return Step::End;
+    }
+    let mut features = StreamFeatures::default();
+    match state.phase {
+        Phase::Fresh => {
+            if !state.tls {
+                features.starttls = Some(StartTls { required: false });
+            }
+            features.sasl_mechanisms.insert("SCRAM-SHA-256".into());
+            features.sasl_mechanisms.insert("SCRAM-SHA-1".into());
+            if state.tls {
+                features.sasl_mechanisms.insert("PLAIN".into());
+            }
+        }
+        Phase::Authenticated => {
+            features.bind = Some(BindFeature { required: true });
+            features.others.push(with_child(Element::bare("session", SESSION), Element::bare("optional", SESSION)));
+        }
+    }
+    let mut stream: Stream = match pending.send_features(&features).await {
+        Ok(s) => s,
+        Err(_) => return Step::End,
+    };
+    let mut failures = 0;
+    loop {
+        let el = match next(&mut stream, read).await {
+            Next::Element(el) => el,
+            Next::TooLarge => {
+                warn!(%peer, "stanza over the size limit during negotiation; closing the stream");
+                stream_error(&mut stream, DefinedCondition::PolicyViolation, "stanza too large").await;
+                return Step::End;
+            }
+            Next::Malformed(e) => {
+                stream_error(&mut stream, DefinedCondition::NotWellFormed, &e).await;
+                return Step::End;
+            }
+            Next::End => return Step::End,
+        };
+        match (state.phase, el.name(), el.ns().as_str()) {
+            (Phase::Fresh, "starttls", TLS) if !state.tls => {
+                if stream.send(&Element::bare("proceed", TLS)).await.is_err() {
+                    return Step::End;
+                }
+                return Step::StartTls(stream.into_inner());
+            }
+            (Phase::Fresh, "auth", SASL) => match authenticate(server, &mut stream, &el, state.tls, read).await {
+                Ok(Some((user, success))) => {
+                    info!(%peer, %user, "authenticated");
+                    state.user = Some(user);
+                    state.phase = Phase::Authenticated;
+                    read.store(0, Ordering::Relaxed);
+                    return match stream.accept_reset(&success).await {
+                        Ok(a) => Step::Restart(a),
+                        Err(_) => Step::End,
+                    };
+                }
+                Ok(None) => {
+                    failures += 1;
+                    if failures >= 3 {
+                        stream_error(&mut stream, DefinedCondition::PolicyViolation, "too many failed logins").await;
+                        return Step::End;
+                    }
+                }
+                Err(()) => return Step::End,
+            },
+            (Phase::Authenticated, "iq", CLIENT) if el.get_child("bind", BIND).is_some() => {
+                let Some(user) = state.user.clone() else { return Step::End };
+                let wanted = el
+                    .get_child("bind", BIND)
+                    .and_then(|b| b.get_child("resource", BIND))
+                    .map(|r| r.text())
+                    .filter(|r| !r.trim().is_empty());
+                let full = server.bind_resource(&user, wanted);
+                let jid = with_text(Element::bare("jid", BIND), &full);
+                let mut reply = xml::iq_result(&el, Some(with_child(Element::bare("bind", BIND), jid)));
+                xml::set_attr(&mut reply, "from", None);
+                xml::set_attr(&mut reply, "to", None);
+                if stream.send(&reply).await.is_err() {
+                    server.unbind(&full);
+                    return Step::End;
+                }
+                return Step::Bound(stream, full);
+            }
+            _ => {
+                let text = match state.phase {
+                    Phase::Fresh => "authenticate first (SASL)",
+                    Phase::Authenticated => "bind a resource first",
+                };
+                stream_error(&mut stream, DefinedCondition::NotAuthorized, text).await;
+                return Step::End;
+            }
+        }
+    }
+}
+
+enum Next {
+    Element(Element),
+    TooLarge,
+    Malformed(String),
+    End,
+}
+
+async fn next(stream: &mut Stream, read: &AtomicUsize) -> Next {
+    loop {
+        match stream.next().await {
+            Some(Ok(el)) => {
+                read.store(0, Ordering::Relaxed);
+                return Next::Element(el);
+            }
+            Some(Err(ReadError::SoftTimeout)) => {
+                // Ask the client for a sign of life (XEP-0199); the hard timeout follows.
+                let ping = elem("iq", CLIENT, &[("type", "get"), ("id", "c2s-keepalive")]);
+                let _ = stream.send(&with_child(ping, Element::bare("ping", xml::PING))).await;
+            }
+            Some(Err(ReadError::HardError(e))) if e.get_ref().is_some_and(|i| i.is::<TooLarge>()) => {
+                return Next::TooLarge;
+            }
+            Some(Err(ReadError::ParseError(e))) => return Next::Malformed(e.to_string()),
+            Some(Err(ReadError::HardError(e))) if e.kind() == io::ErrorKind::InvalidData => {
+                return Next::Malformed(e.to_string());
+            }
+            Some(Err(_)) | None => return Next::End,
+        }
+    }
+}
+
+/// Run one SASL exchange. `Ok(Some)`: the account and the `<success/>` to send;
+/// `Ok(None)`: failed (the failure was sent); `Err`: the stream is gone.
+async fn authenticate(
+    server: &Server,
+    stream: &mut Stream,
+    auth: &Element,
+    tls: bool,
+    read: &AtomicUsize,
+) -> Result<Option<(String, Element)>, ()> {
+    let mechanism = auth.attr("mechanism").unwrap_or_default().to_owned();
+    let initial = decode(&auth.text());
+    let fail = |condition: &str, text: &str| {
+        let f = with_child(Element::bare("failure", SASL), Element::bare(condition, SASL));
+        with_child(f, with_text(elem("text", SASL, &[("xml:lang", "en")]), text))
+    };
+    let Some(initial) = initial else {
+        stream.send(&fail("incorrect-encoding", "not base64")).await.map_err(|_| ())?;
+        return Ok(None);
+    };
+    let username = match mechanism.as_str() {
+        "PLAIN" => initial.split(|&b| b == 0).nth(1).map(|u| String::from_utf8_lossy(u).into_owned()),
+        "SCRAM-SHA-1" | "SCRAM-SHA-256" => String::from_utf8_lossy(&initial)
+            .split(',')
+            .find_map(|p| p.strip_prefix("n="))
+            .map(|u| u.replace("=2C", ",").replace("=3D", "=")),
+        _ => {
+            stream.send(&fail("invalid-mechanism", "offered: SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS")).await.map_err(|_| ())?;
+            return Ok(None);
+        }
+    };
+    if mechanism == "PLAIN" && !tls {
+        stream.send(&fail("encryption-required", "PLAIN is only accepted over TLS: use STARTTLS first")).await.map_err(|_| ())?;
+        return Ok(None);
+    }
+    let Some(username) = username.filter(|u| !u.is_empty() && !u.contains('@')) else {
+        stream.send(&fail("malformed-request", "no username")).await.map_err(|_| ())?;
+        return Ok(None);
+    };
+    let jid = format!("{}@{}", username.to_lowercase(), server.domain);
+    let known = match accounts::lookup(&server.store, &server.listed_users, &jid).await {
+        Ok(c) => Known(c),
+        Err(e) => {
+            warn!(error = %e, "cannot read accounts");
+            stream.send(&fail("temporary-auth-failure", "the account store is unavailable")).await.map_err(|_| ())?;
+            return Ok(None);
+        }
+    };
+    let mut mech: Box<dyn Mechanism + Send> = match mechanism.as_str() {
+        "PLAIN" => Box::new(Plain::new(known)),
+        "SCRAM-SHA-1" => Box::new(Scram::<sasl::common::scram::Sha1, _>::new(known, sasl::common::ChannelBinding::Unsupported)),
+        _ => Box::new(Scram::<sasl::common::scram::Sha256, _>::new(known, sasl::common::ChannelBinding::Unsupported)),
+    };
+    let mut data = initial;
+    loop {
+        match mech.respond(&data) {
+            Ok(Response::Success(_, extra)) => {
+                let mut success = Element::bare("success", SASL);
+                if !extra.is_empty() {
+                    success.append_text(B64.encode(extra));
+                }
+                return Ok(Some((jid, success)));
+            }
+            Ok(Response::Proceed(challenge)) => {
+                let c = with_text(Element::bare("challenge", SASL), &B64.encode(challenge));
+                stream.send(&c).await.map_err(|_| ())?;
+                match next(stream, read).await {
+                    Next::Element(el) if el.is("response", SASL) => match decode(&el.text()) {
+                        Some(d) => data = d,
+                        None => {
+                            stream.send(&fail("incorrect-encoding", "not base64")).await.map_err(|_| ())?;
+                            return Ok(None);
+                        }
+                    },
+                    Next::Element(el) if el.is("abort", SASL) => {
+                        stream.send(&fail("aborted", "aborted")).await.map_err(|_| ())?;
+                        return Ok(None);
+                    }
+                    _ => return Err(()),
+                }
+            }
+            Err(e) => {
+                debug!(user = %jid, error = %e, "authentication failed");
+                stream.send(&fail("not-authorized", "wrong user name or password")).await.map_err(|_| ())?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// SASL payloads: base64, with `=` meaning empty.
+fn decode(text: &str) -> Option<Vec<u8>> {
+    let t = text.trim();
+    if t.is_empty() || t == "=" {
+        return Some(Vec::new());
+    }
+    B64.decode(t).ok()
+}
+
+/// The bound session: stanzas from the client go to the server's router; what
+/// the router has for this resource goes to the client.
+async fn session(server: &Arc<Server>, mut stream: Stream, full: String, read: &AtomicUsize, peer: &str) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Element>();
+    server.attach(&full, tx);
+    info!(%peer, jid = %full, "session started");
+    let reason = loop {
+        tokio::select! {
+            item = next(&mut stream, read) => match item {
+                Next::Element(el) => {
+                    if el.is("iq", CLIENT) && el.attr("id") == Some("c2s-keepalive") {
+                        continue;
+                    }
+                    if el.is("iq", CLIENT) && el.get_child("session", SESSION).is_some() {
+                        let mut reply = xml::iq_result(&el, None);
+                        xml::set_attr(&mut reply, "from", Some(&server.domain));
+                        xml::set_attr(&mut reply, "to", Some(&full));
+                        if stream.send(&reply).await.is_err() { break "write failed"; }
+                        continue;
+                    }
+                    server.from_client(&full, el).await;
+                }
+                Next::TooLarge => {
+                    warn!(jid = %full, "stanza over the size limit; closing the stream");
+                    stream_error(&mut stream, DefinedCondition::PolicyViolation, "stanza too large").await;
+                    break "stanza too large";
+                }
+                Next::Malformed(e) => {
+                    stream_error(&mut stream, DefinedCondition::NotWellFormed, &e).await;
+                    break "malformed XML";
+                }
+                Next::End => {
+                    let _ = stream.shutdown().await;
+                    break "closed";
+                }
+            },
+            out = rx.recv() => match out {
+                Some(el) => {
+                    if stream.send(&el).await.is_err() { break "write failed"; }
+                }
+                None => {
+                    stream_error(&mut stream, DefinedCondition::Conflict, "replaced by a new session").await;
+                    break "replaced";
+                }
+            },
+        }
+    };
+    info!(jid = %full, reason, "session ended");
+    server.detach(&full).await;
+}

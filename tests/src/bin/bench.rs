@@ -1,0 +1,544 @@
+//! Isthmus and Biboumi side by side, on the same Prosody and ngIRCd, in one run.
+//!
+//! `cargo run --release -p isthmus-tests --bin bench [-- --quick]` builds nothing
+//! else: build the gateway first with `cargo build --release -p isthmus`.
+//! It prints one table (both gateways, the raw ceilings, the ratios) and writes
+//! `docs/benchmarks.md`.
+//!
+//! Figures: T1 XMPP→IRC and T2 IRC→XMPP throughput (messages/s) and latency at
+//! 200 msg/s (p50/p99); T3 one IRC line to K XMPP users; M1 resident memory per
+//! user with an IRC connection; S1 start to ready. Archiving is on in both
+//! gateways (Biboumi's `record_history`, Isthmus's archive); flood control is
+//! off in both (Biboumi's `throttle_limit=-1` set by ad-hoc command, Isthmus's
+//! `flood.enabled: false`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use isthmus_tests::process::{command, free_port, tail};
+use isthmus_tests::{IrcClient, IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions};
+use tokio::sync::mpsc;
+use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::parsers::jid::Jid;
+use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::minidom::Element;
+use tokio_xmpp::xmlstream::Timeouts;
+use tokio_xmpp::{Client, Event, Stanza};
+
+const ISTHMUS_SECRET: &str = "bench-isthmus";
+const BIBOUMI_SECRET: &str = "bench-biboumi";
+
+/// A raw-ish XMPP client (tokio-xmpp) run on its own task: send raw stanzas, get
+/// message bodies with their arrival time.
+struct Bot {
+    out: mpsc::UnboundedSender<Stanza>,
+    bodies: mpsc::UnboundedReceiver<(Instant, String, String)>, // (arrival, from, body)
+    xml: mpsc::UnboundedReceiver<Element>,
+}
+
+impl Bot {
+    async fn login(c2s: u16, user: &str) -> Result<Bot> {
+        let jid: Jid = format!("{user}@localhost/bench").parse()?;
+        let mut client = Client::new_plaintext(
+            jid,
+            format!("{user}pass"),
+            DnsConfig::addr(&format!("127.0.0.1:{c2s}")),
+            Timeouts::tight(),
+        );
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Stanza>();
+        let (body_tx, bodies) = mpsc::unbounded_channel();
+        let (xml_tx, xml) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                tokio::select! {
+                    ev = client.next() => match ev {
+                        Some(Event::Online { .. }) => {
+                            if let Some(r) = ready.take() { let _ = r.send(()); }
+                        }
+                        Some(Event::Stanza(Stanza::Message(m))) => {
+                            let now = Instant::now();
+                            if let Some((_, b)) = m.get_best_body_cloned(vec![]) {
+                                let _ = body_tx.send((now, m.from.map(|f| f.to_string()).unwrap_or_default(), b));
+                            } else {
+                                let _ = xml_tx.send(Element::from(m));
+                            }
+                        }
+                        Some(Event::Stanza(s)) => { let _ = xml_tx.send(Element::from(s)); }
+                        Some(Event::Disconnected(e)) => { eprintln!("bench client disconnected: {e}"); break; }
+                        None => break,
+                    },
+                    s = out_rx.recv() => match s {
+                        Some(s) => { if client.send_stanza(s).await.is_err() { break; } }
+                        None => break,
+                    },
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx).await.context("login timed out")??;
+        Ok(Bot { out: out_tx, bodies, xml })
+    }
+
+    fn send(&self, s: Stanza) {
+        let _ = self.out.send(s);
+    }
+
+    fn send_xml(&self, xml: &str) -> Result<()> {
+        let el: Element = xml.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.send(Stanza::try_from(el).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        Ok(())
+    }
+
+    /// Join and wait for the self-presence (status 110).
+    async fn join(&mut self, room: &str, nick: &str) -> Result<()> {
+        self.send_xml(&format!(
+            "<presence xmlns='jabber:client' to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+        ))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let el = tokio::time::timeout_at(deadline.into(), self.xml.recv())
+                .await
+                .context("join timed out")?
+                .context("client gone")?;
+            if el.name() == "presence" && el.attr("type") == Some("error") {
+                bail!("join refused: {}", String::from(&el));
+            }
+            if el.name() == "presence" && String::from(&el).contains("code=\"110\"") {
+                return Ok(());
+            }
+        }
+    }
+
+    fn groupchat(&self, room: &str, body: &str) {
+        let mut m = Message::new_with_type(MessageType::Groupchat, Some(room.parse().expect("room JID")));
+        m.bodies.insert(Lang::default(), body.to_owned());
+        self.send(Stanza::Message(m));
+    }
+}
+
+/// Parse `tag i t_ns` bodies: (index, send time in ns since `t0`).
+fn stamp(body: &str) -> Option<(usize, u64)> {
+    let mut w = body.split(' ').skip(1);
+    Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    t1: f64,
+    t2: f64,
+    lat1: (f64, f64),
+    lat2: (f64, f64),
+    t3_ms: f64,
+    rss_idle_kb: u64,
+    per_conn_kb: f64,
+    s1_ms: f64,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// T1: XMPP → IRC. Returns (msg/s, (p50 ms, p99 ms) at 200 msg/s).
+async fn t1(sender: &mut Bot, room: &str, reader: &mut IrcClient, n: usize, t0: Instant) -> Result<(f64, (f64, f64))> {
+    let start = Instant::now();
+    for i in 0..n {
+        sender.groupchat(room, &format!("t1 {i} {}", t0.elapsed().as_nanos()));
+    }
+    let mut got = 0;
+    let mut last = start;
+    while got < n {
+        let line = reader.expect_line(Duration::from_secs(120), |l| l.contains(" :t1 ")).await?;
+        last = Instant::now();
+        let _ = line;
+        got += 1;
+    }
+    let rate = n as f64 / last.duration_since(start).as_secs_f64();
+    // latency at 200 msg/s
+    let mut lat = Vec::new();
+    let paced = 400;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..paced {
+        tick.tick().await;
+        sender.groupchat(room, &format!("l1 {i} {}", t0.elapsed().as_nanos()));
+    }
+    while lat.len() < paced {
+        let line = reader.expect_line(Duration::from_secs(60), |l| l.contains(" :l1 ")).await?;
+        let now = t0.elapsed().as_nanos() as u64;
+        if let Some((_, sent)) = line.split(" :").last().and_then(stamp) {
+            lat.push((now - sent) as f64 / 1e6);
+        }
+    }
+    Ok((rate, (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99))))
+}
+
+/// T2: IRC → XMPP.
+async fn t2(writer: &mut IrcClient, receiver: &mut Bot, n: usize, t0: Instant) -> Result<(f64, (f64, f64))> {
+    let start = Instant::now();
+    for i in 0..n {
+        writer.privmsg("#bench", &format!("t2 {i} {}", t0.elapsed().as_nanos())).await?;
+    }
+    let mut got = 0;
+    let mut last = start;
+    while got < n {
+        let (at, _, body) =
+            tokio::time::timeout(Duration::from_secs(120), receiver.bodies.recv()).await?.context("gone")?;
+        if body.starts_with("t2 ") {
+            got += 1;
+            last = at;
+        }
+    }
+    let rate = n as f64 / last.duration_since(start).as_secs_f64();
+    let mut lat = Vec::new();
+    let paced = 400;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..paced {
+        tick.tick().await;
+        writer.privmsg("#bench", &format!("l2 {i} {}", t0.elapsed().as_nanos())).await?;
+    }
+    while lat.len() < paced {
+        let (at, _, body) =
+            tokio::time::timeout(Duration::from_secs(60), receiver.bodies.recv()).await?.context("gone")?;
+        if let (true, Some((_, sent))) = (body.starts_with("l2 "), stamp(&body)) {
+            lat.push((at.duration_since(t0).as_nanos() as u64 - sent) as f64 / 1e6);
+        }
+    }
+    Ok((rate, (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99))))
+}
+
+/// T3: one IRC line to `bots` joined users; median over rounds, ms.
+async fn t3(writer: &mut IrcClient, bots: &mut [Bot], rounds: usize) -> Result<f64> {
+    let mut times = Vec::new();
+    for r in 0..rounds {
+        let start = Instant::now();
+        writer.privmsg("#fanout", &format!("fan {r}")).await?;
+        let mut last = start;
+        for b in bots.iter_mut() {
+            loop {
+                let (at, _, body) =
+                    tokio::time::timeout(Duration::from_secs(30), b.bodies.recv()).await?.context("gone")?;
+                if body == format!("fan {r}") {
+                    last = last.max(at);
+                    break;
+                }
+            }
+        }
+        times.push(last.duration_since(start).as_secs_f64() * 1e3);
+    }
+    Ok(percentile(&mut times, 0.5))
+}
+
+struct Gateway {
+    name: &'static str,
+    domain: &'static str,
+    pid: u32,
+    _keep: Box<dyn std::any::Any>,
+}
+
+async fn start_isthmus(component_port: u16, irc_port: u16) -> Result<(Gateway, f64)> {
+    let config = format!(
+        "xmpp:\n  component:\n    port: {component_port}\n    secret: {ISTHMUS_SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\nlog:\n  filter: warn,isthmus_component::link=info\nirc:\n  - domain: isthmus.localhost\n    flood: {{ enabled: false }}\n    servers:\n      \"127.0.0.1\": {{ port: {irc_port}, tls: false }}\n"
+    );
+    let t = Instant::now();
+    let gw = Isthmus::start(&config, &[]).await?;
+    gw.wait_log("component link established", 1, Duration::from_secs(30)).await?;
+    let s1 = t.elapsed().as_secs_f64() * 1e3;
+    let pid = gw.pid().context("isthmus pid")?;
+    Ok((Gateway { name: "Isthmus", domain: "isthmus.localhost", pid, _keep: Box::new(gw) }, s1))
+}
+
+struct Biboumi {
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_biboumi(component_port: u16) -> Result<(Gateway, f64)> {
+    let dir = tempfile::Builder::new().prefix("isthmus-bench-biboumi-").tempdir()?;
+    let d = dir.path();
+    std::fs::write(d.join("policy.txt"), "verify_certificate=false\n")?;
+    std::fs::write(
+        d.join("biboumi.cfg"),
+        format!(
+            "hostname=biboumi.localhost\npassword={BIBOUMI_SECRET}\nxmpp_server_ip=127.0.0.1\nport={component_port}\nadmin=admin@localhost\nidentd_port=0\ndb_name={}/biboumi.sqlite\npolicy_directory={}\nrealname_customization=true\nrealname_from_jid=false\npersistent_by_default=false\nlog_file=\nlog_level=1\n",
+            d.display(),
+            d.display()
+        ),
+    )?;
+    let log = d.join("biboumi.log");
+    let t = Instant::now();
+    let mut cmd = command(isthmus_tests::process::find_program("biboumi", &["/usr/bin"])?, &log)?;
+    cmd.arg(d.join("biboumi.cfg"));
+    let child = cmd.spawn().context("start biboumi")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("Authenticated with the XMPP server") {
+        if Instant::now() > deadline {
+            bail!("biboumi did not authenticate: {}", tail(&log, 20));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let s1 = t.elapsed().as_secs_f64() * 1e3;
+    let pid = child.id().context("biboumi pid")?;
+    Ok((
+        Gateway { name: "Biboumi", domain: "biboumi.localhost", pid, _keep: Box::new(Biboumi { _child: child, _dir: dir }) },
+        s1,
+    ))
+}
+
+/// Turn Biboumi's per-user IRC throttle off (ad-hoc `configure` on the server JID).
+async fn biboumi_unthrottle(bot: &mut Bot, user: &str) -> Result<()> {
+    let server = "127.0.0.1@biboumi.localhost";
+    bot.send_xml(&format!("<iq xmlns='jabber:client' type='set' id='cfg1' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure' action='execute'/></iq>"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let session = loop {
+        let el = tokio::time::timeout_at(deadline.into(), bot.xml.recv()).await?.context("gone")?;
+        if el.name() == "iq" && el.attr("id") == Some("cfg1") {
+            let xml = String::from(&el);
+            break xml
+                .split("sessionid=\"")
+                .nth(1)
+                .and_then(|t| t.split('"').next())
+                .map(str::to_owned)
+                .context(format!("no session: {xml}"))?;
+        }
+    };
+    bot.send_xml(&format!("<iq xmlns='jabber:client' type='set' id='cfg2' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure' sessionid='{session}' action='complete'><x xmlns='jabber:x:data' type='submit'><field var='throttle_limit'><value>-1</value></field></x></command></iq>"))?;
+    loop {
+        let el = tokio::time::timeout_at(deadline.into(), bot.xml.recv()).await?.context("gone")?;
+        if el.name() == "iq" && el.attr("id") == Some("cfg2") {
+            let _ = user;
+            return Ok(());
+        }
+    }
+}
+
+async fn measure(g: &Gateway, c2s: u16, irc_port: u16, n: usize, fan: usize, users: usize, t0: Instant) -> Result<Row> {
+    let mut row = Row { rss_idle_kb: rss_kb(g.pid), ..Row::default() };
+    let prefix = &g.name[..1].to_lowercase();
+    let room = format!("#bench%127.0.0.1@{}", g.domain);
+    let mut reader = IrcClient::connect(irc_port, &format!("{prefix}reader")).await?;
+    reader.join("#bench").await?;
+    let mut sender = Bot::login(c2s, &format!("{prefix}u0")).await?;
+    if g.name == "Biboumi" {
+        sender.join(&room, &format!("{prefix}u0")).await?;
+        biboumi_unthrottle(&mut sender, &format!("{prefix}u0")).await?;
+    } else {
+        sender.join(&room, &format!("{prefix}u0")).await?;
+    }
+    eprintln!("{}: T1…", g.name);
+    (row.t1, row.lat1) = t1(&mut sender, &room, &mut reader, n, t0).await?;
+    eprintln!("{}: T2…", g.name);
+    (row.t2, row.lat2) = t2(&mut reader, &mut sender, n, t0).await?;
+
+    eprintln!("{}: T3 with {fan} users…", g.name);
+    let fan_room = format!("#fanout%127.0.0.1@{}", g.domain);
+    reader.join("#fanout").await?;
+    let mut bots = Vec::new();
+    for i in 1..=fan {
+        let mut b = Bot::login(c2s, &format!("{prefix}u{i}")).await?;
+        b.join(&fan_room, &format!("{prefix}u{i}")).await?;
+        bots.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    row.t3_ms = t3(&mut reader, &mut bots, 20).await?;
+
+    eprintln!("{}: M1 with {users} users…", g.name);
+    let before = rss_kb(g.pid);
+    let mut joined = 0usize;
+    for i in fan + 1..=fan + users {
+        let mut b = Bot::login(c2s, &format!("{prefix}u{i}")).await?;
+        b.join(&format!("#idle%127.0.0.1@{}", g.domain), &format!("{prefix}u{i}")).await?;
+        bots.push(b);
+        joined += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kb(g.pid);
+    row.per_conn_kb = (after.saturating_sub(before)) as f64 / joined.max(1) as f64;
+    drop(bots);
+    Ok(row)
+}
+
+/// Ceilings: raw IRC → ngIRCd → raw IRC, and XMPP → Prosody MUC → XMPP.
+async fn ceilings(c2s: u16, irc_port: u16, n: usize) -> Result<(f64, f64)> {
+    let mut a = IrcClient::connect(irc_port, "ceila").await?;
+    let mut b = IrcClient::connect(irc_port, "ceilb").await?;
+    a.join("#ceil").await?;
+    b.join("#ceil").await?;
+    let start = Instant::now();
+    for i in 0..n {
+        a.privmsg("#ceil", &format!("c {i}")).await?;
+    }
+    for _ in 0..n {
+        b.expect_line(Duration::from_secs(60), |l| l.contains(" :c ")).await?;
+    }
+    let irc = n as f64 / start.elapsed().as_secs_f64();
+    let mut x = Bot::login(c2s, "cx1").await?;
+    let mut y = Bot::login(c2s, "cx2").await?;
+    x.join("ceil@muc.localhost", "x").await?;
+    y.join("ceil@muc.localhost", "y").await?;
+    let start = Instant::now();
+    for i in 0..n {
+        x.groupchat("ceil@muc.localhost", &format!("c {i}"));
+    }
+    let mut got = 0;
+    let mut last = start;
+    while got < n {
+        let (at, from, _) = tokio::time::timeout(Duration::from_secs(60), y.bodies.recv()).await?.context("gone")?;
+        if from.ends_with("/x") {
+            got += 1;
+            last = at;
+        }
+    }
+    Ok((irc, n as f64 / last.duration_since(start).as_secs_f64()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, fan, users) = if quick { (500, 10, 50) } else { (5000, 50, 1000) };
+    // Many connections: as many descriptors as allowed.
+    // SAFETY: adjusting this process's own limit.
+    unsafe {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let t0 = Instant::now();
+    let mut bulk = Vec::new();
+    for p in ["i", "b"] {
+        for i in 0..=fan + users {
+            bulk.push((format!("{p}u{i}"), format!("{p}u{i}pass")));
+        }
+    }
+    bulk.push(("cx1".into(), "cx1pass".into()));
+    bulk.push(("cx2".into(), "cx2pass".into()));
+    let prosody = Prosody::start(ProsodyOptions {
+        users: vec![],
+        components: vec![
+            ("isthmus.localhost".into(), ISTHMUS_SECRET.into()),
+            ("biboumi.localhost".into(), BIBOUMI_SECRET.into()),
+        ],
+        bulk_users: bulk,
+    })
+    .await?;
+    let irc = IrcServer::start_on_port(IrcServerKind::Ngircd, 6667).await?;
+    let (c2s, comp) = (prosody.c2s_port(), prosody.component_port());
+
+    let mut s1: HashMap<&str, Vec<f64>> = HashMap::new();
+    for _ in 0..5 {
+        let (g, t) = start_isthmus(comp, irc.port()).await?;
+        s1.entry("Isthmus").or_default().push(t);
+        drop(g);
+        let (g, t) = start_biboumi(comp).await?;
+        s1.entry("Biboumi").or_default().push(t);
+        drop(g);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut rows = Vec::new();
+    for which in ["Isthmus", "Biboumi"] {
+        let (g, _) =
+            if which == "Isthmus" { start_isthmus(comp, irc.port()).await? } else { start_biboumi(comp).await? };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut row = measure(&g, c2s, irc.port(), n, fan, users, t0).await?;
+        row.s1_ms = percentile(s1.get_mut(which).context("s1")?, 0.5);
+        rows.push((which, row));
+        drop(g);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (irc_ceiling, xmpp_ceiling) = ceilings(c2s, irc.port(), n).await?;
+    let table = report(&rows, irc_ceiling, xmpp_ceiling, n, fan, users);
+    println!("{table}");
+    if !quick {
+        let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+        std::fs::write(&doc, document(&table))?;
+        eprintln!("wrote {}", doc.display());
+    }
+    drop(irc);
+    drop(prosody);
+    let _ = free_port;
+    Ok(())
+}
+
+fn report(rows: &[(&str, Row)], irc_ceiling: f64, xmpp_ceiling: f64, n: usize, fan: usize, users: usize) -> String {
+    let get = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, r)| r.clone()).unwrap_or_default();
+    let (i, b) = (get("Isthmus"), get("Biboumi"));
+    let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.2}", x / y) } else { "–".into() };
+    let mut t = String::new();
+    t += "| figure | Isthmus | Biboumi | Isthmus/Biboumi |\n|---|---|---|---|\n";
+    t += &format!("| T1 XMPP→IRC, {n} messages (msg/s) | {:.0} | {:.0} | {} |\n", i.t1, b.t1, ratio(i.t1, b.t1));
+    t += &format!(
+        "| T1 latency at 200 msg/s, p50 / p99 (ms) | {:.2} / {:.2} | {:.2} / {:.2} | {} |\n",
+        i.lat1.0,
+        i.lat1.1,
+        b.lat1.0,
+        b.lat1.1,
+        ratio(i.lat1.1, b.lat1.1)
+    );
+    t += &format!("| T2 IRC→XMPP, {n} messages (msg/s) | {:.0} | {:.0} | {} |\n", i.t2, b.t2, ratio(i.t2, b.t2));
+    t += &format!(
+        "| T2 latency at 200 msg/s, p50 / p99 (ms) | {:.2} / {:.2} | {:.2} / {:.2} | {} |\n",
+        i.lat2.0,
+        i.lat2.1,
+        b.lat2.0,
+        b.lat2.1,
+        ratio(i.lat2.1, b.lat2.1)
+    );
+    t += &format!(
+        "| T3 one IRC line to {fan} XMPP users, median (ms) | {:.1} | {:.1} | {} |\n",
+        i.t3_ms,
+        b.t3_ms,
+        ratio(i.t3_ms, b.t3_ms)
+    );
+    t += &format!(
+        "| M1 idle RSS (kB) | {} | {} | {} |\n",
+        i.rss_idle_kb,
+        b.rss_idle_kb,
+        ratio(i.rss_idle_kb as f64, b.rss_idle_kb as f64)
+    );
+    t += &format!(
+        "| M1 RSS per user with an IRC connection, {users} users (kB) | {:.1} | {:.1} | {} |\n",
+        i.per_conn_kb,
+        b.per_conn_kb,
+        ratio(i.per_conn_kb, b.per_conn_kb)
+    );
+    t += &format!(
+        "| S1 start to ready, median of 5 (ms) | {:.0} | {:.0} | {} |\n",
+        i.s1_ms,
+        b.s1_ms,
+        ratio(i.s1_ms, b.s1_ms)
+    );
+    t += &format!(
+        "\nCeilings measured in the same run: raw IRC client → ngIRCd → raw IRC client {irc_ceiling:.0} msg/s; XMPP client → Prosody MUC → XMPP client {xmpp_ceiling:.0} msg/s.\n"
+    );
+    t
+}
+
+fn document(table: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!(
+        "# Benchmarks: Isthmus and Biboumi side by side\n\nMeasured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, so compare the ratios rather than the absolute figures.\n\nCommand: `cargo build --release -p isthmus && cargo run --release -p isthmus-tests --bin bench`\n\nSettings that change the figures: archiving on in both (Biboumi `record_history` default true; Isthmus archive with 7 days retention); flood control off in both (Biboumi `throttle_limit=-1` via its `configure` ad-hoc command; Isthmus `flood.enabled: false`); ngIRCd `MaxPenaltyTime = 0`; Prosody `nagle = false`. Load generators are Rust clients (tokio-xmpp, raw IRC sockets) in the benchmark process, sharing the 2 cores with the servers they measure.\n\n{table}\n"
+    )
+}
