@@ -119,6 +119,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 warn!(domain, "gateway output closed");
             });
         }
+        server.ensure_first_account().await?;
         server.listen(&embedded).await?;
     }
 

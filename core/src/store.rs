@@ -668,6 +668,11 @@ impl Store {
         .transpose()
     }
 
+    pub async fn count_local_users(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM local_users").fetch_one(&self.pool).await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// Delete an account and its roster; false when there was no such account.
     pub async fn delete_local_user(&self, jid: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM local_users WHERE jid = $1").bind(jid).execute(&self.pool).await?;

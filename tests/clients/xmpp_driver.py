@@ -45,7 +45,8 @@ class Driver(slixmpp.ClientXMPP):
         for p in ("xep_0030", "xep_0045", "xep_0199", "xep_0359"):
             self.register_plugin(p)
         self.add_event_handler("session_start", self.on_start)
-        self.add_event_handler("failed_auth", lambda _: emit({"event": "failed", "reason": "authentication failed"}))
+        self.add_event_handler("failed_auth", lambda f: emit({"event": "failed", "reason": "authentication failed",
+                                                                "xml": tostring(f.xml) if hasattr(f, "xml") else str(f)}))
         self.add_event_handler("disconnected", lambda _: emit({"event": "disconnected"}))
         for kind in ("message", "presence", "iq"):
             self.register_handler(slixmpp.xmlstream.handler.Callback(
@@ -69,7 +70,7 @@ class Driver(slixmpp.ClientXMPP):
 
 async def commands(client):
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)  # tests send oversized stanzas on purpose
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
         line = await reader.readline()

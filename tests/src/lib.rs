@@ -22,7 +22,8 @@ pub mod xmpp;
 pub use gateway::Isthmus;
 pub use irc::IrcClient;
 pub use peers::{
-    Ejabberd, IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions, XmppServer, XmppServerKind,
+    C2s, Ejabberd, EmbeddedC2s, IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions, XmppServer,
+    XmppServerKind,
 };
 pub use xmpp::{Stanza, XmppClient};
 

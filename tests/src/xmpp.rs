@@ -41,9 +41,13 @@ pub struct XmppClient {
     events: mpsc::UnboundedReceiver<Value>,
     buffer: VecDeque<Stanza>,
     seen: Vec<String>,
+    /// The SASL mechanism the login used, as slixmpp reports it.
+    pub mechanism: Option<String>,
+    /// Whether the stream was encrypted.
+    pub tls: bool,
 }
 
-fn venv_python() -> Result<std::path::PathBuf> {
+pub fn python() -> Result<std::path::PathBuf> {
     let p = crate::cache_dir().join("venv/bin/python");
     if !p.is_file() {
         bail!("{} not found: run ./tests/install-deps.sh (it creates the slixmpp venv)", p.display());
@@ -55,7 +59,7 @@ impl XmppClient {
     /// Log `jid` in to `server` (plain c2s on loopback, or STARTTLS when the server has a CA file).
     pub async fn connect(server: &impl C2s, jid: &str, password: &str) -> Result<XmppClient> {
         let script = crate::repo_root().join("tests/clients/xmpp_driver.py");
-        let mut child = Command::new(venv_python()?)
+        let mut child = Command::new(python()?)
             .arg(script)
             .args([jid, password, "127.0.0.1", &server.c2s_port().to_string()])
             .args(server.ca_file())
@@ -78,7 +82,16 @@ impl XmppClient {
                 }
             }
         });
-        let mut c = XmppClient { jid: jid.to_owned(), child, stdin, events, buffer: VecDeque::new(), seen: Vec::new() };
+        let mut c = XmppClient {
+            jid: jid.to_owned(),
+            child,
+            stdin,
+            events,
+            buffer: VecDeque::new(),
+            seen: Vec::new(),
+            mechanism: None,
+            tls: false,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let ev = tokio::time::timeout_at(deadline, c.events.recv())
@@ -86,8 +99,12 @@ impl XmppClient {
                 .map_err(|_| anyhow!("{jid} did not log in within 20 s"))?
                 .ok_or_else(|| anyhow!("the XMPP driver for {jid} exited before logging in"))?;
             match ev["event"].as_str() {
-                Some("ready") => return Ok(c),
-                Some("failed") => bail!("{jid} could not log in: {}", ev["reason"]),
+                Some("ready") => {
+                    c.mechanism = ev["mechanism"].as_str().map(str::to_owned);
+                    c.tls = ev["tls"].as_bool().unwrap_or(false);
+                    return Ok(c);
+                }
+                Some("failed") => bail!("{jid} could not log in: {} {}", ev["reason"], ev["xml"]),
                 Some("stanza") => c.buffer.push_back(to_stanza(&ev)),
                 _ => {}
             }
@@ -151,6 +168,19 @@ impl XmppClient {
                     let last: Vec<&String> = self.seen.iter().rev().take(8).collect();
                     bail!("{}: no matching stanza within {timeout:?}; last received:\n{:#?}", self.jid, last)
                 }
+            }
+        }
+    }
+
+    /// Wait until the server ends the connection.
+    pub async fn expect_disconnected(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) if ev["event"] == "disconnected" => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(_) => bail!("{}: still connected after {timeout:?}", self.jid),
             }
         }
     }

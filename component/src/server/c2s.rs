@@ -247,8 +247,20 @@ async fn negotiate(
                     state.user = Some(user);
                     state.phase = Phase::Authenticated;
                     read.store(0, Ordering::Relaxed);
-                    return match stream.accept_reset(&success).await {
-                        Ok(a) => Step::Restart(a),
+                    // A restart by hand rather than `accept_reset`: some clients (go-xmpp)
+                    // send whitespace before the new header, which a reset parser refuses.
+                    if stream.send(&success).await.is_err() {
+                        return Step::End;
+                    }
+                    let mut io = stream.into_inner();
+                    return match skip_whitespace(&mut io).await {
+                        Ok(()) => match accept_stream(io, CLIENT, TIMEOUTS).await {
+                            Ok(a) => Step::Restart(a),
+                            Err(e) => {
+                                debug!(%peer, error = %e, "no stream restart after authentication");
+                                Step::End
+                            }
+                        },
                         Err(_) => Step::End,
                     };
                 }
@@ -287,6 +299,23 @@ async fn negotiate(
                 stream_error(&mut stream, DefinedCondition::NotAuthorized, text).await;
                 return Step::End;
             }
+        }
+    }
+}
+
+/// Drop whitespace the client sent between two streams.
+async fn skip_whitespace(io: &mut Io) -> io::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    loop {
+        let buf = io.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let n = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        let done = n < buf.len();
+        io.consume(n);
+        if done {
+            return Ok(());
         }
     }
 }

@@ -95,6 +95,32 @@ impl Server {
         }))
     }
 
+    /// First start with no account at all: create `admin@DOMAIN` with a random
+    /// password and say it once in the log, so a fresh install can be used at once.
+    pub async fn ensure_first_account(&self) -> Result<(), ServerError> {
+        if !self.listed_users.is_empty() {
+            return Ok(());
+        }
+        let count = self.store.count_local_users().await.map_err(|e| ServerError::Account("admin".into(), e.into()))?;
+        if count > 0 {
+            return Ok(());
+        }
+        let jid = format!("admin@{}", self.domain);
+        let password: String = {
+            use rand::Rng;
+            const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+            let mut rng = rand::rng();
+            (0..16).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+        };
+        accounts::set_password(&self.store, &jid, &password).await.map_err(|e| ServerError::Account(jid.clone(), e))?;
+        warn!(
+            account = %jid,
+            password = %password,
+            "first start: created an account (shown only this once; change it with `isthmus user passwd {jid}`)"
+        );
+        Ok(())
+    }
+
     /// Listen for clients (and, if configured, direct-TLS clients); returns once listening.
     pub async fn listen(self: &Arc<Self>, config: &EmbeddedConfig) -> Result<(), ServerError> {
         let mut listeners = vec![(config.listen.clone(), false)];

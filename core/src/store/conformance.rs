@@ -25,7 +25,9 @@ async fn local_users_and_rosters(store: &Store) {
         scram_sha256: "4096$c2FsdA==$BBBB".into(),
         created_us: 1,
     };
+    assert_eq!(store.count_local_users().await.expect("count"), 0);
     store.upsert_local_user(&u).await.expect("add user");
+    assert_eq!(store.count_local_users().await.expect("count"), 1);
     assert_eq!(store.local_user("alice@localhost").await.expect("get"), Some(u.clone()));
     let changed = LocalUserRecord { scram_sha256: "4096$c2FsdA==$CCCC".into(), ..u.clone() };
     store.upsert_local_user(&changed).await.expect("change password");

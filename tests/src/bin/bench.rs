@@ -20,76 +20,109 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use isthmus_tests::process::{command, free_port, tail};
 use isthmus_tests::{IrcClient, IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions};
+use futures::SinkExt;
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_xmpp::connect::DnsConfig;
-use tokio_xmpp::parsers::jid::Jid;
-use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
 use tokio_xmpp::parsers::minidom::Element;
-use tokio_xmpp::xmlstream::Timeouts;
-use tokio_xmpp::{Client, Event, Stanza};
+use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
 
 const ISTHMUS_SECRET: &str = "bench-isthmus";
 const BIBOUMI_SECRET: &str = "bench-biboumi";
 
-/// A raw-ish XMPP client (tokio-xmpp) run on its own task: send raw stanzas, get
-/// message bodies with their arrival time.
+/// A minimal XMPP client on tokio-xmpp's `xmlstream` (PLAIN over loopback, then
+/// binding), run on its own task: send raw stanzas, get message bodies with
+/// their arrival time. (tokio-xmpp's `Client` cannot be used here: the workspace
+/// builds xmpp-parsers for components, whose stanzas carry the component namespace.)
 struct Bot {
-    out: mpsc::UnboundedSender<Stanza>,
+    out: mpsc::UnboundedSender<Element>,
     bodies: mpsc::UnboundedReceiver<(Instant, String, String)>, // (arrival, from, body)
     xml: mpsc::UnboundedReceiver<Element>,
 }
 
+type BotStream = XmlStream<BufStream<TcpStream>, Element>;
+
+async fn next_element(stream: &mut BotStream) -> Result<Element> {
+    loop {
+        match stream.next().await {
+            Some(Ok(el)) => return Ok(el),
+            Some(Err(ReadError::SoftTimeout)) => continue,
+            Some(Err(e)) => bail!("read: {e}"),
+            None => bail!("stream closed"),
+        }
+    }
+}
+
 impl Bot {
     async fn login(c2s: u16, user: &str) -> Result<Bot> {
-        let jid: Jid = format!("{user}@localhost/bench").parse()?;
-        let mut client = Client::new_plaintext(
-            jid,
-            format!("{user}pass"),
-            DnsConfig::addr(&format!("127.0.0.1:{c2s}")),
-            Timeouts::tight(),
-        );
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Stanza>();
+        tokio::time::timeout(Duration::from_secs(30), Self::connect(c2s, user)).await.context("login timed out")?
+    }
+
+    async fn connect(c2s: u16, user: &str) -> Result<Bot> {
+        const CLIENT: &str = "jabber:client";
+        let timeouts = Timeouts { read_timeout: Duration::from_secs(3600), response_timeout: Duration::from_secs(3600) };
+        let header = || StreamHeader { to: Some("localhost".into()), from: None, id: None };
+        let tcp = TcpStream::connect(("127.0.0.1", c2s)).await?;
+        tcp.set_nodelay(true)?;
+        let pending = initiate_stream(BufStream::new(tcp), CLIENT, header(), timeouts).await?;
+        let (_, mut stream) = pending.recv_features::<Element>().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let token = base64_plain(user, &format!("{user}pass"));
+        stream.send(&parse(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"))?).await?;
+        let answer = next_element(&mut stream).await?;
+        if answer.name() != "success" {
+            bail!("{user}: authentication refused: {}", String::from(&answer));
+        }
+        let pending = stream.initiate_reset().send_header(header()).await?;
+        let (_, mut stream) = pending.recv_features::<Element>().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        stream
+            .send(&parse("<iq xmlns='jabber:client' type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>")?)
+            .await?;
+        loop {
+            let el = next_element(&mut stream).await?;
+            if el.name() == "iq" && el.attr("id") == Some("bind") {
+                break;
+            }
+        }
+        stream.send(&parse("<presence xmlns='jabber:client'/>")?).await?;
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Element>();
         let (body_tx, bodies) = mpsc::unbounded_channel();
         let (xml_tx, xml) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
             loop {
                 tokio::select! {
-                    ev = client.next() => match ev {
-                        Some(Event::Online { .. }) => {
-                            if let Some(r) = ready.take() { let _ = r.send(()); }
-                        }
-                        Some(Event::Stanza(Stanza::Message(m))) => {
+                    item = stream.next() => match item {
+                        Some(Ok(el)) => {
                             let now = Instant::now();
-                            if let Some((_, b)) = m.get_best_body_cloned(vec![]) {
-                                let _ = body_tx.send((now, m.from.map(|f| f.to_string()).unwrap_or_default(), b));
-                            } else {
-                                let _ = xml_tx.send(Element::from(m));
+                            match el.get_child("body", CLIENT) {
+                                Some(b) if el.name() == "message" => {
+                                    let _ = body_tx.send((now, el.attr("from").unwrap_or_default().to_owned(), b.text()));
+                                }
+                                _ => { let _ = xml_tx.send(el); }
                             }
                         }
-                        Some(Event::Stanza(s)) => { let _ = xml_tx.send(Element::from(s)); }
-                        Some(Event::Disconnected(e)) => { eprintln!("bench client disconnected: {e}"); break; }
+                        Some(Err(ReadError::SoftTimeout)) => {}
+                        Some(Err(e)) => { eprintln!("bench client: {e}"); break; }
                         None => break,
                     },
-                    s = out_rx.recv() => match s {
-                        Some(s) => { if client.send_stanza(s).await.is_err() { break; } }
+                    el = out_rx.recv() => match el {
+                        Some(el) => {
+                            // Write whatever is queued, then flush once.
+                            if stream.feed(&el).await.is_err() { break; }
+                            while let Ok(more) = out_rx.try_recv() {
+                                if stream.feed(&more).await.is_err() { break; }
+                            }
+                            if SinkExt::<&Element>::flush(&mut stream).await.is_err() { break; }
+                        }
                         None => break,
                     },
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(30), ready_rx).await.context("login timed out")??;
         Ok(Bot { out: out_tx, bodies, xml })
     }
 
-    fn send(&self, s: Stanza) {
-        let _ = self.out.send(s);
-    }
-
     fn send_xml(&self, xml: &str) -> Result<()> {
-        let el: Element = xml.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        self.send(Stanza::try_from(el).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        let _ = self.out.send(parse(xml)?);
         Ok(())
     }
 
@@ -114,10 +147,22 @@ impl Bot {
     }
 
     fn groupchat(&self, room: &str, body: &str) {
-        let mut m = Message::new_with_type(MessageType::Groupchat, Some(room.parse().expect("room JID")));
-        m.bodies.insert(Lang::default(), body.to_owned());
-        self.send(Stanza::Message(m));
+        if let Ok(el) = parse(&format!(
+            "<message xmlns='jabber:client' to='{room}' type='groupchat'><body>{body}</body></message>"
+        )) {
+            let _ = self.out.send(el);
+        }
     }
+}
+
+fn parse(xml: &str) -> Result<Element> {
+    xml.parse().map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+/// SASL PLAIN's initial response: base64 of `\0user\0password`.
+fn base64_plain(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
 }
 
 /// Parse `tag i t_ns` bodies: (index, send time in ns since `t0`).
