@@ -69,17 +69,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 .component_secret_for(net)
                 .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
             links.push((
-            LinkConfig {
-                domain: net.domain.clone(),
-                secret: secret.expose().to_owned(),
-                host: component.host.clone(),
-                port: component.port,
-                keepalive: Duration::from_secs(component.keepalive_secs.max(1)),
-                reconnect_initial: Duration::from_millis(component.reconnect_initial_ms.max(1)),
-                reconnect_max: Duration::from_millis(component.reconnect_max_ms.max(1)),
-            },
-            rx,
-        ));
+                LinkConfig {
+                    domain: net.domain.clone(),
+                    secret: secret.expose().to_owned(),
+                    host: component.host.clone(),
+                    port: component.port,
+                    keepalive: Duration::from_secs(component.keepalive_secs.max(1)),
+                    reconnect_initial: Duration::from_millis(component.reconnect_initial_ms.max(1)),
+                    reconnect_max: Duration::from_millis(component.reconnect_max_ms.max(1)),
+                },
+                rx,
+            ));
         } else {
             in_process.push((net.domain.clone(), rx));
         }
@@ -114,7 +114,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             tokio::spawn(async move {
                 while let Some(stanza) = outgoing.recv().await {
                     let el = tokio_xmpp::minidom::Element::from(stanza);
-                    server.route(crate::server::xml::rename_ns(&el, crate::server::xml::COMPONENT, crate::server::xml::CLIENT)).await;
+                    server
+                        .route(crate::server::xml::rename_ns(
+                            &el,
+                            crate::server::xml::COMPONENT,
+                            crate::server::xml::CLIENT,
+                        ))
+                        .await;
                 }
                 warn!(domain, "gateway output closed");
             });

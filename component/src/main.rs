@@ -137,7 +137,10 @@ fn user(action: UserAction, path: &std::path::Path) -> anyhow::Result<()> {
             UserAction::Add { jid } => {
                 let jid = accounts::account_jid(&jid)?;
                 check_domain(&config, &jid)?;
-                anyhow::ensure!(store.local_user(&jid).await?.is_none(), "{jid} already exists (use `isthmus user passwd`)");
+                anyhow::ensure!(
+                    store.local_user(&jid).await?.is_none(),
+                    "{jid} already exists (use `isthmus user passwd`)"
+                );
                 accounts::set_password(&store, &jid, &read_password()?).await?;
                 eprintln!("added {jid}");
             }

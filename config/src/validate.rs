@@ -68,7 +68,11 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
     if config.xmpp.mode == XmppMode::Embedded {
         let e = config.xmpp.embedded.clone().unwrap_or_default();
         if !valid_domain(&e.domain) {
-            return Err(ConfigError::at(file, &top, format!("`xmpp.embedded.domain` `{}` is not a domain name", e.domain)));
+            return Err(ConfigError::at(
+                file,
+                &top,
+                format!("`xmpp.embedded.domain` `{}` is not a domain name", e.domain),
+            ));
         }
         for listen in std::iter::once(&e.listen).chain(e.direct_tls_listen.iter()) {
             if listen.parse::<std::net::SocketAddr>().is_err() {
@@ -80,7 +84,11 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
         if e.tls_cert.is_some() != e.tls_key.is_some() {
-            return Err(ConfigError::at(file, &top, "`xmpp.embedded.tls_cert` and `tls_key` go together: give both or neither"));
+            return Err(ConfigError::at(
+                file,
+                &top,
+                "`xmpp.embedded.tls_cert` and `tls_key` go together: give both or neither",
+            ));
         }
         if e.max_stanza_bytes < 10_000 {
             return Err(ConfigError::at(file, &top, "`xmpp.embedded.max_stanza_bytes` must be at least 10000"));
@@ -102,7 +110,10 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 return Err(ConfigError::at(
                     file,
                     &top,
-                    format!("IRC domain `{}` is the users' domain; give the network its own, e.g. irc.{}", net.domain, e.domain),
+                    format!(
+                        "IRC domain `{}` is the users' domain; give the network its own, e.g. irc.{}",
+                        net.domain, e.domain
+                    ),
                 ));
             }
         }

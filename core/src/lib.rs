@@ -11,6 +11,7 @@
 //! (`bridges/*`) and the XMPP component depend on it; it depends on none of them.
 
 pub mod address;
+pub mod idmap;
 pub mod model;
 pub mod network;
 pub mod router;

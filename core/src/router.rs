@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tracing::{Instrument, debug, warn};
 
+use crate::idmap::IdMap;
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
 use crate::network::{Delivered, DeliveryError, EventStream, Network};
 use crate::store::Store;
@@ -52,6 +53,7 @@ struct Inner {
     /// chat → every member chat of its portal (including itself).
     portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
     store: Store,
+    ids: IdMap,
 }
 
 /// Builds a [`Router`].
@@ -77,8 +79,10 @@ impl RouterBuilder {
         self
     }
 
+    /// Build the router; starts the id map writer, so call it inside the runtime.
     pub fn build(self) -> Router {
-        Router { inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store }) }
+        let ids = IdMap::spawn(self.store.clone());
+        Router { inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store, ids }) }
     }
 }
 
@@ -94,6 +98,11 @@ impl Router {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The message id map (writes batched; lookups see every earlier write).
+    pub fn ids(&self) -> &IdMap {
+        &self.inner.ids
     }
 
     /// The networks an event must reach, each with the chat spelled as that network knows it.
@@ -133,21 +142,14 @@ impl Router {
         // A correction belongs to the message it corrects: its ids join the original's
         // key, so a correction of a correction still reaches the original.
         if let EventKind::Correction { target, .. } = &event.kind {
-            match self.inner.store.key_for_remote(event.origin.as_str(), &origin_scope, &target.0).await {
+            match self.inner.ids.key_for_remote(event.origin.as_str(), &origin_scope, &target.0).await {
                 Ok(Some(key)) => event.key = MessageKey(key),
                 Ok(None) => debug!(target = %target.0, "correction of a message unknown to the id map"),
                 Err(e) => warn!(error = %e, "id map lookup failed"),
             }
         }
-        if event.kind.is_message_like() && !event.origin_ids.is_empty() {
-            if let Err(e) = self
-                .inner
-                .store
-                .map_message(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids)
-                .await
-            {
-                warn!(error = %e, "could not record the origin ids in the id map");
-            }
+        if event.kind.is_message_like() {
+            self.inner.ids.record(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids);
         }
         let mut report = RouteReport::default();
         for (dest, chat) in self.destinations(&event) {
@@ -162,11 +164,7 @@ impl Router {
             let result = network.deliver(copy).await;
             match &result {
                 Ok(d) if event.kind.is_message_like() && !d.remote_ids.is_empty() => {
-                    if let Err(e) =
-                        self.inner.store.map_message(&event.key.0, dest.as_str(), &dest_scope, &d.remote_ids).await
-                    {
-                        warn!(error = %e, network = %dest, "could not record delivered ids in the id map");
-                    }
+                    self.inner.ids.record(&event.key.0, dest.as_str(), &dest_scope, &d.remote_ids);
                     debug!(network = %dest, remote_ids = ?d.remote_ids, "delivered");
                 }
                 Ok(_) => debug!(network = %dest, "delivered"),
@@ -201,8 +199,8 @@ impl Router {
             _ => {}
         }
         for r in refs {
-            match self.inner.store.key_for_remote(origin.as_str(), origin_scope, &r.0).await {
-                Ok(Some(key)) => match self.inner.store.remote_ids_for(&key, dest.as_str()).await {
+            match self.inner.ids.key_for_remote(origin.as_str(), origin_scope, &r.0).await {
+                Ok(Some(key)) => match self.inner.ids.remote_ids_for(&key, dest.as_str()).await {
                     Ok(ids) if !ids.is_empty() => r.0 = ids[0].clone(),
                     Ok(_) => debug!(target = %r.0, "reference has no id on the destination"),
                     Err(e) => warn!(error = %e, "id map lookup failed"),

@@ -161,6 +161,15 @@ pub fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
+/// The ids one message has on one network, in one scope (room or contact), in part order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdMapEntry {
+    pub key: String,
+    pub network: String,
+    pub scope: String,
+    pub remote_ids: Vec<String>,
+}
+
 /// A process-wide, strictly increasing, time-ordered id (microseconds, bumped on ties).
 pub fn next_archive_id() -> i64 {
     static LAST: AtomicI64 = AtomicI64::new(0);
@@ -460,22 +469,35 @@ impl Store {
     /// Record the ids a message has on `network` in `scope` (room or contact), in order.
     /// Recording the same ids again is not an error.
     pub async fn map_message(&self, key: &str, network: &str, scope: &str, remote_ids: &[String]) -> Result<()> {
-        if remote_ids.is_empty() {
+        let entry = IdMapEntry {
+            key: key.to_owned(),
+            network: network.to_owned(),
+            scope: scope.to_owned(),
+            remote_ids: remote_ids.to_vec(),
+        };
+        self.map_messages(std::slice::from_ref(&entry)).await
+    }
+
+    /// Record several messages' ids in one transaction.
+    pub async fn map_messages(&self, entries: &[IdMapEntry]) -> Result<()> {
+        if entries.iter().all(|e| e.remote_ids.is_empty()) {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for (part, id) in remote_ids.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (network, scope, remote_id) DO NOTHING",
-            )
-            .bind(key)
-            .bind(network)
-            .bind(scope)
-            .bind(id)
-            .bind(part as i64)
-            .execute(&mut *tx)
-            .await?;
+        for e in entries {
+            for (part, id) in e.remote_ids.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (network, scope, remote_id) DO NOTHING",
+                )
+                .bind(&e.key)
+                .bind(&e.network)
+                .bind(&e.scope)
+                .bind(id)
+                .bind(part as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())

@@ -106,6 +106,10 @@ Component "muc.localhost" "muc"
     pub fn component_port(&self) -> u16 {
         self.component
     }
+    /// The running server's process id (for CPU and memory figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("prosody.log")
     }
@@ -529,6 +533,10 @@ impl IrcServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+    /// The running server's process id (for CPU figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
     pub fn tls_port(&self) -> u16 {
         self.tls_port

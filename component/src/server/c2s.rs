@@ -107,7 +107,8 @@ struct Negotiation {
     user: Option<String>,
 }
 
-const TIMEOUTS: Timeouts = Timeouts { read_timeout: Duration::from_secs(240), response_timeout: Duration::from_secs(60) };
+const TIMEOUTS: Timeouts =
+    Timeouts { read_timeout: Duration::from_secs(240), response_timeout: Duration::from_secs(60) };
 
 /// Serve one client connection until it ends.
 pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
@@ -377,12 +378,18 @@ async fn authenticate(
             .find_map(|p| p.strip_prefix("n="))
             .map(|u| u.replace("=2C", ",").replace("=3D", "=")),
         _ => {
-            stream.send(&fail("invalid-mechanism", "offered: SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS")).await.map_err(|_| ())?;
+            stream
+                .send(&fail("invalid-mechanism", "offered: SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS"))
+                .await
+                .map_err(|_| ())?;
             return Ok(None);
         }
     };
     if mechanism == "PLAIN" && !tls {
-        stream.send(&fail("encryption-required", "PLAIN is only accepted over TLS: use STARTTLS first")).await.map_err(|_| ())?;
+        stream
+            .send(&fail("encryption-required", "PLAIN is only accepted over TLS: use STARTTLS first"))
+            .await
+            .map_err(|_| ())?;
         return Ok(None);
     }
     let Some(username) = username.filter(|u| !u.is_empty() && !u.contains('@')) else {
@@ -400,7 +407,9 @@ async fn authenticate(
     };
     let mut mech: Box<dyn Mechanism + Send> = match mechanism.as_str() {
         "PLAIN" => Box::new(Plain::new(known)),
-        "SCRAM-SHA-1" => Box::new(Scram::<sasl::common::scram::Sha1, _>::new(known, sasl::common::ChannelBinding::Unsupported)),
+        "SCRAM-SHA-1" => {
+            Box::new(Scram::<sasl::common::scram::Sha1, _>::new(known, sasl::common::ChannelBinding::Unsupported))
+        }
         _ => Box::new(Scram::<sasl::common::scram::Sha256, _>::new(known, sasl::common::ChannelBinding::Unsupported)),
     };
     let mut data = initial;

@@ -80,7 +80,8 @@ impl Server {
         let mut listed_users = Vec::new();
         for u in &config.users {
             let jid = accounts::account_jid(&u.jid).map_err(|e| ServerError::Account(u.jid.clone(), e))?;
-            let c = Credentials::from_hash_string(&u.password_hash).map_err(|e| ServerError::Account(u.jid.clone(), e))?;
+            let c =
+                Credentials::from_hash_string(&u.password_hash).map_err(|e| ServerError::Account(u.jid.clone(), e))?;
             listed_users.push((jid, c));
         }
         Ok(Arc::new(Server {
@@ -289,7 +290,9 @@ impl Server {
         let user = xml::bare(full).to_owned();
         match el.name() {
             "presence" => self.presence_from_client(full, &user, el).await,
-            "iq" if el.attr("to").is_none_or(|t| t == user || t == self.domain) => self.server_iq(full, &user, el).await,
+            "iq" if el.attr("to").is_none_or(|t| t == user || t == self.domain) => {
+                self.server_iq(full, &user, el).await
+            }
             "message" => {
                 if el.attr("to").is_none() {
                     set_attr(&mut el, "to", Some(&user));
@@ -369,8 +372,13 @@ impl Server {
                 }
                 let online = self.resources(&user, true);
                 if online.is_empty() {
-                    self.bounce(&el, "cancel", "service-unavailable", "the user is offline and messages are not stored")
-                        .await;
+                    self.bounce(
+                        &el,
+                        "cancel",
+                        "service-unavailable",
+                        "the user is offline and messages are not stored",
+                    )
+                    .await;
                     return;
                 }
                 for full in online {
@@ -421,7 +429,12 @@ impl Server {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions
             .get(user)
-            .map(|r| r.iter().filter(|(res, s)| *res != resource && s.carbons).map(|(res, _)| format!("{user}/{res}")).collect())
+            .map(|r| {
+                r.iter()
+                    .filter(|(res, s)| *res != resource && s.carbons)
+                    .map(|(res, _)| format!("{user}/{res}"))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -493,7 +506,11 @@ impl Server {
     fn disco_info(&self, iq: &Element) -> Element {
         let mut q = Element::bare("query", xml::DISCO_INFO);
         if iq.attr("to") == Some(self.domain.as_str()) {
-            q.append_child(elem("identity", xml::DISCO_INFO, &[("category", "server"), ("type", "im"), ("name", "Isthmus")]));
+            q.append_child(elem(
+                "identity",
+                xml::DISCO_INFO,
+                &[("category", "server"), ("type", "im"), ("name", "Isthmus")],
+            ));
             for f in [xml::DISCO_INFO, xml::DISCO_ITEMS, xml::PING, CARBONS, ROSTER, xml::VERSION] {
                 q.append_child(elem("feature", xml::DISCO_INFO, &[("var", f)]));
             }

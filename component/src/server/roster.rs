@@ -89,17 +89,27 @@ impl Server {
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot read the roster");
-                    self.send_to_full(full, error_reply(iq, "wait", "internal-server-error", Some("the roster store is unavailable")));
+                    self.send_to_full(
+                        full,
+                        error_reply(iq, "wait", "internal-server-error", Some("the roster store is unavailable")),
+                    );
                 }
             },
             "set" => {
                 let items: Vec<&Element> = query.children().filter(|c| c.is("item", ROSTER)).collect();
                 let [item] = items.as_slice() else {
-                    self.send_to_full(full, error_reply(iq, "modify", "bad-request", Some("a roster set carries exactly one item")));
+                    self.send_to_full(
+                        full,
+                        error_reply(iq, "modify", "bad-request", Some("a roster set carries exactly one item")),
+                    );
                     return;
                 };
-                let Some(contact) = item.attr("jid").and_then(|j| j.parse::<tokio_xmpp::parsers::jid::BareJid>().ok()) else {
-                    self.send_to_full(full, error_reply(iq, "modify", "jid-malformed", Some("the item's jid is not a bare JID")));
+                let Some(contact) = item.attr("jid").and_then(|j| j.parse::<tokio_xmpp::parsers::jid::BareJid>().ok())
+                else {
+                    self.send_to_full(
+                        full,
+                        error_reply(iq, "modify", "jid-malformed", Some("the item's jid is not a bare JID")),
+                    );
                     return;
                 };
                 let contact = contact.to_string();

@@ -57,8 +57,7 @@ pub fn load_or_generate(
         .map_err(|e| TlsError::Read(cert_path.clone(), e.to_string()))?;
     let first = certs.first().ok_or_else(|| TlsError::Read(cert_path.clone(), "no certificate in the file".into()))?;
     let fingerprint = Sha256::digest(first.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
-    let key =
-        PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Read(key_path.clone(), e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Read(key_path.clone(), e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

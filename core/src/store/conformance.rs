@@ -31,7 +31,10 @@ async fn local_users_and_rosters(store: &Store) {
     assert_eq!(store.local_user("alice@localhost").await.expect("get"), Some(u.clone()));
     let changed = LocalUserRecord { scram_sha256: "4096$c2FsdA==$CCCC".into(), ..u.clone() };
     store.upsert_local_user(&changed).await.expect("change password");
-    assert_eq!(store.local_user("alice@localhost").await.expect("get").map(|u| u.scram_sha256), Some(changed.scram_sha256));
+    assert_eq!(
+        store.local_user("alice@localhost").await.expect("get").map(|u| u.scram_sha256),
+        Some(changed.scram_sha256)
+    );
     assert_eq!(store.local_user("bob@localhost").await.expect("get"), None);
 
     let item = RosterRecord {

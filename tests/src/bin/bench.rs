@@ -17,10 +17,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
-use isthmus_tests::process::{command, free_port, tail};
-use isthmus_tests::{IrcClient, IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions};
 use futures::SinkExt;
+use futures::StreamExt;
+use isthmus_tests::process::{command, tail};
+use isthmus_tests::{IrcClient, IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions};
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -60,14 +60,17 @@ impl Bot {
 
     async fn connect(c2s: u16, user: &str) -> Result<Bot> {
         const CLIENT: &str = "jabber:client";
-        let timeouts = Timeouts { read_timeout: Duration::from_secs(3600), response_timeout: Duration::from_secs(3600) };
+        let timeouts =
+            Timeouts { read_timeout: Duration::from_secs(3600), response_timeout: Duration::from_secs(3600) };
         let header = || StreamHeader { to: Some("localhost".into()), from: None, id: None };
         let tcp = TcpStream::connect(("127.0.0.1", c2s)).await?;
         tcp.set_nodelay(true)?;
         let pending = initiate_stream(BufStream::new(tcp), CLIENT, header(), timeouts).await?;
         let (_, mut stream) = pending.recv_features::<Element>().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let token = base64_plain(user, &format!("{user}pass"));
-        stream.send(&parse(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"))?).await?;
+        stream
+            .send(&parse(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"))?)
+            .await?;
         let answer = next_element(&mut stream).await?;
         if answer.name() != "success" {
             bail!("{user}: authentication refused: {}", String::from(&answer));
@@ -135,21 +138,28 @@ impl Bot {
         loop {
             let el = tokio::time::timeout_at(deadline.into(), self.xml.recv())
                 .await
-                .context("join timed out")?
+                .with_context(|| format!("join of {room} timed out"))?
                 .context("client gone")?;
+            if std::env::var_os("BENCH_DEBUG").is_some() {
+                eprintln!("join: {}", String::from(&el));
+            }
             if el.name() == "presence" && el.attr("type") == Some("error") {
                 bail!("join refused: {}", String::from(&el));
             }
-            if el.name() == "presence" && String::from(&el).contains("code=\"110\"") {
+            let self_presence = el.name() == "presence"
+                && el
+                    .get_child("x", "http://jabber.org/protocol/muc#user")
+                    .is_some_and(|x| x.children().any(|c| c.name() == "status" && c.attr("code") == Some("110")));
+            if self_presence {
                 return Ok(());
             }
         }
     }
 
     fn groupchat(&self, room: &str, body: &str) {
-        if let Ok(el) = parse(&format!(
-            "<message xmlns='jabber:client' to='{room}' type='groupchat'><body>{body}</body></message>"
-        )) {
+        if let Ok(el) =
+            parse(&format!("<message xmlns='jabber:client' to='{room}' type='groupchat'><body>{body}</body></message>"))
+        {
             let _ = self.out.send(el);
         }
     }
@@ -177,6 +187,8 @@ struct Row {
     t2: f64,
     lat1: (f64, f64),
     lat2: (f64, f64),
+    cpu1: [f64; 3],
+    cpu2: [f64; 3],
     t3_ms: f64,
     rss_idle_kb: u64,
     per_conn_kb: f64,
@@ -189,6 +201,42 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// CPU time (user + system) a process has used so far, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // the fields after the command name (which may hold spaces) start at `state`
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split(' ').collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 * 1000.0 / hz
+}
+
+/// The processes whose CPU time is reported: gateway, Prosody, ngIRCd.
+#[derive(Clone, Copy)]
+struct Pids {
+    gateway: u32,
+    prosody: u32,
+    ircd: u32,
+}
+
+impl Pids {
+    fn cpu(&self) -> [f64; 3] {
+        [cpu_ms(self.gateway), cpu_ms(self.prosody), cpu_ms(self.ircd)]
+    }
+}
+
+/// CPU milliseconds per 1,000 messages spent by each process between two samples.
+fn cpu_per_k(before: [f64; 3], after: [f64; 3], n: usize) -> [f64; 3] {
+    let k = n as f64 / 1000.0;
+    [(after[0] - before[0]) / k, (after[1] - before[1]) / k, (after[2] - before[2]) / k]
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -215,14 +263,24 @@ async fn t1(sender: &mut Bot, room: &str, reader: &mut IrcClient, n: usize, t0: 
         got += 1;
     }
     let rate = n as f64 / last.duration_since(start).as_secs_f64();
-    // latency at 200 msg/s
-    let mut lat = Vec::new();
+    // latency at 200 msg/s: paced on its own task while this one reads
     let paced = 400;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    for i in 0..paced {
-        tick.tick().await;
-        sender.groupchat(room, &format!("l1 {i} {}", t0.elapsed().as_nanos()));
-    }
+    let out = sender.out.clone();
+    let room_owned = room.to_owned();
+    let pacer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for i in 0..paced {
+            tick.tick().await;
+            let xml = format!(
+                "<message xmlns='jabber:client' to='{room_owned}' type='groupchat'><body>l1 {i} {}</body></message>",
+                t0.elapsed().as_nanos()
+            );
+            if let Ok(el) = parse(&xml) {
+                let _ = out.send(el);
+            }
+        }
+    });
+    let mut lat = Vec::new();
     while lat.len() < paced {
         let line = reader.expect_line(Duration::from_secs(60), |l| l.contains(" :l1 ")).await?;
         let now = t0.elapsed().as_nanos() as u64;
@@ -230,6 +288,7 @@ async fn t1(sender: &mut Bot, room: &str, reader: &mut IrcClient, n: usize, t0: 
             lat.push((now - sent) as f64 / 1e6);
         }
     }
+    pacer.await?;
     Ok((rate, (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99))))
 }
 
@@ -301,7 +360,8 @@ async fn start_isthmus(component_port: u16, irc_port: u16) -> Result<(Gateway, f
         "xmpp:\n  component:\n    port: {component_port}\n    secret: {ISTHMUS_SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\nlog:\n  filter: warn,isthmus_component::link=info\nirc:\n  - domain: isthmus.localhost\n    flood: {{ enabled: false }}\n    servers:\n      \"127.0.0.1\": {{ port: {irc_port}, tls: false }}\n"
     );
     let t = Instant::now();
-    let gw = Isthmus::start(&config, &[]).await?;
+    // What an admin runs: warnings only (the test harness defaults to debug logs).
+    let gw = Isthmus::start(&config, &[("RUST_LOG", "warn,isthmus_component::link=info")]).await?;
     gw.wait_log("component link established", 1, Duration::from_secs(30)).await?;
     let s1 = t.elapsed().as_secs_f64() * 1e3;
     let pid = gw.pid().context("isthmus pid")?;
@@ -320,12 +380,16 @@ async fn start_biboumi(component_port: u16) -> Result<(Gateway, f64)> {
     std::fs::write(
         d.join("biboumi.cfg"),
         format!(
-            "hostname=biboumi.localhost\npassword={BIBOUMI_SECRET}\nxmpp_server_ip=127.0.0.1\nport={component_port}\nadmin=admin@localhost\nidentd_port=0\ndb_name={}/biboumi.sqlite\npolicy_directory={}\nrealname_customization=true\nrealname_from_jid=false\npersistent_by_default=false\nlog_file=\nlog_level=1\n",
+            "hostname=biboumi.localhost\npassword={BIBOUMI_SECRET}\nxmpp_server_ip=127.0.0.1\nport={component_port}\nadmin=admin@localhost\nidentd_port=0\ndb_name={}/biboumi.sqlite\npolicy_directory={}\nrealname_customization=true\nrealname_from_jid=false\npersistent_by_default=false\nlog_file=\nlog_level={}\n",
             d.display(),
-            d.display()
+            d.display(),
+            if std::env::var_os("BENCH_DEBUG").is_some() { 0 } else { 1 }
         ),
     )?;
-    let log = d.join("biboumi.log");
+    let log = match std::env::var_os("BENCH_DEBUG") {
+        Some(_) => PathBuf::from("/tmp/isthmus-bench-biboumi.log"),
+        None => d.join("biboumi.log"),
+    };
     let t = Instant::now();
     let mut cmd = command(isthmus_tests::process::find_program("biboumi", &["/usr/bin"])?, &log)?;
     cmd.arg(d.join("biboumi.cfg"));
@@ -340,55 +404,75 @@ async fn start_biboumi(component_port: u16) -> Result<(Gateway, f64)> {
     let s1 = t.elapsed().as_secs_f64() * 1e3;
     let pid = child.id().context("biboumi pid")?;
     Ok((
-        Gateway { name: "Biboumi", domain: "biboumi.localhost", pid, _keep: Box::new(Biboumi { _child: child, _dir: dir }) },
+        Gateway {
+            name: "Biboumi",
+            domain: "biboumi.localhost",
+            pid,
+            _keep: Box::new(Biboumi { _child: child, _dir: dir }),
+        },
         s1,
     ))
 }
 
 /// Turn Biboumi's per-user IRC throttle off (ad-hoc `configure` on the server JID).
-async fn biboumi_unthrottle(bot: &mut Bot, user: &str) -> Result<()> {
+/// The submitted form replaces every field, so the plain port is given again
+/// (and no TLS ports, which Biboumi would otherwise try first).
+async fn biboumi_unthrottle(bot: &mut Bot, irc_port: u16) -> Result<()> {
     let server = "127.0.0.1@biboumi.localhost";
     bot.send_xml(&format!("<iq xmlns='jabber:client' type='set' id='cfg1' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure' action='execute'/></iq>"))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let session = loop {
         let el = tokio::time::timeout_at(deadline.into(), bot.xml.recv()).await?.context("gone")?;
         if el.name() == "iq" && el.attr("id") == Some("cfg1") {
-            let xml = String::from(&el);
-            break xml
-                .split("sessionid=\"")
-                .nth(1)
-                .and_then(|t| t.split('"').next())
+            break el
+                .get_child("command", "http://jabber.org/protocol/commands")
+                .and_then(|c| c.attr("sessionid"))
                 .map(str::to_owned)
-                .context(format!("no session: {xml}"))?;
+                .with_context(|| format!("no session: {}", String::from(&el)))?;
         }
     };
-    bot.send_xml(&format!("<iq xmlns='jabber:client' type='set' id='cfg2' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure' sessionid='{session}' action='complete'><x xmlns='jabber:x:data' type='submit'><field var='throttle_limit'><value>-1</value></field></x></command></iq>"))?;
+    bot.send_xml(&format!("<iq xmlns='jabber:client' type='set' id='cfg2' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure' sessionid='{session}' action='complete'><x xmlns='jabber:x:data' type='submit'><field var='address'><value>127.0.0.1</value></field><field var='ports'><value>{irc_port}</value></field><field var='tls_ports'/><field var='verify_cert'><value>false</value></field><field var='throttle_limit'><value>-1</value></field></x></command></iq>"))?;
     loop {
         let el = tokio::time::timeout_at(deadline.into(), bot.xml.recv()).await?.context("gone")?;
         if el.name() == "iq" && el.attr("id") == Some("cfg2") {
-            let _ = user;
+            if el.attr("type") != Some("result") {
+                bail!("biboumi configure refused: {}", String::from(&el));
+            }
             return Ok(());
         }
     }
 }
 
-async fn measure(g: &Gateway, c2s: u16, irc_port: u16, n: usize, fan: usize, users: usize, t0: Instant) -> Result<Row> {
-    let mut row = Row { rss_idle_kb: rss_kb(g.pid), ..Row::default() };
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    g: &Gateway,
+    servers: (u32, u32),
+    c2s: u16,
+    irc_port: u16,
+    n: usize,
+    fan: usize,
+    t0: Instant,
+) -> Result<Row> {
+    let pids = Pids { gateway: g.pid, prosody: servers.0, ircd: servers.1 };
+    let mut row = Row::default();
     let prefix = &g.name[..1].to_lowercase();
     let room = format!("#bench%127.0.0.1@{}", g.domain);
     let mut reader = IrcClient::connect(irc_port, &format!("{prefix}reader")).await?;
     reader.join("#bench").await?;
     let mut sender = Bot::login(c2s, &format!("{prefix}u0")).await?;
     if g.name == "Biboumi" {
-        sender.join(&room, &format!("{prefix}u0")).await?;
-        biboumi_unthrottle(&mut sender, &format!("{prefix}u0")).await?;
-    } else {
-        sender.join(&room, &format!("{prefix}u0")).await?;
+        // Before the first join, so the IRC connection starts unthrottled.
+        biboumi_unthrottle(&mut sender, irc_port).await?;
     }
+    sender.join(&room, &format!("{prefix}u0")).await?;
     eprintln!("{}: T1…", g.name);
+    let before = pids.cpu();
     (row.t1, row.lat1) = t1(&mut sender, &room, &mut reader, n, t0).await?;
+    row.cpu1 = cpu_per_k(before, pids.cpu(), n + 400);
     eprintln!("{}: T2…", g.name);
+    let before = pids.cpu();
     (row.t2, row.lat2) = t2(&mut reader, &mut sender, n, t0).await?;
+    row.cpu2 = cpu_per_k(before, pids.cpu(), n + 400);
 
     eprintln!("{}: T3 with {fan} users…", g.name);
     let fan_room = format!("#fanout%127.0.0.1@{}", g.domain);
@@ -402,20 +486,30 @@ async fn measure(g: &Gateway, c2s: u16, irc_port: u16, n: usize, fan: usize, use
     tokio::time::sleep(Duration::from_millis(500)).await;
     row.t3_ms = t3(&mut reader, &mut bots, 20).await?;
 
-    eprintln!("{}: M1 with {users} users…", g.name);
-    let before = rss_kb(g.pid);
-    let mut joined = 0usize;
-    for i in fan + 1..=fan + users {
-        let mut b = Bot::login(c2s, &format!("{prefix}u{i}")).await?;
-        b.join(&format!("#idle%127.0.0.1@{}", g.domain), &format!("{prefix}u{i}")).await?;
-        bots.push(b);
-        joined += 1;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kb(g.pid);
-    row.per_conn_kb = (after.saturating_sub(before)) as f64 / joined.max(1) as f64;
     drop(bots);
     Ok(row)
+}
+
+/// M1 on a freshly started gateway: idle RSS, then RSS per user after `users`
+/// XMPP users each joined their own channel (so each holds its own IRC connection).
+async fn memory(g: &Gateway, c2s: u16, users: usize) -> Result<(u64, f64)> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = rss_kb(g.pid);
+    eprintln!("{}: M1 with {users} users…", g.name);
+    let prefix = &g.name[..1].to_lowercase();
+    let mut bots = Vec::new();
+    for i in 0..users {
+        let user = format!("{prefix}m{i}");
+        let mut b = Bot::login(c2s, &user).await?;
+        // A channel each: the per-connection cost, without every member list
+        // growing with the number of users (which is quadratic in total).
+        b.join(&format!("#idle{i}%127.0.0.1@{}", g.domain), &user).await?;
+        bots.push(b);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = rss_kb(g.pid);
+    drop(bots);
+    Ok((idle, loaded.saturating_sub(idle) as f64 / users.max(1) as f64))
 }
 
 /// Ceilings: raw IRC → ngIRCd → raw IRC, and XMPP → Prosody MUC → XMPP.
@@ -455,7 +549,10 @@ async fn ceilings(c2s: u16, irc_port: u16, n: usize) -> Result<(f64, f64)> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (n, fan, users) = if quick { (500, 10, 50) } else { (5000, 50, 1000) };
+    let (mut n, fan, users) = if quick { (500, 10, 50) } else { (5000, 50, 1000) };
+    if let Some(v) = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()) {
+        n = v;
+    }
     // Many connections: as many descriptors as allowed.
     // SAFETY: adjusting this process's own limit.
     unsafe {
@@ -468,8 +565,11 @@ async fn main() -> Result<()> {
     let t0 = Instant::now();
     let mut bulk = Vec::new();
     for p in ["i", "b"] {
-        for i in 0..=fan + users {
+        for i in 0..=fan {
             bulk.push((format!("{p}u{i}"), format!("{p}u{i}pass")));
+        }
+        for i in 0..users {
+            bulk.push((format!("{p}m{i}"), format!("{p}m{i}pass")));
         }
     }
     bulk.push(("cx1".into(), "cx1pass".into()));
@@ -496,13 +596,30 @@ async fn main() -> Result<()> {
         drop(g);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    if std::env::args().any(|a| a == "--memory-only") {
+        // M1 alone, for investigating memory (e.g. with a heap profiler attached).
+        for which in ["Isthmus", "Biboumi"] {
+            let (g, _) =
+                if which == "Isthmus" { start_isthmus(comp, irc.port()).await? } else { start_biboumi(comp).await? };
+            let (idle, per_user) = memory(&g, c2s, users).await?;
+            println!("{which}: idle {idle} kB, {per_user:.1} kB per user with an IRC connection ({users} users)");
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for which in ["Isthmus", "Biboumi"] {
         let (g, _) =
             if which == "Isthmus" { start_isthmus(comp, irc.port()).await? } else { start_biboumi(comp).await? };
+        let (idle, per_user) = memory(&g, c2s, users).await?;
+        drop(g);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut row = measure(&g, c2s, irc.port(), n, fan, users, t0).await?;
+        let (g, _) =
+            if which == "Isthmus" { start_isthmus(comp, irc.port()).await? } else { start_biboumi(comp).await? };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let servers = (prosody.pid().context("prosody pid")?, irc.pid().context("ngircd pid")?);
+        let mut row = measure(&g, servers, c2s, irc.port(), n, fan, t0).await?;
         row.s1_ms = percentile(s1.get_mut(which).context("s1")?, 0.5);
+        (row.rss_idle_kb, row.per_conn_kb) = (idle, per_user);
         rows.push((which, row));
         drop(g);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -511,13 +628,13 @@ async fn main() -> Result<()> {
     let table = report(&rows, irc_ceiling, xmpp_ceiling, n, fan, users);
     println!("{table}");
     if !quick {
-        let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        std::fs::write(&doc, document(&table))?;
-        eprintln!("wrote {}", doc.display());
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        std::fs::write(docs.join("benchmarks.svg"), chart(&rows)?)?;
+        std::fs::write(docs.join("benchmarks.md"), document(&table))?;
+        eprintln!("wrote {}", docs.join("benchmarks.md").display());
     }
     drop(irc);
     drop(prosody);
-    let _ = free_port;
     Ok(())
 }
 
@@ -544,6 +661,19 @@ fn report(rows: &[(&str, Row)], irc_ceiling: f64, xmpp_ceiling: f64, n: usize, f
         b.lat2.0,
         b.lat2.1,
         ratio(i.lat2.1, b.lat2.1)
+    );
+    let cpu = |c: [f64; 3]| format!("{:.0} / {:.0} / {:.0}", c[0], c[1], c[2]);
+    t += &format!(
+        "| CPU per 1,000 messages XMPP→IRC, gateway / Prosody / ngIRCd (ms) | {} | {} | {} |\n",
+        cpu(i.cpu1),
+        cpu(b.cpu1),
+        ratio(i.cpu1[0], b.cpu1[0])
+    );
+    t += &format!(
+        "| CPU per 1,000 messages IRC→XMPP, gateway / Prosody / ngIRCd (ms) | {} | {} | {} |\n",
+        cpu(i.cpu2),
+        cpu(b.cpu2),
+        ratio(i.cpu2[0], b.cpu2[0])
     );
     t += &format!(
         "| T3 one IRC line to {fan} XMPP users, median (ms) | {:.1} | {:.1} | {} |\n",
@@ -575,6 +705,74 @@ fn report(rows: &[(&str, Row)], irc_ceiling: f64, xmpp_ceiling: f64, n: usize, f
     t
 }
 
+/// The chart in `docs/benchmarks.svg`: throughput on the left (higher is better),
+/// latency and fan-out on the right (lower is better), Isthmus next to Biboumi.
+fn chart(rows: &[(&str, Row)]) -> Result<String> {
+    use plotters::prelude::*;
+    let get = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, r)| r.clone()).unwrap_or_default();
+    let (i, b) = (get("Isthmus"), get("Biboumi"));
+    let panels: [(&str, Vec<(&str, f64, f64)>); 2] = [
+        ("Throughput, msg/s (higher is better)", vec![("T1 XMPP→IRC", i.t1, b.t1), ("T2 IRC→XMPP", i.t2, b.t2)]),
+        (
+            "Milliseconds (lower is better)",
+            vec![
+                ("T1 p99", i.lat1.1, b.lat1.1),
+                ("T2 p99", i.lat2.1, b.lat2.1),
+                ("T3 fan-out", i.t3_ms, b.t3_ms),
+                ("S1 start", i.s1_ms, b.s1_ms),
+            ],
+        ),
+    ];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let colours = [RGBColor(0x2b, 0x6c, 0xb0), RGBColor(0xc0, 0x5a, 0x2a)];
+        for (area, (title, bars)) in root.split_evenly((1, 2)).iter().zip(panels.iter()) {
+            let top = bars.iter().flat_map(|(_, x, y)| [*x, *y]).filter(|v| v.is_finite()).fold(1.0, f64::max) * 1.15;
+            let mut c = ChartBuilder::on(area)
+                .caption(*title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..bars.len() as f64, 0f64..top)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let names: Vec<String> = bars.iter().map(|(n, _, _)| (*n).to_owned()).collect();
+            c.configure_mesh()
+                .disable_x_mesh()
+                .x_labels(bars.len() * 2 + 1)
+                .x_label_formatter(&|x| {
+                    let k = x - x.floor();
+                    if (k - 0.5).abs() < 0.01 {
+                        names.get(*x as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .draw()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            for (g, name) in ["Isthmus", "Biboumi"].iter().enumerate() {
+                let colour = colours[g];
+                c.draw_series(bars.iter().enumerate().map(|(k, (_, x, y))| {
+                    let v = if g == 0 { *x } else { *y };
+                    let left = k as f64 + 0.1 + 0.4 * g as f64;
+                    Rectangle::new([(left, 0.0), (left + 0.38, if v.is_finite() { v } else { 0.0 })], colour.filled())
+                }))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+            }
+            c.configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE.mix(0.8))
+                .draw()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+        root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    Ok(svg)
+}
+
 fn document(table: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -584,6 +782,29 @@ fn document(table: &str) -> String {
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!(
-        "# Benchmarks: Isthmus and Biboumi side by side\n\nMeasured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, so compare the ratios rather than the absolute figures.\n\nCommand: `cargo build --release -p isthmus && cargo run --release -p isthmus-tests --bin bench`\n\nSettings that change the figures: archiving on in both (Biboumi `record_history` default true; Isthmus archive with 7 days retention); flood control off in both (Biboumi `throttle_limit=-1` via its `configure` ad-hoc command; Isthmus `flood.enabled: false`); ngIRCd `MaxPenaltyTime = 0`; Prosody `nagle = false`. Load generators are Rust clients (tokio-xmpp, raw IRC sockets) in the benchmark process, sharing the 2 cores with the servers they measure.\n\n{table}\n"
+        "# Benchmarks: Isthmus and Biboumi side by side\n\nMeasured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, so compare the ratios rather than the absolute figures.\n\nCommand: `cargo build --release -p isthmus && cargo run --release -p isthmus-tests --bin bench`\n\nSettings that change the figures: archiving on in both (Biboumi `record_history` default true; Isthmus archive with 7 days retention); flood control off in both (Biboumi `throttle_limit=-1` via its `configure` ad-hoc command; Isthmus `flood.enabled: false`); ngIRCd `MaxPenaltyTime = 0`; Prosody `nagle = false`. Load generators are Rust clients (tokio-xmpp, raw IRC sockets) in the benchmark process, sharing the 2 cores with the servers they measure.\n\n{table}\n![Isthmus and Biboumi side by side](benchmarks.svg)\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_has_both_gateways_and_every_figure() {
+        let row = |k: f64| Row {
+            t1: 1000.0 * k,
+            t2: 900.0 * k,
+            lat1: (1.0, 2.0),
+            lat2: (1.0, 3.0),
+            t3_ms: 5.0,
+            s1_ms: 50.0,
+            ..Row::default()
+        };
+        let svg = chart(&[("Isthmus", row(10.0)), ("Biboumi", row(1.0))]).expect("chart");
+        for label in ["Isthmus", "Biboumi", "T1 XMPP→IRC", "T2 IRC→XMPP", "T3 fan-out", "S1 start"] {
+            assert!(svg.contains(label), "{label} missing from the chart");
+        }
+        assert!(svg.matches("<rect").count() >= 12, "one bar per gateway and figure");
+    }
 }
