@@ -126,7 +126,8 @@ impl Default for ReconnectPolicy {
 pub struct Connection {
     network: NetworkId,
     key: ConnectionKey,
-    outgoing: mpsc::UnboundedSender<IrcMessage>,
+    /// Boxed: a queue block holds 32 items, and an unboxed message is ~250 bytes.
+    outgoing: mpsc::UnboundedSender<Box<IrcMessage>>,
     state: Arc<Mutex<State>>,
     /// The user left every channel: the supervisor quits and does not reconnect.
     closed: AtomicBool,
@@ -202,7 +203,7 @@ impl Connection {
 
     /// Stop for good: QUIT now if connected, never reconnect.
     pub fn close(&self, reason: &str) {
-        let _ = self.outgoing.send(IrcMessage::from(Command::QUIT(Some(one_line(reason)))));
+        let _ = self.outgoing.send(Box::new(IrcMessage::from(Command::QUIT(Some(one_line(reason))))));
         self.closed.store(true, Ordering::Release);
         self.close_signal.notify_one();
     }
@@ -225,7 +226,7 @@ impl Connection {
 
     fn send(&self, command: Command) -> Result<(), DeliveryError> {
         self.outgoing
-            .send(IrcMessage::from(command))
+            .send(Box::new(IrcMessage::from(command)))
             .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))
     }
 
@@ -339,7 +340,7 @@ struct Supervisor {
     server: IrcServerConfig,
     net_config: Arc<IrcNetworkConfig>,
     policy: ReconnectPolicy,
-    queue: mpsc::UnboundedReceiver<IrcMessage>,
+    queue: mpsc::UnboundedReceiver<Box<IrcMessage>>,
 }
 
 impl Supervisor {
@@ -356,7 +357,7 @@ impl Supervisor {
             let connected = {
                 // A cap on concurrent connection attempts across the whole network.
                 let _permit = self.policy.gate.acquire().await;
-                self.connect().await
+                Box::pin(self.connect()).await
             };
             let reason = match connected {
                 Ok((client, stream)) => {
@@ -369,7 +370,7 @@ impl Supervisor {
                 Err(e) => {
                     if attempt == 1 {
                         // Never connected: the joins waiting on this connection fail now, with the reason.
-                        self.fail_first_connect(&e).await;
+                        Box::pin(self.fail_first_connect(&e)).await;
                         break;
                     }
                     e
@@ -381,7 +382,7 @@ impl Supervisor {
             }
             let wait = jitter(delay);
             warn!(%reason, retry_in = ?wait, "IRC connection lost; reconnecting");
-            self.outage(&reason, wait).await;
+            Box::pin(self.outage(&reason, wait)).await;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.conn.close_signal.notified() => {}
@@ -452,7 +453,9 @@ impl Supervisor {
                 message = stream.next() => match message {
                     Some(Ok(message)) => {
                         let welcomed = matches!(message.command, Command::Response(Response::RPL_WELCOME, _));
-                        reader.handle(message).await;
+                        // Boxed: only one handling is alive at a time, and keeping its
+                        // (large) state out of the connection's task keeps idle connections small.
+                        Box::pin(reader.handle(message)).await;
                         if welcomed && !self.conn.is_online() {
                             rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
                             deadline_armed = true;
@@ -464,7 +467,7 @@ impl Supervisor {
                 line = self.queue.recv(), if online => match line {
                     Some(line) => {
                         flood.take().await;
-                        if let Err(e) = sender.send(line) {
+                        if let Err(e) = sender.send(*line) {
                             return format!("write failed: {e}");
                         }
                     }
@@ -478,7 +481,7 @@ impl Supervisor {
                 _ = self.conn.close_signal.notified() => {
                     // Send what is queued (the QUIT last), then stop.
                     while let Ok(line) = self.queue.try_recv() {
-                        let _ = sender.send(line);
+                        let _ = sender.send(*line);
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     return "closed".to_owned();

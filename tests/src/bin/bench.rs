@@ -586,16 +586,6 @@ async fn main() -> Result<()> {
     let irc = IrcServer::start_on_port(IrcServerKind::Ngircd, 6667).await?;
     let (c2s, comp) = (prosody.c2s_port(), prosody.component_port());
 
-    let mut s1: HashMap<&str, Vec<f64>> = HashMap::new();
-    for _ in 0..5 {
-        let (g, t) = start_isthmus(comp, irc.port()).await?;
-        s1.entry("Isthmus").or_default().push(t);
-        drop(g);
-        let (g, t) = start_biboumi(comp).await?;
-        s1.entry("Biboumi").or_default().push(t);
-        drop(g);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
     if std::env::args().any(|a| a == "--memory-only") {
         // M1 alone, for investigating memory (e.g. with a heap profiler attached).
         for which in ["Isthmus", "Biboumi"] {
@@ -605,6 +595,16 @@ async fn main() -> Result<()> {
             println!("{which}: idle {idle} kB, {per_user:.1} kB per user with an IRC connection ({users} users)");
         }
         return Ok(());
+    }
+    let mut s1: HashMap<&str, Vec<f64>> = HashMap::new();
+    for _ in 0..5 {
+        let (g, t) = start_isthmus(comp, irc.port()).await?;
+        s1.entry("Isthmus").or_default().push(t);
+        drop(g);
+        let (g, t) = start_biboumi(comp).await?;
+        s1.entry("Biboumi").or_default().push(t);
+        drop(g);
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut rows = Vec::new();
     for which in ["Isthmus", "Biboumi"] {
@@ -715,12 +715,7 @@ fn chart(rows: &[(&str, Row)]) -> Result<String> {
         ("Throughput, msg/s (higher is better)", vec![("T1 XMPP→IRC", i.t1, b.t1), ("T2 IRC→XMPP", i.t2, b.t2)]),
         (
             "Milliseconds (lower is better)",
-            vec![
-                ("T1 p99", i.lat1.1, b.lat1.1),
-                ("T2 p99", i.lat2.1, b.lat2.1),
-                ("T3 fan-out", i.t3_ms, b.t3_ms),
-                ("S1 start", i.s1_ms, b.s1_ms),
-            ],
+            vec![("T1 p99", i.lat1.1, b.lat1.1), ("T2 p99", i.lat2.1, b.lat2.1), ("T3 fan-out", i.t3_ms, b.t3_ms)],
         ),
     ];
     let mut svg = String::new();
@@ -782,7 +777,46 @@ fn document(table: &str) -> String {
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!(
-        "# Benchmarks: Isthmus and Biboumi side by side\n\nMeasured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, so compare the ratios rather than the absolute figures.\n\nCommand: `cargo build --release -p isthmus && cargo run --release -p isthmus-tests --bin bench`\n\nSettings that change the figures: archiving on in both (Biboumi `record_history` default true; Isthmus archive with 7 days retention); flood control off in both (Biboumi `throttle_limit=-1` via its `configure` ad-hoc command; Isthmus `flood.enabled: false`); ngIRCd `MaxPenaltyTime = 0`; Prosody `nagle = false`. Load generators are Rust clients (tokio-xmpp, raw IRC sockets) in the benchmark process, sharing the 2 cores with the servers they measure.\n\n{table}\n![Isthmus and Biboumi side by side](benchmarks.svg)\n"
+        "# Benchmarks: Isthmus and Biboumi side by side\n\n\
+Measured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, \
+so compare the ratios rather than the absolute figures.\n\n\
+Command (builds, starts Prosody, ngIRCd and both gateways on 127.0.0.1, prints the table, rewrites this page \
+and `benchmarks.svg`; about two minutes):\n\n\
+```\ncargo build --release -p isthmus -p isthmus-tests --bin isthmus --bin bench\n\
+$CARGO_TARGET_DIR/release/bench          # or target/release/bench; --quick for a smaller run that writes nothing\n```\n\n\
+## What is measured\n\n\
+- **T1** one XMPP client sends N groupchat messages as fast as it can to a channel through the gateway; a raw \
+IRC client in the channel counts them. **T2** the same from a raw IRC client to the XMPP client. Latency: 400 \
+messages paced at 200 msg/s, each carrying its send time.\n\
+- **CPU per 1,000 messages**: user + system time each process used during T1 (or T2), from `/proc`. It shows \
+where the time goes independently of how busy the machine is.\n\
+- **T3** one IRC line to K XMPP users in the channel, each with its own IRC connection: time until the last has it.\n\
+- **M1** a freshly started gateway, idle; then 1,000 XMPP users each join their own channel (so each holds one IRC \
+connection and one channel): resident memory added per user.\n\
+- **S1** process start until the gateway is attached to Prosody (Isthmus: the `component link established` log \
+line; Biboumi: `Authenticated with the XMPP server`).\n\n\
+Settings that change the figures: archiving on in both (Biboumi `record_history`, its default; Isthmus's room \
+archive, 7 days retention, its default); flood control off in both (Biboumi `throttle_limit=-1` through its \
+`configure` ad-hoc command; Isthmus `flood.enabled: false`); ngIRCd `MaxPenaltyTime = 0`; Prosody \
+`nagle = false`; Isthmus logs at `warn`. The load generators are Rust clients (tokio-xmpp's XML stream, raw IRC \
+sockets) in the benchmark process, sharing the cores with the servers they measure.\n\n\
+## Results\n\n{table}\n![Isthmus and Biboumi side by side](benchmarks.svg)\n\n\
+## Reading the figures\n\n\
+- Throughput: Isthmus never waits on the database while relaying: archive entries and message id mappings are \
+written by background tasks in batches (one transaction per batch), and queries (MAM, a correction looking up \
+its target) first wait for what is queued. Biboumi writes each message synchronously to SQLite, once per user. \
+At these rates Prosody spends more CPU per message than Isthmus (see the CPU row): through a component, \
+Prosody is the limit.\n\
+- The XMPP ceiling is Prosody's own MUC (two occupants, so every message is delivered twice and archived by the \
+MUC), which is slower than Prosody routing to a component; it is a reference for Prosody's cost, not an upper \
+bound for the gateways.\n\
+- Memory per IRC connection: measured with heaptrack (`bench --memory-only` runs M1 alone; point \
+`ISTHMUS_BIN` at a wrapper that starts the gateway under the profiler) at 1,000 connections, about 24 kB of Isthmus's \
+per-connection cost is inside the `irc` crate's client: its framed transport allocates an 8 KiB read and an \
+8 KiB write buffer per connection (tokio-util's default, not configurable through the crate), and its \
+outgoing queue allocates a first block of 32 messages (~7.7 kB). What remains is Isthmus's own (the \
+connection task, channel state, the XMPP-side occupant): about 7 kB. Reaching the 7 kB target means replacing the `irc` crate's transport with one that sizes its \
+buffers to IRC's 512-byte lines; that is not done.\n"
     )
 }
 
@@ -802,9 +836,9 @@ mod tests {
             ..Row::default()
         };
         let svg = chart(&[("Isthmus", row(10.0)), ("Biboumi", row(1.0))]).expect("chart");
-        for label in ["Isthmus", "Biboumi", "T1 XMPP→IRC", "T2 IRC→XMPP", "T3 fan-out", "S1 start"] {
+        for label in ["Isthmus", "Biboumi", "T1 XMPP→IRC", "T2 IRC→XMPP", "T1 p99", "T3 fan-out"] {
             assert!(svg.contains(label), "{label} missing from the chart");
         }
-        assert!(svg.matches("<rect").count() >= 12, "one bar per gateway and figure");
+        assert!(svg.matches("<rect").count() >= 10, "one bar per gateway and figure");
     }
 }
