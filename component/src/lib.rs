@@ -16,6 +16,7 @@ pub mod archive;
 pub mod commands;
 pub mod gateway;
 pub mod link;
+pub mod nesting;
 pub mod server;
 pub mod stanza;
 pub mod xep;

@@ -8,6 +8,7 @@
 //! any loss of the link is followed by a reconnect with exponential backoff and
 //! jitter. Stanzas queued for sending while the link is down wait in the queue.
 
+use crate::nesting::Shaped;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -54,7 +55,9 @@ pub enum LinkEvent {
     Down(String),
 }
 
-type Stream = XmlStream<BufStream<TcpStream>, FallibleStreamElement>;
+/// Shaped: a hostile stanza forwarded by the server (too deep, over-long names or
+/// attribute values) loses its excess instead of ending the link or the process.
+type Stream = XmlStream<BufStream<Shaped<TcpStream>>, FallibleStreamElement>;
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -113,8 +116,9 @@ async fn connect(config: &LinkConfig) -> Result<Stream, LinkError> {
     tcp.set_nodelay(true).map_err(|e| LinkError::Connect(addr.clone(), e))?;
     let timeouts = Timeouts { read_timeout: config.keepalive, response_timeout: config.keepalive };
     let header = StreamHeader { to: Some(config.domain.clone().into()), from: None, id: None };
-    let mut pending =
-        initiate_stream(BufStream::new(tcp), ns::COMPONENT, header, timeouts).await.map_err(LinkError::Stream)?;
+    let mut pending = initiate_stream(BufStream::new(Shaped::new(tcp)), ns::COMPONENT, header, timeouts)
+        .await
+        .map_err(LinkError::Stream)?;
     let stream_id = pending.take_header().id.ok_or(LinkError::NoStreamId)?.into_owned();
     let mut stream: Stream = pending.skip_features();
     let handshake = Handshake::from_stream_id_and_password(stream_id, &config.secret);

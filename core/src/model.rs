@@ -372,7 +372,79 @@ pub struct Event {
     pub context: Option<Quote>,
 }
 
+/// Whether a character can be carried as text by every network: no control
+/// characters besides tab and newline, no Unicode noncharacters (XML, for one,
+/// cannot carry them, and no person types them).
+pub fn is_carriable(c: char) -> bool {
+    let u = c as u32;
+    match u {
+        0x09 | 0x0a => true,
+        0x00..=0x1f | 0x7f => false,
+        0xfdd0..=0xfdef => false,
+        _ => u & 0xfffe != 0xfffe,
+    }
+}
+
+/// Remove what [`is_carriable`] refuses, in place (no allocation when clean).
+pub fn clean_text(text: &mut String) {
+    if !text.chars().all(is_carriable) {
+        text.retain(is_carriable);
+    }
+}
+
+fn clean_opt(text: &mut Option<String>) {
+    if let Some(t) = text {
+        clean_text(t);
+    }
+}
+
+fn clean_message(m: &mut Message) {
+    clean_text(&mut m.body);
+    if let Some(f) = &mut m.formatted {
+        clean_text(&mut f.text);
+    }
+    for a in &mut m.attachments {
+        clean_opt(&mut a.name);
+    }
+    if let Some(r) = &mut m.reply_to {
+        clean_opt(&mut r.author);
+        clean_opt(&mut r.quote);
+    }
+}
+
 impl Event {
+    /// Make every human-readable text in the event carriable by any network
+    /// (see [`is_carriable`]): whatever a remote network let through, nothing
+    /// leaves the router that another network's protocol cannot hold.
+    pub fn clean_text(&mut self) {
+        clean_text(&mut self.sender.nick);
+        if let Some(q) = &mut self.context {
+            clean_text(&mut q.author);
+            clean_text(&mut q.text);
+        }
+        match &mut self.kind {
+            EventKind::Message(m) => clean_message(m),
+            EventKind::Correction { message, .. } => clean_message(message),
+            EventKind::Retraction { moderator, reason, .. } => {
+                clean_opt(moderator);
+                clean_opt(reason);
+            }
+            EventKind::Reactions { emojis, .. } => emojis.iter_mut().for_each(clean_text),
+            EventKind::SelfJoined { nick, occupants, topic } => {
+                clean_text(nick);
+                occupants.iter_mut().for_each(|o| clean_text(&mut o.nick));
+                clean_opt(topic);
+            }
+            EventKind::JoinRequest { nick, .. } => clean_text(nick),
+            EventKind::JoinFailed { reason } => clean_text(reason),
+            EventKind::Joined { occupant } => clean_text(&mut occupant.nick),
+            EventKind::Left { reason, .. } => clean_opt(reason),
+            EventKind::NickChanged { new_nick } => clean_text(new_nick),
+            EventKind::Topic { text } | EventKind::Status { text } => clean_text(text),
+            _ => {}
+        }
+    }
+
     /// A new event happening now, with a fresh key.
     pub fn new(origin: NetworkId, chat: ChatRef, sender: Sender, kind: EventKind) -> Self {
         Event {
@@ -403,5 +475,18 @@ impl Event {
         self.time = time;
         self.delayed = true;
         self
+    }
+}
+
+#[cfg(test)]
+mod clean_tests {
+    use super::*;
+
+    #[test]
+    fn only_what_no_network_carries_is_removed() {
+        let mut t =
+            "a\u{0}b\u{b}c\u{1b}[31md\u{7f}e\u{fffe}f\u{ffff}g\u{fdd0}h\u{1fffe}i\tj\nk é\u{1F600}\u{202e}".to_owned();
+        clean_text(&mut t);
+        assert_eq!(t, "abc[31mdefghi\tj\nk é\u{1F600}\u{202e}");
     }
 }

@@ -138,6 +138,7 @@ impl Router {
     }
 
     async fn route_inner(&self, mut event: Event) -> RouteReport {
+        event.clean_text();
         let origin_scope = scope(&event, &event.chat);
         // A correction belongs to the message it corrects: its ids join the original's
         // key, so a correction of a correction still reaches the original.

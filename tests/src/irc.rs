@@ -36,6 +36,11 @@ impl IrcClient {
         Ok(c)
     }
 
+    /// Every line received so far (PINGs aside), matched or not.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Forget lines received but not yet matched.
     pub fn clear_buffer(&mut self) {
         self.buffer.clear();

@@ -66,6 +66,22 @@ impl IrcNetwork {
         map.get(&key).filter(|c| c.is_alive()).cloned()
     }
 
+    fn unlisted(server: &str) -> DeliveryError {
+        DeliveryError::Forbidden(format!(
+            "the IRC server `{server}` is not one this gateway connects to; ask the admin to add it"
+        ))
+    }
+
+    /// The open connection of `account` to `server`, or the reason there is none.
+    async fn open_connection(&self, account: &BareJid, server: &str) -> Result<Arc<Connection>, DeliveryError> {
+        if !self.config.servers.contains_key(server) && !self.config.allow_unlisted_servers {
+            return Err(Self::unlisted(server));
+        }
+        self.connection(account, server)
+            .await
+            .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {server}: join a room on it first")))
+    }
+
     /// The connection of `account` to `server`, opened with `nick` when there is none.
     async fn connect(&self, account: &BareJid, server: &str, nick: &str) -> Result<Arc<Connection>, DeliveryError> {
         let key = ConnectionKey { account: account.clone(), server: server.to_owned() };
@@ -76,11 +92,7 @@ impl IrcNetwork {
         let server_config = match self.config.servers.get(server) {
             Some(s) => s.clone(),
             None if self.config.allow_unlisted_servers => Default::default(),
-            None => {
-                return Err(DeliveryError::Forbidden(format!(
-                    "the IRC server `{server}` is not one this gateway connects to; ask the admin to add it"
-                )));
-            }
+            None => return Err(Self::unlisted(server)),
         };
         info!(account = %account, server, nick, "opening IRC connection");
         let conn = Connection::open(
@@ -176,16 +188,12 @@ impl Network for IrcNetwork {
             }
             (EventKind::Message(message), ChatKind::Service) => {
                 // Messages to the server's JID are raw IRC commands, one per line.
-                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
-                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
-                })?;
+                let conn = self.open_connection(&account, &target.server).await?;
                 conn.send_raw(&message.body)?;
                 Ok(Delivered::default())
             }
             (EventKind::Message(message), _) => {
-                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
-                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
-                })?;
+                let conn = self.open_connection(&account, &target.server).await?;
                 // Plain IRC gives messages no ids: nothing to record in the id map.
                 conn.send_message(&target.name, message)?;
                 Ok(Delivered::default())
@@ -195,9 +203,7 @@ impl Network for IrcNetwork {
                 let Some(message) = fallback::render(&event, &self.config.fallbacks) else {
                     return Ok(Delivered::default());
                 };
-                let conn = self.connection(&account, &target.server).await.ok_or_else(|| {
-                    DeliveryError::Unavailable(format!("not connected to {}: join a room on it first", target.server))
-                })?;
+                let conn = self.open_connection(&account, &target.server).await?;
                 conn.send_message(&target.name, &message)?;
                 Ok(Delivered::default())
             }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::nesting::{NestingCounter, TooDeep};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::{SinkExt, StreamExt};
@@ -41,6 +42,7 @@ struct Limited {
     conn: Conn,
     read: Arc<AtomicUsize>,
     limit: usize,
+    nesting: NestingCounter,
 }
 
 impl AsyncRead for Limited {
@@ -56,6 +58,12 @@ impl AsyncRead for Limited {
         };
         if let Poll::Ready(Ok(())) = r {
             this.read.fetch_add(buf.filled().len() - before, Ordering::Relaxed);
+            if !this.nesting.feed(&buf.filled()[before..]) {
+                // Nothing of this read reaches the parser: the tree never grows past the limit.
+                buf.set_filled(before);
+                this.read.store(usize::MAX, Ordering::Relaxed);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, TooDeep)));
+            }
         }
         r
     }
@@ -127,7 +135,7 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
     } else {
         Conn::Plain(tcp)
     };
-    let io = BufStream::new(Limited { conn, read: read.clone(), limit });
+    let io = BufStream::new(Limited { conn, read: read.clone(), limit, nesting: NestingCounter::default() });
     let accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
         Ok(a) => a,
         Err(e) => {
@@ -156,7 +164,12 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
                 };
                 state.tls = true;
                 read.store(0, Ordering::Relaxed);
-                let io = BufStream::new(Limited { conn: Conn::Tls(Box::new(tls)), read: read.clone(), limit });
+                let io = BufStream::new(Limited {
+                    conn: Conn::Tls(Box::new(tls)),
+                    read: read.clone(),
+                    limit,
+                    nesting: NestingCounter::default(),
+                });
                 accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
                     Ok(a) => a,
                     Err(_) => return,
@@ -340,7 +353,9 @@ async fn next(stream: &mut Stream, read: &AtomicUsize) -> Next {
                 let ping = elem("iq", CLIENT, &[("type", "get"), ("id", "c2s-keepalive")]);
                 let _ = stream.send(&with_child(ping, Element::bare("ping", xml::PING))).await;
             }
-            Some(Err(ReadError::HardError(e))) if e.get_ref().is_some_and(|i| i.is::<TooLarge>()) => {
+            Some(Err(ReadError::HardError(e)))
+                if e.get_ref().is_some_and(|i| i.is::<TooLarge>() || i.is::<TooDeep>()) =>
+            {
                 return Next::TooLarge;
             }
             Some(Err(ReadError::ParseError(e))) => return Next::Malformed(e.to_string()),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures::SinkExt;
 use futures::StreamExt;
-use isthmus_tests::process::{command, tail};
+use isthmus_tests::process::{command, rss_kb, tail};
 use isthmus_tests::{IrcClient, IrcServer, IrcServerKind, Isthmus, Prosody, ProsodyOptions};
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
@@ -237,15 +237,6 @@ impl Pids {
 fn cpu_per_k(before: [f64; 3], after: [f64; 3], n: usize) -> [f64; 3] {
     let k = n as f64 / 1000.0;
     [(after[0] - before[0]) / k, (after[1] - before[1]) / k, (after[2] - before[2]) / k]
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// T1: XMPP → IRC. Returns (msg/s, (p50 ms, p99 ms) at 200 msg/s).
