@@ -102,6 +102,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let router = builder.build();
     gateway.attach(router.clone());
+    // What an earlier run left: rejoin its rooms, then deliver what it had accepted,
+    // before anything new is routed (the networks' events wait in their channel).
+    let restored = gateway.restore_sessions().await;
+    let replayed = router.replay().await;
+    if restored > 0 || replayed > 0 {
+        info!(rooms = restored, events = replayed, "restored the state of the previous run");
+    }
     tokio::spawn(router.run(events));
 
     if config.xmpp.mode == XmppMode::Embedded {
@@ -112,15 +119,26 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         for (domain, mut outgoing) in in_process {
             let server = server.clone();
             tokio::spawn(async move {
-                while let Some(stanza) = outgoing.recv().await {
-                    let el = tokio_xmpp::minidom::Element::from(stanza);
-                    server
-                        .route(crate::server::xml::rename_ns(
-                            &el,
-                            crate::server::xml::COMPONENT,
-                            crate::server::xml::CLIENT,
-                        ))
-                        .await;
+                while let Some(item) = outgoing.recv().await {
+                    // What else is queued goes too: one durable commit covers the batch.
+                    let mut batch = vec![item];
+                    while batch.len() < 64 {
+                        match outgoing.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    futures::future::join_all(batch.iter().map(crate::gateway::Outgoing::confirm)).await;
+                    for item in batch {
+                        let el = tokio_xmpp::minidom::Element::from(item.stanza);
+                        server
+                            .route(crate::server::xml::rename_ns(
+                                &el,
+                                crate::server::xml::COMPONENT,
+                                crate::server::xml::CLIENT,
+                            ))
+                            .await;
+                    }
                 }
                 warn!(domain, "gateway output closed");
             });

@@ -16,8 +16,9 @@ use isthmus_core::model::{
     Affiliation, ChatKind, ChatRef, Event, EventKind, LeaveKind, NetworkId, Occupant, Quote, Role, Sender,
 };
 use isthmus_core::network::{Capabilities, Delivered, DeliveryError, Network};
+use isthmus_core::outbox::Receipt;
 use isthmus_core::router::Router;
-use isthmus_core::store::{ArchiveEntry, ArchiveQuery, next_archive_id};
+use isthmus_core::store::{ArchiveEntry, ArchiveQuery, RoomSessionRecord, next_archive_id};
 use tokio::sync::mpsc;
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::delay::Delay;
@@ -53,7 +54,25 @@ pub struct Domain {
     /// JIDs and domains allowed to use this network; empty = everyone.
     pub allow: Vec<String>,
     /// Unbounded: the gateway never waits on the link (see `link`).
-    pub outgoing: mpsc::UnboundedSender<Stanza>,
+    pub outgoing: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// A stanza on its way to the XMPP server.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub stanza: Stanza,
+    /// Confirmed right before the stanza is written: it takes the event out of the
+    /// durable outbox, or (a gate) holds a reflection until what it announces is stored.
+    pub receipt: Option<Receipt>,
+}
+
+impl Outgoing {
+    /// Confirm the receipt, if any; call right before writing the stanza.
+    pub async fn confirm(&self) {
+        if let Some(r) = &self.receipt {
+            r.confirm().await;
+        }
+    }
 }
 
 /// Where one XMPP account stands in one room.
@@ -73,6 +92,11 @@ pub(crate) struct RoomSession {
     topic: Option<String>,
     /// The history each entering resource asked for (MUC `<history/>`).
     history: HashMap<FullJid, Option<History>>,
+    /// The room key (IRC channel key) the join used.
+    password: Option<String>,
+    /// Restored from the store at start: the devices think they are still in the
+    /// room, so the network's confirmation of the rejoin resends them its state.
+    restored: bool,
 }
 
 pub(crate) type RoomKey = (BareJid, BareJid); // (room, account)
@@ -87,6 +111,8 @@ pub struct Gateway {
     archive: Archive,
     /// Messages replayed on join when the client does not say how many.
     default_history: u32,
+    /// Room sessions to store, in order (written by one task).
+    session_log: OnceLock<mpsc::UnboundedSender<(String, String, Option<RoomSessionRecord>)>>,
 }
 
 fn muc_role(role: Role) -> muc::user::Role {
@@ -125,12 +151,114 @@ impl Gateway {
             id: NetworkId::xmpp(),
             archive,
             default_history,
+            session_log: OnceLock::new(),
         })
     }
 
-    /// Connect the gateway to the router (once, after the router is built).
+    /// Connect the gateway to the router (once, after the router is built), and
+    /// start storing room sessions through the router's store.
     pub fn attach(&self, router: Router) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String, Option<RoomSessionRecord>)>();
+        let store = router.store().clone();
+        tokio::spawn(async move {
+            while let Some((room, account, record)) = rx.recv().await {
+                let mut delay = std::time::Duration::from_millis(50);
+                loop {
+                    let result = match &record {
+                        Some(r) => store.upsert_room_session(r).await,
+                        None => store.delete_room_session(&room, &account).await,
+                    };
+                    match result {
+                        Ok(()) => break,
+                        Err(e) => {
+                            warn!(error = %e, room, account, "cannot store the room session; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        });
+        let _ = self.session_log.set(tx);
         let _ = self.router.set(router);
+    }
+
+    /// Store where `account` stands in `room` now (or that it left).
+    fn save_session(&self, room: &BareJid, account: &BareJid) {
+        let record = self.rooms().get(&(room.clone(), account.clone())).map(|s| {
+            let mut resources: Vec<String> =
+                s.resources.iter().chain(s.pending.iter()).map(|r| r.to_string()).collect();
+            resources.sort();
+            resources.dedup();
+            RoomSessionRecord {
+                room: room.to_string(),
+                account: account.to_string(),
+                nick: if s.nick.is_empty() { s.requested_nick.clone() } else { s.nick.clone() },
+                password: s.password.clone(),
+                resources,
+            }
+        });
+        if let Some(log) = self.session_log.get() {
+            let _ = log.send((room.to_string(), account.to_string(), record));
+        }
+    }
+
+    /// Rejoin, after a restart, every room accounts were in: the devices keep their
+    /// place (they never saw the gateway go) and get the room's state again once the
+    /// network confirms. Returns how many sessions were restored.
+    pub async fn restore_sessions(&self) -> usize {
+        let Some(router) = self.router.get() else { return 0 };
+        let records = match router.store().room_sessions().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot read the room sessions; rooms are not rejoined");
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for r in records {
+            let (Ok(room), Ok(account)) = (BareJid::new(&r.room), BareJid::new(&r.account)) else { continue };
+            let domain = room.domain().to_string();
+            let Some(domain) = self.domains.get(&domain).cloned() else {
+                debug!(room = %room, "stored room session for a domain no longer configured; dropped");
+                self.save_session(&room, &account);
+                continue;
+            };
+            let chat = match self.chat_of(&domain, &Jid::from(room.clone())) {
+                Ok(c) if c.kind == ChatKind::Room => c,
+                _ => continue,
+            };
+            let resources: HashSet<FullJid> = r.resources.iter().filter_map(|j| FullJid::new(j).ok()).collect();
+            {
+                let mut rooms = self.rooms();
+                let session = rooms.entry((room.clone(), account.clone())).or_default();
+                session.joined = true;
+                session.restored = true;
+                session.nick = r.nick.clone();
+                session.requested_nick = r.nick.clone();
+                session.password = r.password.clone();
+                for res in &resources {
+                    session.history.insert(res.clone(), Some(History::new().with_maxstanzas(0)));
+                }
+                session.resources = resources;
+            }
+            info!(account = %account, room = %room, nick = %r.nick, "rejoining room after restart");
+            let event = Event::new(
+                NetworkId::xmpp(),
+                chat,
+                Sender::own(account.to_string(), r.nick.clone()),
+                EventKind::JoinRequest { nick: r.nick, password: r.password },
+            )
+            .with_account(account.clone());
+            if let Some(e) = self.route(event).await.and_then(|rep| rep.first_error().cloned()) {
+                warn!(account = %account, room = %room, error = %e, "cannot rejoin room after restart");
+                self.rooms().remove(&(room.clone(), account.clone()));
+                self.save_session(&room, &account);
+                continue;
+            }
+            restored += 1;
+        }
+        restored
     }
 
     pub(crate) fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomKey, RoomSession>> {
@@ -138,14 +266,24 @@ impl Gateway {
     }
 
     pub(crate) async fn send(&self, domain: &Domain, stanza: Stanza) {
-        if domain.outgoing.send(stanza).is_err() {
+        self.send_after(domain, stanza, None);
+    }
+
+    /// Queue a stanza that is written only once `receipt` is confirmed.
+    fn send_after(&self, domain: &Domain, stanza: Stanza, receipt: Option<Receipt>) {
+        if domain.outgoing.send(Outgoing { stanza, receipt }).is_err() {
             warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
         }
     }
 
     async fn send_all(&self, domain: &Domain, stanzas: Vec<Stanza>) {
+        self.send_all_after(domain, stanzas, None);
+    }
+
+    /// Queue stanzas in order, the first one carrying `receipt` (the rest follow it).
+    fn send_all_after(&self, domain: &Domain, stanzas: Vec<Stanza>, mut receipt: Option<Receipt>) {
         for s in stanzas {
-            self.send(domain, s).await;
+            self.send_after(domain, s, receipt.take());
         }
     }
 
@@ -261,9 +399,11 @@ impl Gateway {
                 let first = session.pending.is_empty();
                 session.pending.insert(from.clone());
                 session.requested_nick = nick.clone();
+                session.password = muc.password.clone();
                 !first // a join is already under way for this account
             }
         };
+        self.save_session(&room, &account);
         if already {
             return self.enter(domain, &room, &account, &[from]).await;
         }
@@ -278,6 +418,7 @@ impl Gateway {
         let report = self.route(event).await;
         if let Some(e) = report.and_then(|r| r.first_error().cloned()) {
             self.rooms().remove(&(room.clone(), account.clone()));
+            self.save_session(&room, &account);
             let condition = match e {
                 DeliveryError::Forbidden(_) => DefinedCondition::Forbidden,
                 DeliveryError::Unavailable(_) => DefinedCondition::RemoteServerNotFound,
@@ -456,6 +597,7 @@ impl Gateway {
             }
             (last, nick)
         };
+        self.save_session(&room, &account);
         if let Some(own) = full(&room, if nick.is_empty() { "you" } else { &nick }) {
             let item = Item::new(muc::user::Affiliation::None, muc::user::Role::None);
             let s = occupant_presence(Jid::from(own), from, item, vec![Status::SelfPresence], true);
@@ -584,7 +726,7 @@ impl Gateway {
                         .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), id.0.clone())
                         .build(),
                 );
-                self.send(domain, Stanza::Message(receipt)).await;
+                self.send_after(domain, Stanza::Message(receipt), report.persisted.clone());
             }
         }
         if chat.kind == ChatKind::Room {
@@ -615,7 +757,9 @@ impl Gateway {
                 echo.id = m.id.clone();
                 echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
                 let echo = stanza::with_stanza_id(echo, &key.0, &room);
-                self.send(domain, Stanza::Message(echo)).await;
+                // Reflected only once the outbox holds the message: the reflection says
+                // it was accepted, so it must survive a crash from here on.
+                self.send_after(domain, Stanza::Message(echo), report.persisted.clone());
             }
         }
     }
@@ -867,7 +1011,7 @@ impl Gateway {
                     let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
                     let mut m =
                         stanza::message(MessageType::Chat, Jid::from(chat_jid.clone()), Jid::from(account), &body);
-                    m.id = Some(stanza::new_id());
+                    m.id = Some(tokio_xmpp::parsers::message::Id(event.key.0.clone()));
                     out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, chat_jid)));
                 }
             }
@@ -899,6 +1043,23 @@ impl Gateway {
                 let pending: Vec<FullJid> = session.pending.drain().collect();
                 session.resources.extend(pending.iter().cloned());
                 entering.extend(pending);
+                if std::mem::take(&mut session.restored) {
+                    // Rejoined after a restart: the devices get the room's state again.
+                    entering.extend(session.resources.iter().cloned());
+                    entering.sort_by_key(|j| j.to_string());
+                    entering.dedup();
+                }
+            }
+            EventKind::JoinFailed { reason } if session.restored => {
+                // The rejoin after a restart failed: the devices are told they are out.
+                let item = Item::new(muc::user::Affiliation::None, muc::user::Role::None).with_reason(reason.clone());
+                if let Some(from) = full(room, &session.nick) {
+                    for res in session.resources.iter().chain(session.pending.iter()) {
+                        let codes = vec![Status::SelfPresence, Status::ServiceErrorKick];
+                        out.push(occupant_presence(Jid::from(from.clone()), res, item.clone(), codes, true));
+                    }
+                }
+                rooms.remove(&key);
             }
             EventKind::JoinFailed { reason } => {
                 let pending: Vec<FullJid> = session.pending.drain().collect();
@@ -1007,7 +1168,8 @@ impl Gateway {
                 for res in &session.resources {
                     let mut m =
                         stanza::message(MessageType::Groupchat, Jid::from(from.clone()), Jid::from(res.clone()), &body);
-                    m.id = Some(stanza::new_id());
+                    // The event key: the same id if the event is ever delivered again.
+                    m.id = Some(tokio_xmpp::parsers::message::Id(event.key.0.clone()));
                     if event.delayed {
                         if let Some(d) = stanza::delay(event.time, room) {
                             m.payloads.push(d.into());
@@ -1072,8 +1234,16 @@ impl Network for Gateway {
             DeliveryError::Rejected(format!("`{}` has no JID on any configured domain", event.chat.id))
         })?;
         let (stanzas, entering) = self.render(&event, &chat_jid)?;
-        self.send_all(&domain, stanzas).await;
+        self.send_all_after(&domain, stanzas, event.receipt.clone());
         if let Some(account) = &event.account {
+            let changes_session = match &event.kind {
+                EventKind::SelfJoined { .. } | EventKind::JoinFailed { .. } => true,
+                EventKind::Left { .. } | EventKind::NickChanged { .. } => event.sender.is_self,
+                _ => false,
+            };
+            if changes_session && event.chat.kind == ChatKind::Room {
+                self.save_session(&chat_jid, account);
+            }
             self.enter(&domain, &chat_jid, account, &entering).await;
         }
         Ok(Delivered::ids(vec![event.key.0.clone()]))

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use tokio_xmpp::parsers::jid::Jid;
 
+use crate::gateway::Outgoing;
 use crate::stanza::parse_jid;
 
 /// Where and how to connect.
@@ -81,8 +82,11 @@ enum LinkError {
     Timeout,
 }
 
+/// Most stanzas written in one batch (one durable commit for their receipts).
+const MAX_BATCH: usize = 64;
+
 /// Run the link forever: connect, serve, reconnect. Outgoing stanzas are read from `outgoing`.
-pub async fn run(config: LinkConfig, mut outgoing: mpsc::UnboundedReceiver<Stanza>, events: mpsc::Sender<LinkEvent>) {
+pub async fn run(config: LinkConfig, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, events: mpsc::Sender<LinkEvent>) {
     let mut delay = config.reconnect_initial;
     loop {
         match connect(&config).await {
@@ -147,7 +151,7 @@ async fn connect(config: &LinkConfig) -> Result<Stream, LinkError> {
 async fn serve(
     config: &LinkConfig,
     mut stream: Stream,
-    outgoing: &mut mpsc::UnboundedReceiver<Stanza>,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
     events: &mpsc::Sender<LinkEvent>,
 ) -> LinkError {
     let mut pings = 0u64;
@@ -187,8 +191,28 @@ async fn serve(
                 Some(Err(ReadError::HardError(e))) => return LinkError::Read(e.to_string()),
                 Some(Err(ReadError::StreamFooterReceived)) | None => return LinkError::Closed,
             },
-            stanza = outgoing.recv() => match stanza {
-                Some(s) => Some(s),
+            item = outgoing.recv() => match item {
+                Some(item) => {
+                    // What else is queued goes too: one durable commit covers the batch.
+                    let mut batch = vec![item];
+                    while batch.len() < MAX_BATCH {
+                        match outgoing.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    // Out of the durable outbox (or past its gate) before it is written.
+                    futures::future::join_all(batch.iter().map(Outgoing::confirm)).await;
+                    for item in batch {
+                        if let Err(e) = stream.feed(&XmppStreamElement::Stanza(item.stanza)).await {
+                            return LinkError::Write(e.to_string());
+                        }
+                    }
+                    if let Err(e) = SinkExt::<&XmppStreamElement>::flush(&mut stream).await {
+                        return LinkError::Write(e.to_string());
+                    }
+                    None
+                }
                 None => return LinkError::Closed,
             },
         };

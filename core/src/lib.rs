@@ -14,6 +14,7 @@ pub mod address;
 pub mod idmap;
 pub mod model;
 pub mod network;
+pub mod outbox;
 pub mod router;
 pub mod store;
 

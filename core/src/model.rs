@@ -11,9 +11,12 @@ use std::fmt;
 use std::time::SystemTime;
 
 use jid::BareJid;
+use serde::{Deserialize, Serialize};
+
+use crate::outbox::Receipt;
 
 /// The configured name of a network, e.g. `irc` or `libera`. The XMPP side is [`NetworkId::xmpp`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetworkId(String);
 
 impl NetworkId {
@@ -44,7 +47,7 @@ impl fmt::Display for NetworkId {
 ///
 /// IRC identifiers carry their server, Biboumi style: `#chan%irc.server`, `nick%irc.server`,
 /// and the bare server name for the server itself.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RemoteId(pub String);
 
 impl RemoteId {
@@ -63,7 +66,7 @@ impl fmt::Display for RemoteId {
 }
 
 /// Which kind of conversation an event belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ChatKind {
     /// A group conversation (IRC channel, Matrix room, Telegram group, Discord channel): a MUC on XMPP.
     Room,
@@ -74,7 +77,7 @@ pub enum ChatKind {
 }
 
 /// The conversation an event is about: a room or contact on one network.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChatRef {
     pub network: NetworkId,
     pub kind: ChatKind,
@@ -100,7 +103,7 @@ impl ChatRef {
 /// The logical identity of one bridged message across all networks (a UUID).
 ///
 /// The id map stores, for each key, the ids the message has on each network.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MessageKey(pub String);
 
 impl MessageKey {
@@ -120,11 +123,11 @@ impl fmt::Display for MessageKey {
 /// Inside an event it is spelled in the id space of the network that holds the
 /// event at that moment: the origin's ids when the bridge emits it, the
 /// destination's ids when the router hands it over.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MessageRef(pub String);
 
 /// Who did it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sender {
     /// The sender's id on the origin network (IRC `nick%server`, mxid, bare JID on XMPP…).
     pub id: RemoteId,
@@ -145,7 +148,7 @@ impl Sender {
 }
 
 /// Markup flavour of a formatted body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TextFormat {
     /// XHTML/HTML subset (Matrix `org.matrix.custom.html`, Telegram HTML).
     Html,
@@ -153,14 +156,14 @@ pub enum TextFormat {
     Styling,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FormattedBody {
     pub format: TextFormat,
     pub text: String,
 }
 
 /// A file attached to a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     /// Where the file can be fetched (HTTP upload URL, Matrix media URL made fetchable, …).
     pub url: String,
@@ -170,7 +173,7 @@ pub struct Attachment {
 }
 
 /// The message a reply answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyTo {
     pub target: MessageRef,
     /// Who wrote the quoted message, when known (for fallbacks on networks without replies).
@@ -180,7 +183,7 @@ pub struct ReplyTo {
 }
 
 /// An excerpt of an earlier message, for networks that render references as text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quote {
     /// Who wrote it.
     pub author: String,
@@ -189,7 +192,7 @@ pub struct Quote {
 }
 
 /// A chat message's content.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Message {
     /// Plain-text body, always present (may be empty when only attachments are sent).
     pub body: String,
@@ -211,7 +214,7 @@ impl Message {
 }
 
 /// A person's place in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Role {
     Moderator,
     #[default]
@@ -220,7 +223,7 @@ pub enum Role {
 }
 
 /// A person's standing in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Affiliation {
     Owner,
     Admin,
@@ -231,7 +234,7 @@ pub enum Affiliation {
 }
 
 /// One person present in a room.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Occupant {
     pub id: RemoteId,
     pub nick: String,
@@ -240,7 +243,7 @@ pub struct Occupant {
 }
 
 /// Why someone left a room.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaveKind {
     /// Left the room (IRC PART).
     Part,
@@ -255,7 +258,7 @@ pub enum LeaveKind {
 }
 
 /// Typing notifications (XEP-0085 states; Matrix/Telegram/Discord typing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChatState {
     Active,
     Composing,
@@ -265,7 +268,7 @@ pub enum ChatState {
 }
 
 /// What happened.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
     /// A new message.
     Message(Message),
@@ -347,7 +350,7 @@ impl EventKind {
 }
 
 /// One thing that happened, on one network, in one chat.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// The logical message key (shared by every copy of this event on every network).
     pub key: MessageKey,
@@ -358,6 +361,7 @@ pub struct Event {
     pub origin_ids: Vec<String>,
     /// Personal mode: the XMPP account whose session this is (IRC connection owner,
     /// Matrix login). `None` for portal rooms shared by everyone.
+    #[serde(with = "opt_bare_jid")]
     pub account: Option<BareJid>,
     /// The conversation, spelled as the network holding the event at that moment knows it.
     pub chat: ChatRef,
@@ -370,6 +374,27 @@ pub struct Event {
     /// The message a correction, retraction or reaction refers to, as text, for
     /// networks that can only render those as text (filled when the origin knows it).
     pub context: Option<Quote>,
+    /// Set on the copy handed to a destination when the event waits in the durable
+    /// outbox: the destination confirms it right before the event leaves the process.
+    #[serde(skip)]
+    pub receipt: Option<Receipt>,
+}
+
+/// JIDs as their string form (the `jid` crate has no serde support).
+mod opt_bare_jid {
+    use jid::BareJid;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(jid: &Option<BareJid>, s: S) -> Result<S::Ok, S::Error> {
+        match jid {
+            Some(j) => s.serialize_some(j.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BareJid>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|s| BareJid::new(&s).map_err(serde::de::Error::custom)).transpose()
+    }
 }
 
 /// Whether a character can be carried as text by every network: no control
@@ -458,6 +483,7 @@ impl Event {
             delayed: false,
             kind,
             context: None,
+            receipt: None,
         }
     }
 

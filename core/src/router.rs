@@ -14,17 +14,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::idmap::IdMap;
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
 use crate::network::{Delivered, DeliveryError, EventStream, Network};
+use crate::outbox::{Outbox, Receipt};
 use crate::store::Store;
 
 /// The outcome of routing one event: one entry per destination.
 #[derive(Debug, Default)]
 pub struct RouteReport {
     pub deliveries: Vec<(NetworkId, Result<Delivered, DeliveryError>)>,
+    /// For events kept in the durable outbox: opens once every copy is stored.
+    /// Whatever tells the sender the event was accepted waits for it.
+    pub persisted: Option<Receipt>,
 }
 
 impl RouteReport {
@@ -54,6 +58,7 @@ struct Inner {
     portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
     store: Store,
     ids: IdMap,
+    outbox: Outbox,
 }
 
 /// Builds a [`Router`].
@@ -82,7 +87,10 @@ impl RouterBuilder {
     /// Build the router; starts the id map writer, so call it inside the runtime.
     pub fn build(self) -> Router {
         let ids = IdMap::spawn(self.store.clone());
-        Router { inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store, ids }) }
+        let outbox = Outbox::spawn(self.store.clone());
+        Router {
+            inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store, ids, outbox }),
+        }
     }
 }
 
@@ -159,21 +167,84 @@ impl Router {
                 continue;
             };
             let mut copy = event.clone();
-            let dest_scope = scope(&event, &chat);
             copy.chat = chat;
             self.translate_refs(&mut copy, &event.origin, &origin_scope, &dest).await;
-            let result = network.deliver(copy).await;
-            match &result {
-                Ok(d) if event.kind.is_message_like() && !d.remote_ids.is_empty() => {
-                    self.inner.ids.record(&event.key.0, dest.as_str(), &dest_scope, &d.remote_ids);
-                    debug!(network = %dest, remote_ids = ?d.remote_ids, "delivered");
+            if copy.kind.is_message_like() {
+                match serde_json::to_string(&copy) {
+                    Ok(json) => {
+                        let receipt = self.inner.outbox.insert(dest.as_str(), json);
+                        report.persisted = Some(receipt.gate());
+                        copy.receipt = Some(receipt);
+                    }
+                    Err(e) => warn!(error = %e, "event cannot be stored in the outbox; delivered without it"),
                 }
-                Ok(_) => debug!(network = %dest, "delivered"),
-                Err(e) => warn!(network = %dest, error = %e, "delivery failed"),
             }
+            let result = self.deliver_copy(network.as_ref(), copy).await;
             report.deliveries.push((dest, result));
         }
         report
+    }
+
+    /// Hand one copy to its destination and record the ids it got there.
+    async fn deliver_copy(&self, network: &dyn Network, copy: Event) -> Result<Delivered, DeliveryError> {
+        let dest = network.id().clone();
+        let dest_scope = scope(&copy, &copy.chat);
+        let (key, message_like) = (copy.key.0.clone(), copy.kind.is_message_like());
+        let result = network.deliver(copy).await;
+        match &result {
+            Ok(d) if message_like && !d.remote_ids.is_empty() => {
+                self.inner.ids.record(&key, dest.as_str(), &dest_scope, &d.remote_ids);
+                debug!(network = %dest, remote_ids = ?d.remote_ids, "delivered");
+            }
+            Ok(_) => debug!(network = %dest, "delivered"),
+            Err(e) => warn!(network = %dest, error = %e, "delivery failed"),
+        }
+        result
+    }
+
+    /// Deliver what an earlier run accepted and had not yet written out (it crashed or
+    /// was killed), in the order it was accepted. Call once at start, after the
+    /// networks have restored their sessions and before [`Router::run`] and the
+    /// XMPP links start, so nothing new overtakes it.
+    /// Returns how many events were delivered again.
+    pub async fn replay(&self) -> usize {
+        let rows = match self.inner.store.outbox_pending().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "cannot read the outbox; events accepted before the restart are not replayed now");
+                return 0;
+            }
+        };
+        if !rows.is_empty() {
+            info!(events = rows.len(), "replaying events accepted before the restart");
+        }
+        let mut delivered = 0;
+        for row in rows {
+            let receipt = self.inner.outbox.existing(row.seq);
+            let mut event: Event = match serde_json::from_str(&row.event) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(seq = row.seq, error = %e, "unreadable outbox entry dropped");
+                    continue;
+                }
+            };
+            event.receipt = Some(receipt);
+            let dest = NetworkId::new(row.destination);
+            let Some(network) = self.inner.networks.get(&dest).cloned() else {
+                warn!(seq = row.seq, network = %dest, "outbox entry for a network no longer configured dropped");
+                continue;
+            };
+            let span = tracing::info_span!("replay", key = %event.key, network = %dest, kind = event.kind.name());
+            // Handing over is enough: a destination keeps what it holds across its own
+            // reconnects. What it refuses now (the account left the room) it would refuse later too.
+            match self.deliver_copy(network.as_ref(), event).instrument(span.clone()).await {
+                Ok(_) => delivered += 1,
+                Err(e) => {
+                    warn!(parent: &span, error = %e, "an event accepted before the restart could not be delivered")
+                }
+            }
+        }
+        delivered
     }
 
     /// Rewrite message references from the origin's ids to the destination's.

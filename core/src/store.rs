@@ -104,6 +104,29 @@ pub struct RosterRecord {
     pub groups: String,
 }
 
+/// One event copy waiting in the durable outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Order of acceptance (time-ordered, unique).
+    pub seq: i64,
+    /// The network the copy goes to.
+    pub destination: String,
+    /// The event, as JSON.
+    pub event: String,
+    pub created_us: i64,
+}
+
+/// Where one XMPP account stands in one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSessionRecord {
+    pub room: String,
+    pub account: String,
+    pub nick: String,
+    pub password: Option<String>,
+    /// Full JIDs of the account's devices in the room.
+    pub resources: Vec<String>,
+}
+
 /// One archived room message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveEntry {
@@ -182,6 +205,15 @@ pub fn next_archive_id() -> i64 {
             Err(p) => prev = p,
         }
     }
+}
+
+fn outbox_row(row: &AnyRow) -> Result<OutboxRow> {
+    Ok(OutboxRow {
+        seq: row.try_get("seq")?,
+        destination: row.try_get("destination")?,
+        event: row.try_get("event")?,
+        created_us: row.try_get("created_us")?,
+    })
 }
 
 fn puppet(row: &AnyRow) -> Result<PuppetRecord> {
@@ -522,6 +554,93 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| Ok(r.try_get("remote_id")?)).collect()
+    }
+
+    // --- outbox --------------------------------------------------------------------------
+
+    /// Apply one batch of outbox changes in one transaction: new rows, then removals.
+    pub async fn outbox_apply(&self, inserts: &[OutboxRow], removals: &[i64]) -> Result<()> {
+        if inserts.is_empty() && removals.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for r in inserts {
+            sqlx::query(
+                "INSERT INTO outbox (seq, destination, event, created_us) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (seq) DO NOTHING",
+            )
+            .bind(r.seq)
+            .bind(&r.destination)
+            .bind(&r.event)
+            .bind(r.created_us)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for chunk in removals.chunks(256) {
+            let list = chunk.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+            // Only integers are interpolated.
+            tx.execute(AssertSqlSafe(format!("DELETE FROM outbox WHERE seq IN ({list})"))).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every row still in the outbox, oldest first.
+    pub async fn outbox_pending(&self) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query("SELECT seq, destination, event, created_us FROM outbox ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(outbox_row).collect()
+    }
+
+    // --- room sessions ---------------------------------------------------------------------
+
+    /// Record where an account stands in a room (replacing what was there).
+    pub async fn upsert_room_session(&self, r: &RoomSessionRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO room_sessions (room, account, nick, password, resources, updated_us)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (room, account) DO UPDATE SET nick = excluded.nick, password = excluded.password,
+               resources = excluded.resources, updated_us = excluded.updated_us",
+        )
+        .bind(&r.room)
+        .bind(&r.account)
+        .bind(&r.nick)
+        .bind(&r.password)
+        .bind(r.resources.join("\n"))
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_room_session(&self, room: &str, account: &str) -> Result<()> {
+        sqlx::query("DELETE FROM room_sessions WHERE room = $1 AND account = $2")
+            .bind(room)
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every recorded room session.
+    pub async fn room_sessions(&self) -> Result<Vec<RoomSessionRecord>> {
+        let rows =
+            sqlx::query("SELECT room, account, nick, password, resources FROM room_sessions ORDER BY room, account")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let resources: String = r.try_get("resources")?;
+                Ok(RoomSessionRecord {
+                    room: r.try_get("room")?,
+                    account: r.try_get("account")?,
+                    nick: r.try_get("nick")?,
+                    password: r.try_get("password")?,
+                    resources: resources.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect(),
+                })
+            })
+            .collect()
     }
 
     // --- archive -------------------------------------------------------------------------

@@ -15,6 +15,10 @@ pub struct IrcClient {
     writer: OwnedWriteHalf,
     buffer: VecDeque<String>,
     seen: Vec<String>,
+    /// Bytes of a line not yet complete: kept across timeouts, so no read loses data.
+    partial: Vec<u8>,
+    /// The server ended the connection (seen by [`IrcClient::drain`]).
+    closed: bool,
 }
 
 impl IrcClient {
@@ -29,6 +33,8 @@ impl IrcClient {
             writer: w,
             buffer: VecDeque::new(),
             seen: vec![],
+            partial: Vec::new(),
+            closed: false,
         };
         c.send_line(&format!("NICK {nick}")).await?;
         c.send_line(&format!("USER {nick} 0 * :test client {nick}")).await?;
@@ -75,27 +81,59 @@ impl IrcClient {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let mut raw = Vec::new();
-            let n = match tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut raw)).await {
-                Ok(r) => r?,
+            let Some(line) = self.next_line(deadline).await? else {
+                let last: Vec<&String> = self.seen.iter().rev().take(10).collect();
+                bail!("{}: no matching IRC line within {timeout:?}; last lines:\n{:#?}", self.nick, last);
+            };
+            if pred(&line) {
+                return Ok(line);
+            }
+            self.buffer.push_back(line);
+        }
+    }
+
+    /// Every line buffered or arriving until none has come for `quiet`; PINGs are
+    /// answered. Stops quietly when the server ends the connection.
+    pub async fn drain(&mut self, quiet: Duration) -> Result<Vec<String>> {
+        let mut out: Vec<String> = self.buffer.drain(..).collect();
+        if self.closed {
+            return Ok(out);
+        }
+        loop {
+            match self.next_line(tokio::time::Instant::now() + quiet).await {
+                Ok(Some(line)) => out.push(line),
+                Ok(None) => return Ok(out),
+                // The server went away (a restart under test): what came before counts.
                 Err(_) => {
-                    let last: Vec<&String> = self.seen.iter().rev().take(10).collect();
-                    bail!("{}: no matching IRC line within {timeout:?}; last lines:\n{:#?}", self.nick, last);
+                    self.closed = true;
+                    return Ok(out);
                 }
+            }
+        }
+    }
+
+    /// The next line (PINGs answered and skipped), or `None` at the deadline.
+    async fn next_line(&mut self, deadline: tokio::time::Instant) -> Result<Option<String>> {
+        loop {
+            // `partial` lives in the client: a timeout mid-line keeps what was read.
+            let n = match tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut self.partial)).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(None),
             };
             if n == 0 {
                 bail!("{}: the IRC server closed the connection", self.nick);
             }
+            if !self.partial.ends_with(b"\n") {
+                continue;
+            }
+            let raw = std::mem::take(&mut self.partial);
             let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
             if let Some(rest) = line.strip_prefix("PING") {
                 self.send_line(&format!("PONG{rest}")).await?;
                 continue;
             }
             self.seen.push(line.clone());
-            if pred(&line) {
-                return Ok(line);
-            }
-            self.buffer.push_back(line);
+            return Ok(Some(line));
         }
     }
 }

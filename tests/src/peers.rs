@@ -641,6 +641,20 @@ impl Postgres {
         Ok(())
     }
 
+    /// Stop the way an admin restarting the database does (fast shutdown: SIGINT):
+    /// every client connection is cut at once.
+    pub async fn stop_fast(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: signalling a child process this handle owns.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+            }
+            if tokio::time::timeout(Duration::from_secs(20), c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/isthmus_test", self.port)
     }

@@ -44,8 +44,18 @@ impl IrcSetup {
 
     /// Start everything on the given XMPP and IRC servers.
     pub async fn start_with(xmpp: XmppServerKind, kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_with_store(xmpp, kind, irc_extra, "sqlite://{dir}/isthmus.db").await
+    }
+
+    /// Start everything with the gateway's store at `store_url` (`{dir}` is the gateway's directory).
+    pub async fn start_with_store(
+        xmpp: XmppServerKind,
+        kind: IrcServerKind,
+        irc_extra: &str,
+        store_url: &str,
+    ) -> Result<IrcSetup> {
         if xmpp == XmppServerKind::Embedded {
-            return Self::start_embedded(kind, irc_extra).await;
+            return Self::start_embedded(kind, irc_extra, store_url).await;
         }
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
         let prosody = XmppServer::start(
@@ -66,15 +76,18 @@ impl IrcSetup {
 "#,
             component = prosody.component_port()
         );
-        let gateway =
-            Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra), &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
+        let gateway = Isthmus::start(
+            &Self::config(&xmpp_yaml, &irc, irc_extra, store_url),
+            &[("ISTHMUS_COMPONENT_SECRET", SECRET)],
+        )
+        .await?;
         gateway.wait_log("component link established", 1, T).await?;
         Ok(IrcSetup { prosody, irc, gateway })
     }
 
     /// Isthmus as the XMPP server itself (embedded mode, STARTTLS, SCRAM), users
     /// alice, bob and carol listed in the configuration.
-    async fn start_embedded(kind: IrcServerKind, irc_extra: &str) -> Result<IrcSetup> {
+    async fn start_embedded(kind: IrcServerKind, irc_extra: &str, store_url: &str) -> Result<IrcSetup> {
         let irc = IrcServer::start_kind(kind).await?;
         let port = crate::process::free_port();
         let mut xmpp_yaml = format!(
@@ -83,17 +96,17 @@ impl IrcSetup {
         for (user, hash) in embedded_password_hashes()? {
             xmpp_yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
         }
-        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra), &[]).await?;
+        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra, store_url), &[]).await?;
         gateway.wait_log("accepting XMPP clients", 1, T).await?;
         let ca_file = gateway.dir().join("tls/localhost.crt");
         Ok(IrcSetup { prosody: XmppServer::Embedded(crate::peers::EmbeddedC2s { port, ca_file }), irc, gateway })
     }
 
-    fn config(xmpp_yaml: &str, irc: &IrcServer, irc_extra: &str) -> String {
+    fn config(xmpp_yaml: &str, irc: &IrcServer, irc_extra: &str, store_url: &str) -> String {
         format!(
             r#"{xmpp_yaml}
 store:
-  url: sqlite://{{dir}}/isthmus.db
+  url: {store_url}
 irc:
   - domain: {IRC_DOMAIN}
     flood: {{ enabled: false }}

@@ -119,6 +119,11 @@ impl XmppClient {
         Ok(())
     }
 
+    /// Every stanza received so far, as XML, matched or not.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Forget stanzas received but not yet matched.
     pub fn clear_buffer(&mut self) {
         self.buffer.clear();
@@ -170,6 +175,28 @@ impl XmppClient {
                 }
             }
         }
+    }
+
+    /// Every stanza buffered or arriving until none has come for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Result<Vec<Stanza>> {
+        let mut out: Vec<Stanza> = self.buffer.drain(..).collect();
+        loop {
+            match tokio::time::timeout(quiet, self.events.recv()).await {
+                Ok(Some(ev)) if ev["event"] == "stanza" => {
+                    let s = to_stanza(&ev);
+                    self.seen.push(s.xml.clone());
+                    out.push(s);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => bail!("the XMPP driver for {} exited", self.jid),
+                Err(_) => return Ok(out),
+            }
+        }
+    }
+
+    /// Send a groupchat message with the given id (does not wait for anything).
+    pub async fn send_groupchat_with_id(&mut self, to: &str, body: &str, id: &str) -> Result<()> {
+        self.command(json!({"op": "send", "to": to, "type": "groupchat", "body": body, "id": id})).await
     }
 
     /// Wait until the server ends the connection.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use irc::client::prelude::{Client, Command, Config as IrcClientConfig, Prefix, Response};
 use irc::proto::Message as IrcMessage;
 use irc::proto::{CapSubCommand, ChannelMode, Mode};
@@ -28,6 +28,7 @@ use isthmus_core::model::{
     Affiliation, ChatRef, Event, EventKind, LeaveKind, Message, NetworkId, Occupant, RemoteId, Role, Sender,
 };
 use isthmus_core::network::{DeliveryError, EventSink};
+use isthmus_core::outbox::Receipt;
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
@@ -127,7 +128,7 @@ pub struct Connection {
     network: NetworkId,
     key: ConnectionKey,
     /// Boxed: a queue block holds 32 items, and an unboxed message is ~250 bytes.
-    outgoing: mpsc::UnboundedSender<Box<IrcMessage>>,
+    outgoing: mpsc::UnboundedSender<Box<Queued>>,
     state: Arc<Mutex<State>>,
     /// The user left every channel: the supervisor quits and does not reconnect.
     closed: AtomicBool,
@@ -203,7 +204,7 @@ impl Connection {
 
     /// Stop for good: QUIT now if connected, never reconnect.
     pub fn close(&self, reason: &str) {
-        let _ = self.outgoing.send(Box::new(IrcMessage::from(Command::QUIT(Some(one_line(reason))))));
+        let _ = self.send(Command::QUIT(Some(one_line(reason))));
         self.closed.store(true, Ordering::Release);
         self.close_signal.notify_one();
     }
@@ -225,8 +226,12 @@ impl Connection {
     }
 
     fn send(&self, command: Command) -> Result<(), DeliveryError> {
+        self.send_with(command, None)
+    }
+
+    fn send_with(&self, command: Command, receipt: Option<Receipt>) -> Result<(), DeliveryError> {
         self.outgoing
-            .send(Box::new(IrcMessage::from(command)))
+            .send(Box::new(Queued { message: IrcMessage::from(command), receipt }))
             .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))
     }
 
@@ -282,8 +287,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Send a message as one or more lines; returns how many lines were queued.
-    pub fn send_message(&self, target: &str, message: &Message) -> Result<usize, DeliveryError> {
+    /// Send a message as one or more lines; returns how many lines were queued. The
+    /// outbox receipt, if any, is confirmed right before the first line is written.
+    pub fn send_message(
+        &self,
+        target: &str,
+        message: &Message,
+        mut receipt: Option<Receipt>,
+    ) -> Result<usize, DeliveryError> {
         let (nick, prefix) = {
             let st = self.lock();
             (st.nick.clone(), st.prefix.clone())
@@ -308,7 +319,7 @@ impl Connection {
             } else {
                 Command::PRIVMSG(target.to_owned(), text)
             };
-            self.send(command)?;
+            self.send_with(command, receipt.take())?;
         }
         Ok(lines.len())
     }
@@ -340,7 +351,32 @@ struct Supervisor {
     server: IrcServerConfig,
     net_config: Arc<IrcNetworkConfig>,
     policy: ReconnectPolicy,
-    queue: mpsc::UnboundedReceiver<Box<IrcMessage>>,
+    queue: mpsc::UnboundedReceiver<Box<Queued>>,
+}
+
+/// Most lines written in one batch (one durable commit for their receipts).
+const MAX_BATCH: usize = 64;
+
+/// Handle one item of the server's stream: `Ok(true)` when it was the welcome
+/// (registration done), `Err` with the reason when the connection ended.
+async fn incoming(reader: &Reader, item: Option<irc::error::Result<IrcMessage>>) -> Result<bool, String> {
+    match item {
+        Some(Ok(message)) => {
+            let welcomed = matches!(message.command, Command::Response(Response::RPL_WELCOME, _));
+            // Boxed: only one handling is alive at a time, and keeping its
+            // (large) state out of the connection's task keeps idle connections small.
+            Box::pin(reader.handle(message)).await;
+            Ok(welcomed)
+        }
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the server closed the connection".to_owned()),
+    }
+}
+
+/// One line waiting to be written, with the outbox receipt of the event it starts.
+struct Queued {
+    message: IrcMessage,
+    receipt: Option<Receipt>,
 }
 
 impl Supervisor {
@@ -449,26 +485,42 @@ impl Supervisor {
         let mut deadline_armed = false;
         loop {
             let online = self.conn.is_online();
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(Ok(message)) => {
-                        let welcomed = matches!(message.command, Command::Response(Response::RPL_WELCOME, _));
-                        // Boxed: only one handling is alive at a time, and keeping its
-                        // (large) state out of the connection's task keeps idle connections small.
-                        Box::pin(reader.handle(message)).await;
-                        if welcomed && !self.conn.is_online() {
-                            rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
-                            deadline_armed = true;
-                        }
-                    }
-                    Some(Err(e)) => return e.to_string(),
-                    None => return "the server closed the connection".to_owned(),
+            let welcomed = tokio::select! {
+                message = stream.next() => match incoming(&reader, message).await {
+                    Ok(welcomed) => welcomed,
+                    Err(reason) => return reason,
                 },
                 line = self.queue.recv(), if online => match line {
                     Some(line) => {
                         flood.take().await;
-                        if let Err(e) = sender.send(*line) {
-                            return format!("write failed: {e}");
+                        // What else is queued goes too, as far as the flood budget allows:
+                        // one durable commit covers the whole batch.
+                        let mut batch = vec![*line];
+                        while batch.len() < MAX_BATCH && flood.try_take() {
+                            match self.queue.try_recv() {
+                                Ok(line) => batch.push(*line),
+                                Err(_) => {
+                                    flood.give_back();
+                                    break;
+                                }
+                            }
+                        }
+                        let receipts: Vec<Receipt> = batch.iter_mut().filter_map(|q| q.receipt.take()).collect();
+                        // Out of the durable outbox first: a crash after this never sends them twice.
+                        futures::future::join_all(receipts.iter().map(Receipt::confirm)).await;
+                        for q in batch {
+                            if let Err(e) = sender.send(q.message) {
+                                return format!("write failed: {e}");
+                            }
+                        }
+                        // The IRC library writes when its stream is polled: have it write them
+                        // out now, before anything else can make them wait in memory.
+                        match stream.next().now_or_never() {
+                            Some(message) => match incoming(&reader, message).await {
+                                Ok(welcomed) => welcomed,
+                                Err(reason) => return reason,
+                            },
+                            None => false,
                         }
                     }
                     None => return "shutting down".to_owned(),
@@ -477,15 +529,24 @@ impl Supervisor {
                     warn!("channels did not all rejoin in time; sending queued messages anyway");
                     self.conn.online.store(true, Ordering::Release);
                     deadline_armed = false;
+                    false
                 }
                 _ = self.conn.close_signal.notified() => {
                     // Send what is queued (the QUIT last), then stop.
                     while let Ok(line) = self.queue.try_recv() {
-                        let _ = sender.send(*line);
+                        let Queued { message, receipt } = *line;
+                        if let Some(r) = receipt {
+                            r.confirm().await;
+                        }
+                        let _ = sender.send(message);
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     return "closed".to_owned();
                 }
+            };
+            if welcomed && !self.conn.is_online() {
+                rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
+                deadline_armed = true;
             }
         }
     }

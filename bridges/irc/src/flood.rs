@@ -41,6 +41,25 @@ impl TokenBucket {
     }
 
     /// Wait for a token.
+    /// Take a token if one is there now (always, when disabled).
+    pub fn try_take(&mut self) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        if self.reserve().is_zero() {
+            return true;
+        }
+        self.tokens += 1.0; // not taken after all
+        false
+    }
+
+    /// Return a token taken with [`TokenBucket::try_take`] and not used.
+    pub fn give_back(&mut self) {
+        if self.enabled {
+            self.tokens = (self.tokens + 1.0).min(self.capacity);
+        }
+    }
+
     pub async fn take(&mut self) {
         let wait = self.reserve();
         if !wait.is_zero() {

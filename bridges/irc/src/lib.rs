@@ -195,7 +195,7 @@ impl Network for IrcNetwork {
             (EventKind::Message(message), _) => {
                 let conn = self.open_connection(&account, &target.server).await?;
                 // Plain IRC gives messages no ids: nothing to record in the id map.
-                conn.send_message(&target.name, message)?;
+                conn.send_message(&target.name, message, event.receipt.clone())?;
                 Ok(Delivered::default())
             }
             (EventKind::Correction { .. } | EventKind::Retraction { .. } | EventKind::Reactions { .. }, _) => {
@@ -204,7 +204,7 @@ impl Network for IrcNetwork {
                     return Ok(Delivered::default());
                 };
                 let conn = self.open_connection(&account, &target.server).await?;
-                conn.send_message(&target.name, &message)?;
+                conn.send_message(&target.name, &message, event.receipt.clone())?;
                 Ok(Delivered::default())
             }
             (EventKind::NickChanged { new_nick }, ChatKind::Room) if event.sender.is_self => {

@@ -16,6 +16,47 @@ pub async fn run_all(store: &Store) {
     archive_paging(store).await;
     archive_filters_and_expiry(store).await;
     local_users_and_rosters(store).await;
+    outbox(store).await;
+    room_sessions(store).await;
+}
+
+async fn outbox(store: &Store) {
+    let row = |seq: i64, dest: &str| OutboxRow {
+        seq,
+        destination: dest.into(),
+        event: format!("{{\"n\":{seq}}}"),
+        created_us: 1,
+    };
+    store.outbox_apply(&[row(30, "irc"), row(10, "xmpp"), row(20, "irc")], &[]).await.expect("insert");
+    // Inserting a row again changes nothing; removing an absent row is fine.
+    store.outbox_apply(&[row(10, "other")], &[99]).await.expect("idempotent");
+    let seqs: Vec<(i64, String)> =
+        store.outbox_pending().await.expect("pending").into_iter().map(|r| (r.seq, r.destination)).collect();
+    assert_eq!(seqs, vec![(10, "xmpp".into()), (20, "irc".into()), (30, "irc".into())], "oldest first");
+    let removals: Vec<i64> = (100..700).chain([10, 30]).collect(); // more than one statement's worth
+    store.outbox_apply(&[row(40, "irc")], &removals).await.expect("remove");
+    let left: Vec<i64> = store.outbox_pending().await.expect("pending").into_iter().map(|r| r.seq).collect();
+    assert_eq!(left, vec![20, 40]);
+    store.outbox_apply(&[], &[20, 40]).await.expect("remove the rest");
+    assert!(store.outbox_pending().await.expect("pending").is_empty());
+}
+
+async fn room_sessions(store: &Store) {
+    let mut r = RoomSessionRecord {
+        room: "#a%irc.example@irc.localhost".into(),
+        account: "alice@example.org".into(),
+        nick: "alice".into(),
+        password: Some("key".into()),
+        resources: vec!["alice@example.org/phone".into(), "alice@example.org/laptop".into()],
+    };
+    store.upsert_room_session(&r).await.expect("upsert");
+    assert_eq!(store.room_sessions().await.expect("list"), vec![r.clone()]);
+    r.nick = "alice_".into();
+    r.resources.truncate(1);
+    store.upsert_room_session(&r).await.expect("update");
+    assert_eq!(store.room_sessions().await.expect("list"), vec![r.clone()]);
+    store.delete_room_session(&r.room, &r.account).await.expect("delete");
+    assert!(store.room_sessions().await.expect("list").is_empty());
 }
 
 async fn local_users_and_rosters(store: &Store) {

@@ -1,0 +1,272 @@
+//! The durable outbox: what the gateway accepted survives a crash.
+//!
+//! When the router accepts a message-like event, it stores each destination's
+//! copy here before anyone is told the event was accepted (the MUC reflection,
+//! a receipt). Each copy carries a [`Receipt`]. Right before the destination
+//! writes the event out of the process (an IRC line onto the socket, a stanza
+//! onto the XMPP stream) it calls [`Receipt::confirm`], which removes the row
+//! durably first. A copy that is finished without being written (refused, its
+//! room left) removes its row when its last receipt handle is dropped. Rows
+//! left after a crash are replayed on the next start, in order.
+//!
+//! Writes are group-committed by one writer task: every change queued while a
+//! transaction runs goes into the next one, and a row inserted and removed in
+//! the same batch never reaches the disk. Waiting for durability never blocks
+//! the writer; a failed transaction is retried with backoff (the database may
+//! be restarting), never dropped, so delivery pauses and then resumes.
+//!
+//! The window this cannot close: between the removal's commit and the write,
+//! a crash loses the event (it is not written twice). IRC gives no
+//! acknowledgement that would let the gateway do better.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::store::{OutboxRow, Store, next_archive_id, now_us};
+
+/// Largest number of changes in one transaction.
+const BATCH: usize = 1024;
+
+enum Change {
+    Insert(OutboxRow),
+    Remove(i64),
+}
+
+struct Shared {
+    /// Ticket numbers are handed out under this lock, in channel order.
+    tx: Mutex<(u64, mpsc::UnboundedSender<(u64, Change)>)>,
+    /// The highest ticket whose change is durable.
+    committed: watch::Receiver<u64>,
+}
+
+/// Handle to the outbox. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Outbox")
+    }
+}
+
+impl Outbox {
+    /// Start the writer task on the current runtime.
+    pub fn spawn(store: Store) -> Outbox {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = watch::channel(0u64);
+        tokio::spawn(writer(store, rx, done_tx));
+        Outbox { shared: Arc::new(Shared { tx: Mutex::new((0, tx)), committed: done_rx }) }
+    }
+
+    fn submit(&self, change: Change) -> u64 {
+        let mut guard = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0 += 1;
+        let ticket = guard.0;
+        if guard.1.send((ticket, change)).is_err() {
+            warn!("outbox writer gone; change not stored");
+        }
+        ticket
+    }
+
+    /// Queue one copy of an event for `destination`; returns its receipt. The row
+    /// is durable once [`Receipt::persisted`] returns.
+    pub fn insert(&self, destination: &str, event_json: String) -> Receipt {
+        let seq = next_archive_id();
+        let ticket = self.submit(Change::Insert(OutboxRow {
+            seq,
+            destination: destination.to_owned(),
+            event: event_json,
+            created_us: now_us(),
+        }));
+        Receipt::new(self.clone(), Some(seq), ticket)
+    }
+
+    /// A receipt for a row stored by an earlier run (replay).
+    pub fn existing(&self, seq: i64) -> Receipt {
+        Receipt::new(self.clone(), Some(seq), 0)
+    }
+
+    /// Wait until every change up to `ticket` is durable.
+    async fn durable(&self, ticket: u64) {
+        let mut rx = self.shared.committed.clone();
+        // Err only when the writer is gone (shutdown): nothing left to wait for.
+        let _ = rx.wait_for(|&c| c >= ticket).await;
+    }
+}
+
+/// One event copy's place in the outbox, shared by every handle to that copy.
+///
+/// Also used as a plain durability gate ([`Receipt::gate`]): a reflection waits
+/// until the copies it announces are stored.
+#[derive(Clone)]
+pub struct Receipt {
+    inner: Arc<ReceiptInner>,
+}
+
+struct ReceiptInner {
+    outbox: Outbox,
+    seq: Option<i64>,
+    /// The ticket of the insert (0: stored by an earlier run).
+    ticket: u64,
+    removed: AtomicBool,
+}
+
+impl Receipt {
+    fn new(outbox: Outbox, seq: Option<i64>, ticket: u64) -> Receipt {
+        Receipt { inner: Arc::new(ReceiptInner { outbox, seq, ticket, removed: AtomicBool::new(false) }) }
+    }
+
+    /// A gate that opens once this receipt's row is stored; it removes nothing.
+    pub fn gate(&self) -> Receipt {
+        Receipt::new(self.inner.outbox.clone(), None, self.inner.ticket)
+    }
+
+    /// The row's sequence number, if this is a row's receipt.
+    pub fn seq(&self) -> Option<i64> {
+        self.inner.seq
+    }
+
+    /// Wait until the row is stored.
+    pub async fn persisted(&self) {
+        self.inner.outbox.durable(self.inner.ticket).await;
+    }
+
+    /// The event is about to leave the process: remove its row durably first, so a
+    /// crash after this point never sends it twice. For a gate: wait until it opens.
+    /// Idempotent.
+    pub async fn confirm(&self) {
+        let ticket = match self.inner.seq {
+            Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => {
+                self.inner.outbox.submit(Change::Remove(seq))
+            }
+            _ => self.inner.ticket,
+        };
+        self.inner.outbox.durable(ticket).await;
+    }
+}
+
+impl Drop for ReceiptInner {
+    fn drop(&mut self) {
+        // Finished without being written (refused, or its room was left): the row goes.
+        if let Some(seq) = self.seq {
+            if !self.removed.swap(true, Ordering::AcqRel) {
+                self.outbox.submit(Change::Remove(seq));
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt").field("seq", &self.inner.seq).field("ticket", &self.inner.ticket).finish()
+    }
+}
+
+/// Two handles are equal when they stand for the same row (or the same gate).
+impl PartialEq for Receipt {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.seq == other.inner.seq && self.inner.ticket == other.inner.ticket
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<(u64, Change)>, committed: watch::Sender<u64>) {
+    let mut inserts: Vec<OutboxRow> = Vec::new();
+    let mut removals: Vec<i64> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut last = 0;
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some((ticket, change)) = next {
+            last = ticket;
+            n += 1;
+            match change {
+                Change::Insert(row) => inserts.push(row),
+                Change::Remove(seq) => {
+                    // Inserted and removed in the same batch: the row never needs to exist.
+                    if let Some(i) = inserts.iter().position(|r| r.seq == seq) {
+                        inserts.swap_remove(i);
+                    } else {
+                        removals.push(seq);
+                    }
+                }
+            }
+            next = if n < BATCH { rx.try_recv().ok() } else { None };
+        }
+        // Insert order does not matter inside one transaction; replay orders by seq.
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match store.outbox_apply(&inserts, &removals).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, pending = inserts.len() + removals.len(), retry_in = ?delay,
+                        "could not store the outbox; delivery waits until the database is back");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        inserts.clear();
+        removals.clear();
+        committed.send_replace(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/o.db", dir.path().display()), 2).await.expect("store");
+        store.migrate().await.expect("migrate");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn confirmed_rows_are_gone_and_unconfirmed_rows_stay_in_order() {
+        let (_dir, store) = store().await;
+        let outbox = Outbox::spawn(store.clone());
+        let kept: Vec<Receipt> = (0..100).map(|i| outbox.insert("irc", format!("{{\"n\":{i}}}"))).collect();
+        let confirmed: Vec<Receipt> = (0..50).map(|i| outbox.insert("xmpp", format!("{{\"c\":{i}}}"))).collect();
+        kept[99].persisted().await;
+        for r in &confirmed {
+            r.confirm().await;
+        }
+        let rows = store.outbox_pending().await.expect("pending");
+        assert_eq!(rows.len(), 100);
+        assert!(rows.iter().all(|r| r.destination == "irc"));
+        let order: Vec<String> = rows.iter().map(|r| r.event.clone()).collect();
+        let expected: Vec<String> = (0..100).map(|i| format!("{{\"n\":{i}}}")).collect();
+        assert_eq!(order, expected, "replay order is acceptance order");
+        // Dropping the last handle of an unconfirmed copy removes its row too.
+        let gate = kept[0].gate();
+        drop(kept);
+        let probe = outbox.insert("irc", "{}".into());
+        probe.confirm().await;
+        gate.confirm().await; // a gate opens without removing anything
+        assert_eq!(store.outbox_pending().await.expect("pending").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn rows_survive_a_new_outbox_on_the_same_store() {
+        let (_dir, store) = store().await;
+        let first = Outbox::spawn(store.clone());
+        let r = first.insert("irc", "{\"x\":1}".into());
+        r.persisted().await;
+        // The process dies: the receipt is never dropped or confirmed.
+        std::mem::forget(r);
+        let second = Outbox::spawn(store.clone());
+        let rows = store.outbox_pending().await.expect("pending");
+        assert_eq!(rows.len(), 1);
+        let replayed = second.existing(rows[0].seq);
+        replayed.confirm().await;
+        assert!(store.outbox_pending().await.expect("pending").is_empty());
+    }
+}

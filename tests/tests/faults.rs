@@ -1,0 +1,401 @@
+//! Delivery that loses nothing: fault tests that print their counts.
+//!
+//! 1,000 messages flow each way between an XMPP client (through Prosody) and an
+//! IRC client (on ngIRCd) while something fails in the middle: the gateway is
+//! killed with `kill -9` and restarted, the IRC server restarts, or PostgreSQL
+//! (the gateway's store) stops and starts again. For `kill -9`:
+//!
+//! - XMPP → IRC: a message is accepted when the sender got its MUC reflection.
+//!   Every accepted message reaches IRC exactly once, in order; a message the
+//!   sender was told failed (the XMPP server bounces it while the gateway is
+//!   down) never does; one in limbo at the kill (sent, neither reflected nor
+//!   bounced) arrives at most once.
+//! - IRC → XMPP: a message is accepted when the gateway stored it in its
+//!   outbox. Every message stored when the gateway died, and every message sent
+//!   after it rejoined the channel, reaches the XMPP client exactly once, in
+//!   order. IRC has no acknowledgements: lines on the wire at the kill and lines
+//!   sent while the gateway was away are counted, and the lines lost at the kill
+//!   must be one unbroken run right before it (nothing already stored is lost).
+//!
+//! TCP acknowledges nothing to the application: lines the gateway wrote just
+//! before it died, still unread by the server when the kernel reset the
+//! connection, are dropped by the server. The tests count them and require
+//! them to be one short run right before what was still stored.
+//!
+//! A PostgreSQL restart loses, duplicates and reorders nothing: delivery waits
+//! for the database. An IRC server restart keeps everything the gateway
+//! accepted (queued while it reconnects) but what the server dropped as it went.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use isthmus_core::store::Store;
+use isthmus_tests::scenario::{IrcSetup, T, room};
+use isthmus_tests::xmpp::Stanza;
+use isthmus_tests::{IrcClient, IrcServerKind, Postgres, XmppServerKind};
+
+const N: usize = 1000;
+/// Messages are sent in bursts, so the gateway has a backlog when it is killed.
+const BURST: usize = 10;
+/// The fault comes right after the burst ending with this message.
+const FAULT_AT: usize = 309;
+/// Recovery (restart) comes right after the burst ending with this message.
+const RECOVER_AT: usize = 409;
+
+fn number(text: &str, prefix: &str) -> Option<usize> {
+    text.strip_prefix(prefix)?.trim().parse().ok()
+}
+
+#[derive(Default)]
+struct Tally {
+    /// XMPP → IRC: reflected to the sender.
+    accepted: BTreeSet<usize>,
+    /// XMPP → IRC: bounced with an error.
+    refused: BTreeSet<usize>,
+    /// XMPP → IRC: what the IRC client received, in arrival order.
+    x2i: Vec<usize>,
+    /// IRC → XMPP: what the XMPP client received, in arrival order.
+    i2x: Vec<usize>,
+    /// The step at which the IRC client saw the gateway's user join again.
+    rejoined_at: Option<usize>,
+}
+
+impl Tally {
+    fn absorb_xmpp(&mut self, stanzas: Vec<Stanza>, room: &str) {
+        for s in stanzas.into_iter().filter(|s| s.kind == "message") {
+            if s.type_ == "error" {
+                if let Some(n) = s.id.strip_prefix("x2i-").and_then(|n| n.parse().ok()) {
+                    self.refused.insert(n);
+                }
+                continue;
+            }
+            let (true, Some(body)) = (s.type_ == "groupchat", s.body.as_deref()) else { continue };
+            if s.from.starts_with(&format!("{room}/alice")) {
+                if let Some(n) = number(body, "x2i ").filter(|n| s.id == format!("x2i-{n}")) {
+                    self.accepted.insert(n);
+                }
+            } else if s.from == format!("{room}/peer") {
+                if let Some(n) = number(body, "i2x ") {
+                    self.i2x.push(n);
+                }
+            }
+        }
+    }
+
+    fn absorb_irc(&mut self, lines: Vec<String>, step: usize, after_kill: bool) {
+        for l in lines {
+            if let Some((_, text)) = l.split_once(" PRIVMSG #faults :") {
+                if let Some(n) = number(text, "x2i ") {
+                    self.x2i.push(n);
+                }
+            } else if after_kill && self.rejoined_at.is_none() && l.starts_with(":alice") && l.contains(" JOIN ") {
+                self.rejoined_at = Some(step);
+            }
+        }
+    }
+}
+
+/// Message numbers that arrived more than once, and whether arrival order is increasing.
+fn duplicates_and_order(arrived: &[usize]) -> (usize, bool) {
+    let unique: BTreeSet<usize> = arrived.iter().copied().collect();
+    let in_order = arrived.windows(2).all(|w| w[0] < w[1]);
+    (arrived.len() - unique.len(), in_order)
+}
+
+/// The messages the killed gateway had stored and not yet sent, per direction:
+/// (XMPP → IRC, IRC → XMPP).
+async fn stored_at(dir: &Path) -> Result<(BTreeSet<usize>, BTreeSet<usize>)> {
+    let store = Store::connect(&format!("sqlite://{}/isthmus.db", dir.display()), 1).await?;
+    let (mut x2i, mut i2x) = (BTreeSet::new(), BTreeSet::new());
+    for r in store.outbox_pending().await? {
+        let event: serde_json::Value = serde_json::from_str(&r.event)?;
+        let body = event["kind"]["Message"]["body"].as_str().unwrap_or_default();
+        if let Some(n) = number(body, "x2i ") {
+            x2i.insert(n);
+        } else if let Some(n) = number(body, "i2x ") {
+            i2x.insert(n);
+        }
+    }
+    Ok((x2i, i2x))
+}
+
+/// Whether the numbers are one unbroken run.
+fn is_run(numbers: &[usize]) -> bool {
+    numbers.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+/// Most messages the peer may drop at the kill: what it had not yet read when the
+/// gateway's connection was reset (a few write batches).
+const RESET_BOUND: usize = 128;
+
+/// What goes wrong in the middle of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// `kill -9` of the gateway, restarted 100 messages later.
+    KillGateway,
+    /// The IRC server restarted (every IRC client is cut off, the test's own too).
+    RestartIrcServer,
+    /// PostgreSQL, the gateway's store, stopped and started 100 messages later.
+    RestartPostgres,
+}
+
+/// Everything one run saw.
+struct Run {
+    tally: Tally,
+    stored_x2i: BTreeSet<usize>,
+    stored_i2x: BTreeSet<usize>,
+    log: String,
+}
+
+/// Stream 1,000 messages each way in bursts and inject `fault` in the middle.
+async fn stream_through(fault: Fault) -> Result<Run> {
+    let mut postgres = None;
+    let mut s = if fault == Fault::RestartPostgres {
+        let pg = Postgres::start().await?;
+        let setup = IrcSetup::start_with_store(XmppServerKind::Prosody, IrcServerKind::Ngircd, "", &pg.url()).await?;
+        postgres = Some(pg);
+        setup
+    } else {
+        IrcSetup::start("").await?
+    };
+    let room = room("#faults");
+    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
+    peer.join("#faults").await?;
+    let mut alice = s.join("alice", "phone", &room, "alice").await?;
+    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+
+    let mut tally = Tally::default();
+    let (mut stored_x2i, mut stored_i2x) = (BTreeSet::new(), BTreeSet::new());
+    let quick = Duration::from_millis(2);
+    for first in (0..N).step_by(BURST) {
+        let last = first + BURST - 1;
+        for i in first..=last {
+            alice.send_groupchat_with_id(&room, &format!("x2i {i}"), &format!("x2i-{i}")).await?;
+            peer.privmsg("#faults", &format!("i2x {i}")).await?;
+        }
+        if last == FAULT_AT {
+            // Mid-stream: the burst just sent is still on its way through.
+            match fault {
+                Fault::KillGateway => {
+                    s.gateway.kill().await;
+                    (stored_x2i, stored_i2x) = stored_at(s.gateway.dir()).await?;
+                }
+                Fault::RestartIrcServer => {
+                    s.irc.restart().await?;
+                    // The test's IRC client was cut off too: what it read before counts.
+                    let lines = peer.drain(quick).await?;
+                    tally.absorb_irc(lines, last, true);
+                    peer = IrcClient::connect(s.irc.port(), "peer").await?;
+                    peer.join("#faults").await?;
+                }
+                Fault::RestartPostgres => {
+                    if let Some(pg) = postgres.as_mut() {
+                        pg.stop_fast().await;
+                    }
+                }
+            }
+        }
+        tally.absorb_xmpp(alice.drain(quick).await?, &room);
+        let lines = peer.drain(quick).await?;
+        tally.absorb_irc(lines, last, last >= FAULT_AT);
+        if last == RECOVER_AT {
+            match fault {
+                Fault::KillGateway => s.gateway.restart().await?,
+                Fault::RestartIrcServer => {
+                    // Go on only once the gateway is back in the channel, so what is
+                    // sent afterwards proves the rejoin works.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    while tally.rejoined_at.is_none() && tokio::time::Instant::now() < deadline {
+                        tally.absorb_xmpp(alice.drain(quick).await?, &room);
+                        let lines = peer.drain(Duration::from_millis(100)).await?;
+                        tally.absorb_irc(lines, last, true);
+                    }
+                }
+                Fault::RestartPostgres => {
+                    if let Some(pg) = postgres.as_mut() {
+                        pg.restart().await?;
+                    }
+                }
+            }
+        }
+    }
+    // Let everything in flight arrive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let stanzas = alice.drain(Duration::from_millis(500)).await?;
+        let lines = peer.drain(Duration::from_millis(500)).await?;
+        let quiet = stanzas.is_empty() && lines.is_empty();
+        tally.absorb_xmpp(stanzas, &room);
+        tally.absorb_irc(lines, N, true);
+        let all_in = tally.accepted.iter().all(|n| tally.x2i.contains(n));
+        if (quiet && all_in) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    Ok(Run { tally, stored_x2i, stored_i2x, log: s.gateway.log() })
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_and_duplicates_nothing_accepted() -> Result<()> {
+    let Run { tally, stored_x2i, stored_i2x, log } = stream_through(Fault::KillGateway).await?;
+    // XMPP → IRC.
+    let x2i: BTreeSet<usize> = tally.x2i.iter().copied().collect();
+    let (x2i_dups, x2i_ordered) = duplicates_and_order(&tally.x2i);
+    let lost: Vec<usize> = tally.accepted.difference(&x2i).copied().collect();
+    let refused_arrived: Vec<usize> = tally.refused.intersection(&x2i).copied().collect();
+    let limbo: BTreeSet<usize> = (0..N).filter(|n| !tally.accepted.contains(n) && !tally.refused.contains(n)).collect();
+    let limbo_arrived = limbo.intersection(&x2i).count();
+    let stored_x2i_lost = stored_x2i.difference(&x2i).count();
+    println!(
+        "kill -9, XMPP→IRC: sent {N}, accepted {}, refused with an error while the gateway was down {}, \
+         in limbo at the kill {} ({} of them arrived); stored by the gateway at the kill {} (lost {}); \
+         arrived {}, written just before the kill and dropped by the IRC server's connection reset {}, \
+         duplicated {}, in order: {}",
+        tally.accepted.len(),
+        tally.refused.len(),
+        limbo.len(),
+        limbo_arrived,
+        stored_x2i.len(),
+        stored_x2i_lost,
+        x2i.len(),
+        lost.len(),
+        x2i_dups,
+        x2i_ordered
+    );
+
+    // IRC → XMPP.
+    let i2x: BTreeSet<usize> = tally.i2x.iter().copied().collect();
+    let (i2x_dups, i2x_ordered) = duplicates_and_order(&tally.i2x);
+    let rejoined_at = tally.rejoined_at;
+    let missing: Vec<usize> = (0..N).filter(|n| !i2x.contains(n)).collect();
+    let at_kill: Vec<usize> = missing.iter().copied().filter(|&n| n <= FAULT_AT).collect();
+    // Before what was stored: written just before the kill, dropped by Prosody's reset.
+    // After it: not yet stored (unread on the wire, or read and not yet committed).
+    // (With nothing stored, the two cannot be told apart: all count as not yet stored.)
+    let first_stored = stored_i2x.first().copied().unwrap_or(0);
+    let (reset, unread): (Vec<usize>, Vec<usize>) = at_kill.iter().partition(|&&n| n < first_stored);
+    let while_away = missing.iter().filter(|&&n| n > FAULT_AT && Some(n) <= rejoined_at).count();
+    let after_rejoin: Vec<usize> = missing.iter().copied().filter(|&n| rejoined_at.is_none_or(|r| n > r)).collect();
+    let stored_lost: Vec<usize> = stored_i2x.difference(&i2x).copied().collect();
+    println!(
+        "kill -9, IRC→XMPP: sent {N}, arrived {}, stored by the gateway at the kill {} (lost {}), \
+         written just before the kill and dropped by Prosody's connection reset {}, \
+         not yet stored at the kill {}, sent while the gateway was away {} (rejoined at message {}), \
+         lost after the rejoin {}, duplicated {}, in order: {}",
+        i2x.len(),
+        stored_i2x.len(),
+        stored_lost.len(),
+        reset.len(),
+        unread.len(),
+        while_away,
+        rejoined_at.map_or("never".to_owned(), |r| r.to_string()),
+        after_rejoin.len(),
+        i2x_dups,
+        i2x_ordered
+    );
+    ensure!(log.contains("rejoining room after restart"), "the restarted gateway did not rejoin the room");
+
+    ensure!(tally.accepted.len() > FAULT_AT / 2, "too few messages were accepted before the kill to prove anything");
+    ensure!(stored_x2i_lost == 0, "XMPP messages stored by the gateway never reached IRC");
+    // What was lost of the accepted messages is only the last write before the kill:
+    // one run, right before what was still stored, and small.
+    ensure!(
+        is_run(&lost)
+            && lost.len() <= RESET_BOUND
+            && lost.last().is_none_or(|l| stored_x2i.first().is_none_or(|f| l < f)),
+        "accepted XMPP messages lost beyond the last write before the kill: {lost:?}"
+    );
+    ensure!(refused_arrived.is_empty(), "messages bounced to the sender still reached IRC: {refused_arrived:?}");
+    ensure!(x2i_dups == 0 && x2i_ordered, "XMPP→IRC: duplicated or out of order: {:?}", tally.x2i);
+    ensure!(rejoined_at.is_some(), "the gateway never rejoined the IRC channel after the restart");
+    ensure!(stored_lost.is_empty(), "IRC messages stored by the gateway were lost: {stored_lost:?}");
+    ensure!(after_rejoin.is_empty(), "IRC messages sent after the rejoin were lost: {after_rejoin:?}");
+    ensure!(i2x_dups == 0 && i2x_ordered, "IRC→XMPP: duplicated or out of order: {:?}", tally.i2x);
+    ensure!(
+        is_run(&reset) && reset.len() <= RESET_BOUND && reset.last().is_none_or(|&l| l + 1 == first_stored),
+        "IRC messages lost before the stored ones, beyond the last write before the kill: {reset:?}"
+    );
+    ensure!(
+        is_run(&unread) && unread.last().is_none_or(|&l| l == FAULT_AT),
+        "IRC messages lost after the stored ones are not the run right before the kill: {unread:?}"
+    );
+    ensure!(i2x.len() > N / 2, "most IRC messages never arrived");
+    Ok(())
+}
+
+/// What arrived of one direction: (set, duplicates, in order).
+fn arrivals(arrived: &[usize]) -> (BTreeSet<usize>, usize, bool) {
+    let (dups, ordered) = duplicates_and_order(arrived);
+    (arrived.iter().copied().collect(), dups, ordered)
+}
+
+#[tokio::test]
+async fn postgres_restart_mid_stream_delays_and_loses_nothing() -> Result<()> {
+    let Run { tally, log, .. } = stream_through(Fault::RestartPostgres).await?;
+    let (x2i, x2i_dups, x2i_ordered) = arrivals(&tally.x2i);
+    let (i2x, i2x_dups, i2x_ordered) = arrivals(&tally.i2x);
+    let lost: Vec<usize> = tally.accepted.difference(&x2i).copied().collect();
+    let i2x_missing: Vec<usize> = (0..N).filter(|n| !i2x.contains(n)).collect();
+    println!(
+        "PostgreSQL restarted mid-stream: XMPP→IRC sent {N}, accepted {}, refused {}, arrived {}, lost {}, \
+         duplicated {x2i_dups}, in order: {x2i_ordered}; IRC→XMPP sent {N}, arrived {}, lost {}, \
+         duplicated {i2x_dups}, in order: {i2x_ordered}; database writes retried while it was down: {}",
+        tally.accepted.len(),
+        tally.refused.len(),
+        x2i.len(),
+        lost.len(),
+        i2x.len(),
+        i2x_missing.len(),
+        log.matches("retrying").count()
+    );
+    ensure!(log.contains("retrying"), "the gateway never noticed the database was gone");
+    ensure!(tally.accepted.len() == N, "not every XMPP message was accepted: refused {:?}", tally.refused);
+    ensure!(lost.is_empty(), "accepted XMPP messages never reached IRC: {lost:?}");
+    ensure!(x2i_dups == 0 && x2i_ordered, "XMPP→IRC: duplicated or out of order: {:?}", tally.x2i);
+    ensure!(i2x_missing.is_empty(), "IRC messages never reached XMPP: {i2x_missing:?}");
+    ensure!(i2x_dups == 0 && i2x_ordered, "IRC→XMPP: duplicated or out of order: {:?}", tally.i2x);
+    Ok(())
+}
+
+#[tokio::test]
+async fn irc_server_restart_mid_stream_keeps_what_was_accepted() -> Result<()> {
+    let Run { tally, .. } = stream_through(Fault::RestartIrcServer).await?;
+    let (x2i, x2i_dups, x2i_ordered) = arrivals(&tally.x2i);
+    let (i2x, i2x_dups, i2x_ordered) = arrivals(&tally.i2x);
+    let lost: Vec<usize> = tally.accepted.difference(&x2i).copied().collect();
+    let rejoined_at = tally.rejoined_at;
+    let missing: Vec<usize> = (0..N).filter(|n| !i2x.contains(n)).collect();
+    let at_restart: Vec<usize> = missing.iter().copied().filter(|&n| n <= FAULT_AT).collect();
+    let while_away = missing.iter().filter(|&&n| n > FAULT_AT && Some(n) <= rejoined_at).count();
+    let after_rejoin: Vec<usize> = missing.iter().copied().filter(|&n| rejoined_at.is_none_or(|r| n > r)).collect();
+    println!(
+        "IRC server restarted mid-stream: XMPP→IRC sent {N}, accepted {}, arrived {}, \
+         written just before the restart and dropped by the server {}, duplicated {x2i_dups}, in order: {x2i_ordered}; \
+         IRC→XMPP sent {N}, arrived {}, on the wire at the restart {}, sent before the gateway was back in the \
+         channel {} (back at message {}), lost after that {}, duplicated {i2x_dups}, in order: {i2x_ordered}",
+        tally.accepted.len(),
+        x2i.len(),
+        lost.len(),
+        i2x.len(),
+        at_restart.len(),
+        while_away,
+        rejoined_at.map_or("never".to_owned(), |r| r.to_string()),
+        after_rejoin.len()
+    );
+    ensure!(tally.accepted.len() == N, "XMPP messages were refused while the IRC server was away: {:?}", tally.refused);
+    ensure!(
+        is_run(&lost) && lost.len() <= RESET_BOUND && lost.last().is_none_or(|&l| l <= FAULT_AT),
+        "accepted XMPP messages lost beyond the last write before the restart: {lost:?}"
+    );
+    ensure!(x2i_dups == 0 && x2i_ordered, "XMPP→IRC: duplicated or out of order: {:?}", tally.x2i);
+    ensure!(rejoined_at.is_some(), "the gateway never rejoined the IRC channel");
+    ensure!(after_rejoin.is_empty(), "IRC messages sent after the rejoin were lost: {after_rejoin:?}");
+    ensure!(
+        is_run(&at_restart) && at_restart.last().is_none_or(|&l| l == FAULT_AT),
+        "IRC messages lost at the restart are not the run right before it: {at_restart:?}"
+    );
+    ensure!(i2x_dups == 0 && i2x_ordered, "IRC→XMPP: duplicated or out of order: {:?}", tally.i2x);
+    Ok(())
+}
