@@ -101,6 +101,40 @@ pub(crate) struct RoomSession {
 
 pub(crate) type RoomKey = (BareJid, BareJid); // (room, account)
 
+/// The origin-ids (XEP-0359) of the last messages XMPP users sent, with the key
+/// each got, so a resend is recognised. Bounded: the oldest are forgotten first.
+#[derive(Default)]
+struct RecentOrigins {
+    inner: Mutex<(HashMap<(BareJid, String), String>, std::collections::VecDeque<(BareJid, String)>)>,
+}
+
+impl RecentOrigins {
+    /// How many origin-ids are remembered.
+    const CAPACITY: usize = 20_000;
+
+    /// The key of an earlier message from `account` with this origin-id.
+    fn key_of(&self, account: &BareJid, origin_id: &str) -> Option<String> {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0.get(&(account.clone(), origin_id.to_owned())).cloned()
+    }
+
+    /// Remember that the message with this origin-id was bridged under `key`.
+    fn remember(&self, account: &BareJid, origin_id: &str, key: &str) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *guard;
+        let id = (account.clone(), origin_id.to_owned());
+        if map.insert(id.clone(), key.to_owned()).is_some() {
+            return;
+        }
+        order.push_back(id);
+        if order.len() > Self::CAPACITY {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+}
+
 /// The XMPP side of the gateway.
 pub struct Gateway {
     domains: HashMap<String, Domain>,
@@ -111,6 +145,8 @@ pub struct Gateway {
     archive: Archive,
     /// Messages replayed on join when the client does not say how many.
     default_history: u32,
+    /// Origin-ids of recent messages from XMPP users, to recognise resends.
+    recent_origins: RecentOrigins,
     /// Room sessions to store, in order (written by one task).
     session_log: OnceLock<mpsc::UnboundedSender<(String, String, Option<RoomSessionRecord>)>>,
 }
@@ -152,6 +188,7 @@ impl Gateway {
             archive,
             default_history,
             session_log: OnceLock::new(),
+            recent_origins: RecentOrigins::default(),
         })
     }
 
@@ -700,6 +737,17 @@ impl Gateway {
                 event.context = Some(Quote { author: e.sender_nick, text: e.body });
             }
         }
+        // A resend (same origin-id from the same account, e.g. after a failed stream
+        // resumption) is not bridged again; in a room it is reflected again, with the
+        // first one's stanza-id, so the client knows it arrived.
+        let resent = origin_id.as_ref().and_then(|id| self.recent_origins.key_of(&account, id));
+        if let Some(first) = resent {
+            debug!(origin_id = ?origin_id, key = %first, from = %from, "resent message not bridged again");
+            if chat.kind == ChatKind::Room {
+                self.reflect(domain, &m, &room, &account, &nick, &body, &first, None);
+            }
+            return;
+        }
         let key = event.key.clone();
         let span = tracing::info_span!("xmpp-message", key = %key, origin_id = ?origin_id, from = %from);
         let Some(report) = self.route(event).instrument(span).await else { return };
@@ -713,6 +761,9 @@ impl Gateway {
                 self.send(domain, err).await;
             }
             return;
+        }
+        if let Some(id) = &origin_id {
+            self.recent_origins.remember(&account, id, &key.0);
         }
         // XEP-0184: the receipt says the remote network accepted the message, so it is
         // only sent now, after delivery succeeded.
@@ -730,13 +781,6 @@ impl Gateway {
             }
         }
         if chat.kind == ChatKind::Room {
-            // MUC semantics: the sender's resources see their own message reflected, with its id.
-            let resources: Vec<FullJid> = self
-                .rooms()
-                .get(&(room.clone(), account.clone()))
-                .map(|s| s.resources.iter().cloned().collect())
-                .unwrap_or_default();
-            let Some(from_occupant) = full(&room, &nick) else { return };
             if is_message {
                 self.archive_message(
                     &room,
@@ -749,18 +793,41 @@ impl Gateway {
                     std::time::SystemTime::now(),
                 );
             }
-            for res in resources {
-                // The whole stanza is reflected (corrections, reactions and retractions
-                // included), so the user's other devices apply it too.
-                let mut echo =
-                    stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), &body);
-                echo.id = m.id.clone();
-                echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
-                let echo = stanza::with_stanza_id(echo, &key.0, &room);
-                // Reflected only once the outbox holds the message: the reflection says
-                // it was accepted, so it must survive a crash from here on.
-                self.send_after(domain, Stanza::Message(echo), report.persisted.clone());
-            }
+            // Reflected only once the outbox holds the message: the reflection says
+            // it was accepted, so it must survive a crash from here on.
+            self.reflect(domain, &m, &room, &account, &nick, &body, &key.0, report.persisted.clone());
+        }
+    }
+
+    /// MUC semantics: the sender's resources see their own message reflected, with
+    /// its id and the room's stanza-id (`key`). The whole stanza is reflected
+    /// (corrections, reactions and retractions included), so the user's other
+    /// devices apply it too. Written once `after` is confirmed, if given.
+    #[allow(clippy::too_many_arguments)]
+    fn reflect(
+        &self,
+        domain: &Domain,
+        m: &Message,
+        room: &BareJid,
+        account: &BareJid,
+        nick: &str,
+        body: &str,
+        key: &str,
+        mut after: Option<Receipt>,
+    ) {
+        let resources: Vec<FullJid> = self
+            .rooms()
+            .get(&(room.clone(), account.clone()))
+            .map(|s| s.resources.iter().cloned().collect())
+            .unwrap_or_default();
+        let Some(from_occupant) = full(room, nick) else { return };
+        for res in resources {
+            let mut echo =
+                stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), body);
+            echo.id = m.id.clone();
+            echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
+            let echo = stanza::with_stanza_id(echo, key, room);
+            self.send_after(domain, Stanza::Message(echo), after.take());
         }
     }
 

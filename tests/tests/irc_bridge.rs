@@ -385,3 +385,38 @@ async fn channel_keys_receipts_and_vcards(kind: IrcServerKind) -> Result<()> {
 }
 
 isthmus_tests::on_both_irc_servers!(channel_keys_receipts_and_vcards);
+
+/// The `id` of the XEP-0359 `<stanza-id/>` in a stanza's XML.
+fn stanza_id(xml: &str) -> Option<String> {
+    let start = xml.find("<stanza-id")?;
+    let element = &xml[start..start + xml[start..].find('>')?];
+    let value = &element[element.find(" id=\"")? + 5..];
+    Some(value.split('"').next()?.to_owned())
+}
+
+async fn a_resent_message_is_bridged_once_and_reflected_again(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    // The same message twice, as a client resends after a failed stream resumption.
+    let stanza = format!(
+        "<message to='{room}' type='groupchat' id='once'><body>only once</body>\
+         <origin-id xmlns='urn:xmpp:sid:0' id='origin-once'/></message>"
+    );
+    alice.send_raw(&stanza).await?;
+    let first = alice.expect(T, |st| st.id == "once" && st.body.as_deref() == Some("only once")).await?;
+    alice.send_raw(&stanza).await?;
+    let second = alice.expect(T, |st| st.id == "once" && st.body.as_deref() == Some("only once")).await?;
+    let (first_id, second_id) = (stanza_id(&first.xml), stanza_id(&second.xml));
+    assert!(first_id.is_some(), "no stanza-id in {}", first.xml);
+    assert_eq!(first_id, second_id, "the resend is reflected with the first one's stanza-id");
+    // A different message afterwards arrives, and the resent one arrived once.
+    alice.send_groupchat(&room, "next").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("next")).await?;
+    let copies = bob.seen().iter().filter(|l| privmsg_text(l, "#test") == Some("only once")).count();
+    assert_eq!(copies, 1, "the resent message reached IRC {copies} times");
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(a_resent_message_is_bridged_once_and_reflected_again);
