@@ -554,21 +554,35 @@ impl Gateway {
             let t = since.0.timestamp_micros();
             start_us = Some(start_us.map_or(t, |s| s.max(t)));
         }
-        let q = ArchiveQuery {
-            room: room.to_string(),
-            owner: Some(account.to_string()),
-            start_us,
-            last_page: true,
-            max,
-            ..Default::default()
-        };
-        let mut entries = match self.archive.query(&q).await {
-            Ok(page) => page.entries,
-            Err(e) => {
-                warn!(error = %e, room = %room, "history on join unavailable");
-                return Vec::new();
+        // The newest `max` entries, a page at a time from the newest backwards.
+        let mut entries = Vec::new();
+        let mut before = None;
+        while entries.len() < max as usize {
+            let q = ArchiveQuery {
+                room: room.to_string(),
+                owner: Some(account.to_string()),
+                start_us,
+                last_page: before.is_none(),
+                before: before.clone(),
+                max: max - entries.len() as u32,
+                ..Default::default()
+            };
+            let page = match self.archive.query(&q).await {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(error = %e, room = %room, "history on join unavailable");
+                    return Vec::new();
+                }
+            };
+            let done = page.complete || page.entries.is_empty();
+            before = page.first.clone();
+            let mut older = page.entries;
+            older.append(&mut entries);
+            entries = older;
+            if done {
+                break;
             }
-        };
+        }
         if let Some(maxchars) = asked.maxchars {
             // Keep the newest messages whose bodies fit in maxchars.
             let mut total = 0usize;

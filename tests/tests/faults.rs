@@ -25,6 +25,10 @@
 //! A PostgreSQL restart loses, duplicates and reorders nothing: delivery waits
 //! for the database. An IRC server restart keeps everything the gateway
 //! accepted (queued while it reconnects) but what the server dropped as it went.
+//! A Prosody restart cuts the XMPP client off too, and Prosody forgets what it
+//! was about to deliver: the client logs in again and rejoins asking for
+//! history, and every IRC message is then either received live or in that
+//! history; every XMPP message the gateway accepted reaches IRC once.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -34,7 +38,7 @@ use anyhow::{Result, ensure};
 use isthmus_core::store::Store;
 use isthmus_tests::scenario::{IrcSetup, T, room};
 use isthmus_tests::xmpp::Stanza;
-use isthmus_tests::{IrcClient, IrcServerKind, Postgres, XmppServerKind};
+use isthmus_tests::{IrcClient, IrcServerKind, Postgres, XmppClient, XmppServerKind};
 
 const N: usize = 1000;
 /// Messages are sent in bursts, so the gateway has a backlog when it is killed.
@@ -56,8 +60,10 @@ struct Tally {
     refused: BTreeSet<usize>,
     /// XMPP → IRC: what the IRC client received, in arrival order.
     x2i: Vec<usize>,
-    /// IRC → XMPP: what the XMPP client received, in arrival order.
+    /// IRC → XMPP: what the XMPP client received live, in arrival order.
     i2x: Vec<usize>,
+    /// IRC → XMPP: what the XMPP client got as room history (delayed) on a rejoin.
+    i2x_history: BTreeSet<usize>,
     /// The step at which the IRC client saw the gateway's user join again.
     rejoined_at: Option<usize>,
 }
@@ -78,7 +84,11 @@ impl Tally {
                 }
             } else if s.from == format!("{room}/peer") {
                 if let Some(n) = number(body, "i2x ") {
-                    self.i2x.push(n);
+                    if s.xml.contains("urn:xmpp:delay") {
+                        self.i2x_history.insert(n);
+                    } else {
+                        self.i2x.push(n);
+                    }
                 }
             }
         }
@@ -139,6 +149,9 @@ enum Fault {
     RestartIrcServer,
     /// PostgreSQL, the gateway's store, stopped and started 100 messages later.
     RestartPostgres,
+    /// Prosody restarted: the gateway's link and the XMPP client are cut off; the
+    /// client logs in again and rejoins asking for history, as clients do.
+    RestartProsody,
 }
 
 /// Everything one run saw.
@@ -195,6 +208,16 @@ async fn stream_through(fault: Fault) -> Result<Run> {
                         pg.stop_fast().await;
                     }
                 }
+                Fault::RestartProsody => {
+                    s.prosody.restart().await?;
+                    // The XMPP client was cut off too: what it read before counts.
+                    tally.absorb_xmpp(alice.drain(quick).await?, &room);
+                    s.gateway.wait_log("component link established", 2, T).await?;
+                    let mut again = XmppClient::connect(&s.prosody, "alice@localhost/phone", "alicepass").await?;
+                    again.join_with_history(&room, "alice", N as u32).await?;
+                    again.expect(T, |st| st.kind == "presence" && st.has_status(110)).await?;
+                    alice = again;
+                }
             }
         }
         tally.absorb_xmpp(alice.drain(quick).await?, &room);
@@ -203,6 +226,7 @@ async fn stream_through(fault: Fault) -> Result<Run> {
         if last == RECOVER_AT {
             match fault {
                 Fault::KillGateway => s.gateway.restart().await?,
+                Fault::RestartProsody => {}
                 Fault::RestartIrcServer => {
                     // Go on only once the gateway is back in the channel, so what is
                     // sent afterwards proves the rejoin works.
@@ -396,6 +420,34 @@ async fn irc_server_restart_mid_stream_keeps_what_was_accepted() -> Result<()> {
         is_run(&at_restart) && at_restart.last().is_none_or(|&l| l == FAULT_AT),
         "IRC messages lost at the restart are not the run right before it: {at_restart:?}"
     );
+    ensure!(i2x_dups == 0 && i2x_ordered, "IRC→XMPP: duplicated or out of order: {:?}", tally.i2x);
+    Ok(())
+}
+
+#[tokio::test]
+async fn prosody_restart_mid_stream_keeps_what_was_accepted() -> Result<()> {
+    let Run { tally, .. } = stream_through(Fault::RestartProsody).await?;
+    let (x2i, x2i_dups, x2i_ordered) = arrivals(&tally.x2i);
+    let (i2x, i2x_dups, i2x_ordered) = arrivals(&tally.i2x);
+    let lost: Vec<usize> = tally.accepted.difference(&x2i).copied().collect();
+    let limbo = N - tally.accepted.len() - tally.refused.len();
+    let missing: Vec<usize> = (0..N).filter(|n| !i2x.contains(n) && !tally.i2x_history.contains(n)).collect();
+    let from_history = tally.i2x_history.difference(&i2x).count();
+    println!(
+        "Prosody restarted mid-stream: XMPP→IRC sent {N}, accepted {}, refused {}, in limbo at the restart {limbo}, \
+         arrived {}, lost {}, duplicated {x2i_dups}, in order: {x2i_ordered}; IRC→XMPP sent {N}, arrived live {}, \
+         only in the history on rejoin {from_history}, in neither {}, duplicated live {i2x_dups}, in order: {i2x_ordered}",
+        tally.accepted.len(),
+        tally.refused.len(),
+        x2i.len(),
+        lost.len(),
+        i2x.len(),
+        missing.len()
+    );
+    ensure!(tally.accepted.len() > N / 2, "most XMPP messages were not accepted");
+    ensure!(lost.is_empty(), "accepted XMPP messages never reached IRC: {lost:?}");
+    ensure!(x2i_dups == 0 && x2i_ordered, "XMPP→IRC: duplicated or out of order: {:?}", tally.x2i);
+    ensure!(missing.is_empty(), "IRC messages neither delivered nor in the room history: {missing:?}");
     ensure!(i2x_dups == 0 && i2x_ordered, "IRC→XMPP: duplicated or out of order: {:?}", tally.i2x);
     Ok(())
 }
