@@ -10,10 +10,11 @@
 //! left after a crash are replayed on the next start, in order.
 //!
 //! Writes are group-committed by one writer task: every change queued while a
-//! transaction runs goes into the next one, and a row inserted and removed in
-//! the same batch never reaches the disk. Waiting for durability never blocks
-//! the writer; a failed transaction is retried with backoff (the database may
-//! be restarting), never dropped, so delivery pauses and then resumes.
+//! transaction runs goes into the next one. A copy confirmed before the writer
+//! took its row never reaches the disk, and its confirmation waits for nothing
+//! (the common case: the destination was idle). Waiting for durability never
+//! blocks the writer; a failed transaction is retried with backoff (the
+//! database may be restarting), never dropped, so delivery pauses and then resumes.
 //!
 //! The window this cannot close: between the removal's commit and the write,
 //! a crash loses the event (it is not written twice). IRC gives no
@@ -40,6 +41,9 @@ enum Change {
 struct Shared {
     /// Ticket numbers are handed out under this lock, in channel order.
     tx: Mutex<(u64, mpsc::UnboundedSender<(u64, Change)>)>,
+    /// Rows queued for insertion that the writer has not taken yet. Removing a
+    /// row from here cancels its insertion: nothing to write, nothing to wait for.
+    queued: Mutex<std::collections::HashSet<i64>>,
     /// The highest ticket whose change is durable.
     committed: watch::Receiver<u64>,
 }
@@ -61,8 +65,13 @@ impl Outbox {
     pub fn spawn(store: Store) -> Outbox {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = watch::channel(0u64);
-        tokio::spawn(writer(store, rx, done_tx));
-        Outbox { shared: Arc::new(Shared { tx: Mutex::new((0, tx)), committed: done_rx }) }
+        let shared = Arc::new(Shared {
+            tx: Mutex::new((0, tx)),
+            queued: Mutex::new(std::collections::HashSet::new()),
+            committed: done_rx,
+        });
+        tokio::spawn(writer(store, rx, done_tx, shared.clone()));
+        Outbox { shared }
     }
 
     fn submit(&self, change: Change) -> u64 {
@@ -79,6 +88,7 @@ impl Outbox {
     /// is durable once [`Receipt::persisted`] returns.
     pub fn insert(&self, destination: &str, event_json: String) -> Receipt {
         let seq = next_archive_id();
+        self.queued().insert(seq);
         let ticket = self.submit(Change::Insert(OutboxRow {
             seq,
             destination: destination.to_owned(),
@@ -88,9 +98,28 @@ impl Outbox {
         Receipt::new(self.clone(), Some(seq), ticket)
     }
 
+    fn queued(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+        self.shared.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take the row out: cancelled if the writer has not taken it yet (`None`),
+    /// else the ticket of its removal.
+    fn remove(&self, seq: i64) -> Option<u64> {
+        if self.queued().remove(&seq) {
+            return None;
+        }
+        Some(self.submit(Change::Remove(seq)))
+    }
+
     /// A receipt for a row stored by an earlier run (replay).
     pub fn existing(&self, seq: i64) -> Receipt {
         Receipt::new(self.clone(), Some(seq), 0)
+    }
+
+    /// Wait until every change submitted so far is durable.
+    pub async fn settled(&self) {
+        let ticket = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()).0;
+        self.durable(ticket).await;
     }
 
     /// Wait until every change up to `ticket` is durable.
@@ -143,9 +172,10 @@ impl Receipt {
     /// Idempotent.
     pub async fn confirm(&self) {
         let ticket = match self.inner.seq {
-            Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => {
-                self.inner.outbox.submit(Change::Remove(seq))
-            }
+            Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => match self.inner.outbox.remove(seq) {
+                Some(ticket) => ticket,
+                None => return, // never written: nothing to undo, nothing to wait for
+            },
             _ => self.inner.ticket,
         };
         self.inner.outbox.durable(ticket).await;
@@ -157,7 +187,7 @@ impl Drop for ReceiptInner {
         // Finished without being written (refused, or its room was left): the row goes.
         if let Some(seq) = self.seq {
             if !self.removed.swap(true, Ordering::AcqRel) {
-                self.outbox.submit(Change::Remove(seq));
+                self.outbox.remove(seq);
             }
         }
     }
@@ -176,7 +206,12 @@ impl PartialEq for Receipt {
     }
 }
 
-async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<(u64, Change)>, committed: watch::Sender<u64>) {
+async fn writer(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<(u64, Change)>,
+    committed: watch::Sender<u64>,
+    shared: Arc<Shared>,
+) {
     let mut inserts: Vec<OutboxRow> = Vec::new();
     let mut removals: Vec<i64> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -187,7 +222,13 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<(u64, Change)>, co
             last = ticket;
             n += 1;
             match change {
-                Change::Insert(row) => inserts.push(row),
+                Change::Insert(row) => {
+                    // Taken now: from here on a confirmation waits for the removal.
+                    let still_wanted = shared.queued.lock().unwrap_or_else(|p| p.into_inner()).remove(&row.seq);
+                    if still_wanted {
+                        inserts.push(row);
+                    }
+                }
                 Change::Remove(seq) => {
                     // Inserted and removed in the same batch: the row never needs to exist.
                     if let Some(i) = inserts.iter().position(|r| r.seq == seq) {
@@ -248,9 +289,13 @@ mod tests {
         // Dropping the last handle of an unconfirmed copy removes its row too.
         let gate = kept[0].gate();
         drop(kept);
-        let probe = outbox.insert("irc", "{}".into());
-        probe.confirm().await;
         gate.confirm().await; // a gate opens without removing anything
+        outbox.settled().await;
+        assert_eq!(store.outbox_pending().await.expect("pending").len(), 0);
+        // A copy confirmed before the writer took it is never written at all.
+        let quick = outbox.insert("irc", "{\"quick\":1}".into());
+        quick.confirm().await;
+        outbox.settled().await;
         assert_eq!(store.outbox_pending().await.expect("pending").len(), 0);
     }
 

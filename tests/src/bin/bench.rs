@@ -27,6 +27,12 @@ use tokio::sync::mpsc;
 use tokio_xmpp::parsers::minidom::Element;
 use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
 
+use base64::Engine;
+use sasl::client::Mechanism;
+use sasl::client::mechanisms::Scram;
+use sasl::common::ChannelBinding;
+use sasl::common::scram::Sha256;
+
 const ISTHMUS_SECRET: &str = "bench-isthmus";
 const BIBOUMI_SECRET: &str = "bench-biboumi";
 
@@ -59,7 +65,19 @@ impl Bot {
     }
 
     async fn connect(c2s: u16, user: &str) -> Result<Bot> {
+        Self::connect_with(c2s, user, false).await
+    }
+
+    /// Log in with SCRAM-SHA-256 (what the embedded server accepts without TLS).
+    async fn login_scram(c2s: u16, user: &str) -> Result<Bot> {
+        tokio::time::timeout(Duration::from_secs(30), Self::connect_with(c2s, user, true))
+            .await
+            .context("login timed out")?
+    }
+
+    async fn connect_with(c2s: u16, user: &str, scram: bool) -> Result<Bot> {
         const CLIENT: &str = "jabber:client";
+        const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
         let timeouts =
             Timeouts { read_timeout: Duration::from_secs(3600), response_timeout: Duration::from_secs(3600) };
         let header = || StreamHeader { to: Some("localhost".into()), from: None, id: None };
@@ -67,11 +85,36 @@ impl Bot {
         tcp.set_nodelay(true)?;
         let pending = initiate_stream(BufStream::new(tcp), CLIENT, header(), timeouts).await?;
         let (_, mut stream) = pending.recv_features::<Element>().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let token = base64_plain(user, &format!("{user}pass"));
-        stream
-            .send(&parse(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"))?)
-            .await?;
-        let answer = next_element(&mut stream).await?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut mechanism = if scram {
+            Some(
+                Scram::<Sha256>::new(user, format!("{user}pass"), ChannelBinding::Unsupported)
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            )
+        } else {
+            None
+        };
+        let auth = match mechanism.as_mut() {
+            Some(m) => format!("<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{}</auth>", b64.encode(m.initial())),
+            None => {
+                format!("<auth xmlns='{SASL}' mechanism='PLAIN'>{}</auth>", base64_plain(user, &format!("{user}pass")))
+            }
+        };
+        stream.send(&parse(&auth)?).await?;
+        let answer = loop {
+            let el = next_element(&mut stream).await?;
+            match (el.name(), mechanism.as_mut()) {
+                ("challenge", Some(m)) => {
+                    let reply = m.response(&b64.decode(el.text())?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    stream.send(&parse(&format!("<response xmlns='{SASL}'>{}</response>", b64.encode(reply)))?).await?;
+                }
+                ("success", Some(m)) => {
+                    m.success(&b64.decode(el.text())?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    break el;
+                }
+                _ => break el,
+            }
+        };
         if answer.name() != "success" {
             bail!("{user}: authentication refused: {}", String::from(&answer));
         }
@@ -171,7 +214,6 @@ fn parse(xml: &str) -> Result<Element> {
 
 /// SASL PLAIN's initial response: base64 of `\0user\0password`.
 fn base64_plain(user: &str, password: &str) -> String {
-    use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
 }
 
@@ -503,6 +545,32 @@ async fn memory(g: &Gateway, c2s: u16, users: usize) -> Result<(u64, f64)> {
     Ok((idle, loaded.saturating_sub(idle) as f64 / users.max(1) as f64))
 }
 
+/// T1 in embedded mode: the XMPP client logs in to the gateway itself (SCRAM-SHA-256),
+/// no XMPP server in the path. Same archive and flood settings as the attached runs.
+async fn embedded_t1(irc_port: u16, n: usize, t0: Instant) -> Result<(f64, (f64, f64))> {
+    let port = isthmus_tests::process::free_port();
+    let mut users = String::new();
+    for (user, hash) in isthmus_tests::scenario::embedded_password_hashes()? {
+        users += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
+    }
+    let config = format!(
+        "xmpp:\n  mode: embedded\n  embedded:\n    domain: localhost\n    listen: 127.0.0.1:{port}\n    users:\n{users}\
+         store:\n  url: sqlite://{{dir}}/isthmus.db\nlog:\n  filter: warn\nirc:\n  - domain: isthmus.localhost\n    \
+         flood: {{ enabled: false }}\n    servers:\n      \"127.0.0.1\": {{ port: {irc_port}, tls: false }}\n"
+    );
+    let gw = Isthmus::start(&config, &[("RUST_LOG", "warn,isthmus_component::server=info")]).await?;
+    gw.wait_log("accepting XMPP clients", 1, Duration::from_secs(30)).await?;
+    let room = "#embedded%127.0.0.1@isthmus.localhost";
+    let mut reader = IrcClient::connect(irc_port, "ereader").await?;
+    reader.join("#embedded").await?;
+    let mut sender = Bot::login_scram(port, "alice").await?;
+    sender.join(room, "alice").await?;
+    eprintln!("Isthmus embedded: T1…");
+    let result = t1(&mut sender, room, &mut reader, n, t0).await;
+    drop(gw);
+    result
+}
+
 /// Ceilings: raw IRC → ngIRCd → raw IRC, and XMPP → Prosody MUC → XMPP.
 async fn ceilings(c2s: u16, irc_port: u16, n: usize) -> Result<(f64, f64)> {
     let mut a = IrcClient::connect(irc_port, "ceila").await?;
@@ -616,7 +684,12 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (irc_ceiling, xmpp_ceiling) = ceilings(c2s, irc.port(), n).await?;
-    let table = report(&rows, irc_ceiling, xmpp_ceiling, n, fan, users);
+    let embedded = embedded_t1(irc.port(), n, t0).await?;
+    let mut table = report(&rows, irc_ceiling, xmpp_ceiling, n, fan, users);
+    table += &format!(
+        "\nIsthmus in embedded mode (its own XMPP server, no Prosody in the path), T1 XMPP→IRC, {n} messages: {:.0} msg/s; latency at 200 msg/s p50 / p99 {:.2} / {:.2} ms.\n",
+        embedded.0, embedded.1.0, embedded.1.1
+    );
     println!("{table}");
     if !quick {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
