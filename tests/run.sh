@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, build everything, run every test (unit, store on
-# SQLite and PostgreSQL, end-to-end against real Prosody and ngIRCd on loopback).
+# SQLite and PostgreSQL, end-to-end against real Prosody and ngIRCd on loopback),
+# then run each fuzz target briefly.
 # Each test starts and stops its own servers; nothing is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,6 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 if ! pgrep -x epmd >/dev/null; then trap 'pkill -x epmd 2>/dev/null || true' EXIT; fi
 cargo build --workspace --all-targets --locked
 cargo test --workspace --all-targets --locked
+# Each fuzz target for a short bounded time (see docs/development.md).
+./tests/fuzz/run.sh 30
 echo "all tests passed"

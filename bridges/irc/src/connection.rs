@@ -174,22 +174,32 @@ impl Connection {
         sink: EventSink,
         policy: ReconnectPolicy,
     ) -> Arc<Connection> {
-        let nick = one_line(&nick).replace([' ', ','], "_");
+        let (conn, rx) = Connection::unconnected(network, key.clone(), &nick);
+        let span = tracing::info_span!("irc", account = %key.account, server = %key.server);
+        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx };
+        tokio::spawn(supervisor.run().instrument(span));
+        conn
+    }
+
+    /// A connection with no task behind it, and the queue of what it would send.
+    pub(crate) fn unconnected(
+        network: NetworkId,
+        key: ConnectionKey,
+        nick: &str,
+    ) -> (Arc<Connection>, mpsc::UnboundedReceiver<Box<IrcMessage>>) {
+        let nick = one_line(nick).replace([' ', ','], "_");
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State { nick, ..Default::default() }));
         let conn = Arc::new(Connection {
             network,
-            key: key.clone(),
+            key,
             outgoing: tx,
             state,
             closed: AtomicBool::new(false),
             online: AtomicBool::new(false),
             close_signal: Notify::new(),
         });
-        let span = tracing::info_span!("irc", account = %key.account, server = %key.server);
-        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx };
-        tokio::spawn(supervisor.run().instrument(span));
-        conn
+        (conn, rx)
     }
 
     /// Whether the server currently has us registered.
@@ -593,7 +603,7 @@ impl Supervisor {
 }
 
 /// Translates one connection's incoming traffic.
-struct Reader {
+pub(crate) struct Reader {
     conn: Arc<Connection>,
     sink: EventSink,
     on_connect: Vec<String>,
@@ -601,7 +611,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn detached(conn: Arc<Connection>, sink: EventSink) -> Reader {
+    pub(crate) fn detached(conn: Arc<Connection>, sink: EventSink) -> Reader {
         Reader { conn, sink, on_connect: Vec::new(), sender: None }
     }
 
@@ -652,7 +662,7 @@ impl Reader {
         self.conn.lock().channels.get(&fold(channel)).map(|c| c.name.clone()).unwrap_or_else(|| channel.to_owned())
     }
 
-    async fn handle(&self, message: IrcMessage) {
+    pub(crate) async fn handle(&self, message: IrcMessage) {
         let nick = match &message.prefix {
             Some(Prefix::Nickname(nick, _, _)) => Some(nick.clone()),
             _ => None,
@@ -1069,5 +1079,109 @@ impl Meta {
             event = event.with_origin_id(id.clone());
         }
         event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use isthmus_core::model::ChatKind;
+
+    use super::*;
+    use crate::fuzzing::Harness;
+
+    const SERVER: &str = "irc.example.org";
+
+    fn harness() -> Harness {
+        let account: BareJid = "me@example.org".parse().expect("a valid JID");
+        Harness::new(NetworkId::new("irc"), account, SERVER, "me")
+    }
+
+    fn line(h: &mut Harness, text: &str) -> Vec<Event> {
+        h.handle(format!("{text}\r\n").parse().expect("a valid IRC line"))
+    }
+
+    /// The one event a line produced.
+    fn one(h: &mut Harness, text: &str) -> Event {
+        let mut events = line(h, text);
+        assert_eq!(events.len(), 1, "one event expected from {text:?}: {events:?}");
+        events.remove(0)
+    }
+
+    /// Joins `#Test` (as the user spells it) and completes it; returns the join's events.
+    fn joined(h: &mut Harness) -> Vec<Event> {
+        h.connection().join("#Test", None).expect("the queue is open");
+        let mut events = line(h, ":me!~me@host JOIN #test");
+        events.extend(line(h, ":irc.example.org 353 me = #test :@me +bob carol"));
+        events.extend(line(h, ":irc.example.org 332 me #test :the topic"));
+        events.extend(line(h, ":irc.example.org 366 me #test :End of /NAMES list."));
+        events
+    }
+
+    #[test]
+    fn a_join_is_reported_once_names_are_complete() {
+        let mut h = harness();
+        let events = joined(&mut h);
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = &events[0];
+        assert_eq!(e.chat, ChatRef::room(NetworkId::new("irc"), "#Test%irc.example.org"));
+        assert!(e.sender.is_self);
+        let EventKind::SelfJoined { nick, occupants, topic } = &e.kind else { panic!("{e:?}") };
+        assert_eq!(nick, "me");
+        assert_eq!(topic.as_deref(), Some("the topic"));
+        let who: Vec<_> = occupants.iter().map(|o| (o.nick.as_str(), o.role, o.affiliation)).collect();
+        assert_eq!(
+            who,
+            [("bob", Role::Participant, Affiliation::Member), ("carol", Role::Participant, Affiliation::None)]
+        );
+    }
+
+    #[test]
+    fn a_tagged_privmsg_becomes_a_room_message_with_time_and_id() {
+        let mut h = harness();
+        joined(&mut h);
+        let e = &one(&mut h, "@time=2024-01-02T03:04:05.000Z;msgid=abc :bob!b@h PRIVMSG #test :\u{2}hi\u{2} there");
+        assert_eq!(e.chat.id.as_str(), "#Test%irc.example.org");
+        assert_eq!(
+            (e.sender.nick.as_str(), e.sender.id.as_str(), e.sender.is_self),
+            ("bob", "bob%irc.example.org", false)
+        );
+        assert_eq!(e.origin_ids, ["abc"]);
+        assert!(e.delayed);
+        assert_eq!(e.time, SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_164_645));
+        let EventKind::Message(m) = &e.kind else { panic!("{e:?}") };
+        assert_eq!((m.body.as_str(), m.action, m.notice), ("*hi* there", false, false));
+    }
+
+    #[test]
+    fn ctcp_action_is_a_me_message_and_other_ctcp_is_dropped() {
+        let mut h = harness();
+        joined(&mut h);
+        let e = one(&mut h, ":bob!b@h PRIVMSG #test :\u{1}ACTION waves\u{1}");
+        let EventKind::Message(m) = &e.kind else { panic!("{e:?}") };
+        assert_eq!((m.body.as_str(), m.action), ("waves", true));
+        assert!(line(&mut h, ":bob!b@h PRIVMSG #test :\u{1}VERSION\u{1}").is_empty());
+    }
+
+    #[test]
+    fn private_messages_and_server_notices_go_to_their_chats() {
+        let mut h = harness();
+        let e = one(&mut h, ":bob!b@h NOTICE me :psst");
+        assert_eq!(e.chat, ChatRef::direct(NetworkId::new("irc"), "bob%irc.example.org"));
+        assert!(matches!(&e.kind, EventKind::Message(m) if m.body == "psst" && m.notice));
+        let e = one(&mut h, ":irc.example.org NOTICE * :*** Looking up your hostname");
+        assert_eq!(e.chat.kind, ChatKind::Service);
+        assert_eq!(e.chat.id.as_str(), SERVER);
+    }
+
+    #[test]
+    fn quit_leaves_every_room_the_nick_was_in() {
+        let mut h = harness();
+        joined(&mut h);
+        let e = one(&mut h, ":bob!b@h QUIT :bye");
+        assert_eq!(e.sender.nick, "bob");
+        assert_eq!(e.kind, EventKind::Left { kind: LeaveKind::Quit, reason: Some("bye".into()) });
+        assert!(line(&mut h, ":bob!b@h QUIT :again").is_empty(), "bob is in no room any more");
     }
 }

@@ -21,25 +21,26 @@ pub fn irc_to_styling(text: &str) -> String {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len());
-    let mut open: Vec<char> = Vec::new(); // open XEP-0393 markers, innermost last
+    // Open XEP-0393 markers, innermost last, each with where its content starts in `out`.
+    let mut open: Vec<(char, usize)> = Vec::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if let Some(&(_, marker)) = STYLES.iter().find(|(code, _)| *code == c) {
-            if let Some(i) = open.iter().rposition(|m| *m == marker) {
+            if let Some(i) = open.iter().rposition(|(m, _)| *m == marker) {
                 // close the span and any opened inside it
-                for m in open.drain(i..).rev() {
-                    out.push(m);
+                for span in open.drain(i..).rev() {
+                    close(&mut out, span);
                 }
             } else {
-                open.push(marker);
                 out.push(marker);
+                open.push((marker, out.len()));
             }
             continue;
         }
         match c {
             '\u{f}' => {
-                while let Some(m) = open.pop() {
-                    out.push(m);
+                while let Some(span) = open.pop() {
+                    close(&mut out, span);
                 }
             }
             '\u{3}' => {
@@ -75,17 +76,20 @@ pub fn irc_to_styling(text: &str) -> String {
             c => out.push(c),
         }
     }
-    while let Some(m) = open.pop() {
-        out.push(m);
-    }
-    // Empty spans ("**") carry nothing: drop them.
-    for (_, m) in STYLES {
-        let empty = format!("{m}{m}");
-        if out.contains(&empty) {
-            out = out.replace(&empty, "");
-        }
+    while let Some(span) = open.pop() {
+        close(&mut out, span);
     }
     out
+}
+
+/// End the span opened by `marker` whose content starts at `start`; an empty
+/// span carries nothing (`**` is no span), so its opening marker goes instead.
+fn close(out: &mut String, (marker, start): (char, usize)) {
+    if out.len() == start {
+        out.truncate(start - marker.len_utf8());
+    } else {
+        out.push(marker);
+    }
 }
 
 /// XEP-0393 styling → IRC formatting codes.
@@ -137,6 +141,19 @@ mod tests {
         assert_eq!(irc_to_styling("\u{3},5 comma kept"), ",5 comma kept");
         assert_eq!(irc_to_styling("\u{1f}under\u{1f} \u{16}rev\u{16} \u{4}ff0000hex"), "under rev hex");
         assert_eq!(irc_to_styling("\u{2}\u{2}empty"), "empty");
+        assert_eq!(irc_to_styling("\u{2}\u{1d}\u{f}empty\u{2}\u{1d}\u{2}"), "empty");
+    }
+
+    #[test]
+    fn doubled_markers_typed_as_text_stay() {
+        // Only empty spans the codes would make are dropped, never the sender's own `**` or `__`.
+        for (irc, styled) in [
+            ("\u{2}note:\u{2} call __init__ or 2**8", "*note:* call __init__ or 2**8"),
+            ("\u{3}04**\u{3}", "**"),
+            ("\u{2}a\u{2}\u{2}b\u{2}", "*a**b*"),
+        ] {
+            assert_eq!(irc_to_styling(irc), styled, "{irc:?}");
+        }
     }
 
     #[test]

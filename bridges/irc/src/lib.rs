@@ -11,6 +11,7 @@
 //! - [`format`]: IRC formatting codes ↔ XEP-0393 styling;
 //! - [`fallback`]: how corrections, retractions and reactions look on IRC;
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
+//! - `fuzzing`: that translation driven by hand, for the fuzz targets and unit tests;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
 //!
 //! Depends on `isthmus-core` and `isthmus-config` only.
@@ -20,6 +21,8 @@ pub mod connection;
 pub mod fallback;
 pub mod flood;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod text;
 
 use std::collections::HashMap;
