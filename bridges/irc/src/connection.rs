@@ -186,7 +186,7 @@ impl Connection {
         network: NetworkId,
         key: ConnectionKey,
         nick: &str,
-    ) -> (Arc<Connection>, mpsc::UnboundedReceiver<Box<IrcMessage>>) {
+    ) -> (Arc<Connection>, mpsc::UnboundedReceiver<Box<Queued>>) {
         let nick = one_line(nick).replace([' ', ','], "_");
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State { nick, ..Default::default() }));
@@ -384,7 +384,7 @@ async fn incoming(reader: &Reader, item: Option<irc::error::Result<IrcMessage>>)
 }
 
 /// One line waiting to be written, with the outbox receipt of the event it starts.
-struct Queued {
+pub(crate) struct Queued {
     message: IrcMessage,
     receipt: Option<Receipt>,
 }

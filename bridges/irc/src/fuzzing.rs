@@ -19,7 +19,7 @@ pub struct Harness {
     reader: Reader,
     events: EventStream,
     /// What the connection would send; kept open so that sending never fails.
-    outgoing: mpsc::UnboundedReceiver<Box<IrcMessage>>,
+    outgoing: mpsc::UnboundedReceiver<Box<crate::connection::Queued>>,
 }
 
 impl Harness {
