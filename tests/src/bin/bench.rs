@@ -866,11 +866,16 @@ archive, 7 days retention, its default); flood control off in both (Biboumi `thr
 sockets) in the benchmark process, sharing the cores with the servers they measure.\n\n\
 ## Results\n\n{table}\n![Isthmus and Biboumi side by side](benchmarks.svg)\n\n\
 ## Reading the figures\n\n\
-- Throughput: Isthmus never waits on the database while relaying: archive entries and message id mappings are \
-written by background tasks in batches (one transaction per batch), and queries (MAM, a correction looking up \
-its target) first wait for what is queued. Biboumi writes each message synchronously to SQLite, once per user. \
-At these rates Prosody spends more CPU per message than Isthmus (see the CPU row): through a component, \
-Prosody is the limit.\n\
+- Throughput: archive entries and message id mappings are written by background tasks in batches (one \
+transaction per batch), and queries (MAM, a correction looking up its target) first wait for what is queued. \
+Biboumi writes each message synchronously to SQLite, once per user. Isthmus also keeps every accepted message in \
+its durable outbox until it is written out (docs/architecture.md, \"What survives a crash\"): a message written \
+out before the outbox writer took it never reaches the disk and waits for nothing, but under a sustained burst \
+rows are written and then removed, and the reflection or the write waits for that commit. This costs throughput \
+and tail latency compared with the same benchmark before the outbox (T1 was 4.6x and T2 6.5x Biboumi then, on a \
+quieter machine); the per-message JSON encoding and the writer's wake-ups are the next things to profile.
+- Figures move between runs on this shared machine (the XMPP ceiling, Prosody alone, has measured anywhere from \
+1,700 to 3,300 msg/s): compare the ratios within one run.\n\
 - The XMPP ceiling is Prosody's own MUC (two occupants, so every message is delivered twice and archived by the \
 MUC), which is slower than Prosody routing to a component; it is a reference for Prosody's cost, not an upper \
 bound for the gateways.\n\
