@@ -22,16 +22,19 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::warn;
 
 use crate::store::{OutboxRow, Store, next_archive_id, now_us};
 
 /// Largest number of changes in one transaction.
 const BATCH: usize = 1024;
+
+/// How long new rows wait before the writer takes them.
+const COALESCE: Duration = Duration::from_millis(2);
 
 enum Change {
     Insert(OutboxRow),
@@ -132,8 +135,8 @@ impl Outbox {
 
 /// One event copy's place in the outbox, shared by every handle to that copy.
 ///
-/// Also used as a plain durability gate ([`Receipt::gate`]): a reflection waits
-/// until the copies it announces are stored.
+/// Also used as a gate ([`Receipt::gate_for`]): a reflection waits until the
+/// copies it announces are stored or have left the process.
 #[derive(Clone)]
 pub struct Receipt {
     inner: Arc<ReceiptInner>,
@@ -145,16 +148,44 @@ struct ReceiptInner {
     /// The ticket of the insert (0: stored by an earlier run).
     ticket: u64,
     removed: AtomicBool,
+    /// Confirmed: the copy is leaving the process (or, for a gate, the gate opened).
+    left: AtomicBool,
+    left_signal: Notify,
+    /// For a gate: the copies it waits for.
+    copies: Vec<Weak<ReceiptInner>>,
 }
 
 impl Receipt {
     fn new(outbox: Outbox, seq: Option<i64>, ticket: u64) -> Receipt {
-        Receipt { inner: Arc::new(ReceiptInner { outbox, seq, ticket, removed: AtomicBool::new(false) }) }
+        Self::with_copies(outbox, seq, ticket, Vec::new())
+    }
+
+    fn with_copies(outbox: Outbox, seq: Option<i64>, ticket: u64, copies: Vec<Weak<ReceiptInner>>) -> Receipt {
+        Receipt {
+            inner: Arc::new(ReceiptInner {
+                outbox,
+                seq,
+                ticket,
+                removed: AtomicBool::new(false),
+                left: AtomicBool::new(false),
+                left_signal: Notify::new(),
+                copies,
+            }),
+        }
     }
 
     /// A gate that opens once this receipt's row is stored; it removes nothing.
     pub fn gate(&self) -> Receipt {
-        Receipt::new(self.inner.outbox.clone(), None, self.inner.ticket)
+        Self::gate_for(std::slice::from_ref(self)).unwrap_or_else(|| self.clone())
+    }
+
+    /// A gate that opens once every one of `copies` is stored or has left the
+    /// process (whichever comes first for each); it removes nothing. `None` for no copies.
+    pub fn gate_for(copies: &[Receipt]) -> Option<Receipt> {
+        let first = copies.first()?;
+        let ticket = copies.iter().map(|c| c.inner.ticket).max().unwrap_or(0);
+        let weak = copies.iter().map(|c| Arc::downgrade(&c.inner)).collect();
+        Some(Self::with_copies(first.inner.outbox.clone(), None, ticket, weak))
     }
 
     /// The row's sequence number, if this is a row's receipt.
@@ -171,14 +202,39 @@ impl Receipt {
     /// crash after this point never sends it twice. For a gate: wait until it opens.
     /// Idempotent.
     pub async fn confirm(&self) {
+        if self.inner.seq.is_none() && !self.inner.copies.is_empty() {
+            return self.open_gate().await;
+        }
         let ticket = match self.inner.seq {
-            Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => match self.inner.outbox.remove(seq) {
-                Some(ticket) => ticket,
-                None => return, // never written: nothing to undo, nothing to wait for
-            },
-            _ => self.inner.ticket,
+            Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => self.inner.outbox.remove(seq),
+            // never written: nothing to undo, nothing to wait for
+            Some(_) | None => Some(self.inner.ticket),
         };
-        self.inner.outbox.durable(ticket).await;
+        if let Some(ticket) = ticket {
+            self.inner.outbox.durable(ticket).await;
+        }
+        self.inner.left.store(true, Ordering::Release);
+        self.inner.left_signal.notify_waiters();
+    }
+
+    /// A gate opens when its copies are stored, or each has left the process.
+    async fn open_gate(&self) {
+        let stored = self.inner.outbox.durable(self.inner.ticket);
+        tokio::pin!(stored);
+        for copy in &self.inner.copies {
+            // A copy already finished and dropped cannot hold the gate.
+            let Some(copy) = copy.upgrade() else { continue };
+            let left = copy.left_signal.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if copy.left.load(Ordering::Acquire) {
+                continue;
+            }
+            tokio::select! {
+                _ = &mut stored => return,
+                _ = left => {}
+            }
+        }
     }
 }
 
@@ -215,6 +271,11 @@ async fn writer(
     let mut inserts: Vec<OutboxRow> = Vec::new();
     let mut removals: Vec<i64> = Vec::new();
     while let Some(first) = rx.recv().await {
+        if matches!(first.1, Change::Insert(_)) {
+            // Give the copy a moment to be delivered: confirmed before the writer takes
+            // it, it never reaches the disk (the usual case when the destination is idle).
+            tokio::time::sleep(COALESCE).await;
+        }
         let mut last = 0;
         let mut next = Some(first);
         let mut n = 0;

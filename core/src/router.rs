@@ -161,6 +161,7 @@ impl Router {
             self.inner.ids.record(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids);
         }
         let mut report = RouteReport::default();
+        let mut stored = Vec::new();
         for (dest, chat) in self.destinations(&event) {
             let Some(network) = self.inner.networks.get(&dest).cloned() else {
                 report.deliveries.push((dest.clone(), Err(DeliveryError::UnknownNetwork(dest.to_string()))));
@@ -173,7 +174,7 @@ impl Router {
                 match serde_json::to_string(&copy) {
                     Ok(json) => {
                         let receipt = self.inner.outbox.insert(dest.as_str(), json);
-                        report.persisted = Some(receipt.gate());
+                        stored.push(receipt.clone());
                         copy.receipt = Some(receipt);
                     }
                     Err(e) => warn!(error = %e, "event cannot be stored in the outbox; delivered without it"),
@@ -182,6 +183,7 @@ impl Router {
             let result = self.deliver_copy(network.as_ref(), copy).await;
             report.deliveries.push((dest, result));
         }
+        report.persisted = Receipt::gate_for(&stored);
         report
     }
 
