@@ -703,8 +703,11 @@ impl Gateway {
         }
         let body = stanza::body(&m).unwrap_or_default();
         let Some(kind) = stanza::event_kind(&m, &body) else { return };
+        let typing = matches!(kind, EventKind::Typing(_));
         let chat = match self.chat_of(domain, &to) {
             Ok(c) => c,
+            // Typing notifications are best effort: never an error back.
+            Err(_) if typing => return,
             Err(text) => {
                 if let Some(e) = stanza::message_error(&m, ErrorType::Modify, DefinedCondition::ItemNotFound, &text) {
                     self.send(domain, e).await;
@@ -719,6 +722,7 @@ impl Gateway {
             });
             match nick {
                 Some(nick) => nick,
+                None if typing => return,
                 None => {
                     if let Some(e) = stanza::message_error(
                         &m,
@@ -734,6 +738,12 @@ impl Gateway {
         } else {
             account.node().map(|n| n.to_string()).unwrap_or_default()
         };
+        if typing {
+            let event =
+                Event::new(NetworkId::xmpp(), chat, Sender::own(account.to_string(), nick), kind).with_account(account);
+            self.route(event).await;
+            return;
+        }
         let origin_id = stanza::origin_id(&m);
         let is_message = matches!(kind, EventKind::Message(_));
         let mut event =
@@ -1088,6 +1098,12 @@ impl Gateway {
         match event.chat.kind {
             ChatKind::Room => self.render_room(event, &account, chat_jid, &mut out, &mut entering),
             ChatKind::Direct | ChatKind::Service => {
+                if let EventKind::Typing(state) = &event.kind {
+                    let mut m = Message::new_with_type(MessageType::Chat, Some(Jid::from(account.clone())));
+                    m.from = Some(Jid::from(chat_jid.clone()));
+                    m.payloads.push(stanza::empty(chat_state_name(*state), ns::CHATSTATES));
+                    out.push(Stanza::Message(m));
+                }
                 if let EventKind::Message(msg) = &event.kind {
                     let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
                     let mut m =
@@ -1272,6 +1288,15 @@ impl Gateway {
                     event.time,
                 );
             }
+            EventKind::Typing(state) => {
+                let Some(from) = full(room, nick) else { return };
+                for res in &session.resources {
+                    let mut m = Message::new_with_type(MessageType::Groupchat, Some(Jid::from(res.clone())));
+                    m.from = Some(Jid::from(from.clone()));
+                    m.payloads.push(stanza::empty(chat_state_name(*state), ns::CHATSTATES));
+                    out.push(Stanza::Message(m));
+                }
+            }
             EventKind::Status { text } => {
                 for res in &session.resources {
                     let mut m =
@@ -1328,6 +1353,18 @@ impl Network for Gateway {
             self.enter(&domain, &chat_jid, account, &entering).await;
         }
         Ok(Delivered::ids(vec![event.key.0.clone()]))
+    }
+}
+
+/// The XEP-0085 element name of a chat state.
+fn chat_state_name(state: isthmus_core::model::ChatState) -> &'static str {
+    use isthmus_core::model::ChatState;
+    match state {
+        ChatState::Active => "active",
+        ChatState::Composing => "composing",
+        ChatState::Paused => "paused",
+        ChatState::Inactive => "inactive",
+        ChatState::Gone => "gone",
     }
 }
 

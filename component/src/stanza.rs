@@ -132,7 +132,8 @@ pub fn client_namespace(el: Element) -> Element {
 }
 
 /// What a message from an XMPP user means: a correction (XEP-0308), a retraction
-/// (XEP-0424), a full reaction set (XEP-0444), or a plain message. Bodies that
+/// (XEP-0424), a full reaction set (XEP-0444), a plain message, or, without a
+/// body, a chat state (XEP-0085). Bodies that
 /// are only fallbacks for those are not relayed as text. `None`: nothing to bridge.
 pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventKind> {
     use isthmus_core::model::{EventKind, Message as Content, MessageRef};
@@ -157,5 +158,25 @@ pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventK
             }
         }
     }
-    (!body.is_empty()).then(|| EventKind::Message(Content::text(body)))
+    if body.is_empty() {
+        // A bare chat state (XEP-0085): typing notifications.
+        return m.payloads.iter().find_map(chat_state).map(EventKind::Typing);
+    }
+    Some(EventKind::Message(Content::text(body)))
+}
+
+/// The XEP-0085 chat state a payload carries.
+pub fn chat_state(p: &Element) -> Option<isthmus_core::model::ChatState> {
+    use isthmus_core::model::ChatState;
+    if p.ns() != tokio_xmpp::parsers::ns::CHATSTATES {
+        return None;
+    }
+    Some(match p.name() {
+        "active" => ChatState::Active,
+        "composing" => ChatState::Composing,
+        "paused" => ChatState::Paused,
+        "inactive" => ChatState::Inactive,
+        "gone" => ChatState::Gone,
+        _ => return None,
+    })
 }

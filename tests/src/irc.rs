@@ -24,6 +24,12 @@ pub struct IrcClient {
 impl IrcClient {
     /// Connect to 127.0.0.1:`port` and register as `nick`.
     pub async fn connect(port: u16, nick: &str) -> Result<IrcClient> {
+        Self::connect_with_caps(port, nick, &[]).await
+    }
+
+    /// Connect and register as `nick`, asking for IRCv3 capabilities `caps` first
+    /// (registration completes whether the server grants them or not).
+    pub async fn connect_with_caps(port: u16, nick: &str, caps: &[&str]) -> Result<IrcClient> {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.context("connect to the IRC server")?;
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
@@ -36,8 +42,18 @@ impl IrcClient {
             partial: Vec::new(),
             closed: false,
         };
+        if !caps.is_empty() {
+            c.send_line(&format!("CAP REQ :{}", caps.join(" "))).await?;
+        }
         c.send_line(&format!("NICK {nick}")).await?;
         c.send_line(&format!("USER {nick} 0 * :test client {nick}")).await?;
+        if !caps.is_empty() {
+            c.expect_line(Duration::from_secs(10), |l| {
+                l.contains(" CAP ") && (l.contains(" ACK") || l.contains(" NAK"))
+            })
+            .await?;
+            c.send_line("CAP END").await?;
+        }
         c.expect_line(Duration::from_secs(10), |l| l.split(' ').nth(1) == Some("001")).await?;
         Ok(c)
     }

@@ -25,7 +25,7 @@ use irc::proto::{CapSubCommand, ChannelMode, Mode};
 use isthmus_config::{IrcNetworkConfig, IrcServerConfig};
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{
-    Affiliation, ChatRef, Event, EventKind, LeaveKind, Message, NetworkId, Occupant, RemoteId, Role, Sender,
+    Affiliation, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, NetworkId, Occupant, RemoteId, Role, Sender,
 };
 use isthmus_core::network::{DeliveryError, EventSink};
 use isthmus_core::outbox::Receipt;
@@ -295,6 +295,28 @@ impl Connection {
             self.send(c)?;
         }
         Ok(())
+    }
+
+    /// Tell `target` the user is typing (IRCv3 `+typing` on TAGMSG), when the server
+    /// carries client tags; otherwise there is nothing to send. Returns whether it was sent.
+    pub fn send_typing(&self, target: &str, state: ChatState) -> Result<bool, DeliveryError> {
+        if !self.lock().enabled.iter().any(|c| c == "message-tags") {
+            return Ok(false);
+        }
+        let value = match state {
+            ChatState::Composing => "active",
+            ChatState::Paused => "paused",
+            ChatState::Active | ChatState::Inactive | ChatState::Gone => "done",
+        };
+        let message = IrcMessage {
+            tags: Some(vec![irc::proto::message::Tag("+typing".to_owned(), Some(value.to_owned()))]),
+            prefix: None,
+            command: Command::Raw("TAGMSG".to_owned(), vec![target.to_owned()]),
+        };
+        self.outgoing
+            .send(Box::new(Queued { message, receipt: None }))
+            .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))?;
+        Ok(true)
     }
 
     /// Send a message as one or more lines; returns how many lines were queued. The
@@ -853,6 +875,27 @@ impl Reader {
             Command::PRIVMSG(ref target, ref text) | Command::NOTICE(ref target, ref text) => {
                 let notice = matches!(message.command, Command::NOTICE(..));
                 self.relay_text(nick.as_deref(), target, text, notice, &Meta::of(&message)).await;
+            }
+            // IRCv3 typing notifications (a client-only tag on TAGMSG).
+            Command::Raw(ref verb, ref args) if verb.eq_ignore_ascii_case("TAGMSG") => {
+                let (Some(nick), Some(target)) = (nick, args.first()) else { return };
+                let typing = message.tags.iter().flatten().find(|t| t.0 == "+typing").and_then(|t| t.1.as_deref());
+                let state = match typing {
+                    Some("active") => ChatState::Composing,
+                    Some("paused") => ChatState::Paused,
+                    Some("done") => ChatState::Active,
+                    _ => return,
+                };
+                if self.sender(&nick).is_self {
+                    return;
+                }
+                let server = &self.conn.key.server;
+                let chat = if target.starts_with(['#', '&', '+', '!']) {
+                    ChatRef::room(self.conn.network.clone(), chat_id(&self.channel_name(target), server))
+                } else {
+                    ChatRef::direct(self.conn.network.clone(), chat_id(&nick, server))
+                };
+                self.emit(self.event(chat, &nick, EventKind::Typing(state))).await;
             }
             Command::PART(ref channel, ref reason) => {
                 let Some(nick) = nick else { return };

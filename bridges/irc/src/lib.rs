@@ -226,6 +226,13 @@ impl Network for IrcNetwork {
                 conn.set_topic(&target.name, text)?;
                 Ok(Delivered::default())
             }
+            (EventKind::Typing(state), ChatKind::Room | ChatKind::Direct) => {
+                // Best effort: only servers carrying IRCv3 client tags have typing notifications.
+                if let Some(conn) = self.connection(&account, &target.server).await {
+                    conn.send_typing(&target.name, *state)?;
+                }
+                Ok(Delivered::default())
+            }
             // Everything else has no IRC form yet; accepted and not rendered.
             _ => Ok(Delivered::default()),
         }

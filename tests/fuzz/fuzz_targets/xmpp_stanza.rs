@@ -9,7 +9,9 @@
 #![no_main]
 
 use isthmus_component::nesting::XmlShaper;
-use isthmus_component::stanza::{body, client_namespace, encryption, event_kind, message_error, origin_id};
+use isthmus_component::stanza::{
+    body, chat_state, client_namespace, encryption, event_kind, message_error, origin_id,
+};
 use isthmus_component::xep::{AdHocCommand, Fallback, Retract};
 use isthmus_core::model::{ChatRef, Event, EventKind, MessageRef, NetworkId, Sender, is_carriable};
 use libfuzzer_sys::fuzz_target;
@@ -99,7 +101,15 @@ fn check_message(m: &Message) {
             assert!(!text.is_empty(), "an empty body relayed");
             assert_eq!(c, &isthmus_core::model::Message::text(text.clone()));
         }
-        (None, None) => assert!(text.is_empty(), "a body was not relayed"),
+        // Without a body, a chat state is a typing notification.
+        (None, Some(EventKind::Typing(state))) => {
+            assert!(text.is_empty(), "a body was taken for a chat state");
+            assert_eq!(m.payloads.iter().find_map(chat_state), Some(*state));
+        }
+        (None, None) => {
+            assert!(text.is_empty(), "a body was not relayed");
+            assert!(m.payloads.iter().find_map(chat_state).is_none(), "a chat state was not relayed");
+        }
         (_, kind) => panic!("event kind {kind:?} does not match the payloads of {m:?}"),
     }
 
