@@ -382,7 +382,8 @@ impl Gateway {
         }
         match p.type_ {
             PresenceType::None => {}
-            PresenceType::Unavailable => return self.leave(domain, &from, &to).await,
+            PresenceType::Unavailable => return self.leave(domain, &from, &to, true).await,
+            PresenceType::Error => return self.bounced(domain, &from, &to, &p.payloads).await,
             // Subscriptions and probes to puppets are answered when contacts arrive; errors are ignored.
             _ => return,
         }
@@ -626,7 +627,25 @@ impl Gateway {
         });
     }
 
-    async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid) {
+    /// The XMPP server bounced what the gateway sent to a device in a room. A
+    /// permanent error (the device went offline, e.g. while the gateway was down and
+    /// its sessions were restored) means it is no longer there: it leaves the room,
+    /// as XEP-0045 services do, and the gateway stops sending to it.
+    async fn bounced(&self, domain: &Domain, device: &FullJid, to: &Jid, payloads: &[Element]) {
+        let permanent = payloads
+            .iter()
+            .filter(|p| p.name() == "error")
+            .filter_map(|p| StanzaError::try_from(p.clone()).ok())
+            .any(|e| e.type_ == ErrorType::Cancel);
+        if permanent {
+            debug!(device = %device, room = %to.to_bare(), "the device is gone; removing it from the room");
+            self.leave(domain, device, to, false).await;
+        }
+    }
+
+    /// A device leaves a room: `tell` it so (its own unavailable presence), unless
+    /// it is gone already (a bounce).
+    async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid, tell: bool) {
         let room = to.to_bare();
         let account = from.to_bare();
         let (last, nick) = {
@@ -649,7 +668,7 @@ impl Gateway {
             (last, nick)
         };
         self.save_session(&room, &account);
-        if let Some(own) = full(&room, if nick.is_empty() { "you" } else { &nick }) {
+        if let Some(own) = full(&room, if nick.is_empty() { "you" } else { &nick }).filter(|_| tell) {
             let item = Item::new(muc::user::Affiliation::None, muc::user::Role::None);
             let s = occupant_presence(Jid::from(own), from, item, vec![Status::SelfPresence], true);
             self.send(domain, s).await;
@@ -670,6 +689,9 @@ impl Gateway {
 
     async fn handle_message(&self, domain: &Domain, m: Message) {
         if m.type_ == MessageType::Error {
+            if let (Some(Ok(from)), Some(to)) = (m.from.clone().map(Jid::try_into_full), m.to.as_ref()) {
+                self.bounced(domain, &from, to, &m.payloads).await;
+            }
             return;
         }
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };

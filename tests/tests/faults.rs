@@ -504,3 +504,30 @@ async fn messages_stored_at_a_kill_are_replayed_once_in_order() -> Result<()> {
     ensure!(copies == QUEUED, "{copies} copies arrived for {QUEUED} messages");
     Ok(())
 }
+
+/// A device that went offline while the gateway was down is still in the restored
+/// room session; the XMPP server bounces what the gateway sends it, and the
+/// gateway takes it out of the room (here its last device: it leaves the channel).
+#[tokio::test]
+async fn a_device_gone_while_the_gateway_was_down_leaves_on_the_first_bounce() -> Result<()> {
+    let mut s = IrcSetup::start("").await?;
+    let room = room("#faults");
+    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
+    peer.join("#faults").await?;
+    let alice = s.join("alice", "phone", &room, "alice").await?;
+    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    s.gateway.kill().await;
+    alice.disconnect().await;
+    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" QUIT ")).await?;
+    s.gateway.restart().await?;
+    s.gateway.wait_log("rejoining room after restart", 1, T).await?;
+    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    peer.privmsg("#faults", "anyone there?").await?;
+    let gone =
+        peer.expect_line(T, |l| l.starts_with(":alice") && (l.contains(" PART ") || l.contains(" QUIT "))).await?;
+    ensure!(gone.contains(" PART #faults"), "the gateway should part the channel, not drop the connection: {gone}");
+    println!("the restored session's offline device was dropped: {gone}");
+    let log = s.gateway.log();
+    ensure!(log.contains("the device is gone"), "left for another reason:\n{log}");
+    Ok(())
+}

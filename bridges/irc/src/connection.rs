@@ -572,7 +572,10 @@ impl Supervisor {
                         }
                         let _ = sender.send(message);
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The IRC library writes while its stream is polled: keep polling until
+                    // the server closes the connection after the QUIT (or a short while).
+                    let drained = async { while let Some(Ok(_)) = stream.next().await {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
                     return "closed".to_owned();
                 }
             };
