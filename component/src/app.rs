@@ -120,17 +120,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             let server = server.clone();
             tokio::spawn(async move {
                 while let Some(item) = outgoing.recv().await {
-                    // What else is queued goes too: one durable commit covers the batch.
-                    let mut batch = vec![item];
-                    while batch.len() < 64 {
-                        match outgoing.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
-                        }
-                    }
-                    futures::future::join_all(batch.iter().map(crate::gateway::Outgoing::confirm)).await;
-                    for item in batch {
-                        let el = tokio_xmpp::minidom::Element::from(item.stanza);
+                    for stanza in crate::gateway::Outgoing::confirmed_batch(item, &mut outgoing).await {
+                        let el = tokio_xmpp::minidom::Element::from(stanza);
                         server
                             .route(crate::server::xml::rename_ns(
                                 &el,

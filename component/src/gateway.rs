@@ -67,11 +67,28 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// Most stanzas written in one batch (one durable commit for their receipts).
+    const MAX_BATCH: usize = 64;
+
     /// Confirm the receipt, if any; call right before writing the stanza.
     pub async fn confirm(&self) {
         if let Some(r) = &self.receipt {
             r.confirm().await;
         }
+    }
+
+    /// `first` and whatever else is queued behind it (up to a batch), with every
+    /// receipt confirmed (one durable commit covers the batch): the stanzas to write now.
+    pub async fn confirmed_batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Stanza> {
+        let mut batch = vec![first];
+        while batch.len() < Self::MAX_BATCH {
+            match queue.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        futures::future::join_all(batch.iter().map(Outgoing::confirm)).await;
+        batch.into_iter().map(|item| item.stanza).collect()
     }
 }
 

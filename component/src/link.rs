@@ -82,9 +82,6 @@ enum LinkError {
     Timeout,
 }
 
-/// Most stanzas written in one batch (one durable commit for their receipts).
-const MAX_BATCH: usize = 64;
-
 /// Run the link forever: connect, serve, reconnect. Outgoing stanzas are read from `outgoing`.
 pub async fn run(config: LinkConfig, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, events: mpsc::Sender<LinkEvent>) {
     let mut delay = config.reconnect_initial;
@@ -193,18 +190,9 @@ async fn serve(
             },
             item = outgoing.recv() => match item {
                 Some(item) => {
-                    // What else is queued goes too: one durable commit covers the batch.
-                    let mut batch = vec![item];
-                    while batch.len() < MAX_BATCH {
-                        match outgoing.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
-                        }
-                    }
                     // Out of the durable outbox (or past its gate) before it is written.
-                    futures::future::join_all(batch.iter().map(Outgoing::confirm)).await;
-                    for item in batch {
-                        if let Err(e) = stream.feed(&XmppStreamElement::Stanza(item.stanza)).await {
+                    for stanza in Outgoing::confirmed_batch(item, outgoing).await {
+                        if let Err(e) = stream.feed(&XmppStreamElement::Stanza(stanza)).await {
                             return LinkError::Write(e.to_string());
                         }
                     }

@@ -188,11 +188,6 @@ impl Receipt {
         Some(Self::with_copies(first.inner.outbox.clone(), None, ticket, weak))
     }
 
-    /// The row's sequence number, if this is a row's receipt.
-    pub fn seq(&self) -> Option<i64> {
-        self.inner.seq
-    }
-
     /// Wait until the row is stored.
     pub async fn persisted(&self) {
         self.inner.outbox.durable(self.inner.ticket).await;
@@ -206,8 +201,9 @@ impl Receipt {
             return self.open_gate().await;
         }
         let ticket = match self.inner.seq {
+            // `None`: never written, so nothing to undo and nothing to wait for.
             Some(seq) if !self.inner.removed.swap(true, Ordering::AcqRel) => self.inner.outbox.remove(seq),
-            // never written: nothing to undo, nothing to wait for
+            // Confirmed before, or a plain gate: wait for the insert.
             Some(_) | None => Some(self.inner.ticket),
         };
         if let Some(ticket) = ticket {

@@ -147,7 +147,7 @@ impl XmppClient {
     /// Send a groupchat message; returns its id.
     pub async fn send_groupchat(&mut self, to: &str, body: &str) -> Result<String> {
         let id = format!("m-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
-        self.command(json!({"op": "send", "to": to, "type": "groupchat", "body": body, "id": id})).await?;
+        self.send_groupchat_with_id(to, body, &id).await?;
         Ok(id)
     }
 

@@ -137,6 +137,23 @@ fn is_run(numbers: &[usize]) -> bool {
     numbers.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
+/// The IRC client `peer` in `#faults`.
+async fn peer_in_channel(s: &IrcSetup) -> Result<IrcClient> {
+    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
+    peer.join("#faults").await?;
+    Ok(peer)
+}
+
+/// `peer` in `#faults`, and alice (device `phone`) in its room, seen from IRC:
+/// (the room JID, peer, alice).
+async fn in_the_room(s: &IrcSetup) -> Result<(String, IrcClient, XmppClient)> {
+    let room = room("#faults");
+    let mut peer = peer_in_channel(s).await?;
+    let alice = s.join("alice", "phone", &room, "alice").await?;
+    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    Ok((room, peer, alice))
+}
+
 /// What goes wrong in the middle of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -170,11 +187,7 @@ async fn stream_through(fault: Fault) -> Result<Run> {
     } else {
         IrcSetup::start("").await?
     };
-    let room = room("#faults");
-    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
-    peer.join("#faults").await?;
-    let mut alice = s.join("alice", "phone", &room, "alice").await?;
-    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    let (room, mut peer, mut alice) = in_the_room(&s).await?;
 
     let mut tally = Tally::default();
     let (mut stored_x2i, mut stored_i2x) = (BTreeSet::new(), BTreeSet::new());
@@ -197,8 +210,7 @@ async fn stream_through(fault: Fault) -> Result<Run> {
                     // The test's IRC client was cut off too: what it read before counts.
                     let lines = peer.drain(quick).await?;
                     tally.absorb_irc(lines, last, true);
-                    peer = IrcClient::connect(s.irc.port(), "peer").await?;
-                    peer.join("#faults").await?;
+                    peer = peer_in_channel(&s).await?;
                 }
                 Fault::RestartPostgres => {
                     if let Some(pg) = postgres.as_mut() {
@@ -457,11 +469,7 @@ async fn prosody_restart_mid_stream_keeps_what_was_accepted() -> Result<()> {
 async fn messages_stored_at_a_kill_are_replayed_once_in_order() -> Result<()> {
     const QUEUED: usize = 50;
     let mut s = IrcSetup::start("").await?;
-    let room = room("#faults");
-    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
-    peer.join("#faults").await?;
-    let mut alice = s.join("alice", "phone", &room, "alice").await?;
-    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    let (room, _peer, mut alice) = in_the_room(&s).await?;
 
     s.irc.stop().await;
     alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.starts_with("Lost the connection"))).await?;
@@ -479,8 +487,7 @@ async fn messages_stored_at_a_kill_are_replayed_once_in_order() -> Result<()> {
     drop(store);
 
     s.irc.restart().await?;
-    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
-    peer.join("#faults").await?;
+    let mut peer = peer_in_channel(&s).await?;
     s.gateway.restart().await?;
     s.gateway.wait_log("replaying events accepted before the restart", 1, T).await?;
     for i in 0..QUEUED {
@@ -511,11 +518,7 @@ async fn messages_stored_at_a_kill_are_replayed_once_in_order() -> Result<()> {
 #[tokio::test]
 async fn a_device_gone_while_the_gateway_was_down_leaves_on_the_first_bounce() -> Result<()> {
     let mut s = IrcSetup::start("").await?;
-    let room = room("#faults");
-    let mut peer = IrcClient::connect(s.irc.port(), "peer").await?;
-    peer.join("#faults").await?;
-    let alice = s.join("alice", "phone", &room, "alice").await?;
-    peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" JOIN ")).await?;
+    let (_, mut peer, alice) = in_the_room(&s).await?;
     s.gateway.kill().await;
     alice.disconnect().await;
     peer.expect_line(T, |l| l.starts_with(":alice") && l.contains(" QUIT ")).await?;
