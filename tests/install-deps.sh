@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need on a Debian machine, idempotently:
 # Prosody, ejabberd, ngIRCd, InspIRCd, PostgreSQL, go-sendxmpp (a second XMPP client) and Biboumi
-# (the benchmark baseline) from Debian (as root), slixmpp from PyPI in a venv.
+# (the benchmark baseline) from Debian (as root), slixmpp from PyPI in a venv, and the Synapse
+# Matrix homeserver from PyPI in a venv of its own.
 # Services are never started here: each test starts its own on loopback.
 set -euo pipefail
 
@@ -36,5 +37,15 @@ if [ ! -x "$CACHE/venv/bin/python" ] || ! "$CACHE/venv/bin/python" -c 'import sl
   mkdir -p "$CACHE"
   python3 -m venv "$CACHE/venv"
   "$CACHE/venv/bin/pip" install -q slixmpp==1.17.0
+fi
+
+# Synapse (the Matrix homeserver the Matrix tests run against), pinned, in its own venv.
+SYNAPSE_VERSION=1.163.2
+if [ ! -x "$CACHE/venv-synapse/bin/python" ] \
+  || [ "$("$CACHE/venv-synapse/bin/python" -c 'import synapse; print(synapse.__version__)' 2>/dev/null)" != "$SYNAPSE_VERSION" ]; then
+  echo "installing Synapse $SYNAPSE_VERSION in $CACHE/venv-synapse"
+  mkdir -p "$CACHE"
+  python3 -m venv "$CACHE/venv-synapse"
+  "$CACHE/venv-synapse/bin/pip" install -q "matrix-synapse==$SYNAPSE_VERSION"
 fi
 echo "test dependencies ready"

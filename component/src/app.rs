@@ -5,10 +5,11 @@ use std::time::Duration;
 use isthmus_config::{Config, XmppMode};
 use isthmus_core::address::Escaping;
 use isthmus_core::model::NetworkId;
-use isthmus_core::network::EventSink;
+use isthmus_core::network::{EventSink, Network};
 use isthmus_core::router::Router;
 use isthmus_core::store::Store;
 use isthmus_irc::IrcNetwork;
+use isthmus_matrix::MatrixNetwork;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -68,22 +69,35 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             let secret = config
                 .component_secret_for(net)
                 .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
-            links.push((
-                LinkConfig {
-                    domain: net.domain.clone(),
-                    secret: secret.expose().to_owned(),
-                    host: component.host.clone(),
-                    port: component.port,
-                    keepalive: Duration::from_secs(component.keepalive_secs.max(1)),
-                    reconnect_initial: Duration::from_millis(component.reconnect_initial_ms.max(1)),
-                    reconnect_max: Duration::from_millis(component.reconnect_max_ms.max(1)),
-                },
-                rx,
-            ));
+            links.push((link_config(component, &net.domain, secret.expose()), rx));
         } else {
             in_process.push((net.domain.clone(), rx));
         }
         networks.push(IrcNetwork::new(id, net.clone(), sink.clone()));
+    }
+    let mut matrix_networks = Vec::new();
+    for net in &config.matrix {
+        let id = NetworkId::new(net.domain.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        domains.push(Domain {
+            name: net.domain.clone(),
+            network: id.clone(),
+            // Matrix ids are case-sensitive: JIDs mark capitals so they survive case folding.
+            escaping: Escaping::CaseSensitive,
+            kind: "Matrix",
+            persistent: true,
+            allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
+            outgoing: tx,
+        });
+        if let Some(component) = &component {
+            let secret = config
+                .component_secret(net.secret.as_ref())
+                .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
+            links.push((link_config(component, &net.domain, secret.expose()), rx));
+        } else {
+            in_process.push((net.domain.clone(), rx));
+        }
+        matrix_networks.push(MatrixNetwork::new(id, net.clone(), &config.base_dir, store.clone(), sink.clone()));
     }
     for d in &domains {
         if d.allow.is_empty() && config.xmpp.mode == XmppMode::Component {
@@ -100,10 +114,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for n in networks {
         builder = builder.network(n);
     }
+    for n in &matrix_networks {
+        builder = builder.network(n.clone());
+    }
     let router = builder.build();
     gateway.attach(router.clone());
     // What an earlier run left: rejoin its rooms, then deliver what it had accepted,
     // before anything new is routed (the networks' events wait in their channel).
+    for n in &matrix_networks {
+        let logins = n.restore().await;
+        if logins > 0 {
+            info!(network = %n.id(), logins, "Matrix logins restored");
+        }
+    }
     let restored = gateway.restore_sessions().await;
     let replayed = router.replay().await;
     if restored > 0 || replayed > 0 {
@@ -113,7 +136,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     if config.xmpp.mode == XmppMode::Embedded {
         let embedded = config.xmpp.embedded.clone().unwrap_or_default();
-        let names = config.irc.iter().map(|n| (n.domain.clone(), format!("IRC ({})", n.domain))).collect();
+        let names = config
+            .irc
+            .iter()
+            .map(|n| (n.domain.clone(), format!("IRC ({})", n.domain)))
+            .chain(config.matrix.iter().map(|n| (n.domain.clone(), format!("Matrix ({})", n.domain))))
+            .collect();
         let server = crate::server::Server::new(&embedded, &config.base_dir, store_for_server, gateway.clone(), names)?;
         // The gateway's stanzas for users go straight to the server's router: no socket hop.
         for (domain, mut outgoing) in in_process {
@@ -157,6 +185,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     shutdown_signal().await;
     info!("shutting down");
     Ok(())
+}
+
+/// The XEP-0114 link settings of one component domain.
+fn link_config(component: &isthmus_config::ComponentConfig, domain: &str, secret: &str) -> LinkConfig {
+    LinkConfig {
+        domain: domain.to_owned(),
+        secret: secret.to_owned(),
+        host: component.host.clone(),
+        port: component.port,
+        keepalive: Duration::from_secs(component.keepalive_secs.max(1)),
+        reconnect_initial: Duration::from_millis(component.reconnect_initial_ms.max(1)),
+        reconnect_max: Duration::from_millis(component.reconnect_max_ms.max(1)),
+    }
 }
 
 async fn shutdown_signal() {

@@ -6,8 +6,14 @@
 //! | `status` | your connections on this network, and the channels in each |
 //! | `rooms` | the rooms you are in through this gateway |
 //! | `leave` | leave a room (a form lists your rooms; as chat: `leave ROOM-JID`) |
+//! | `login` | link your account on networks that have accounts (Matrix): a form; as chat: `login HOMESERVER USER PASSWORD` |
+//! | `logout` | unlink it |
+//!
+//! disco#items on the domain without a node is the room directory: the rooms
+//! the network lists for the asking account.
 
 use isthmus_core::model::{Event, EventKind, LeaveKind, NetworkId, Sender};
+use isthmus_core::network::{LoginError, LoginValues, Network};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
 use tokio_xmpp::parsers::iq::Iq;
@@ -30,15 +36,19 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("leave", "Leave a room"),
 ];
 
+/// The commands of networks with accounts to link.
+pub const LOGIN_COMMANDS: &[(&str, &str)] = &[("login", "Link your account"), ("logout", "Unlink your account")];
+
 /// disco#items on the domain: the command list for the commands node, nothing otherwise.
-pub fn command_items(domain: &Jid, query: &Element) -> Element {
+pub fn command_items(domain: &Jid, query: &Element, with_login: bool) -> Element {
     let node = query.attr("node");
     let mut out = Element::builder("query", ns::DISCO_ITEMS);
     if let Some(n) = node {
         out = out.attr(attr("node"), n);
     }
     if node == Some(NS_COMMANDS) {
-        for (name, desc) in COMMANDS {
+        let logins = if with_login { LOGIN_COMMANDS } else { &[] };
+        for (name, desc) in COMMANDS.iter().chain(logins) {
             out = out.append(
                 Element::builder("item", ns::DISCO_ITEMS)
                     .attr(attr("jid"), domain.to_string())
@@ -68,6 +78,73 @@ fn completed(node: &str, text: String) -> AdHocCommand {
 }
 
 impl Gateway {
+    fn network_of(&self, domain: &Domain) -> Option<std::sync::Arc<dyn Network>> {
+        self.router.get().and_then(|r| r.network(&domain.network))
+    }
+
+    /// Whether `domain`'s network has accounts to link.
+    pub(crate) fn has_login(&self, domain: &Domain) -> bool {
+        self.network_of(domain).is_some_and(|n| !n.login_fields().is_empty())
+    }
+
+    /// disco#items on the domain: the rooms its network lists for `from`.
+    pub(crate) async fn room_directory(&self, domain: &Domain, from: &Jid) -> Element {
+        let mut out = Element::builder("query", ns::DISCO_ITEMS);
+        if Gateway::allowed(domain, from) {
+            if let Some(network) = self.network_of(domain) {
+                for room in network.rooms(&from.to_bare()).await {
+                    let Ok(local) = domain.escaping.to_localpart(room.id.as_str()) else { continue };
+                    let Some(jid) = crate::stanza::bare(&local, &domain.name) else { continue };
+                    let mut item = Element::builder("item", ns::DISCO_ITEMS).attr(attr("jid"), jid.to_string());
+                    item = item.attr(attr("name"), room.name.unwrap_or_else(|| room.id.0.clone()));
+                    out = out.append(item.build());
+                }
+            }
+        }
+        out.build()
+    }
+
+    /// Run `login` with the values given; the text to show the user.
+    async fn login_text(&self, domain: &Domain, account: &BareJid, values: &LoginValues) -> String {
+        let Some(network) = self.network_of(domain) else { return "This network is not running.".into() };
+        match network.login(account, values).await {
+            Ok(text) => text,
+            Err(e) => format!("Login failed: {e}"),
+        }
+    }
+
+    async fn logout_text(&self, domain: &Domain, account: &BareJid) -> String {
+        let Some(network) = self.network_of(domain) else { return "This network is not running.".into() };
+        match network.logout(account).await {
+            Ok(text) => text,
+            Err(e) => format!("Logout failed: {e}"),
+        }
+    }
+
+    /// The `login` form: one field per value the network needs.
+    fn login_form(&self, domain: &Domain) -> DataForm {
+        let fields = self
+            .network_of(domain)
+            .map(|n| n.login_fields())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| Field {
+                var: Some(f.var.into()),
+                type_: if f.secret { FieldType::TextPrivate } else { FieldType::TextSingle },
+                label: Some(f.label.into()),
+                required: f.required,
+                desc: None,
+                options: vec![],
+                values: f.default.into_iter().collect(),
+                media: vec![],
+                validate: None,
+            })
+            .collect();
+        let mut form = DataForm::new(DataFormType::Form, "", fields);
+        form.title = Some(format!("Link your {} account", domain.kind));
+        form
+    }
+
     /// The rooms `account` is in on `domain`, sorted.
     fn rooms_of(&self, domain: &Domain, account: &BareJid) -> Vec<BareJid> {
         let mut rooms: Vec<BareJid> = self
@@ -185,6 +262,41 @@ impl Gateway {
                     AdHocCommand { sessionid: cmd.sessionid.clone(), ..completed("leave", text) }
                 }
             },
+            "login" if self.has_login(domain) => match cmd.form.as_ref().filter(|f| f.type_ == DataFormType::Submit) {
+                None => AdHocCommand {
+                    node: "login".into(),
+                    sessionid: Some(uuid::Uuid::new_v4().to_string()),
+                    action: None,
+                    status: Some("executing".into()),
+                    form: Some(self.login_form(domain)),
+                    notes: vec![],
+                },
+                Some(form) => {
+                    let values: LoginValues = form
+                        .fields
+                        .iter()
+                        .filter_map(|f| Some((f.var.clone()?, f.values.first().cloned().unwrap_or_default())))
+                        .collect();
+                    let network = self.network_of(domain);
+                    let result = match network {
+                        Some(n) => n.login(&account, &values).await,
+                        None => Err(LoginError::Unavailable("this network is not running".into())),
+                    };
+                    match result {
+                        Ok(text) => AdHocCommand { sessionid: cmd.sessionid.clone(), ..completed("login", text) },
+                        Err(e) => {
+                            let condition = match e {
+                                LoginError::Invalid(_) => DefinedCondition::BadRequest,
+                                LoginError::Refused(_) => DefinedCondition::NotAuthorized,
+                                LoginError::Unavailable(_) => DefinedCondition::RemoteServerNotFound,
+                                LoginError::NotSupported => DefinedCondition::FeatureNotImplemented,
+                            };
+                            return error(condition, &e.to_string());
+                        }
+                    }
+                }
+            },
+            "logout" if self.has_login(domain) => completed("logout", self.logout_text(domain, &account).await),
             other => {
                 return error(DefinedCondition::ItemNotFound, &format!("no command `{other}`; see the command list"));
             }
@@ -208,8 +320,28 @@ impl Gateway {
                     Some(room) => format!("You are not in {room}."),
                     None => "Usage: leave ROOM-ADDRESS (see `rooms`)".to_owned(),
                 },
-                Some("help") | None => help_text(),
-                Some(other) => format!("Unknown command `{other}`.\n{}", help_text()),
+                Some("login") if self.has_login(domain) => {
+                    let fields = self.network_of(domain).map(|n| n.login_fields()).unwrap_or_default();
+                    let given: Vec<&str> = words.collect();
+                    // Values in field order; a leading field with a default may be left out.
+                    let skip = fields
+                        .len()
+                        .saturating_sub(given.len())
+                        .min(fields.iter().take_while(|f| f.default.is_some()).count());
+                    let mut values = LoginValues::new();
+                    for (f, v) in fields.iter().skip(skip).zip(given.iter()) {
+                        values.insert(f.var.to_owned(), (*v).to_owned());
+                    }
+                    if given.len() + skip < fields.iter().filter(|f| f.required).count() {
+                        let names: Vec<&str> = fields.iter().map(|f| f.var).collect();
+                        format!("Usage: login {}", names.join(" ").to_uppercase())
+                    } else {
+                        self.login_text(domain, &account, &values).await
+                    }
+                }
+                Some("logout") if self.has_login(domain) => self.logout_text(domain, &account).await,
+                Some("help") | None => help_text(self.has_login(domain)),
+                Some(other) => format!("Unknown command `{other}`.\n{}", help_text(self.has_login(domain))),
             }
         };
         let Some(to) = m.to.clone() else { return };
@@ -219,9 +351,10 @@ impl Gateway {
     }
 }
 
-fn help_text() -> String {
+fn help_text(with_login: bool) -> String {
     let mut text = "Commands (also available as ad-hoc commands):\nhelp — this list".to_owned();
-    for (name, desc) in COMMANDS {
+    let logins = if with_login { LOGIN_COMMANDS } else { &[] };
+    for (name, desc) in COMMANDS.iter().chain(logins) {
         text.push_str(&format!("\n{name} — {desc}"));
     }
     text

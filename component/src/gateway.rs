@@ -344,6 +344,11 @@ impl Gateway {
     /// The room or contact JID of a chat on a network.
     fn chat_jid(&self, chat: &ChatRef) -> Option<(Domain, BareJid)> {
         let domain = self.domains.get(self.by_network.get(&chat.network)?)?.clone();
+        if chat.id.as_str().is_empty() {
+            // The network itself (notices about the account): the domain's own JID.
+            let jid = BareJid::new(&domain.name).ok()?;
+            return Some((domain, jid));
+        }
         let local = domain.escaping.to_localpart(chat.id.as_str()).ok()?;
         let jid = bare(&local, &domain.name)?;
         Some((domain, jid))
@@ -1050,7 +1055,12 @@ impl Gateway {
         } else if payload.is("ping", ns::PING) {
             Iq::empty_result(from.clone(), id)
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
-            Iq::Result { from: None, to: None, id, payload: Some(crate::commands::command_items(&to, &payload)) }
+            let items = if payload.attr("node").is_some() {
+                crate::commands::command_items(&to, &payload, self.has_login(domain))
+            } else {
+                self.room_directory(domain, &from).await
+            };
+            Iq::Result { from: None, to: None, id, payload: Some(items) }
         } else if payload.is("vCard", ns::VCARD) && to.node().is_some() && to.resource().is_none() {
             // vcard-temp for puppets and rooms: the remote name, as the network spells it.
             match self.chat_of(domain, &to) {
@@ -1141,6 +1151,16 @@ impl Gateway {
                     let mut m = Message::new_with_type(MessageType::Chat, Some(Jid::from(account.clone())));
                     m.from = Some(Jid::from(chat_jid.clone()));
                     m.payloads.push(stanza::empty(chat_state_name(*state), ns::CHATSTATES));
+                    out.push(Stanza::Message(m));
+                }
+                if let EventKind::Status { text } = &event.kind {
+                    let mut m = stanza::message(
+                        MessageType::Chat,
+                        Jid::from(chat_jid.clone()),
+                        Jid::from(account.clone()),
+                        text,
+                    );
+                    m.id = Some(stanza::new_id());
                     out.push(Stanza::Message(m));
                 }
                 if let EventKind::Message(msg) = &event.kind {
@@ -1356,18 +1376,7 @@ impl Network for Gateway {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            formatted_bodies: true,
-            attachments: true,
-            replies: true,
-            threads: true,
-            corrections: true,
-            retractions: true,
-            reactions: true,
-            typing: true,
-            read_markers: true,
-            echoes_own_messages: true,
-        }
+        Capabilities::all()
     }
 
     fn chat_kind(&self, _id: &str) -> Option<ChatKind> {

@@ -18,10 +18,14 @@ pub struct Config {
     pub archive: ArchiveConfig,
     /// One entry per IRC network (one component domain each).
     pub irc: Vec<IrcNetworkConfig>,
+    /// One entry per Matrix network (one component domain each).
+    pub matrix: Vec<MatrixNetworkConfig>,
     /// The configuration file's directory: relative paths are relative to it.
     pub base_dir: PathBuf,
     /// Where each IRC network entry starts in the file (for validation messages).
     pub(crate) irc_locations: Vec<serde_saphyr::Location>,
+    /// Where each Matrix network entry starts in the file.
+    pub(crate) matrix_locations: Vec<serde_saphyr::Location>,
 }
 
 /// The file as parsed, before secrets are resolved.
@@ -39,11 +43,14 @@ pub(crate) struct RawConfig {
     archive: ArchiveConfig,
     #[serde(default)]
     irc: Vec<Spanned<IrcNetworkConfig>>,
+    #[serde(default)]
+    matrix: Vec<Spanned<MatrixNetworkConfig>>,
 }
 
 impl RawConfig {
     pub(crate) fn into_config(self, base_dir: PathBuf) -> Config {
         let irc_locations = self.irc.iter().map(|s| s.referenced).collect();
+        let matrix_locations = self.matrix.iter().map(|s| s.referenced).collect();
         Config {
             xmpp: self.xmpp,
             store: self.store,
@@ -51,8 +58,10 @@ impl RawConfig {
             access: self.access,
             archive: self.archive,
             irc: self.irc.into_iter().map(|s| s.value).collect(),
+            matrix: self.matrix.into_iter().map(|s| s.value).collect(),
             base_dir,
             irc_locations,
+            matrix_locations,
         }
     }
 }
@@ -60,7 +69,12 @@ impl RawConfig {
 impl Config {
     /// The XEP-0114 secret for a network's domain: its own, else the global one.
     pub fn component_secret_for<'a>(&'a self, net: &'a IrcNetworkConfig) -> Option<&'a Secret> {
-        net.secret.as_ref().or(self.xmpp.component.as_ref().and_then(|c| c.secret.as_ref()))
+        self.component_secret(net.secret.as_ref())
+    }
+
+    /// The XEP-0114 secret for a domain whose own secret is `own`: it, else the global one.
+    pub fn component_secret<'a>(&'a self, own: Option<&'a Secret>) -> Option<&'a Secret> {
+        own.or(self.xmpp.component.as_ref().and_then(|c| c.secret.as_ref()))
     }
 }
 
@@ -455,4 +469,46 @@ pub struct SaslConfig {
     pub password: Option<Secret>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+}
+
+/// One Matrix network, served on its own component domain. Personal mode: each
+/// XMPP user links their own Matrix account (`login` on the domain) and the
+/// gateway acts for them with its own device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixNetworkConfig {
+    /// The component domain, e.g. `matrix.example.org`.
+    pub domain: String,
+    /// Component secret for this domain (else `xmpp.component.secret`).
+    pub secret: Option<Secret>,
+    /// JIDs or domains allowed to use this network (empty: `access.allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// The homeserver offered when a user links an account (a URL such as
+    /// `https://matrix.org`).
+    pub default_homeserver: Option<String>,
+    /// Homeserver URLs users may log in to; empty allows any.
+    #[serde(default)]
+    pub allowed_homeservers: Vec<String>,
+    /// Where each linked account's Matrix device (keys, room state) is kept;
+    /// relative to the configuration file.
+    #[serde(default = "default_matrix_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_matrix_data_dir() -> PathBuf {
+    PathBuf::from("matrix")
+}
+
+impl MatrixNetworkConfig {
+    /// `data_dir` made absolute against the configuration's directory.
+    pub fn resolved_data_dir(&self, base_dir: &Path) -> PathBuf {
+        if self.data_dir.is_absolute() { self.data_dir.clone() } else { base_dir.join(&self.data_dir) }
+    }
+
+    /// Whether users may log in to `homeserver`.
+    pub fn allows_homeserver(&self, homeserver: &str) -> bool {
+        let norm = |u: &str| u.trim_end_matches('/').to_ascii_lowercase();
+        self.allowed_homeservers.is_empty() || self.allowed_homeservers.iter().any(|h| norm(h) == norm(homeserver))
+    }
 }

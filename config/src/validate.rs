@@ -44,6 +44,11 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
             }
         }
     }
+    for net in &mut config.matrix {
+        if let Some(s) = net.secret.as_mut() {
+            resolve(s, &base, file)?;
+        }
+    }
     Ok(())
 }
 
@@ -171,6 +176,39 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
     }
+    let users_domain = config.xmpp.embedded.as_ref().map(|e| e.domain.clone()).unwrap_or_else(|| "localhost".into());
+    for (i, net) in config.matrix.iter().enumerate() {
+        let at = config.matrix_locations.get(i).copied().unwrap_or(top);
+        let err = |m: String| Err(ConfigError::at(file, &at, format!("Matrix network `{}`: {m}", net.domain)));
+        if !valid_domain(&net.domain) {
+            return err("`domain` must be a domain name like matrix.example.org (no `@`, `/` or spaces)".into());
+        }
+        if config.irc.iter().any(|irc| irc.domain == net.domain) {
+            return err("the domain is already used by an IRC network: each network needs its own domain".into());
+        }
+        if let Some(prev) = seen.insert(net.domain.as_str(), config.irc.len() + i) {
+            return err(format!(
+                "the domain is already used by Matrix network #{}: each network needs its own domain",
+                prev - config.irc.len() + 1
+            ));
+        }
+        if config.xmpp.mode == XmppMode::Embedded && net.domain == users_domain {
+            return err(format!("this is the users' domain; give the network its own, e.g. matrix.{users_domain}"));
+        }
+        if config.xmpp.mode == XmppMode::Component && config.component_secret(net.secret.as_ref()).is_none() {
+            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        }
+        for url in net.default_homeserver.iter().chain(net.allowed_homeservers.iter()) {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return err(format!("`{url}` is not a homeserver URL: expected https://HOST[:PORT]"));
+            }
+        }
+        if let Some(d) = &net.default_homeserver {
+            if !net.allows_homeserver(d) {
+                return err(format!("`default_homeserver: {d}` is not in `allowed_homeservers`"));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -276,5 +314,31 @@ mod tests {
             "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: plain, username: u, password: p }} }}\n"
         ));
         assert!(e.message().contains("SASL is not supported yet"), "{e}");
+    }
+
+    #[test]
+    fn matrix_networks_load_and_are_checked() {
+        let c = from_str(
+            &format!("{BASE}matrix:\n  - domain: matrix.localhost\n    default_homeserver: https://matrix.org\n"),
+            Path::new("/etc/isthmus/isthmus.yaml"),
+        )
+        .expect("valid");
+        assert_eq!(c.matrix[0].domain, "matrix.localhost");
+        assert_eq!(c.matrix[0].resolved_data_dir(&c.base_dir), Path::new("/etc/isthmus/matrix"));
+        assert!(c.matrix[0].allows_homeserver("https://anywhere.example"));
+
+        let e = err(&format!("{BASE}irc:\n  - domain: x.localhost\nmatrix:\n  - domain: x.localhost\n"));
+        assert!(e.to_string().contains("already used by an IRC network"), "{e}");
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n  - domain: m.localhost\n"));
+        assert!(e.to_string().contains("Matrix network #1"), "{e}");
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n    default_homeserver: matrix.org\n"));
+        assert!(e.to_string().contains("not a homeserver URL"), "{e}");
+        assert!(e.to_string().starts_with("test.yaml:5:"), "{e}");
+        let e = err(&format!(
+            "{BASE}matrix:\n  - domain: m.localhost\n    default_homeserver: https://a.org\n    allowed_homeservers: [https://b.org]\n"
+        ));
+        assert!(e.to_string().contains("not in `allowed_homeservers`"), "{e}");
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n    homeserver: https://a.org\n"));
+        assert!(e.to_string().contains("homeserver"), "{e}");
     }
 }

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::model::{ChatKind, Event, NetworkId};
+use std::collections::BTreeMap;
+
+use crate::model::{ChatKind, Event, NetworkId, RemoteId};
 
 /// What a network renders natively.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,6 +31,24 @@ pub struct Capabilities {
     /// The network confirms what it accepted by echoing it back with its own id
     /// (IRCv3 echo-message, Matrix sync): the echo is the confirmation.
     pub echoes_own_messages: bool,
+}
+
+impl Capabilities {
+    /// Everything rendered natively.
+    pub const fn all() -> Self {
+        Capabilities {
+            formatted_bodies: true,
+            attachments: true,
+            replies: true,
+            threads: true,
+            corrections: true,
+            retractions: true,
+            reactions: true,
+            typing: true,
+            read_markers: true,
+            echoes_own_messages: true,
+        }
+    }
 }
 
 /// What a successful delivery produced on the destination network.
@@ -69,6 +89,49 @@ impl DeliveryError {
     }
 }
 
+/// One value a user gives to link their account on a network (a field of the
+/// ad-hoc form and of in-band registration; a word of the `login` chat command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginField {
+    /// The field's name (`homeserver`, `user`, `password`).
+    pub var: &'static str,
+    /// What to show next to it.
+    pub label: &'static str,
+    /// Never echoed (a password or token).
+    pub secret: bool,
+    pub required: bool,
+    /// Filled in when the user gives nothing.
+    pub default: Option<String>,
+}
+
+/// The values a user gave for a network's [`LoginField`]s, by `var`.
+pub type LoginValues = BTreeMap<String, String>;
+
+/// Why linking or unlinking an account did not work; the text is for the user.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum LoginError {
+    /// What the user gave cannot work (missing field, malformed address, not allowed here).
+    #[error("{0}")]
+    Invalid(String),
+    /// The remote side refused (wrong password, unknown user).
+    #[error("{0}")]
+    Refused(String),
+    /// The remote side could not be reached; trying again later may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This network has no accounts to link.
+    #[error("this network has no accounts to link")]
+    NotSupported,
+}
+
+/// A room a user can join, for the room directory (disco#items on the network's domain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomListing {
+    pub id: RemoteId,
+    /// The room's name, when it has one.
+    pub name: Option<String>,
+}
+
 /// A network a bridge connects to.
 #[async_trait]
 pub trait Network: Send + Sync + 'static {
@@ -90,6 +153,28 @@ pub trait Network: Send + Sync + 'static {
 
     /// One line per connection of `account` to this network, for status commands.
     async fn account_status(&self, _account: &jid::BareJid) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// What a user gives to link their account (empty: this network needs no login,
+    /// like IRC, where a connection opens at the first join).
+    fn login_fields(&self) -> Vec<LoginField> {
+        Vec::new()
+    }
+
+    /// Link `account` to a remote account with the given values; on success, a text
+    /// for the user saying who they are now on the network.
+    async fn login(&self, _account: &jid::BareJid, _values: &LoginValues) -> Result<String, LoginError> {
+        Err(LoginError::NotSupported)
+    }
+
+    /// Unlink `account`'s remote account; on success, a text for the user.
+    async fn logout(&self, _account: &jid::BareJid) -> Result<String, LoginError> {
+        Err(LoginError::NotSupported)
+    }
+
+    /// The rooms `account` can join, for the room directory.
+    async fn rooms(&self, _account: &jid::BareJid) -> Vec<RoomListing> {
         Vec::new()
     }
 

@@ -47,7 +47,7 @@ impl Isthmus {
     fn launch(&mut self) -> Result<()> {
         let mut cmd = command(binary(), &self.log_path())?;
         cmd.arg("run").arg("-c").arg(self.dir.path().join("isthmus.yaml"));
-        cmd.env("RUST_LOG", "info,isthmus=debug,isthmus_irc=debug,isthmus_core=debug");
+        cmd.env("RUST_LOG", "info,isthmus=debug,isthmus_irc=debug,isthmus_matrix=debug,isthmus_core=debug");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

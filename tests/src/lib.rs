@@ -8,23 +8,29 @@
 //! - [`peers`]: Prosody and ejabberd, ngIRCd and InspIRCd, PostgreSQL;
 //! - [`xmpp`]: a real XMPP client (slixmpp, through `tests/clients/xmpp_driver.py`);
 //! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
+//! - [`synapse`]: a Synapse Matrix homeserver, with users registered by shared secret;
+//! - [`matrix`]: a raw Matrix client-server API client, independent of the bridge's Matrix library;
 //! - [`gateway`]: the `isthmus` binary under test.
 //!
 //! The peers are installed by `tests/install-deps.sh`.
 
 pub mod gateway;
 pub mod irc;
+pub mod matrix;
 pub mod peers;
 pub mod process;
 pub mod scenario;
+pub mod synapse;
 pub mod xmpp;
 
 pub use gateway::Isthmus;
 pub use irc::IrcClient;
+pub use matrix::{MatrixClient, MatrixError};
 pub use peers::{
     C2s, Ejabberd, EmbeddedC2s, IrcServer, IrcServerKind, Ngircd, Postgres, Prosody, ProsodyOptions, XmppServer,
     XmppServerKind,
 };
+pub use synapse::{AppServiceRegistration, MatrixUser, Synapse, SynapseOptions};
 pub use xmpp::{Stanza, XmppClient};
 
 /// Where the test tooling (the Python venv) lives.

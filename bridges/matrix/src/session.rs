@@ -1,0 +1,685 @@
+//! One XMPP user's Matrix login: the matrix-sdk client with its own device and
+//! store, the sync loop that turns what happens on Matrix into events for the
+//! router, and the calls that render the router's events on Matrix.
+//!
+//! - Echoes of what this device sent (they carry its `transaction_id`) are not
+//!   bridged again: XMPP already reflected them.
+//! - Reactions: Matrix has one event per emoji, the model a full set per sender;
+//!   [`ReactionBook`] keeps which reaction event is whose, so an XMPP set becomes
+//!   the right sends and redactions, and a Matrix redaction the right new set.
+//! - Direct chats (rooms marked `m.direct` with one other member) are contacts on
+//!   XMPP, addressed by the other person's user id.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use isthmus_core::jid::BareJid;
+use isthmus_core::model::{
+    Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, MessageRef, NetworkId, Occupant,
+    Role, Sender,
+};
+use isthmus_core::network::{DeliveryError, EventSink};
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType;
+use matrix_sdk::ruma::events::receipt::ReceiptThread;
+use matrix_sdk::ruma::{OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, RoomOrAliasId, UserId};
+use matrix_sdk::{Client, Room, RoomMemberships, RoomState};
+use rand::Rng;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::address::MatrixTarget;
+use crate::incoming::{self, Incoming};
+use crate::outgoing;
+
+/// Reactions per (room, target, sender): emoji → the reaction event carrying it.
+#[derive(Debug, Default)]
+pub struct ReactionBook {
+    by_event: HashMap<String, (String, String, String, String)>,
+    sets: HashMap<(String, String, String), Vec<(String, String)>>,
+}
+
+impl ReactionBook {
+    /// Record reaction `event_id` = `key` by `sender` on `target`; returns the sender's new set.
+    pub fn add(&mut self, room: &str, target: &str, sender: &str, key: &str, event_id: &str) -> Vec<String> {
+        let k = (room.to_owned(), target.to_owned(), sender.to_owned());
+        let set = self.sets.entry(k.clone()).or_default();
+        if !set.iter().any(|(_, e)| e == event_id) {
+            set.push((key.to_owned(), event_id.to_owned()));
+        }
+        self.by_event
+            .insert(event_id.to_owned(), (room.to_owned(), target.to_owned(), sender.to_owned(), key.to_owned()));
+        Self::keys(set)
+    }
+
+    /// Forget reaction `event_id`; returns (target, sender, the sender's new set) when it was one.
+    pub fn remove(&mut self, event_id: &str) -> Option<(String, String, Vec<String>)> {
+        let (room, target, sender, _) = self.by_event.remove(event_id)?;
+        let k = (room, target.clone(), sender.clone());
+        let set = self.sets.entry(k).or_default();
+        set.retain(|(_, e)| e != event_id);
+        Some((target, sender, Self::keys(set)))
+    }
+
+    /// The reaction events `sender` has on `target`: (emoji, event id).
+    pub fn of(&self, room: &str, target: &str, sender: &str) -> Vec<(String, String)> {
+        self.sets.get(&(room.to_owned(), target.to_owned(), sender.to_owned())).cloned().unwrap_or_default()
+    }
+
+    fn keys(set: &[(String, String)]) -> Vec<String> {
+        let mut seen = BTreeSet::new();
+        set.iter().filter(|(k, _)| seen.insert(k.clone())).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// One linked account.
+pub struct Session {
+    pub account: BareJid,
+    network: NetworkId,
+    pub client: Client,
+    pub user_id: OwnedUserId,
+    sink: EventSink,
+    reactions: StdMutex<ReactionBook>,
+    typing: StdMutex<HashMap<OwnedRoomId, HashSet<String>>>,
+    /// Rooms the user joined by alias: room id → the alias (their chat id on XMPP).
+    aliases: StdMutex<HashMap<OwnedRoomId, String>>,
+    /// Rooms whose events go to XMPP as direct chats: room id → the other person.
+    directs: StdMutex<HashMap<OwnedRoomId, Option<String>>>,
+    task: StdMutex<Option<JoinHandle<()>>>,
+    pub store_dir: PathBuf,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> DeliveryError {
+    DeliveryError::Unavailable(format!("the Matrix homeserver did not accept it: {e}"))
+}
+
+impl Session {
+    pub fn new(
+        account: BareJid,
+        network: NetworkId,
+        client: Client,
+        user_id: OwnedUserId,
+        sink: EventSink,
+        store_dir: PathBuf,
+    ) -> Arc<Session> {
+        Arc::new(Session {
+            account,
+            network,
+            client,
+            user_id,
+            sink,
+            reactions: StdMutex::default(),
+            typing: StdMutex::default(),
+            aliases: StdMutex::default(),
+            directs: StdMutex::default(),
+            task: StdMutex::new(None),
+            store_dir,
+        })
+    }
+
+    /// Start syncing. `fresh`: a new login, whose first sync is the past (not bridged).
+    pub fn start(self: &Arc<Self>, fresh: bool) {
+        let me = self.clone();
+        let span = info_span!("matrix_sync", account = %self.account, user = %self.user_id);
+        let handle = tokio::spawn(async move { me.sync_loop(fresh).await }.instrument(span));
+        if let Some(old) = self.task.lock().unwrap_or_else(|e| e.into_inner()).replace(handle) {
+            old.abort();
+        }
+    }
+
+    /// Stop syncing.
+    pub fn stop(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+
+    async fn sync_loop(self: Arc<Self>, fresh: bool) {
+        let settings = SyncSettings::default().timeout(Duration::from_secs(30));
+        if fresh {
+            // What was said before the login is history, not news; pending invitations are news.
+            match self.client.sync_once(settings.clone()).await {
+                Ok(response) => {
+                    for room_id in response.rooms.invited.keys() {
+                        self.invited(room_id).await;
+                    }
+                }
+                Err(e) => warn!(error = %e, "first sync failed"),
+            }
+        }
+        let mut failures: u32 = 0;
+        loop {
+            match self.client.sync_once(settings.clone()).await {
+                Ok(response) => {
+                    if failures > 0 {
+                        info!("Matrix sync is back");
+                    }
+                    failures = 0;
+                    self.handle_sync(response).await;
+                }
+                Err(e) => {
+                    if matches!(
+                        e.client_api_error_kind(),
+                        Some(matrix_sdk::ruma::api::error::ErrorKind::UnknownToken { .. })
+                    ) {
+                        warn!("the homeserver ended this Matrix session");
+                        self.notify("Your Matrix session was ended by the homeserver: log in again (command `login`).")
+                            .await;
+                        return;
+                    }
+                    failures += 1;
+                    let base = Duration::from_millis(500) * 2u32.saturating_pow(failures.min(7));
+                    let wait = base.min(Duration::from_secs(60));
+                    let jitter = rand::rng().random_range(0..=wait.as_millis() as u64 / 4);
+                    warn!(error = %e, failures, "Matrix sync failed; retrying");
+                    tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
+                }
+            }
+        }
+    }
+
+    /// A notice to the user from the network's own address.
+    async fn notify(&self, text: &str) {
+        let event = Event::new(
+            self.network.clone(),
+            ChatRef::service(self.network.clone(), ""),
+            Sender::new("", "Matrix"),
+            EventKind::Status { text: text.to_owned() },
+        )
+        .with_account(self.account.clone());
+        let _ = self.sink.emit(event).await;
+    }
+
+    async fn handle_sync(&self, response: matrix_sdk::sync::SyncResponse) {
+        for (room_id, _) in response.rooms.invited.iter() {
+            self.invited(room_id).await;
+        }
+        for (room_id, update) in response.rooms.joined {
+            let Some(room) = self.client.get_room(&room_id) else { continue };
+            let chat = self.chat_of(&room).await;
+            for item in &update.timeline.events {
+                let json: Value = match serde_json::from_str(item.raw().json().get()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(room = %room_id, error = %e, "unreadable timeline event skipped");
+                        continue;
+                    }
+                };
+                self.timeline_event(&room, &chat, &json).await;
+            }
+            for raw in &update.ephemeral {
+                if let Ok(v) = serde_json::from_str::<Value>(raw.json().get()) {
+                    self.ephemeral(&room, &chat, &v).await;
+                }
+            }
+        }
+    }
+
+    /// An invitation: direct chats are accepted (they are contacts), rooms are announced.
+    async fn invited(&self, room_id: &RoomId) {
+        let Some(room) = self.client.get_room(room_id) else { return };
+        let inviter = room.invite_details().await.ok().and_then(|d| d.inviter).map(|m| m.user_id().to_string());
+        let direct = room.is_direct().await.unwrap_or(false);
+        if direct {
+            info!(room = %room_id, "accepting a direct chat invitation");
+            if let Err(e) = room.join().await {
+                warn!(room = %room_id, error = %e, "cannot accept the invitation");
+            }
+            return;
+        }
+        let name = room.name().unwrap_or_else(|| room_id.to_string());
+        self.notify(&format!(
+            "{} invited you to the Matrix room {name} ({room_id}). Join it as a group chat at its address on this gateway.",
+            inviter.as_deref().unwrap_or("Someone")
+        ))
+        .await;
+    }
+
+    /// How XMPP sees a room: a direct chat with its other member, or a room.
+    pub async fn chat_of(&self, room: &Room) -> ChatRef {
+        let room_id = room.room_id().to_owned();
+        if let Some(alias) = self.aliases.lock().unwrap_or_else(|e| e.into_inner()).get(&room_id) {
+            return ChatRef::room(self.network.clone(), alias.clone());
+        }
+        let cached = self.directs.lock().unwrap_or_else(|e| e.into_inner()).get(&room_id).cloned();
+        let other = match cached {
+            Some(other) => other,
+            None => {
+                let other = if room.is_direct().await.unwrap_or(false) {
+                    let members =
+                        room.members(RoomMemberships::JOIN | RoomMemberships::INVITE).await.unwrap_or_default();
+                    let others: Vec<String> = members
+                        .iter()
+                        .filter(|m| m.user_id() != self.user_id)
+                        .map(|m| m.user_id().to_string())
+                        .collect();
+                    if others.len() == 1 { others.into_iter().next() } else { None }
+                } else {
+                    None
+                };
+                self.directs.lock().unwrap_or_else(|e| e.into_inner()).insert(room_id.clone(), other.clone());
+                other
+            }
+        };
+        match other {
+            Some(user) => ChatRef::direct(self.network.clone(), user),
+            None => ChatRef::room(self.network.clone(), room_id.to_string()),
+        }
+    }
+
+    /// The MUC nick of `user` in `room`: the display name, made unique with the user id when ambiguous.
+    pub async fn nick_of(&self, room: &Room, user: &str) -> String {
+        let Ok(uid) = UserId::parse(user) else { return user.to_owned() };
+        match room.get_member_no_sync(&uid).await {
+            Ok(Some(m)) => {
+                let name = m.name();
+                if m.name_ambiguous() || name.is_empty() { format!("{name} ({user})") } else { name.to_owned() }
+            }
+            _ => user.to_owned(),
+        }
+    }
+
+    fn emit_base(&self, chat: &ChatRef, sender: Sender, kind: EventKind) -> Event {
+        Event::new(self.network.clone(), chat.clone(), sender, kind).with_account(self.account.clone())
+    }
+
+    async fn timeline_event(&self, room: &Room, chat: &ChatRef, json: &Value) {
+        let (env, incoming) = match incoming::parse(json) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(room = %room.room_id(), error = %e, "Matrix event not bridged");
+                return;
+            }
+        };
+        let own = env.sender == self.user_id.as_str();
+        let room_id = room.room_id().as_str();
+        // Reactions are tracked even when they are our own echo: removing them later needs their ids.
+        if let Incoming::Reaction { target, key } = &incoming {
+            let set = self.book().add(room_id, &target.0, &env.sender, key, &env.event_id);
+            if env.transaction_id.is_some() {
+                return;
+            }
+            let nick = self.nick_of(room, &env.sender).await;
+            let sender =
+                if own { Sender::own(env.sender.clone(), nick) } else { Sender::new(env.sender.clone(), nick) };
+            let event = self
+                .emit_base(chat, sender, EventKind::Reactions { target: target.clone(), emojis: set })
+                .with_origin_id(env.event_id.clone())
+                .with_time(env.time);
+            let _ = self.sink.emit(event).await;
+            return;
+        }
+        if env.transaction_id.is_some() && own {
+            debug!(event_id = %env.event_id, "echo of our own event");
+            if let Incoming::Redaction { redacts, .. } = &incoming {
+                self.book().remove(redacts);
+            }
+            return;
+        }
+        if own && chat.kind == ChatKind::Direct && !matches!(incoming, Incoming::Member { .. }) {
+            // Sent from another Matrix client of the same person: XMPP has no way to show
+            // it as theirs in a one-to-one chat yet.
+            debug!(event_id = %env.event_id, "own message from another device in a direct chat");
+            return;
+        }
+        let nick = self.nick_of(room, &env.sender).await;
+        let sender = if own {
+            Sender::own(env.sender.clone(), nick.clone())
+        } else {
+            Sender::new(env.sender.clone(), nick.clone())
+        };
+        let kind = match incoming {
+            Incoming::Message { message } => EventKind::Message(message),
+            Incoming::Edit { target, message } => EventKind::Correction { target, message },
+            Incoming::Reaction { .. } => return,
+            Incoming::Redaction { redacts, reason } => {
+                let removed = self.book().remove(&redacts);
+                match removed {
+                    Some((target, reactor, emojis)) => {
+                        let nick = self.nick_of(room, &reactor).await;
+                        let sender = if reactor == self.user_id.as_str() {
+                            Sender::own(reactor, nick)
+                        } else {
+                            Sender::new(reactor, nick)
+                        };
+                        let event = self
+                            .emit_base(chat, sender, EventKind::Reactions { target: MessageRef(target), emojis })
+                            .with_origin_id(env.event_id.clone())
+                            .with_time(env.time);
+                        let _ = self.sink.emit(event).await;
+                        return;
+                    }
+                    None => EventKind::Retraction { target: MessageRef(redacts), moderator: None, reason },
+                }
+            }
+            Incoming::Member { user, membership, previous, displayname, previous_displayname, reason } => {
+                if chat.kind != ChatKind::Room {
+                    return;
+                }
+                let was_in = previous.as_deref() == Some("join");
+                let subject_nick = match &displayname {
+                    Some(d) if !d.is_empty() => d.clone(),
+                    _ => self.nick_of(room, &user).await,
+                };
+                let subject = if user == self.user_id.as_str() {
+                    Sender::own(user.clone(), subject_nick.clone())
+                } else {
+                    Sender::new(user.clone(), subject_nick.clone())
+                };
+                match membership.as_str() {
+                    "join" if !was_in => EventKind::Joined {
+                        occupant: Occupant {
+                            id: isthmus_core::model::RemoteId::new(user.clone()),
+                            nick: subject_nick,
+                            role: Role::Participant,
+                            affiliation: Affiliation::Member,
+                        },
+                    },
+                    "join" if displayname != previous_displayname => {
+                        let old = previous_displayname.unwrap_or_else(|| user.clone());
+                        let event = self
+                            .emit_base(
+                                chat,
+                                Sender::new(user.clone(), old),
+                                EventKind::NickChanged { new_nick: subject_nick },
+                            )
+                            .with_origin_id(env.event_id.clone());
+                        let _ = self.sink.emit(event).await;
+                        return;
+                    }
+                    "leave" | "ban" if was_in => {
+                        let by = (env.sender != user).then(|| nick.clone());
+                        let kind = match (membership.as_str(), by) {
+                            ("ban", by) => LeaveKind::Ban { by },
+                            (_, Some(by)) => LeaveKind::Kick { by: Some(by) },
+                            _ => LeaveKind::Part,
+                        };
+                        if subject.is_self {
+                            // The XMPP side shows it as the user removed from the room.
+                        }
+                        let event = self
+                            .emit_base(chat, subject, EventKind::Left { kind, reason })
+                            .with_origin_id(env.event_id.clone());
+                        let _ = self.sink.emit(event).await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+            Incoming::Topic { text } => EventKind::Topic { text },
+            Incoming::Other => return,
+        };
+        let event = self.emit_base(chat, sender, kind).with_origin_id(env.event_id.clone()).with_time(env.time);
+        let _ = self.sink.emit(event).await;
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, ReactionBook> {
+        self.reactions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn ephemeral(&self, room: &Room, chat: &ChatRef, ev: &Value) {
+        match ev.get("type").and_then(Value::as_str) {
+            Some("m.typing") => {
+                let now: HashSet<String> = ev["content"]["user_ids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                    .unwrap_or_default();
+                let before = {
+                    let mut map = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+                    map.insert(room.room_id().to_owned(), now.clone()).unwrap_or_default()
+                };
+                let changes = now
+                    .difference(&before)
+                    .map(|u| (u.clone(), ChatState::Composing))
+                    .chain(before.difference(&now).map(|u| (u.clone(), ChatState::Paused)))
+                    .filter(|(u, _)| u != self.user_id.as_str())
+                    .collect::<Vec<_>>();
+                for (user, state) in changes {
+                    let nick = self.nick_of(room, &user).await;
+                    let _ =
+                        self.sink.emit(self.emit_base(chat, Sender::new(user, nick), EventKind::Typing(state))).await;
+                }
+            }
+            Some("m.receipt") => {
+                let Some(content) = ev.get("content").and_then(Value::as_object) else { return };
+                for (event_id, receipts) in content {
+                    let Some(readers) = receipts.get("m.read").and_then(Value::as_object) else { continue };
+                    for user in readers.keys().filter(|u| u.as_str() != self.user_id.as_str()) {
+                        let nick = self.nick_of(room, user).await;
+                        let event = self.emit_base(
+                            chat,
+                            Sender::new(user.clone(), nick),
+                            EventKind::Displayed { target: MessageRef(event_id.clone()) },
+                        );
+                        let _ = self.sink.emit(event).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The Matrix room behind an XMPP chat id, joining or creating it when needed.
+    pub async fn room_for(&self, chat: &ChatRef, create: bool) -> Result<Room, DeliveryError> {
+        let target = MatrixTarget::parse(chat.id.as_str())
+            .ok_or_else(|| DeliveryError::Rejected(format!("`{}` is not a Matrix room or user id", chat.id)))?;
+        match target {
+            MatrixTarget::Room(id) => {
+                let room_id = RoomId::parse(&id).map_err(|e| DeliveryError::Rejected(format!("`{id}`: {e}")))?;
+                match self.client.get_room(&room_id) {
+                    Some(r) if r.state() == RoomState::Joined => Ok(r),
+                    _ if create => self
+                        .client
+                        .join_room_by_id(&room_id)
+                        .await
+                        .map_err(|e| DeliveryError::Rejected(format!("cannot join the Matrix room {id}: {e}"))),
+                    _ => Err(DeliveryError::Rejected(format!("you are not in the Matrix room {id}: join it first"))),
+                }
+            }
+            MatrixTarget::Alias(alias) => {
+                let known = {
+                    let aliases = self.aliases.lock().unwrap_or_else(|e| e.into_inner());
+                    aliases.iter().find(|(_, a)| **a == alias).map(|(id, _)| id.clone())
+                };
+                if let Some(room) = known.and_then(|id| self.client.get_room(&id)) {
+                    if room.state() == RoomState::Joined {
+                        return Ok(room);
+                    }
+                }
+                if !create {
+                    return Err(DeliveryError::Rejected(format!(
+                        "you are not in the Matrix room {alias}: join it first"
+                    )));
+                }
+                let id =
+                    RoomOrAliasId::parse(&alias).map_err(|e| DeliveryError::Rejected(format!("`{alias}`: {e}")))?;
+                let room = self
+                    .client
+                    .join_room_by_id_or_alias(&id, &[])
+                    .await
+                    .map_err(|e| DeliveryError::Rejected(format!("cannot join the Matrix room {alias}: {e}")))?;
+                self.aliases.lock().unwrap_or_else(|e| e.into_inner()).insert(room.room_id().to_owned(), alias);
+                Ok(room)
+            }
+            MatrixTarget::User(user) => {
+                let uid = UserId::parse(&user).map_err(|e| DeliveryError::Rejected(format!("`{user}`: {e}")))?;
+                if let Some(room) = self.client.get_dm_room(&uid) {
+                    if room.state() == RoomState::Joined {
+                        self.directs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(room.room_id().to_owned(), Some(user));
+                        return Ok(room);
+                    }
+                }
+                let room = self
+                    .client
+                    .create_dm(&uid)
+                    .await
+                    .map_err(|e| DeliveryError::Rejected(format!("cannot start a direct chat with {user}: {e}")))?;
+                self.directs.lock().unwrap_or_else(|e| e.into_inner()).insert(room.room_id().to_owned(), Some(user));
+                Ok(room)
+            }
+        }
+    }
+
+    /// The user asked to enter a room: join on Matrix if needed, then tell XMPP who is there.
+    pub async fn enter(&self, chat: &ChatRef, nick: &str) -> Result<(), DeliveryError> {
+        let room = self.room_for(chat, true).await?;
+        let members = room.members(RoomMemberships::JOIN).await.map_err(unavailable)?;
+        let levels = room.power_levels().await.ok();
+        let mut occupants = Vec::new();
+        for m in members.iter().filter(|m| m.user_id() != self.user_id) {
+            let level = levels.as_ref().map(|p| p.for_user(m.user_id()));
+            let level: i64 = match level {
+                Some(matrix_sdk::ruma::events::room::power_levels::UserPowerLevel::Int(i)) => i.into(),
+                Some(_) => 100,
+                None => 0,
+            };
+            occupants.push(Occupant {
+                id: isthmus_core::model::RemoteId::new(m.user_id().to_string()),
+                nick: self.nick_of(&room, m.user_id().as_str()).await,
+                role: if level >= 50 { Role::Moderator } else { Role::Participant },
+                affiliation: if level >= 100 {
+                    Affiliation::Owner
+                } else if level >= 50 {
+                    Affiliation::Admin
+                } else {
+                    Affiliation::Member
+                },
+            });
+        }
+        let event = self.emit_base(
+            chat,
+            Sender::own(self.user_id.to_string(), nick.to_owned()),
+            EventKind::SelfJoined { nick: nick.to_owned(), occupants, topic: room.topic() },
+        );
+        self.sink.emit(event).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Send one event. `txn` is the idempotency key: the homeserver answers a second
+    /// send with the same key (a replay after a crash) with the first event, not a new one.
+    async fn send_json(&self, room: &Room, kind: &str, content: Value, txn: &str) -> Result<String, DeliveryError> {
+        let txn = OwnedTransactionId::from(txn);
+        let response = room.send_raw(kind, content).with_transaction_id(&txn).await.map_err(unavailable)?;
+        Ok(response.response.event_id.to_string())
+    }
+
+    pub async fn send_message(&self, chat: &ChatRef, m: &Message, txn: &str) -> Result<Vec<String>, DeliveryError> {
+        let room = self.room_for(chat, chat.kind == ChatKind::Direct).await?;
+        Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?])
+    }
+
+    pub async fn send_edit(
+        &self,
+        chat: &ChatRef,
+        target: &str,
+        m: &Message,
+        txn: &str,
+    ) -> Result<Vec<String>, DeliveryError> {
+        let room = self.room_for(chat, false).await?;
+        Ok(vec![self.send_json(&room, "m.room.message", outgoing::edit_content(target, m), txn).await?])
+    }
+
+    pub async fn redact(
+        &self,
+        chat: &ChatRef,
+        target: &str,
+        reason: Option<&str>,
+        txn: &str,
+    ) -> Result<Vec<String>, DeliveryError> {
+        let room = self.room_for(chat, false).await?;
+        let id = matrix_sdk::ruma::EventId::parse(target)
+            .map_err(|_| DeliveryError::Rejected(format!("`{target}` is no Matrix event: nothing to retract")))?;
+        let r = room.redact(&id, reason, Some(OwnedTransactionId::from(txn))).await.map_err(unavailable)?;
+        Ok(vec![r.event_id.to_string()])
+    }
+
+    /// Make our reactions on `target` exactly `emojis`.
+    pub async fn set_reactions(
+        &self,
+        chat: &ChatRef,
+        target: &str,
+        emojis: &[String],
+        txn: &str,
+    ) -> Result<Vec<String>, DeliveryError> {
+        if !target.starts_with('$') {
+            return Err(DeliveryError::Rejected("the message reacted to is not known on Matrix".into()));
+        }
+        let room = self.room_for(chat, false).await?;
+        let room_id = room.room_id().as_str().to_owned();
+        let have = self.book().of(&room_id, target, self.user_id.as_str());
+        let mut ids = Vec::new();
+        for (key, event_id) in &have {
+            if !emojis.contains(key) {
+                let id =
+                    matrix_sdk::ruma::EventId::parse(event_id).map_err(|e| DeliveryError::Rejected(e.to_string()))?;
+                let txn = OwnedTransactionId::from(format!("{txn}-{event_id}"));
+                room.redact(&id, None, Some(txn)).await.map_err(unavailable)?;
+                self.book().remove(event_id);
+            }
+        }
+        for key in emojis {
+            if !have.iter().any(|(k, _)| k == key) {
+                let txn = format!("{txn}-{key}");
+                let event_id =
+                    self.send_json(&room, "m.reaction", outgoing::reaction_content(target, key), &txn).await?;
+                self.book().add(&room_id, target, self.user_id.as_str(), key, &event_id);
+                ids.push(event_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub async fn typing(&self, chat: &ChatRef, state: ChatState) -> Result<(), DeliveryError> {
+        let room = self.room_for(chat, false).await?;
+        room.typing_notice(state == ChatState::Composing).await.map_err(unavailable)
+    }
+
+    pub async fn displayed(&self, chat: &ChatRef, target: &str) -> Result<(), DeliveryError> {
+        let Ok(id) = matrix_sdk::ruma::EventId::parse(target) else { return Ok(()) };
+        let room = self.room_for(chat, false).await?;
+        room.send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, id).await.map_err(unavailable)
+    }
+
+    pub async fn set_topic(&self, chat: &ChatRef, text: &str) -> Result<(), DeliveryError> {
+        let room = self.room_for(chat, false).await?;
+        room.set_room_topic(text).await.map(|_| ()).map_err(unavailable)
+    }
+
+    /// The rooms this account is in (not direct chats), for the room directory.
+    pub async fn joined_rooms(&self) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        for room in self.client.joined_rooms() {
+            let chat = self.chat_of(&room).await;
+            if chat.kind == ChatKind::Room {
+                out.push((chat.id.0, room.name()));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReactionBook;
+
+    #[test]
+    fn reaction_sets_follow_adds_and_redactions() {
+        let mut b = ReactionBook::default();
+        assert_eq!(b.add("!r", "$t", "@a", "👍", "$1"), vec!["👍"]);
+        assert_eq!(b.add("!r", "$t", "@a", "🎉", "$2"), vec!["👍", "🎉"]);
+        assert_eq!(b.add("!r", "$t", "@b", "👍", "$3"), vec!["👍"]);
+        // The same event seen twice (sync replay) changes nothing.
+        assert_eq!(b.add("!r", "$t", "@a", "🎉", "$2"), vec!["👍", "🎉"]);
+        assert_eq!(b.remove("$1"), Some(("$t".into(), "@a".into(), vec!["🎉".into()])));
+        assert_eq!(b.remove("$1"), None);
+        assert_eq!(b.of("!r", "$t", "@a"), vec![("🎉".to_owned(), "$2".to_owned())]);
+        assert_eq!(b.remove("$9"), None);
+    }
+}
