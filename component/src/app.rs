@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use isthmus_config::{Config, XmppMode};
 use isthmus_core::address::Escaping;
-use isthmus_core::model::NetworkId;
+use isthmus_core::model::{ChatRef, NetworkId};
 use isthmus_core::network::{EventSink, Network};
 use isthmus_core::router::Router;
 use isthmus_core::store::Store;
@@ -109,8 +109,25 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let store_for_server = store.clone();
     let archive = crate::archive::Archive::spawn(store.clone(), config.archive.retention_days);
-    let gateway = Gateway::new(domains, archive, config.archive.history_on_join);
+    // Portal rooms: `NAME@domain` on XMPP is one room on the network, shared by everyone.
+    let mut portals = Vec::new();
+    let mut portal_links = Vec::new();
+    for net in &config.matrix {
+        for p in &net.portals {
+            let room = tokio_xmpp::parsers::jid::BareJid::new(&format!("{}@{}", p.name, net.domain))
+                .map_err(|e| AppError::Config(format!("portal `{}` on {}: {e}", p.name, net.domain)))?;
+            portal_links.push(vec![
+                ChatRef::room(NetworkId::xmpp(), room.to_string()),
+                ChatRef::room(NetworkId::new(net.domain.clone()), p.room.clone()),
+            ]);
+            portals.push(room);
+        }
+    }
+    let gateway = Gateway::with_portals(domains, archive, config.archive.history_on_join, portals);
     let mut builder = Router::builder(store).network(gateway.clone());
+    for members in portal_links {
+        builder = builder.portal(members);
+    }
     for n in networks {
         builder = builder.network(n);
     }

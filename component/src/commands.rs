@@ -12,7 +12,7 @@
 //! disco#items on the domain without a node is the room directory: the rooms
 //! the network lists for the asking account.
 
-use isthmus_core::model::{Event, EventKind, LeaveKind, NetworkId, Sender};
+use isthmus_core::model::{EventKind, LeaveKind};
 use isthmus_core::network::{LoginError, LoginValues, Network};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
@@ -190,13 +190,13 @@ impl Gateway {
             }
         }
         if let Ok(chat) = self.chat_of(domain, &Jid::from(room.clone())) {
-            let event = Event::new(
-                NetworkId::xmpp(),
+            let event = self.user_event(
                 chat,
-                Sender::own(account.to_string(), session.nick.clone()),
+                account,
+                session.nick.clone(),
                 EventKind::Left { kind: LeaveKind::Part, reason: None },
-            )
-            .with_account(account.clone());
+            );
+            self.portal_fanout(domain, room, &event, account);
             self.route(event).await;
         }
         true

@@ -166,6 +166,9 @@ pub struct Gateway {
     recent_origins: RecentOrigins,
     /// Room sessions to store, in order (written by one task).
     session_log: OnceLock<mpsc::UnboundedSender<(String, String, Option<RoomSessionRecord>)>>,
+    /// Portal rooms: group chats shared by every XMPP user, linked by the router to
+    /// rooms on other networks. Their chat is spelled on the XMPP side (the room JID).
+    portals: HashSet<BareJid>,
 }
 
 fn muc_role(role: Role) -> muc::user::Role {
@@ -195,6 +198,16 @@ fn occupant_presence(from: Jid, to: &FullJid, item: Item, statuses: Vec<Status>,
 
 impl Gateway {
     pub fn new(domains: Vec<Domain>, archive: Archive, default_history: u32) -> Arc<Gateway> {
+        Self::with_portals(domains, archive, default_history, Vec::new())
+    }
+
+    /// A gateway also serving the portal rooms `portals` (room JIDs on its domains).
+    pub fn with_portals(
+        domains: Vec<Domain>,
+        archive: Archive,
+        default_history: u32,
+        portals: Vec<BareJid>,
+    ) -> Arc<Gateway> {
         let by_network = domains.iter().map(|d| (d.network.clone(), d.name.clone())).collect();
         Arc::new(Gateway {
             domains: domains.into_iter().map(|d| (d.name.clone(), d)).collect(),
@@ -206,6 +219,7 @@ impl Gateway {
             default_history,
             session_log: OnceLock::new(),
             recent_origins: RecentOrigins::default(),
+            portals: portals.into_iter().collect(),
         })
     }
 
@@ -297,13 +311,12 @@ impl Gateway {
                 session.resources = resources;
             }
             info!(account = %account, room = %room, nick = %r.nick, "rejoining room after restart");
-            let event = Event::new(
-                NetworkId::xmpp(),
+            let event = self.user_event(
                 chat,
-                Sender::own(account.to_string(), r.nick.clone()),
+                &account,
+                r.nick.clone(),
                 EventKind::JoinRequest { nick: r.nick, password: r.password },
-            )
-            .with_account(account.clone());
+            );
             if let Some(e) = self.route(event).await.and_then(|rep| rep.first_error().cloned()) {
                 warn!(account = %account, room = %room, error = %e, "cannot rejoin room after restart");
                 self.rooms().remove(&(room.clone(), account.clone()));
@@ -343,6 +356,12 @@ impl Gateway {
 
     /// The room or contact JID of a chat on a network.
     fn chat_jid(&self, chat: &ChatRef) -> Option<(Domain, BareJid)> {
+        if chat.network.is_xmpp() {
+            // A portal room: the chat is the room's JID itself.
+            let jid = BareJid::new(chat.id.as_str()).ok()?;
+            let domain = self.domains.get(jid.domain().as_str())?.clone();
+            return Some((domain, jid));
+        }
         let domain = self.domains.get(self.by_network.get(&chat.network)?)?.clone();
         if chat.id.as_str().is_empty() {
             // The network itself (notices about the account): the domain's own JID.
@@ -379,6 +398,10 @@ impl Gateway {
 
     /// Interpret the localpart of a JID on `domain` as a chat of its network.
     pub(crate) fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
+        let room = to.to_bare();
+        if self.portals.contains(&room) {
+            return Ok(ChatRef::room(NetworkId::xmpp(), room.to_string()));
+        }
         let node = to.node().ok_or_else(|| "this address is the gateway itself, not a room or person".to_owned())?;
         let id = domain.escaping.from_localpart(node.as_str()).map_err(|e| e.to_string())?;
         let router = self.router.get().ok_or("the gateway is starting")?;
@@ -448,6 +471,16 @@ impl Gateway {
             );
             return self.send(domain, s).await;
         };
+        if self.is_portal(&room) && self.nick_taken(&room, &account, &nick) {
+            let s = stanza::presence_error(
+                to.clone(),
+                Jid::from(from),
+                ErrorType::Cancel,
+                DefinedCondition::Conflict,
+                "this nickname is already used in the room",
+            );
+            return self.send(domain, s).await;
+        }
         let already = {
             let mut rooms = self.rooms();
             let session = rooms.entry((room.clone(), account.clone())).or_default();
@@ -468,13 +501,8 @@ impl Gateway {
             return self.enter(domain, &room, &account, &[from]).await;
         }
         info!(account = %account, room = %room, nick, "joining room");
-        let event = Event::new(
-            NetworkId::xmpp(),
-            chat,
-            Sender::own(account.to_string(), nick.clone()),
-            EventKind::JoinRequest { nick, password: muc.password },
-        )
-        .with_account(account.clone());
+        let event =
+            self.user_event(chat, &account, nick.clone(), EventKind::JoinRequest { nick, password: muc.password });
         let report = self.route(event).await;
         if let Some(e) = report.and_then(|r| r.first_error().cloned()) {
             self.rooms().remove(&(room.clone(), account.clone()));
@@ -504,13 +532,17 @@ impl Gateway {
         if current == new_nick {
             return;
         }
-        let event = Event::new(
-            NetworkId::xmpp(),
-            chat,
-            Sender::own(account.to_string(), current),
-            EventKind::NickChanged { new_nick },
-        )
-        .with_account(account);
+        if self.is_portal(&room) {
+            let s = stanza::presence_error(
+                to.clone(),
+                Jid::from(from.clone()),
+                ErrorType::Cancel,
+                DefinedCondition::NotAcceptable,
+                "nick changes are not supported in shared rooms yet: leave and join again with the new nick",
+            );
+            return self.send(domain, s).await;
+        }
+        let event = self.user_event(chat, &account, current, EventKind::NickChanged { new_nick });
         if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
             let s = stanza::presence_error(
                 to.clone(),
@@ -520,6 +552,125 @@ impl Gateway {
                 &e.to_string(),
             );
             self.send(domain, s).await;
+        }
+    }
+
+    /// An event from `account` about `chat`. Personal chats carry the account (the
+    /// network acts for it); portal rooms are shared, so the sender alone says who.
+    pub(crate) fn user_event(&self, chat: ChatRef, account: &BareJid, nick: String, kind: EventKind) -> Event {
+        let portal = chat.network.is_xmpp();
+        let event = Event::new(NetworkId::xmpp(), chat, Sender::own(account.to_string(), nick), kind);
+        if portal { event } else { event.with_account(account.clone()) }
+    }
+
+    /// Whether `room` is a portal room.
+    fn is_portal(&self, room: &BareJid) -> bool {
+        self.portals.contains(room)
+    }
+
+    /// Whether someone other than `account` is `nick` in portal `room`.
+    fn nick_taken(&self, room: &BareJid, account: &BareJid, nick: &str) -> bool {
+        self.rooms()
+            .iter()
+            .filter(|((r, _), s)| r == room && s.joined)
+            .any(|((_, a), s)| (a != account && s.nick == nick) || (a != account && s.occupants.contains_key(nick)))
+    }
+
+    /// An event of a portal room from another network (no account: the room is
+    /// shared): every XMPP account in the room sees it. The join confirmation and
+    /// refusal are for the account that asked (the sender).
+    async fn deliver_portal(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        let (domain, room) = self
+            .chat_jid(&event.chat)
+            .ok_or_else(|| DeliveryError::Rejected(format!("`{}` is not a room of this gateway", event.chat.id)))?;
+        let key = event.key.0.clone();
+        match &event.kind {
+            EventKind::SelfJoined { .. } | EventKind::JoinFailed { .. } => {
+                let account = BareJid::new(event.sender.id.as_str())
+                    .map_err(|_| DeliveryError::Rejected("a join answer must name the XMPP account".into()))?;
+                let mut copy = event.clone();
+                copy.account = Some(account.clone());
+                let joined = matches!(event.kind, EventKind::SelfJoined { .. });
+                if let EventKind::SelfJoined { occupants, .. } = &mut copy.kind {
+                    // The other XMPP users in the room are occupants too.
+                    let others: Vec<Occupant> = self
+                        .rooms()
+                        .iter()
+                        .filter(|((r, a), s)| r == &room && a != &account && s.joined)
+                        .map(|((_, a), s)| Occupant {
+                            id: isthmus_core::model::RemoteId::new(a.to_string()),
+                            nick: s.nick.clone(),
+                            role: Role::Participant,
+                            affiliation: Affiliation::Member,
+                        })
+                        .collect();
+                    occupants.extend(others);
+                }
+                let (stanzas, entering) = self.render(&copy, &room)?;
+                self.send_all_after(&domain, stanzas, event.receipt.clone());
+                self.save_session(&room, &account);
+                self.enter(&domain, &room, &account, &entering).await;
+                if joined {
+                    let nick = match &event.kind {
+                        EventKind::SelfJoined { nick, .. } => nick.clone(),
+                        _ => String::new(),
+                    };
+                    let occupant = Occupant {
+                        id: isthmus_core::model::RemoteId::new(account.to_string()),
+                        nick: nick.clone(),
+                        role: Role::Participant,
+                        affiliation: Affiliation::Member,
+                    };
+                    let arrival = Event::new(
+                        NetworkId::xmpp(),
+                        event.chat.clone(),
+                        Sender::new(account.to_string(), nick),
+                        EventKind::Joined { occupant },
+                    );
+                    self.portal_fanout(&domain, &room, &arrival, &account);
+                }
+            }
+            _ => {
+                let mut receipt = event.receipt.clone();
+                for account in self.portal_accounts(&room, None) {
+                    let mut copy = event.clone();
+                    copy.account = Some(account);
+                    let (stanzas, _) = self.render(&copy, &room)?;
+                    self.send_all_after(&domain, stanzas, receipt.take());
+                }
+                if let Some(r) = receipt {
+                    r.confirm().await;
+                }
+            }
+        }
+        Ok(Delivered::ids(vec![key]))
+    }
+
+    /// The accounts with a session in portal `room`, but `except`.
+    fn portal_accounts(&self, room: &BareJid, except: Option<&BareJid>) -> Vec<BareJid> {
+        self.rooms()
+            .iter()
+            .filter(|((r, a), s)| r == room && s.joined && Some(a) != except)
+            .map(|((_, a), _)| a.clone())
+            .collect()
+    }
+
+    /// Show what one XMPP user did in portal `room` to the other XMPP users there
+    /// (the router only carries it to the other networks).
+    pub(crate) fn portal_fanout(&self, domain: &Domain, room: &BareJid, event: &Event, from_account: &BareJid) {
+        if !self.is_portal(room) {
+            return;
+        }
+        for account in self.portal_accounts(room, Some(from_account)) {
+            let mut copy = event.clone();
+            copy.account = Some(account.clone());
+            copy.receipt = None;
+            // Someone else's action, as this account sees it.
+            copy.sender.is_self = false;
+            let mut out = Vec::new();
+            let mut entering = Vec::new();
+            self.render_room(&copy, &account, room, &mut out, &mut entering);
+            self.send_all_after(domain, out, None);
         }
     }
 
@@ -697,13 +848,9 @@ impl Gateway {
         }
         if last {
             if let Ok(chat) = self.chat_of(domain, to) {
-                let event = Event::new(
-                    NetworkId::xmpp(),
-                    chat,
-                    Sender::own(account.to_string(), nick),
-                    EventKind::Left { kind: LeaveKind::Part, reason: None },
-                )
-                .with_account(account);
+                let event =
+                    self.user_event(chat, &account, nick, EventKind::Left { kind: LeaveKind::Part, reason: None });
+                self.portal_fanout(domain, &room, &event, &account);
                 self.route(event).await;
             }
         }
@@ -783,23 +930,27 @@ impl Gateway {
             account.node().map(|n| n.to_string()).unwrap_or_default()
         };
         if typing {
-            let event =
-                Event::new(NetworkId::xmpp(), chat, Sender::own(account.to_string(), nick), kind).with_account(account);
+            let event = self.user_event(chat, &account, nick, kind);
+            self.portal_fanout(domain, &room, &event, &account);
             self.route(event).await;
             return;
         }
         let origin_id = stanza::origin_id(&m);
         let is_message = matches!(kind, EventKind::Message(_));
-        let mut event =
-            Event::new(NetworkId::xmpp(), chat.clone(), Sender::own(account.to_string(), nick.clone()), kind)
-                .with_account(account.clone());
+        let mut event = self.user_event(chat.clone(), &account, nick.clone(), kind);
         if let Some(id) = &origin_id {
             event = event.with_origin_id(id.clone());
         }
         // Retractions and reactions in a room name their target by the room's stanza-id,
         // which is the event key: record it too, and quote the target for text fallbacks.
+        // In a room the stanza-id comes first: it is what other networks' references
+        // (reactions, replies, retractions) are rendered back to on XMPP.
         let key_id = event.key.0.clone();
-        event = event.with_origin_id(key_id);
+        if chat.kind == ChatKind::Room {
+            event.origin_ids.insert(0, key_id);
+        } else {
+            event = event.with_origin_id(key_id);
+        }
         if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. })) {
             if let Ok(Some(e)) = self.archive.get(&target.0).await {
                 event.context = Some(Quote { author: e.sender_nick, text: e.body });
@@ -817,6 +968,9 @@ impl Gateway {
             return;
         }
         let key = event.key.clone();
+        if chat.kind == ChatKind::Room {
+            self.portal_fanout(domain, &room, &event, &account);
+        }
         let span = tracing::info_span!("xmpp-message", key = %key, origin_id = ?origin_id, from = %from);
         let Some(report) = self.route(event).instrument(span).await else { return };
         if let Some(e) = report.first_error() {
@@ -910,13 +1064,7 @@ impl Gateway {
             }
             return;
         };
-        let event = Event::new(
-            NetworkId::xmpp(),
-            chat,
-            Sender::own(account.to_string(), nick),
-            EventKind::Topic { text: subject },
-        )
-        .with_account(account.clone());
+        let event = self.user_event(chat, &account, nick, EventKind::Topic { text: subject });
         if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
             if let Some(err) = stanza::message_error(m, ErrorType::Cancel, DefinedCondition::Forbidden, &e.to_string())
             {
@@ -1163,12 +1311,11 @@ impl Gateway {
                     m.id = Some(stanza::new_id());
                     out.push(Stanza::Message(m));
                 }
-                if let EventKind::Message(msg) = &event.kind {
-                    let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
-                    let mut m =
-                        stanza::message(MessageType::Chat, Jid::from(chat_jid.clone()), Jid::from(account), &body);
-                    m.id = Some(tokio_xmpp::parsers::message::Id(event.key.0.clone()));
-                    out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, chat_jid)));
+                if let Some(m) =
+                    stanza::rendered(event, MessageType::Chat, Jid::from(chat_jid.clone()), Jid::from(account))
+                {
+                    let sid = m.id.as_ref().map(|i| i.0.clone()).unwrap_or_default();
+                    out.push(Stanza::Message(stanza::with_stanza_id(m, &sid, chat_jid)));
                 }
             }
         }
@@ -1318,34 +1465,42 @@ impl Gateway {
                     out.push(Stanza::Message(m));
                 }
             }
-            EventKind::Message(msg) => {
-                let body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
+            EventKind::Message(_)
+            | EventKind::Correction { .. }
+            | EventKind::Retraction { .. }
+            | EventKind::Reactions { .. }
+            | EventKind::Displayed { .. } => {
                 let Some(from) = full(room, nick) else { return };
                 for res in &session.resources {
-                    let mut m =
-                        stanza::message(MessageType::Groupchat, Jid::from(from.clone()), Jid::from(res.clone()), &body);
-                    // The event key: the same id if the event is ever delivered again.
-                    m.id = Some(tokio_xmpp::parsers::message::Id(event.key.0.clone()));
-                    if event.delayed {
-                        if let Some(d) = stanza::delay(event.time, room) {
-                            m.payloads.push(d.into());
-                        }
-                    }
-                    out.push(Stanza::Message(stanza::with_stanza_id(m, &event.key.0, room)));
+                    let Some(m) = stanza::rendered(
+                        event,
+                        MessageType::Groupchat,
+                        Jid::from(from.clone()),
+                        Jid::from(res.clone()),
+                    ) else {
+                        continue;
+                    };
+                    // Message ids double as stanza-ids: references from any side name them.
+                    let sid = m.id.as_ref().map(|i| i.0.clone()).unwrap_or_default();
+                    out.push(Stanza::Message(stanza::with_stanza_id(m, &sid, room)));
                 }
-                let sender_jid = event.sender.id.as_str().to_owned();
-                let puppet =
-                    self.chat_jid(&ChatRef::direct(event.chat.network.clone(), sender_jid)).map(|(_, j)| j.to_string());
-                self.archive_message(
-                    room,
-                    account,
-                    &event.key.0,
-                    event.origin_ids.first().cloned(),
-                    nick,
-                    puppet,
-                    &body,
-                    event.time,
-                );
+                if let EventKind::Message(msg) = &event.kind {
+                    let body = stanza::rendered_body(msg);
+                    let sender_jid = event.sender.id.as_str().to_owned();
+                    let puppet = self
+                        .chat_jid(&ChatRef::direct(event.chat.network.clone(), sender_jid))
+                        .map(|(_, j)| j.to_string());
+                    self.archive_message(
+                        room,
+                        account,
+                        &event.key.0,
+                        event.origin_ids.first().cloned(),
+                        nick,
+                        puppet,
+                        &body,
+                        event.time,
+                    );
+                }
             }
             EventKind::Typing(state) => {
                 let Some(from) = full(room, nick) else { return };
@@ -1384,6 +1539,9 @@ impl Network for Gateway {
     }
 
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        if event.account.is_none() && event.chat.network.is_xmpp() {
+            return self.deliver_portal(event).await;
+        }
         let (domain, chat_jid) = self.chat_jid(&event.chat).ok_or_else(|| {
             DeliveryError::Rejected(format!("`{}` has no JID on any configured domain", event.chat.id))
         })?;

@@ -1,4 +1,4 @@
-//! The `isthmus` binary: `run`, `check-config`, `migrate`, `user`.
+//! The `isthmus` binary: `run`, `check-config`, `migrate`, `user`, `matrix-registration`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +41,13 @@ enum Command {
         #[arg(short, long, default_value = "isthmus.yaml")]
         config: PathBuf,
     },
+    /// Print the application-service registration file (YAML) for the homeserver of
+    /// each Matrix network with an `appservice` (for Synapse's `app_service_config_files`).
+    MatrixRegistration {
+        /// The YAML configuration file.
+        #[arg(short, long, default_value = "isthmus.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,7 +85,24 @@ fn main() -> ExitCode {
         Command::Run { config } => exit(run(&config, false)),
         Command::Migrate { config } => exit(run(&config, true)),
         Command::User { action, config } => exit(user(action, &config)),
+        Command::MatrixRegistration { config } => exit(matrix_registration(&config)),
     }
+}
+
+/// One registration per Matrix network with an application service, as YAML
+/// documents (`---` between them: each goes into its own file).
+fn matrix_registration(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = isthmus_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let files: Vec<String> = config
+        .matrix
+        .iter()
+        .filter_map(|net| {
+            net.appservice.as_ref().map(|a| isthmus_matrix::appservice::registration_yaml(&net.domain, a))
+        })
+        .collect();
+    anyhow::ensure!(!files.is_empty(), "{}: no Matrix network has an `appservice`", path.display());
+    print!("{}", files.join("---\n"));
+    Ok(())
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {

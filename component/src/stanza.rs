@@ -132,18 +132,19 @@ pub fn client_namespace(el: Element) -> Element {
 }
 
 /// What a message from an XMPP user means: a correction (XEP-0308), a retraction
-/// (XEP-0424), a full reaction set (XEP-0444), a plain message, or, without a
-/// body, a chat state (XEP-0085). Bodies that
-/// are only fallbacks for those are not relayed as text. `None`: nothing to bridge.
+/// (XEP-0424), a full reaction set (XEP-0444), a plain message (with its reply
+/// target, XEP-0461, and files, XEP-0066), or, without a body, a chat state
+/// (XEP-0085). Bodies that are only fallbacks for those (XEP-0428) are not
+/// relayed as text. `None`: nothing to bridge.
 pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventKind> {
-    use isthmus_core::model::{EventKind, Message as Content, MessageRef};
+    use isthmus_core::model::{EventKind, MessageRef};
     use tokio_xmpp::parsers::message_correct::Replace;
     use tokio_xmpp::parsers::reactions::Reactions;
 
     for p in &m.payloads {
         if p.is("replace", tokio_xmpp::parsers::ns::MESSAGE_CORRECT) {
             if let Ok(r) = Replace::try_from(p.clone()) {
-                return Some(EventKind::Correction { target: MessageRef(r.id.0), message: Content::text(body) });
+                return Some(EventKind::Correction { target: MessageRef(r.id.0), message: content(m, body) });
             }
         }
         if p.is("retract", crate::xep::NS_RETRACT) {
@@ -162,7 +163,46 @@ pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventK
         // A bare chat state (XEP-0085): typing notifications.
         return m.payloads.iter().find_map(chat_state).map(EventKind::Typing);
     }
-    Some(EventKind::Message(Content::text(body)))
+    Some(EventKind::Message(content(m, body)))
+}
+
+/// The content of a message: the body without reply fallbacks, its reply target, its files.
+fn content(m: &Message, body: &str) -> isthmus_core::model::Message {
+    use isthmus_core::model::{Attachment, Message as Content, MessageRef, ReplyTo};
+
+    let mut out = Content::text(body);
+    let reply = m
+        .payloads
+        .iter()
+        .find(|p| p.is("reply", crate::xep::NS_REPLY))
+        .and_then(|p| crate::xep::Reply::try_from(p.clone()).ok());
+    if let Some(reply) = reply {
+        let fallback = m
+            .payloads
+            .iter()
+            .filter(|p| p.is("fallback", crate::xep::NS_FALLBACK))
+            .filter_map(|p| crate::xep::Fallback::try_from(p.clone()).ok())
+            .find(|f| f.for_.as_deref() == Some(crate::xep::NS_REPLY));
+        if let Some(f) = fallback {
+            out.body = f.strip(body);
+        }
+        let author = reply.to.as_deref().and_then(parse_jid).and_then(|j| j.resource().map(|r| r.to_string()));
+        out.reply_to = Some(ReplyTo { target: MessageRef(reply.id), author, quote: None });
+    }
+    for p in m.payloads.iter().filter(|p| p.is("x", tokio_xmpp::parsers::ns::OOB)) {
+        let Some(url) = p.get_child("url", tokio_xmpp::parsers::ns::OOB).map(|u| u.text()) else { continue };
+        let url = url.trim().to_owned();
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            continue;
+        }
+        // The body of a file message is its URL, for clients without XEP-0066.
+        if out.body.trim() == url {
+            out.body.clear();
+        }
+        let name = url.rsplit('/').next().filter(|n| !n.is_empty()).map(str::to_owned);
+        out.attachments.push(Attachment { url, name, mime: None, size: None });
+    }
+    out
 }
 
 /// The XEP-0085 chat state a payload carries.
@@ -179,4 +219,106 @@ pub fn chat_state(p: &Element) -> Option<isthmus_core::model::ChatState> {
         "gone" => ChatState::Gone,
         _ => return None,
     })
+}
+
+/// The stanza rendering a message-like event (message, correction, retraction,
+/// reaction set, displayed marker) from `from` to `to`; `None` for other kinds.
+///
+/// References keep the id the router gave them on the XMPP side (the message id,
+/// which for messages the gateway relays is also its stanza-id). A correction
+/// carries its own id: it shares the original's key, and reusing it would make
+/// clients drop it as a duplicate.
+pub fn rendered(event: &isthmus_core::model::Event, type_: MessageType, from: Jid, to: Jid) -> Option<Message> {
+    use isthmus_core::model::EventKind;
+    use tokio_xmpp::parsers::message_correct::Replace;
+    use tokio_xmpp::parsers::reactions::{Reaction, Reactions};
+
+    let own_id = || event.origin_ids.first().cloned().unwrap_or_else(|| new_id().0);
+    let mut m = match &event.kind {
+        EventKind::Message(msg) => {
+            let mut m = content_stanza(msg, type_, from, to);
+            m.id = Some(Id(event.key.0.clone()));
+            m
+        }
+        EventKind::Correction { target, message } => {
+            let mut m = content_stanza(message, type_, from, to);
+            m.id = Some(Id(format!("{}-edit-{}", event.key.0, own_id())));
+            m.payloads.push(Replace { id: Id(target.0.clone()) }.into());
+            m
+        }
+        EventKind::Retraction { target, .. } => {
+            let mut m = message(
+                type_,
+                from,
+                to,
+                "This person retracted a previous message; your client does not show retractions.",
+            );
+            m.id = Some(Id(event.key.0.clone()));
+            m.payloads.push(crate::xep::Retract { id: target.0.clone() }.into());
+            m.payloads.push(crate::xep::Fallback { for_: Some(crate::xep::NS_RETRACT.into()), bodies: vec![] }.into());
+            m.payloads.push(empty("store", NS_HINTS));
+            m
+        }
+        EventKind::Reactions { target, emojis } => {
+            let mut m = message(type_, from, to, "");
+            m.id = Some(Id(event.key.0.clone()));
+            let reactions = emojis.iter().map(|e| Reaction { emoji: e.clone() }).collect();
+            m.payloads.push(Reactions { id: target.0.clone(), reactions }.into());
+            m.payloads.push(empty("store", NS_HINTS));
+            m
+        }
+        EventKind::Displayed { target } => {
+            let mut m = message(type_, from, to, "");
+            m.id = Some(new_id());
+            m.payloads.push(
+                Element::builder("displayed", NS_MARKERS)
+                    .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), target.0.clone())
+                    .build(),
+            );
+            m
+        }
+        _ => return None,
+    };
+    if event.delayed && matches!(event.kind, EventKind::Message(_)) {
+        if let Some(d) = m.from.as_ref().and_then(|f| delay(event.time, &f.to_bare())) {
+            m.payloads.push(d.into());
+        }
+    }
+    Some(m)
+}
+
+/// XEP-0334 message processing hints.
+pub const NS_HINTS: &str = "urn:xmpp:hints";
+/// XEP-0333 chat markers.
+pub const NS_MARKERS: &str = "urn:xmpp:chat-markers:0";
+
+/// The body XMPP shows for a message: `/me` for actions, file URLs on their own lines
+/// (a body that is exactly the URL lets clients show the file inline).
+pub fn rendered_body(msg: &isthmus_core::model::Message) -> String {
+    let mut body = if msg.action { format!("/me {}", msg.body) } else { msg.body.clone() };
+    for a in &msg.attachments {
+        if !body.contains(&a.url) {
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            body.push_str(&a.url);
+        }
+    }
+    body
+}
+
+/// A message's body, files (XEP-0066) and reply target (XEP-0461).
+fn content_stanza(msg: &isthmus_core::model::Message, type_: MessageType, from: Jid, to: Jid) -> Message {
+    let mut m = message(type_, from, to, &rendered_body(msg));
+    for a in &msg.attachments {
+        m.payloads.push(
+            Element::builder("x", tokio_xmpp::parsers::ns::OOB)
+                .append(Element::builder("url", tokio_xmpp::parsers::ns::OOB).append(a.url.clone()).build())
+                .build(),
+        );
+    }
+    if let Some(r) = &msg.reply_to {
+        m.payloads.push(crate::xep::Reply { to: None, id: r.target.0.clone() }.into());
+    }
+    m
 }

@@ -1,6 +1,6 @@
 //! XEPs that xmpp-parsers does not cover yet, declared with `xso` in one place,
-//! each with its rejection tests: XEP-0424 message retraction, the XEP-0428
-//! fallback indication it relies on, and XEP-0050 ad-hoc commands.
+//! each with its rejection tests: XEP-0424 message retraction, XEP-0461 replies,
+//! the XEP-0428 fallback indication they rely on, and XEP-0050 ad-hoc commands.
 
 use xso::{AsXml, FromXml};
 
@@ -8,6 +8,32 @@ use xso::{AsXml, FromXml};
 pub const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
 /// XEP-0428 namespace.
 pub const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
+/// XEP-0461 namespace.
+pub const NS_REPLY: &str = "urn:xmpp:reply:0";
+
+/// `<reply to='…' id='…'/>`: this message answers the message with this id (in a
+/// MUC, the room's stanza-id of it), written by `to`.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_REPLY, name = "reply")]
+pub struct Reply {
+    /// The author of the message answered (an occupant JID in a MUC).
+    #[xml(attribute(default))]
+    pub to: Option<String>,
+    /// The id of the message answered.
+    #[xml(attribute)]
+    pub id: String,
+}
+
+/// `<body start='…' end='…'/>` in a fallback: the part of the body (in Unicode
+/// code points) that is only the fallback; without both, all of it.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_FALLBACK, name = "body")]
+pub struct FallbackBody {
+    #[xml(attribute(default))]
+    pub start: Option<usize>,
+    #[xml(attribute(default))]
+    pub end: Option<usize>,
+}
 
 /// `<retract id='…'/>`: the sender withdraws the message with this id (in a MUC,
 /// the room's stanza-id of it).
@@ -27,6 +53,29 @@ pub struct Fallback {
     /// The namespace the fallback stands in for.
     #[xml(attribute(name = "for", default))]
     pub for_: Option<String>,
+    /// Which parts of the body are fallback text.
+    #[xml(child(n = ..))]
+    pub bodies: Vec<FallbackBody>,
+}
+
+impl Fallback {
+    /// `body` without the parts this fallback marks (the whole body when no range is given).
+    pub fn strip(&self, body: &str) -> String {
+        if self.bodies.is_empty() {
+            return String::new();
+        }
+        let chars: Vec<char> = body.chars().collect();
+        let mut keep = vec![true; chars.len()];
+        for b in &self.bodies {
+            let (start, end) = match (b.start, b.end) {
+                (Some(s), Some(e)) if s <= e => (s.min(chars.len()), e.min(chars.len())),
+                (None, None) => (0, chars.len()),
+                _ => continue,
+            };
+            keep[start..end].iter_mut().for_each(|k| *k = false);
+        }
+        chars.iter().zip(keep).filter(|(_, k)| *k).map(|(c, _)| *c).collect()
+    }
 }
 
 /// XEP-0050 namespace.
@@ -109,6 +158,41 @@ mod tests {
         let f = parse::<Fallback>("<fallback xmlns='urn:xmpp:fallback:0' bar='x'/>").expect("unknown attr tolerated");
         assert_eq!(f.for_, None);
         assert!(parse::<Fallback>("<fallback xmlns='urn:xmpp:other' for='x'/>").is_err(), "other namespace");
+    }
+
+    #[test]
+    fn reply_valid_round_trip_and_rejections() {
+        let r: Reply = parse("<reply xmlns='urn:xmpp:reply:0' to='room@muc/bob' id='s1'/>").expect("valid");
+        assert_eq!((r.to.as_deref(), r.id.as_str()), (Some("room@muc/bob"), "s1"));
+        let el: Element = r.clone().into();
+        assert_eq!(Reply::try_from(el).expect("round trip"), r);
+        let r: Reply = parse("<reply xmlns='urn:xmpp:reply:0' id='s1'/>").expect("to is optional");
+        assert_eq!(r.to, None);
+        let e = parse::<Reply>("<reply xmlns='urn:xmpp:reply:0' to='x'/>").expect_err("missing id");
+        assert!(e.contains("id"), "{e}");
+        assert!(parse::<Reply>("<reply xmlns='urn:xmpp:reply:1' id='a'/>").is_err(), "other namespace");
+    }
+
+    #[test]
+    fn fallback_ranges_strip_only_the_fallback() {
+        let f: Fallback =
+            parse("<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='0' end='9'/></fallback>")
+                .expect("valid");
+        assert_eq!(f.strip("> bob: é\nthe answer"), "the answer");
+        let whole: Fallback =
+            parse("<fallback xmlns='urn:xmpp:fallback:0' for='x'><body/></fallback>").expect("no range");
+        assert_eq!(whole.strip("all of it"), "");
+        let bad: Fallback = parse("<fallback xmlns='urn:xmpp:fallback:0' for='x'><body start='5' end='2'/></fallback>")
+            .expect("parsed");
+        assert_eq!(bad.strip("reversed range keeps everything"), "reversed range keeps everything");
+        let past: Fallback =
+            parse("<fallback xmlns='urn:xmpp:fallback:0' for='x'><body start='3' end='99'/></fallback>")
+                .expect("parsed");
+        assert_eq!(past.strip("abcdef"), "abc");
+        assert!(
+            parse::<Fallback>("<fallback xmlns='urn:xmpp:fallback:0'><body start='x' end='2'/></fallback>").is_err(),
+            "a range must be numbers"
+        );
     }
 
     #[test]

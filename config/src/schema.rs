@@ -494,6 +494,69 @@ pub struct MatrixNetworkConfig {
     /// relative to the configuration file.
     #[serde(default = "default_matrix_data_dir")]
     pub data_dir: PathBuf,
+    /// The media proxy that makes Matrix files fetchable by XMPP clients; without
+    /// it, files reach XMPP with their `mxc://` address.
+    pub media: Option<MatrixMediaConfig>,
+    /// The application service that shows XMPP users as Matrix users of their own
+    /// in portal rooms (`isthmus matrix-registration` prints the file for the homeserver).
+    pub appservice: Option<MatrixAppserviceConfig>,
+    /// Rooms shared by everyone: each links a group chat on this domain
+    /// (`NAME@domain`) to one Matrix room.
+    #[serde(default)]
+    pub portals: Vec<MatrixPortalConfig>,
+}
+
+/// The application service registered with the homeserver for portal rooms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixAppserviceConfig {
+    /// The homeserver's client-server API URL, e.g. `http://127.0.0.1:8008`.
+    pub homeserver: String,
+    /// The homeserver's name (the part after `:` in user ids), e.g. `example.org`.
+    pub server_name: String,
+    /// Where Isthmus listens for the homeserver's transactions (IP:PORT).
+    pub listen: String,
+    /// The URL the homeserver reaches `listen` at (default: `http://` + `listen`).
+    pub url: Option<String>,
+    /// Isthmus's token towards the homeserver.
+    pub as_token: Secret,
+    /// The homeserver's token towards Isthmus.
+    pub hs_token: Secret,
+    /// The bot user's localpart.
+    #[serde(default = "default_as_sender")]
+    pub sender_localpart: String,
+    /// XMPP users appear as `@PREFIX<escaped JID>:server_name`.
+    #[serde(default = "default_as_prefix")]
+    pub user_prefix: String,
+}
+
+fn default_as_sender() -> String {
+    "isthmus".into()
+}
+fn default_as_prefix() -> String {
+    "_xmpp_".into()
+}
+
+/// One portal: the group chat `name@domain` on XMPP is the Matrix room `room`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixPortalConfig {
+    /// The group chat's name on XMPP (its JID's localpart), e.g. `lobby`.
+    pub name: String,
+    /// The Matrix room: `!id:server` or `#alias:server`.
+    pub room: String,
+}
+
+/// The Matrix bridge's media proxy: an HTTP server handing out the files of the
+/// rooms under links the gateway signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixMediaConfig {
+    /// Where its HTTP server listens (IP:PORT), e.g. `127.0.0.1:8091`.
+    pub listen: String,
+    /// The URL XMPP clients reach it at (usually a reverse proxy with TLS in
+    /// front of `listen`), e.g. `https://example.org/matrix-media`.
+    pub public_url: String,
 }
 
 fn default_matrix_data_dir() -> PathBuf {

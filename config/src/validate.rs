@@ -48,6 +48,10 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
         if let Some(s) = net.secret.as_mut() {
             resolve(s, &base, file)?;
         }
+        if let Some(a) = net.appservice.as_mut() {
+            resolve(&mut a.as_token, &base, file)?;
+            resolve(&mut a.hs_token, &base, file)?;
+        }
     }
     Ok(())
 }
@@ -203,9 +207,59 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 return err(format!("`{url}` is not a homeserver URL: expected https://HOST[:PORT]"));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for p in &net.portals {
+            let ok_name = !p.name.is_empty()
+                && p.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.');
+            if !ok_name {
+                return err(format!(
+                    "portal `{}`: `name` must be lower-case letters, digits, `-`, `_` or `.` (it is a JID's localpart)",
+                    p.name
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return err(format!("portal `{}` is listed twice", p.name));
+            }
+            if !(p.room.starts_with('!') || p.room.starts_with('#')) {
+                return err(format!("portal `{}`: `room` must be a room id (!…) or alias (#…:server)", p.name));
+            }
+        }
+        if !net.portals.is_empty() && net.appservice.is_none() {
+            return err("`portals` need an `appservice` (see `isthmus matrix-registration`)".into());
+        }
+        if let Some(a) = &net.appservice {
+            if a.listen.parse::<std::net::SocketAddr>().is_err() {
+                return err(format!("appservice `listen: {}` is not IP:PORT", a.listen));
+            }
+            if !(a.homeserver.starts_with("http://") || a.homeserver.starts_with("https://")) {
+                return err(format!("appservice `homeserver: {}` is not a URL", a.homeserver));
+            }
+        }
         if let Some(d) = &net.default_homeserver {
             if !net.allows_homeserver(d) {
                 return err(format!("`default_homeserver: {d}` is not in `allowed_homeservers`"));
+            }
+        }
+        if let Some(media) = &net.media {
+            if media.listen.parse::<std::net::SocketAddr>().is_err() {
+                return err(format!(
+                    "`media.listen: {}` is not an address to listen on: expected IP:PORT such as 127.0.0.1:8091",
+                    media.listen
+                ));
+            }
+            let other = config.matrix[..i].iter().find_map(|n| n.media.as_ref().filter(|m| m.listen == media.listen));
+            if other.is_some() {
+                return err(format!("`media.listen: {}` is already another Matrix network's", media.listen));
+            }
+            let host = media.public_url.strip_prefix("https://").or_else(|| media.public_url.strip_prefix("http://"));
+            let host = host.map(|rest| rest.split('/').next().unwrap_or_default());
+            if host.is_none_or(str::is_empty) || media.public_url.contains(['?', '#', ' ']) {
+                return err(format!(
+                    "`media.public_url: {}` is not a base URL: expected https://HOST[:PORT][/PATH], without `?` or `#`",
+                    media.public_url
+                ));
             }
         }
     }
@@ -340,5 +394,43 @@ mod tests {
         assert!(e.to_string().contains("not in `allowed_homeservers`"), "{e}");
         let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n    homeserver: https://a.org\n"));
         assert!(e.to_string().contains("homeserver"), "{e}");
+    }
+
+    #[test]
+    fn matrix_media_proxy_is_optional_and_checked() {
+        let c = from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n"), Path::new("c.yaml")).expect("valid");
+        assert!(c.matrix[0].media.is_none());
+        let c = from_str(
+            &format!(
+                "{BASE}matrix:\n  - domain: m.localhost\n    media: {{ listen: \"127.0.0.1:8091\", public_url: \"https://example.org/mx-media/\" }}\n"
+            ),
+            Path::new("c.yaml"),
+        )
+        .expect("valid");
+        let media = c.matrix[0].media.as_ref().expect("media");
+        assert_eq!(
+            (media.listen.as_str(), media.public_url.as_str()),
+            ("127.0.0.1:8091", "https://example.org/mx-media/")
+        );
+
+        let media = |listen: &str, url: &str| {
+            format!(
+                "{BASE}matrix:\n  - domain: m.localhost\n    media:\n      listen: \"{listen}\"\n      public_url: \"{url}\"\n"
+            )
+        };
+        let e = err(&media("localhost", "https://example.org"));
+        assert!(e.message().contains("not an address to listen on"), "{e}");
+        assert!(e.to_string().starts_with("test.yaml:5:"), "{e}");
+        for url in ["example.org/media", "https://", "https:///media", "https://example.org/m?x=1", "ftp://example.org"]
+        {
+            let e = err(&media("127.0.0.1:8091", url));
+            assert!(e.message().contains("not a base URL"), "{url}: {e}");
+        }
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n    media: {{ listen: \"127.0.0.1:1\" }}\n"));
+        assert!(e.message().contains("public_url"), "{e}");
+        let e = err(&format!(
+            "{BASE}matrix:\n  - domain: a.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://a\" }}\n  - domain: b.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://b\" }}\n"
+        ));
+        assert!(e.message().contains("already another Matrix network's"), "{e}");
     }
 }

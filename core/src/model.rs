@@ -497,6 +497,12 @@ impl Event {
         self
     }
 
+    /// The time the origin gave the event, for an event happening now (not history).
+    pub fn at(mut self, time: SystemTime) -> Self {
+        self.time = time;
+        self
+    }
+
     pub fn with_time(mut self, time: SystemTime) -> Self {
         self.time = time;
         self.delayed = true;

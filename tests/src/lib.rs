@@ -10,13 +10,15 @@
 //! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
 //! - [`synapse`]: a Synapse Matrix homeserver, with users registered by shared secret;
 //! - [`matrix`]: a raw Matrix client-server API client, independent of the bridge's Matrix library;
-//! - [`gateway`]: the `isthmus` binary under test.
+//! - [`gateway`]: the `isthmus` binary under test;
+//! - [`scenario`], [`matrix_scenario`]: ready-made setups the tests share.
 //!
 //! The peers are installed by `tests/install-deps.sh`.
 
 pub mod gateway;
 pub mod irc;
 pub mod matrix;
+pub mod matrix_scenario;
 pub mod peers;
 pub mod process;
 pub mod scenario;

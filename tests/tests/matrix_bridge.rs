@@ -5,116 +5,16 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use isthmus_core::address::Escaping;
-use isthmus_tests::scenario::{SECRET, T};
-use isthmus_tests::synapse::MatrixUser;
-use isthmus_tests::{Isthmus, MatrixClient, Prosody, ProsodyOptions, Stanza, Synapse, SynapseOptions, XmppClient};
+use isthmus_tests::matrix_scenario::{
+    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid, xml_escape,
+};
+use isthmus_tests::scenario::T;
 use serde_json::{Value, json};
 
-const DOMAIN: &str = "matrix.localhost";
+const DOMAIN: &str = MATRIX_DOMAIN;
 
-struct MatrixSetup {
-    synapse: Synapse,
-    prosody: Prosody,
-    gateway: Isthmus,
-    /// The Matrix account alice links through the gateway.
-    alice_mx: MatrixUser,
-    /// Bob, on Matrix only.
-    bob: MatrixClient,
-}
-
-impl MatrixSetup {
-    async fn start() -> Result<MatrixSetup> {
-        let synapse = Synapse::start(SynapseOptions::default()).await?;
-        let alice_mx = synapse.register("alice", "alice-mx-pass", false).await?;
-        let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
-        let bob = synapse.client(&bob_user)?;
-        bob.set_display_name("Bob Matrix").await?;
-        let users = ["alice", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
-        let prosody = Prosody::start(ProsodyOptions {
-            users,
-            components: vec![(DOMAIN.into(), SECRET.into())],
-            ..Default::default()
-        })
-        .await?;
-        let config = format!(
-            r#"xmpp:
-  mode: component
-  component:
-    host: 127.0.0.1
-    port: {component}
-    secret: ${{ISTHMUS_COMPONENT_SECRET}}
-store:
-  url: sqlite://{{dir}}/isthmus.db
-matrix:
-  - domain: {DOMAIN}
-    default_homeserver: {hs}
-    data_dir: "{{dir}}/matrix"
-"#,
-            component = prosody.component_port(),
-            hs = synapse.base_url(),
-        );
-        let gateway = Isthmus::start(&config, &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
-        gateway.wait_log("component link established", 1, T).await?;
-        Ok(MatrixSetup { synapse, prosody, gateway, alice_mx, bob })
-    }
-
-    /// Alice on XMPP.
-    async fn alice(&self, resource: &str) -> Result<XmppClient> {
-        XmppClient::connect(&self.prosody, &format!("alice@localhost/{resource}"), "alicepass").await
-    }
-}
-
-/// The JID of a Matrix id on the gateway.
 fn jid(matrix_id: &str) -> Result<String> {
-    Ok(format!("{}@{DOMAIN}", Escaping::CaseSensitive.to_localpart(matrix_id)?))
-}
-
-/// Escape text for an XML attribute or text node.
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
-}
-
-/// Link alice's Matrix account with the two-step ad-hoc command; returns the final note.
-async fn login_adhoc(xmpp: &mut XmppClient, user: &str, password: &str) -> Result<String> {
-    xmpp.send_raw(&format!(
-        "<iq type='set' to='{DOMAIN}' id='login1'><command xmlns='http://jabber.org/protocol/commands' node='login' action='execute'/></iq>"
-    ))
-    .await?;
-    let form = xmpp.expect(T, |s| s.kind == "iq" && s.id == "login1").await?;
-    if form.type_ != "result" || !form.xml.contains("var=\"password\"") || !form.xml.contains("type=\"text-private\"") {
-        bail!("the login command did not answer with its form: {}", form.xml);
-    }
-    let session = form
-        .xml
-        .split("sessionid=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .context("no sessionid in the form")?
-        .to_owned();
-    xmpp.send_raw(&format!(
-        "<iq type='set' to='{DOMAIN}' id='login2'><command xmlns='http://jabber.org/protocol/commands' node='login' sessionid='{session}'>\
-         <x xmlns='jabber:x:data' type='submit'>\
-         <field var='user'><value>{}</value></field>\
-         <field var='password'><value>{}</value></field></x></command></iq>",
-        xml_escape(user),
-        xml_escape(password)
-    ))
-    .await?;
-    let done = xmpp.expect(Duration::from_secs(30), |s| s.kind == "iq" && s.id == "login2").await?;
-    Ok(done.xml)
-}
-
-fn is_groupchat_from(s: &Stanza, from_prefix: &str, body: &str) -> bool {
-    s.kind == "message" && s.type_ == "groupchat" && s.from.starts_with(from_prefix) && s.body.as_deref() == Some(body)
-}
-
-async fn join_room(xmpp: &mut XmppClient, room_jid: &str, nick: &str) -> Result<Stanza> {
-    xmpp.join(room_jid, nick).await?;
-    xmpp.expect(Duration::from_secs(30), |s| {
-        s.kind == "presence" && s.from == format!("{room_jid}/{nick}") && (s.has_status(110) || s.type_ == "error")
-    })
-    .await
+    matrix_jid(matrix_id)
 }
 
 /// Link an account, see the room in the directory, join it, talk both ways; then
@@ -207,5 +107,154 @@ async fn link_join_talk_and_survive_a_restart() -> Result<()> {
         .unwrap_or(0);
     assert_eq!(gateway_devices, 1, "{devices}");
     assert_eq!(s.gateway.log().matches("Matrix account linked account=").count(), 1, "one login only");
+    Ok(())
+}
+
+/// Serve `body` as `content_type` on 127.0.0.1 to at most `requests` GETs, whatever the
+/// path; returns the port and the request lines received.
+async fn serve_file(
+    body: Vec<u8>,
+    content_type: &'static str,
+    requests: usize,
+) -> Result<(u16, tokio::task::JoinHandle<Vec<String>>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..requests {
+            let Ok((mut stream, _)) = listener.accept().await else { break };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen.push(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned());
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        }
+        seen
+    });
+    Ok((port, task))
+}
+
+/// The text of the first `<url>` of an XEP-0066 payload in `xml`.
+fn oob_url(xml: &str) -> Option<String> {
+    let start = xml.find("jabber:x:oob")?;
+    let rest = &xml[start..];
+    let url = rest.split("<url>").nth(1)?.split("</url>").next()?;
+    Some(url.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+}
+
+/// A file both ways: bob's `m.image` reaches XMPP as an XEP-0066 link to the
+/// gateway's media proxy that yields the same bytes (and only links it handed out
+/// work); alice's XEP-0066 file reaches Matrix as an uploaded `m.image`.
+#[tokio::test]
+async fn an_image_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice("phone").await?;
+    let done = login_adhoc(&mut alice, "alice", &s.alice_mx.password).await?;
+    if !done.contains("status=\"completed\"") {
+        bail!("login did not complete: {done}");
+    }
+    let room_id = s.bob.create_room(Some("Files"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room_id)?;
+    alice
+        .expect(T, |m| {
+            m.kind == "message" && m.from == DOMAIN && m.body.as_deref().is_some_and(|b| b.contains(&room_id))
+        })
+        .await?;
+    let joined = join_room(&mut alice, &room_jid, "Alice").await?;
+    assert!(joined.has_status(110), "self-presence: {}", joined.xml);
+
+    // Matrix → XMPP: a PNG-like blob (every byte value, so nothing survives a text conversion).
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    png.extend((0..4096u32).map(|i| (i * 7 + i / 256) as u8));
+    let mxc = s.bob.upload(&png, "image/png", "pixel.png").await?;
+    s.bob
+        .send_event(
+            &room_id,
+            "m.room.message",
+            json!({"msgtype": "m.image", "body": "pixel.png", "url": mxc,
+                   "info": {"mimetype": "image/png", "size": png.len()}}),
+        )
+        .await?;
+    let from_bob = format!("{room_jid}/Bob Matrix");
+    let got = alice
+        .expect(T, |m| {
+            m.kind == "message" && m.type_ == "groupchat" && m.from == from_bob && m.xml.contains("jabber:x:oob")
+        })
+        .await?;
+    let url = oob_url(&got.xml).with_context(|| format!("no XEP-0066 URL in {}", got.xml))?;
+    assert!(url.starts_with(&format!("{}/", s.media_url)), "not a media proxy link: {url}");
+    assert!(!url.contains("mxc://"), "{url}");
+    assert_eq!(got.body.as_deref(), Some(url.as_str()), "the body of a file message is its URL: {}", got.xml);
+    let response = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "GET {url}");
+    let header = |name: reqwest::header::HeaderName| {
+        response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    };
+    assert_eq!(header(reqwest::header::CONTENT_TYPE), "image/png");
+    assert_eq!(header(reqwest::header::CONTENT_LENGTH), png.len().to_string());
+    let fetched = response.bytes().await?;
+    assert!(fetched[..] == png[..], "the proxy gave {} other bytes", fetched.len());
+    // Only links the gateway handed out work: another token, or the token on another file, is 404.
+    let token = url
+        .strip_prefix(&format!("{}/", s.media_url))
+        .and_then(|rest| rest.split('/').next())
+        .context("no token in the link")?
+        .to_owned();
+    let other_token: String = token.chars().map(|c| if c == '0' { '1' } else { '0' }).collect();
+    let forged = url.replacen(&token, &other_token, 1);
+    assert_eq!(reqwest::get(&forged).await?.status(), reqwest::StatusCode::NOT_FOUND, "{forged}");
+    let media_id = mxc.rsplit('/').next().context("no media id")?;
+    let other_file = url.replacen(&format!("/{media_id}/"), "/AnotherMediaId/", 1);
+    assert_ne!(other_file, url);
+    assert_eq!(reqwest::get(&other_file).await?.status(), reqwest::StatusCode::NOT_FOUND, "{other_file}");
+    let outside = format!("{}/{token}/example.org/{media_id}/x.png", s.media_url);
+    assert_eq!(reqwest::get(&outside).await?.status(), reqwest::StatusCode::NOT_FOUND, "{outside}");
+
+    // XMPP → Matrix: alice's client uploaded a file elsewhere (a tiny HTTP server here)
+    // and sends its URL as XEP-0066, the body being the URL.
+    let mut photo = b"\x89PNG\r\n\x1a\nalice".to_vec();
+    photo.extend((0..2048u32).map(|i| (i * 13 + 5) as u8));
+    let (port, server) = serve_file(photo.clone(), "image/png", 3).await?;
+    let file_url = format!("http://127.0.0.1:{port}/upload/k3y/photo.png");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='file1'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let event = s
+        .bob
+        .wait_for(&room_id, T, |e| {
+            e["type"] == "m.room.message"
+                && e["sender"] == json!(s.alice_mx.user_id)
+                && e["content"]["url"].as_str().is_some_and(|u| u.starts_with("mxc://"))
+        })
+        .await?;
+    let content = &event["content"];
+    assert_eq!(content["msgtype"], "m.image", "{event}");
+    assert_eq!(content["info"]["mimetype"], "image/png", "{event}");
+    assert_eq!(content["info"]["size"], json!(photo.len()), "{event}");
+    assert_eq!(content["body"], "photo.png", "{event}");
+    let uploaded = s.bob.download(content["url"].as_str().unwrap_or_default()).await?;
+    assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
+    // The body was only the URL: no text event besides the file.
+    let history = s.bob.messages(&room_id, 30).await?;
+    assert!(
+        !history.iter().any(|e| e["sender"] == json!(s.alice_mx.user_id) && e["content"]["body"] == json!(file_url)),
+        "the URL was sent as text too: {history:?}"
+    );
+    server.abort();
     Ok(())
 }

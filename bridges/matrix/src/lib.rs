@@ -11,19 +11,24 @@
 //! - [`address`]: what an identifier names;
 //! - [`incoming`]: Matrix timeline events → the common model;
 //! - [`outgoing`]: the common model → Matrix event contents;
+//! - [`media`]: files both ways (the media proxy for XMPP clients, uploads to the homeserver);
 //! - [`session`]: one linked account (client, sync loop, sending);
+//! - [`appservice`]: portal rooms shared by everyone, where XMPP users are Matrix
+//!   users of the gateway's application service;
 //! - this file: [`MatrixNetwork`], the [`Network`] the router talks to, and linking.
 //!
 //! Depends on `isthmus-core` and `isthmus-config` only.
 
 pub mod address;
+pub mod appservice;
 pub mod incoming;
+pub mod media;
 pub mod outgoing;
 pub mod session;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use isthmus_config::MatrixNetworkConfig;
@@ -61,6 +66,10 @@ pub struct MatrixNetwork {
     store: Store,
     sink: EventSink,
     sessions: Mutex<HashMap<BareJid, Arc<Session>>>,
+    /// The media proxy, when configured and listening; kept to keep it running.
+    _media: Option<media::MediaProxy>,
+    /// Portal rooms, when an application service is configured.
+    portals: Option<Arc<appservice::Portals>>,
 }
 
 fn not_linked() -> DeliveryError {
@@ -92,7 +101,49 @@ impl MatrixNetwork {
         sink: EventSink,
     ) -> Arc<MatrixNetwork> {
         let data_dir = config.resolved_data_dir(base_dir).join(dir_name_of_domain(&config.domain));
-        Arc::new(MatrixNetwork { id, config, data_dir, store, sink, sessions: Mutex::new(HashMap::new()) })
+        let portals = config
+            .appservice
+            .as_ref()
+            .map(|a| appservice::Portals::new(id.clone(), a.clone(), config.portals.clone(), sink.clone()));
+        Arc::new_cyclic(|me: &Weak<MatrixNetwork>| {
+            let media = config.media.as_ref().and_then(|media_config| {
+                let me = me.clone();
+                let clients: media::Clients = Arc::new(move || {
+                    let me = me.clone();
+                    Box::pin(async move {
+                        match me.upgrade() {
+                            Some(net) => net.sessions.lock().await.values().map(|s| s.client.clone()).collect(),
+                            None => Vec::new(),
+                        }
+                    })
+                });
+                let started = media::start(&id, media_config, &data_dir, clients);
+                if let Err(e) = &started {
+                    let what = "the Matrix media proxy is not running: files keep their mxc:// addresses";
+                    tracing::error!(network = %id, error = %e, "{what}");
+                }
+                started.ok()
+            });
+            MatrixNetwork {
+                id,
+                config,
+                data_dir,
+                store,
+                sink,
+                sessions: Mutex::new(HashMap::new()),
+                _media: media,
+                portals,
+            }
+        })
+    }
+
+    /// Portal rooms: start the application service's transaction server and bring its
+    /// bot into every portal room. Call once, after [`MatrixNetwork::restore`];
+    /// does nothing without `appservice`.
+    pub async fn start_portals(&self) {
+        if let Some(portals) = &self.portals {
+            portals.start().await;
+        }
     }
 
     fn account_dir(&self, account: &BareJid) -> PathBuf {
@@ -164,9 +215,9 @@ impl Network for MatrixNetwork {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // Files go as links until uploads to the homeserver exist; our own events come
-        // back in the sync but are recognised by their transaction id, not used as receipts.
-        Capabilities { attachments: false, echoes_own_messages: false, ..Capabilities::all() }
+        // Files are uploaded to the homeserver (see `media`); our own events come back
+        // in the sync but are recognised by their transaction id, not used as receipts.
+        Capabilities { echoes_own_messages: false, ..Capabilities::all() }
     }
 
     fn chat_kind(&self, id: &str) -> Option<ChatKind> {
@@ -316,13 +367,23 @@ impl Network for MatrixNetwork {
     }
 
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
-        let account = event.account.clone().ok_or_else(|| {
-            DeliveryError::Rejected("Matrix rooms are personal: the event names no XMPP account".into())
-        })?;
+        let Some(account) = event.account.clone() else {
+            // Portal rooms are shared by everyone: no account, the XMPP user acts through their puppet.
+            return match &self.portals {
+                Some(portals) => portals.deliver(event).await,
+                None => Err(DeliveryError::Rejected(format!(
+                    "`{}` is not a portal room: this Matrix gateway has no application service (`appservice`) for portal rooms",
+                    event.chat.id
+                ))),
+            };
+        };
         let session = self.session(&account).await?;
         let chat = &event.chat;
         debug!(account = %account, chat = %chat.id, kind = event.kind.name(), "Matrix delivery");
-        let txn = event.key.0.as_str();
+        // The idempotency key: the same for a replay of this very event, different for
+        // every other one (a correction shares its original's key, so it adds its own id).
+        let txn = appservice::transaction_id(&event);
+        let txn = txn.as_str();
         let ids = match &event.kind {
             EventKind::JoinRequest { nick, .. } if chat.kind == ChatKind::Room => {
                 session.enter(chat, nick).await?;

@@ -1,5 +1,6 @@
 //! The common model → Matrix event contents (JSON as the client-server API
-//! spells it): messages with replies and threads, edits (`m.replace`) and
+//! spells it): messages with replies and threads, file events (`m.image`,
+//! `m.file`, … of a file uploaded by `media`), edits (`m.replace`) and
 //! reactions (`m.annotation`). Redactions, typing and receipts are API calls,
 //! made in `session`.
 
@@ -10,24 +11,81 @@ use serde_json::{Value, json};
 /// ids on Matrix (the router already translated them where it knew them).
 pub fn message_content(m: &Message) -> Value {
     let mut content = base_content(m);
+    if let Some(relation) = relation(m) {
+        content["m.relates_to"] = relation;
+    }
+    content
+}
+
+/// The `m.relates_to` of a message that answers or continues a thread.
+fn relation(m: &Message) -> Option<Value> {
     let reply = m.reply_to.as_ref().map(|r| r.target.0.clone()).filter(|t| t.starts_with('$'));
     let thread = m.thread.as_ref().map(|t| t.0.clone()).filter(|t| t.starts_with('$'));
     match (thread, reply) {
         (Some(root), reply) => {
             let in_reply_to = reply.clone().unwrap_or_else(|| root.clone());
-            content["m.relates_to"] = json!({
+            Some(json!({
                 "rel_type": "m.thread",
                 "event_id": root,
                 "is_falling_back": reply.is_none(),
                 "m.in_reply_to": {"event_id": in_reply_to},
-            });
+            }))
         }
-        (None, Some(target)) => {
-            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
-        }
-        (None, None) => {}
+        (None, Some(target)) => Some(json!({"m.in_reply_to": {"event_id": target}})),
+        (None, None) => None,
+    }
+}
+
+/// A file uploaded to the homeserver, to be announced in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedFile {
+    /// Its `mxc://` URI.
+    pub url: String,
+    pub name: String,
+    /// Its MIME type, without parameters.
+    pub mime: String,
+    pub size: u64,
+}
+
+/// The `msgtype` of a file of type `mime`.
+pub fn file_msgtype(mime: &str) -> &'static str {
+    match mime.split('/').next().map(str::to_ascii_lowercase).as_deref() {
+        Some("image") => "m.image",
+        Some("video") => "m.video",
+        Some("audio") => "m.audio",
+        _ => "m.file",
+    }
+}
+
+/// The `m.room.message` content announcing `file`, sent for message `m` (whose
+/// reply and thread it keeps).
+pub fn file_content(m: &Message, file: &UploadedFile) -> Value {
+    let mut content = json!({
+        "msgtype": file_msgtype(&file.mime),
+        "body": file.name,
+        "filename": file.name,
+        "url": file.url,
+        "info": {"mimetype": file.mime, "size": file.size},
+    });
+    if let Some(relation) = relation(m) {
+        content["m.relates_to"] = relation;
     }
     content
+}
+
+/// The text that goes as its own `m.text` beside the files of `m`: its body without
+/// the files' URLs, when anything is left (the HTML body only when nothing was removed).
+pub fn text_beside_files(m: &Message) -> Option<Message> {
+    let mut body = m.body.clone();
+    for a in &m.attachments {
+        body = body.replace(&a.url, "");
+    }
+    let body = body.trim();
+    if body.is_empty() {
+        return None;
+    }
+    let formatted = if body == m.body { m.formatted.clone() } else { None };
+    Some(Message { body: body.to_owned(), formatted, attachments: Vec::new(), ..m.clone() })
 }
 
 /// `msgtype`, `body` and the HTML body of a message.
@@ -41,7 +99,7 @@ fn base_content(m: &Message) -> Value {
     };
     let mut body = m.body.clone();
     for a in &m.attachments {
-        // Files as links until they are uploaded to the homeserver.
+        // Files as links here (edits); new messages send them as file events.
         if !body.contains(&a.url) {
             if !body.is_empty() {
                 body.push('\n');
@@ -139,5 +197,56 @@ mod tests {
             reaction_content("$o", "👍"),
             json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$o", "key": "👍"}})
         );
+    }
+
+    fn file(mime: &str) -> UploadedFile {
+        UploadedFile { url: "mxc://localhost/abc".into(), name: "cat.png".into(), mime: mime.into(), size: 42 }
+    }
+
+    #[test]
+    fn files_are_file_events() {
+        assert_eq!(
+            file_content(&Message::text(""), &file("image/png")),
+            json!({"msgtype": "m.image", "body": "cat.png", "filename": "cat.png", "url": "mxc://localhost/abc",
+                   "info": {"mimetype": "image/png", "size": 42}})
+        );
+        assert_eq!(file_msgtype("video/mp4"), "m.video");
+        assert_eq!(file_msgtype("audio/ogg"), "m.audio");
+        assert_eq!(file_msgtype("Image/JPEG"), "m.image");
+        assert_eq!(file_msgtype("application/pdf"), "m.file");
+        assert_eq!(file_msgtype("garbage"), "m.file");
+        // A file sent as a reply or in a thread stays there.
+        let m = Message {
+            reply_to: Some(ReplyTo { target: MessageRef("$q".into()), author: None, quote: None }),
+            ..Message::text("")
+        };
+        assert_eq!(file_content(&m, &file("text/plain"))["m.relates_to"], json!({"m.in_reply_to": {"event_id": "$q"}}));
+        assert_eq!(file_content(&m, &file("text/plain"))["msgtype"], "m.file");
+    }
+
+    #[test]
+    fn text_beside_files_is_what_is_not_their_url() {
+        let att = |url: &str| Attachment { url: url.into(), name: None, mime: None, size: None };
+        // The body is only the URL (XEP-0066 as clients send it): no text.
+        let m = Message { attachments: vec![att("https://h/f.png")], ..Message::text("https://h/f.png") };
+        assert_eq!(text_beside_files(&m), None);
+        let m = Message { attachments: vec![att("https://h/f.png")], ..Message::text("") };
+        assert_eq!(text_beside_files(&m), None);
+        // A caption stays, without the URL and without an HTML body that may still hold it.
+        let m = Message {
+            formatted: Some(FormattedBody { format: TextFormat::Html, text: "<a>https://h/f.png</a>".into() }),
+            attachments: vec![att("https://h/f.png")],
+            ..Message::text("look: https://h/f.png")
+        };
+        assert_eq!(text_beside_files(&m), Some(Message::text("look:")));
+        // Text that does not name the file keeps everything but the attachments.
+        let m = Message {
+            formatted: Some(FormattedBody { format: TextFormat::Html, text: "<b>hi</b>".into() }),
+            attachments: vec![att("https://h/f.png")],
+            ..Message::text("hi")
+        };
+        let text = text_beside_files(&m).unwrap();
+        assert_eq!((text.body.as_str(), text.attachments.len()), ("hi", 0));
+        assert_eq!(text.formatted, m.formatted);
     }
 }

@@ -308,7 +308,7 @@ impl Session {
             let event = self
                 .emit_base(chat, sender, EventKind::Reactions { target: target.clone(), emojis: set })
                 .with_origin_id(env.event_id.clone())
-                .with_time(env.time);
+                .at(env.time);
             let _ = self.sink.emit(event).await;
             return;
         }
@@ -348,7 +348,7 @@ impl Session {
                         let event = self
                             .emit_base(chat, sender, EventKind::Reactions { target: MessageRef(target), emojis })
                             .with_origin_id(env.event_id.clone())
-                            .with_time(env.time);
+                            .at(env.time);
                         let _ = self.sink.emit(event).await;
                         return;
                     }
@@ -412,7 +412,8 @@ impl Session {
             Incoming::Topic { text } => EventKind::Topic { text },
             Incoming::Other => return,
         };
-        let event = self.emit_base(chat, sender, kind).with_origin_id(env.event_id.clone()).with_time(env.time);
+        let kind = crate::media::proxied(&self.network, kind);
+        let event = self.emit_base(chat, sender, kind).with_origin_id(env.event_id.clone()).at(env.time);
         let _ = self.sink.emit(event).await;
     }
 
@@ -569,9 +570,27 @@ impl Session {
         Ok(response.response.event_id.to_string())
     }
 
+    /// A message; its attachments are fetched, uploaded and sent as file events
+    /// (`{txn}-file{i}`) after its text, if it has any besides their URLs.
     pub async fn send_message(&self, chat: &ChatRef, m: &Message, txn: &str) -> Result<Vec<String>, DeliveryError> {
         let room = self.room_for(chat, chat.kind == ChatKind::Direct).await?;
-        Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?])
+        if m.attachments.is_empty() {
+            return Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?]);
+        }
+        // All files first: one that cannot be had sends nothing.
+        let mut files = Vec::with_capacity(m.attachments.len());
+        for a in &m.attachments {
+            files.push(crate::media::upload_attachment(&self.client, a).await?);
+        }
+        let mut ids = Vec::with_capacity(files.len() + 1);
+        if let Some(text) = outgoing::text_beside_files(m) {
+            ids.push(self.send_json(&room, "m.room.message", outgoing::message_content(&text), txn).await?);
+        }
+        for (i, file) in files.iter().enumerate() {
+            let content = outgoing::file_content(m, file);
+            ids.push(self.send_json(&room, "m.room.message", content, &format!("{txn}-file{i}")).await?);
+        }
+        Ok(ids)
     }
 
     pub async fn send_edit(

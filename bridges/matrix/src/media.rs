@@ -1,0 +1,754 @@
+//! Files between Matrix and XMPP.
+//!
+//! **Matrix → XMPP.** XMPP clients cannot fetch `mxc://server/id` (and the
+//! homeserver's download needs an access token), so the bridge runs a small
+//! HTTP server, the media proxy, when the network's configuration has `media`.
+//! Incoming attachments get a link of the form
+//! `{public_url}/{token}/{server}/{media_id}/{filename}`, where `token` is
+//! HMAC-SHA256 of `server/media_id` under a random key kept in the network's
+//! data directory ([`KEY_FILE`]): the proxy only answers links the gateway
+//! handed out (anything else is 404, it is no open proxy). It downloads the
+//! file through one of the network's logged-in accounts and answers with a
+//! `Content-Type` taken from the link's file name among a fixed list of types
+//! ([`mime_of_name`]), with `nosniff` and a sandboxing CSP, so a link cannot be
+//! turned into a page of the gateway's origin.
+//!
+//! **XMPP → Matrix.** [`upload_attachment`] fetches an attachment's URL (at most
+//! [`MAX_FILE_BYTES`]) and uploads it to the homeserver; `session` then sends
+//! the file event that `outgoing::file_content` builds.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use isthmus_config::MatrixMediaConfig;
+use isthmus_core::model::{Attachment, EventKind, Message, NetworkId};
+use isthmus_core::network::DeliveryError;
+use matrix_sdk::Client;
+use matrix_sdk::media::{MediaFormat, MediaRequestParameters};
+use matrix_sdk::reqwest;
+use matrix_sdk::ruma::OwnedMxcUri;
+use matrix_sdk::ruma::api::error::ErrorKind;
+use matrix_sdk::ruma::events::room::MediaSource;
+use rand::Rng;
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::outgoing::UploadedFile;
+
+/// The signing key's file in the network's data directory (64 hex digits).
+pub const KEY_FILE: &str = "media_proxy.key";
+/// The largest file fetched from XMPP for Matrix.
+pub const MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
+/// Downloads from the homeserver the proxy runs at once (each is held in memory).
+const MAX_DOWNLOADS: usize = 8;
+/// How many of the network's accounts a download is tried with.
+const MAX_TRIES: usize = 3;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// File types the proxy names, by extension: (extension, type, shown inline).
+/// Anything else is `application/octet-stream`, to be downloaded. No type that
+/// a browser runs scripts from (HTML, SVG, XML) is here.
+const TYPES: &[(&str, &str, bool)] = &[
+    ("png", "image/png", true),
+    ("jpg", "image/jpeg", true),
+    ("jpeg", "image/jpeg", true),
+    ("gif", "image/gif", true),
+    ("webp", "image/webp", true),
+    ("avif", "image/avif", true),
+    ("apng", "image/apng", true),
+    ("bmp", "image/bmp", true),
+    ("heic", "image/heic", false),
+    ("mp4", "video/mp4", true),
+    ("m4v", "video/mp4", true),
+    ("webm", "video/webm", true),
+    ("mov", "video/quicktime", true),
+    ("ogv", "video/ogg", true),
+    ("mkv", "video/x-matroska", false),
+    ("mp3", "audio/mpeg", true),
+    ("m4a", "audio/mp4", true),
+    ("ogg", "audio/ogg", true),
+    ("oga", "audio/ogg", true),
+    ("opus", "audio/ogg", true),
+    ("wav", "audio/wav", true),
+    ("flac", "audio/flac", true),
+    ("aac", "audio/aac", true),
+    ("txt", "text/plain; charset=utf-8", true),
+    ("json", "application/json", true),
+    ("pdf", "application/pdf", false),
+    ("zip", "application/zip", false),
+    ("gz", "application/gzip", false),
+];
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+fn type_of_name(name: &str) -> Option<&'static (&'static str, &'static str, bool)> {
+    let (_, ext) = name.rsplit_once('.')?;
+    TYPES.iter().find(|(e, _, _)| e.eq_ignore_ascii_case(ext))
+}
+
+/// The `Content-Type` the proxy gives a file named `name`.
+pub fn mime_of_name(name: &str) -> &'static str {
+    type_of_name(name).map_or(OCTET_STREAM, |(_, mime, _)| mime)
+}
+
+/// Whether a file named `name` is shown in the browser rather than downloaded.
+fn inline(name: &str) -> bool {
+    type_of_name(name).is_some_and(|(_, _, inline)| *inline)
+}
+
+/// `text/plain; charset=utf-8` → `text/plain`.
+fn essence(mime: &str) -> String {
+    mime.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// The extension a file of type `mime` is given when its name has none of that type.
+fn extension_of_mime(mime: &str) -> Option<&'static str> {
+    let wanted = essence(mime);
+    TYPES.iter().find(|(_, m, _)| essence(m) == wanted).map(|(e, _, _)| *e)
+}
+
+/// A homeserver name as in an `mxc://` URI: host name, IP literal, optional port.
+fn valid_server(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
+/// A media id (`[A-Za-z0-9_-]+`).
+fn valid_media_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `mxc://server/media_id` → (server, media_id), when both are well-formed.
+pub fn parse_mxc(url: &str) -> Option<(&str, &str)> {
+    let (server, media_id) = url.strip_prefix("mxc://")?.split_once('/')?;
+    (valid_server(server) && valid_media_id(media_id)).then_some((server, media_id))
+}
+
+/// Percent-encode everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Undo percent-encoding; `None` on a malformed escape. Bytes that are no UTF-8 become U+FFFD.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
+
+/// The file name a link ends with: the attachment's own name (its last path
+/// component, without control characters), else the media id; with the
+/// extension of its type added when the name does not already say that type.
+fn link_file_name(name: Option<&str>, media_id: &str, mime: Option<&str>) -> String {
+    let base = name
+        .map(|n| n.rsplit(['/', '\\']).next().unwrap_or(n).trim())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or(media_id);
+    let mut name: String = base.chars().filter(|c| !c.is_control()).take(200).collect();
+    if let Some(ext) = mime.and_then(extension_of_mime) {
+        let wanted = mime.map(essence).unwrap_or_default();
+        if essence(mime_of_name(&name)) != wanted {
+            name.push('.');
+            name.push_str(ext);
+        }
+    }
+    name
+}
+
+/// The parts of a proxy link's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPath {
+    pub token: String,
+    pub server: String,
+    pub media_id: String,
+    pub filename: String,
+}
+
+/// Makes and checks the proxy's links.
+pub struct Links {
+    key: [u8; 32],
+    /// `public_url` without a trailing `/`.
+    base: String,
+    /// The path part of `public_url` (`/matrix-media`), or empty.
+    prefix: String,
+}
+
+impl Links {
+    pub fn new(key: [u8; 32], public_url: &str) -> Links {
+        let base = public_url.trim_end_matches('/').to_owned();
+        let after_scheme = base.split_once("://").map_or(base.as_str(), |(_, rest)| rest);
+        let prefix = after_scheme.find('/').map(|i| after_scheme[i..].to_owned()).unwrap_or_default();
+        Links { key, base, prefix }
+    }
+
+    fn mac(&self, server: &str, media_id: &str) -> HmacSha256 {
+        // HMAC takes keys of any length: this cannot fail.
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        mac.update(server.as_bytes());
+        mac.update(b"/");
+        mac.update(media_id.as_bytes());
+        mac
+    }
+
+    /// The token of `server/media_id` (64 hex digits).
+    pub fn token(&self, server: &str, media_id: &str) -> String {
+        to_hex(&self.mac(server, media_id).finalize().into_bytes())
+    }
+
+    /// Whether `token` is the one this gateway gives `server/media_id` (compared in constant time).
+    pub fn check(&self, token: &str, server: &str, media_id: &str) -> bool {
+        match from_hex(token) {
+            Some(bytes) if bytes.len() == 32 => self.mac(server, media_id).verify_slice(&bytes).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// The proxy link of `mxc`, or `None` when it is no well-formed `mxc://` URI.
+    pub fn link(&self, mxc: &str, name: Option<&str>, mime: Option<&str>) -> Option<String> {
+        let (server, media_id) = parse_mxc(mxc)?;
+        let file = link_file_name(name, media_id, mime);
+        Some(format!(
+            "{}/{}/{}/{}/{}",
+            self.base,
+            self.token(server, media_id),
+            percent_encode(server),
+            percent_encode(media_id),
+            percent_encode(&file)
+        ))
+    }
+
+    /// Give every `mxc://` attachment of `m` its proxy link.
+    pub fn rewrite(&self, m: &mut Message) {
+        for a in &mut m.attachments {
+            if let Some(url) = self.link(&a.url, a.name.as_deref(), a.mime.as_deref()) {
+                a.url = url;
+            }
+        }
+    }
+
+    /// Read a request path: `{prefix}/{token}/{server}/{media_id}/{filename}`, the
+    /// prefix (the path of `public_url`) being optional for a reverse proxy that strips it.
+    /// `None` for anything else, including server names and media ids that are not well-formed.
+    pub fn parse_path(&self, path: &str) -> Option<ProxyPath> {
+        let rest = match path.strip_prefix(self.prefix.as_str()) {
+            Some(rest) if !self.prefix.is_empty() && rest.starts_with('/') => rest,
+            _ => path,
+        };
+        let mut parts = rest.strip_prefix('/')?.split('/');
+        let (token, server, media_id, filename) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || filename.is_empty() {
+            return None;
+        }
+        let server = percent_decode(server)?;
+        let media_id = percent_decode(media_id)?;
+        if !valid_server(&server) || !valid_media_id(&media_id) {
+            return None;
+        }
+        Some(ProxyPath { token: token.to_owned(), server, media_id, filename: percent_decode(filename)? })
+    }
+}
+
+/// The links of the networks whose proxy runs, by network id: `session` reaches
+/// them with [`proxied`] without holding a reference to the network.
+static RUNNING: LazyLock<RwLock<HashMap<String, Arc<Links>>>> = LazyLock::new(Default::default);
+
+/// `kind` with the attachments of a message or correction pointing at `network`'s
+/// media proxy; unchanged when that network runs none.
+pub fn proxied(network: &NetworkId, mut kind: EventKind) -> EventKind {
+    let links = RUNNING.read().unwrap_or_else(|e| e.into_inner()).get(network.as_str()).cloned();
+    if let Some(links) = links {
+        match &mut kind {
+            EventKind::Message(m) | EventKind::Correction { message: m, .. } => links.rewrite(m),
+            _ => {}
+        }
+    }
+    kind
+}
+
+/// The key in `path`, made (random, readable by the owner only) when there is none yet.
+pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => from_hex(text.trim()).and_then(|k| <[u8; 32]>::try_from(k).ok()).ok_or_else(|| {
+            format!("{} is not a media proxy key (64 hex digits): remove it to make a new one", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::rng().random();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut file, format!("{}\n", to_hex(&key)).as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// The network's logged-in clients, for the proxy to download with.
+pub type Clients = Arc<dyn Fn() -> BoxFuture<'static, Vec<Client>> + Send + Sync>;
+
+struct State {
+    links: Arc<Links>,
+    clients: Clients,
+    downloads: Semaphore,
+}
+
+/// A running media proxy; dropping it stops it.
+pub struct MediaProxy {
+    pub links: Arc<Links>,
+    pub local_addr: SocketAddr,
+    network: String,
+    task: JoinHandle<()>,
+}
+
+impl Drop for MediaProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        let mut running = RUNNING.write().unwrap_or_else(|e| e.into_inner());
+        if running.get(&self.network).is_some_and(|l| Arc::ptr_eq(l, &self.links)) {
+            running.remove(&self.network);
+        }
+    }
+}
+
+/// Start `network`'s media proxy on `config.listen` (on the current Tokio runtime),
+/// with the key in `data_dir`; from then on [`proxied`] rewrites its attachments.
+pub fn start(
+    network: &NetworkId,
+    config: &MatrixMediaConfig,
+    data_dir: &Path,
+    clients: Clients,
+) -> Result<MediaProxy, String> {
+    let key = load_or_create_key(&data_dir.join(KEY_FILE))?;
+    let links = Arc::new(Links::new(key, &config.public_url));
+    let addr: SocketAddr =
+        config.listen.parse().map_err(|_| format!("`{}` is not an address to listen on", config.listen))?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| format!("no runtime to serve on: {e}"))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local_addr = listener.local_addr().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = {
+        let _entered = runtime.enter();
+        TcpListener::from_std(listener).map_err(|e| format!("cannot listen on {addr}: {e}"))?
+    };
+    let state = Arc::new(State { links: links.clone(), clients, downloads: Semaphore::new(MAX_DOWNLOADS) });
+    let span = info_span!("matrix_media", network = %network);
+    let task = runtime.spawn(serve(listener, state).instrument(span));
+    RUNNING.write().unwrap_or_else(|e| e.into_inner()).insert(network.as_str().to_owned(), links.clone());
+    info!(network = %network, listen = %local_addr, public_url = %config.public_url, "Matrix media proxy listening");
+    Ok(MediaProxy { links, local_addr, network: network.as_str().to_owned(), task })
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "media proxy: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            // The timer enables hyper's 30-second limit on reading a request's head.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                debug!(peer = %peer, error = %e, "media proxy connection ended");
+            }
+        });
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let not_found = || plain(StatusCode::NOT_FOUND, "not found\n");
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return not_found();
+    }
+    let Some(p) = state.links.parse_path(req.uri().path()) else { return not_found() };
+    if !state.links.check(&p.token, &p.server, &p.media_id) {
+        debug!(path = req.uri().path(), "media proxy: not a link of this gateway");
+        return not_found();
+    }
+    match download(state, &p.server, &p.media_id).await {
+        Ok(bytes) => {
+            let len = bytes.len();
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime_of_name(&p.filename)));
+            let disposition = if inline(&p.filename) { "inline" } else { "attachment" };
+            h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static(disposition));
+            h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("sandbox; default-src 'none'; img-src 'self'; media-src 'self'"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
+            r
+        }
+        Err(status) if status == StatusCode::NOT_FOUND => not_found(),
+        Err(status) if status == StatusCode::SERVICE_UNAVAILABLE => {
+            plain(status, "no Matrix account is logged in through this gateway right now\n")
+        }
+        Err(status) => plain(status, "the Matrix homeserver did not hand out the file\n"),
+    }
+}
+
+/// The file's bytes, through the network's accounts (one of the media's own
+/// homeserver first); the status to answer with when none has it.
+async fn download(state: &State, server: &str, media_id: &str) -> Result<Vec<u8>, StatusCode> {
+    let uri = OwnedMxcUri::from(format!("mxc://{server}/{media_id}"));
+    if !uri.is_valid() {
+        return Err(StatusCode::NOT_FOUND);
+    }
+    let mut clients = (state.clients)().await;
+    if clients.is_empty() {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    clients.sort_by_key(|c| c.user_id().is_none_or(|u| u.server_name().as_str() != server));
+    let request = MediaRequestParameters { source: MediaSource::Plain(uri), format: MediaFormat::File };
+    let _permit = state.downloads.acquire().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let mut status = StatusCode::BAD_GATEWAY;
+    for client in clients.iter().take(MAX_TRIES) {
+        match client.media().get_media_content(&request, true).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                let missing = matches!(e.client_api_error_kind(), Some(ErrorKind::NotFound));
+                debug!(server, media_id, error = %e, "media proxy: download failed");
+                if missing {
+                    status = StatusCode::NOT_FOUND;
+                }
+            }
+        }
+    }
+    Err(status)
+}
+
+static HTTP: LazyLock<Result<reqwest::Client, String>> = LazyLock::new(|| {
+    reqwest::Client::builder()
+        .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs(600))
+        .build()
+        .map_err(|e| e.to_string())
+});
+
+/// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
+pub async fn fetch(url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("only http and https links can be fetched".into());
+    }
+    let http = HTTP.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
+    let too_big = || format!("it is larger than the {} MB the gateway sends to Matrix", limit / (1024 * 1024));
+    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("its server answered {}", response.status()));
+    }
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(too_big());
+    }
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut bytes = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {e}"))? {
+        if (bytes.len() + chunk.len()) as u64 > limit {
+            return Err(too_big());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((bytes, content_type))
+}
+
+/// The type a file is sent to Matrix as: the attachment's own, else the one its
+/// server gave, else the one its name says, else `application/octet-stream`.
+pub fn choose_mime(declared: Option<&str>, served: Option<&str>, name: &str) -> mime::Mime {
+    let known =
+        |m: Option<&str>| m.and_then(|m| m.parse::<mime::Mime>().ok()).filter(|m| m.essence_str() != OCTET_STREAM);
+    known(declared)
+        .or_else(|| known(served))
+        .or_else(|| known(type_of_name(name).map(|(_, m, _)| *m)))
+        .unwrap_or(mime::APPLICATION_OCTET_STREAM)
+}
+
+/// The file name of an attachment: its own, else the last segment of its URL's
+/// path (decoded, also when the XMPP side gave that segment as the name), else `file`.
+pub fn attachment_name(a: &Attachment) -> String {
+    let last = reqwest::Url::parse(&a.url).ok().and_then(|u| u.path_segments()?.next_back().map(str::to_owned));
+    let decoded = last.as_deref().and_then(percent_decode).filter(|n| !n.trim().is_empty());
+    match a.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        Some(own) if Some(own) != last.as_deref() => own.to_owned(),
+        own => decoded.or(own.map(str::to_owned)).unwrap_or_else(|| "file".to_owned()),
+    }
+}
+
+/// Fetch attachment `a` and upload it to `client`'s homeserver.
+pub async fn upload_attachment(client: &Client, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
+    let refused = |why: String| DeliveryError::Rejected(format!("the file {} cannot be sent to Matrix: {why}", a.url));
+    let (bytes, served) = fetch(&a.url, MAX_FILE_BYTES).await.map_err(refused)?;
+    let name = attachment_name(a);
+    let mime = choose_mime(a.mime.as_deref(), served.as_deref(), &name);
+    let size = bytes.len() as u64;
+    let response = client.media().upload(&mime, bytes, None).await.map_err(|e| match e.client_api_error_kind() {
+        Some(kind) => refused(format!("the homeserver refused it ({})", kind.errcode())),
+        None => DeliveryError::Unavailable(format!("cannot upload {} to the Matrix homeserver: {e}", a.url)),
+    })?;
+    Ok(UploadedFile { url: response.content_uri.to_string(), name, mime: mime.essence_str().to_owned(), size })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn links() -> Links {
+        Links::new([7; 32], "https://gw.example/mx-media/")
+    }
+
+    #[test]
+    fn tokens_sign_exactly_one_media() {
+        let l = links();
+        let token = l.token("localhost", "abcDEF");
+        assert_eq!(token.len(), 64);
+        assert!(l.check(&token, "localhost", "abcDEF"));
+        // Another media id, another server, a tampered or truncated token, another key: refused.
+        assert!(!l.check(&token, "localhost", "abcDEG"));
+        assert!(!l.check(&token, "otherhost", "abcDEF"));
+        let mut tampered = token.clone().into_bytes();
+        tampered[10] = if tampered[10] == b'0' { b'1' } else { b'0' };
+        assert!(!l.check(&String::from_utf8(tampered).unwrap(), "localhost", "abcDEF"));
+        assert!(!l.check(&token[..62], "localhost", "abcDEF"));
+        assert!(!l.check("zz", "localhost", "abcDEF"));
+        assert!(!l.check("", "localhost", "abcDEF"));
+        assert!(!Links::new([8; 32], "https://gw.example").check(&token, "localhost", "abcDEF"));
+        // `server/media_id` is one message: moving the slash changes the token.
+        assert_ne!(l.token("a", "bc"), l.token("ab", "c"));
+    }
+
+    #[test]
+    fn links_are_made_and_read_back() {
+        let l = links();
+        let url = l.link("mxc://localhost:8448/AbC_d-1", Some("cat picture.png"), Some("image/png")).unwrap();
+        let token = l.token("localhost:8448", "AbC_d-1");
+        assert_eq!(url, format!("https://gw.example/mx-media/{token}/localhost%3A8448/AbC_d-1/cat%20picture.png"));
+        let path = url.strip_prefix("https://gw.example").unwrap();
+        let p = l.parse_path(path).unwrap();
+        assert_eq!(
+            p,
+            ProxyPath {
+                token: token.clone(),
+                server: "localhost:8448".into(),
+                media_id: "AbC_d-1".into(),
+                filename: "cat picture.png".into()
+            }
+        );
+        assert!(l.check(&p.token, &p.server, &p.media_id));
+        // A reverse proxy may strip the prefix; a client may leave `:` unescaped.
+        let stripped = format!("/{token}/localhost:8448/AbC_d-1/x.png");
+        assert_eq!(l.parse_path(&stripped).map(|p| p.server), Some("localhost:8448".into()));
+        // Not mxc, or not well-formed: no link.
+        assert_eq!(l.link("https://example.org/a.png", None, None), None);
+        assert_eq!(l.link("mxc://localhost/../../etc", None, None), None);
+        assert_eq!(l.link("mxc://local host/x", None, None), None);
+    }
+
+    #[test]
+    fn proxy_paths_that_are_not_links_are_refused() {
+        let l = links();
+        let t = l.token("localhost", "abc");
+        for bad in [
+            "/".to_owned(),
+            "/mx-media".to_owned(),
+            format!("/mx-media/{t}/localhost/abc"),
+            format!("/mx-media/{t}/localhost/abc/"),
+            format!("/mx-media/{t}/localhost/abc/f.png/more"),
+            format!("/mx-media/{t}/localhost/a%2Fb/f.png"),
+            format!("/mx-media/{t}/local%20host/abc/f.png"),
+            format!("/mx-media/{t}/localhost/ab%/f.png"),
+            format!("/mx-media/{t}/localhost/abc/f%zz.png"),
+            format!("/mx-media/{t}//abc/f.png"),
+            format!("mx-media/{t}/localhost/abc/f.png"),
+        ] {
+            assert_eq!(l.parse_path(&bad), None, "{bad}");
+        }
+        // Without a path in `public_url`, paths start at the token.
+        let root = Links::new([7; 32], "http://127.0.0.1:8091");
+        assert_eq!(root.parse_path(&format!("/{t}/localhost/abc/f.png")).map(|p| p.media_id), Some("abc".into()));
+    }
+
+    #[test]
+    fn file_names_say_their_type() {
+        assert_eq!(link_file_name(Some("cat.png"), "id", Some("image/png")), "cat.png");
+        assert_eq!(link_file_name(Some("photo"), "id", Some("image/jpeg")), "photo.jpg");
+        assert_eq!(link_file_name(Some("cat.JPEG"), "id", Some("image/jpeg")), "cat.JPEG");
+        assert_eq!(link_file_name(Some("notes.txt"), "id", Some("text/plain; charset=utf-8")), "notes.txt");
+        assert_eq!(link_file_name(None, "AbC", Some("video/mp4")), "AbC.mp4");
+        assert_eq!(link_file_name(Some("../../x.bin"), "id", Some("application/x-unknown")), "x.bin");
+        assert_eq!(link_file_name(Some("  "), "id", None), "id");
+        assert_eq!(mime_of_name("a.PNG"), "image/png");
+        assert_eq!(mime_of_name("page.html"), OCTET_STREAM);
+        assert_eq!(mime_of_name("image.svg"), OCTET_STREAM);
+        assert_eq!(mime_of_name("noextension"), OCTET_STREAM);
+        assert!(inline("a.webm") && !inline("a.pdf") && !inline("a.html"));
+    }
+
+    #[test]
+    fn percent_encoding_round_trips() {
+        for s in ["plain", "a b/c?d#e%f", "é☃", ""] {
+            assert_eq!(percent_decode(&percent_encode(s)).as_deref(), Some(s));
+        }
+        assert_eq!(percent_encode("a b"), "a%20b");
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%g0"), None);
+    }
+
+    #[test]
+    fn attachments_of_a_running_proxy_are_rewritten() {
+        let net = NetworkId::new("media-test-rewrite");
+        let att = |url: &str| Attachment { url: url.into(), name: Some("a.png".into()), mime: None, size: None };
+        let m = Message { attachments: vec![att("mxc://localhost/abc"), att("https://x/a.png")], ..Message::text("") };
+        // No proxy: unchanged.
+        assert_eq!(proxied(&net, EventKind::Message(m.clone())), EventKind::Message(m.clone()));
+        RUNNING.write().unwrap().insert(net.as_str().to_owned(), Arc::new(links()));
+        let EventKind::Message(out) = proxied(&net, EventKind::Message(m.clone())) else { panic!("not a message") };
+        let token = links().token("localhost", "abc");
+        assert_eq!(out.attachments[0].url, format!("https://gw.example/mx-media/{token}/localhost/abc/a.png"));
+        assert_eq!(out.attachments[1].url, "https://x/a.png");
+        let kind = EventKind::Correction { target: isthmus_core::model::MessageRef("$e".into()), message: m };
+        let EventKind::Correction { message, .. } = proxied(&net, kind) else { panic!("not a correction") };
+        assert!(message.attachments[0].url.starts_with("https://gw.example/mx-media/"));
+        RUNNING.write().unwrap().remove(net.as_str());
+    }
+
+    #[test]
+    fn the_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net").join(KEY_FILE);
+        let key = load_or_create_key(&path).unwrap();
+        assert_eq!(load_or_create_key(&path).unwrap(), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::write(&path, "not a key").unwrap();
+        assert!(load_or_create_key(&path).unwrap_err().contains("not a media proxy key"));
+    }
+
+    #[test]
+    fn outgoing_types_and_names() {
+        assert_eq!(choose_mime(Some("image/png"), Some("text/plain"), "x"), mime::IMAGE_PNG);
+        assert_eq!(choose_mime(None, Some("image/gif"), "x.png"), mime::IMAGE_GIF);
+        assert_eq!(choose_mime(Some("garbage"), Some(OCTET_STREAM), "x.png"), mime::IMAGE_PNG);
+        assert_eq!(choose_mime(None, None, "x.dat"), mime::APPLICATION_OCTET_STREAM);
+        let a = |url: &str, name: Option<&str>| Attachment {
+            url: url.into(),
+            name: name.map(Into::into),
+            mime: None,
+            size: None,
+        };
+        assert_eq!(attachment_name(&a("https://h/up/abc/My%20Cat.png", None)), "My Cat.png");
+        assert_eq!(attachment_name(&a("https://h/up/abc/x.png", Some("given.png"))), "given.png");
+        assert_eq!(attachment_name(&a("https://h/up/abc/My%20Cat.png", Some("My%20Cat.png"))), "My Cat.png");
+        assert_eq!(attachment_name(&a("https://h/", None)), "file");
+        assert_eq!(attachment_name(&a("not a url", None)), "file");
+    }
+
+    /// One raw HTTP/1.0 request to the proxy; the status line and the whole answer.
+    async fn get(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        (out.lines().next().unwrap_or_default().to_owned(), out)
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_only_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = NetworkId::new("media-test-server");
+        let config = MatrixMediaConfig { listen: "127.0.0.1:0".into(), public_url: "http://127.0.0.1/m".into() };
+        let clients: Clients = Arc::new(|| Box::pin(async { Vec::new() }));
+        let proxy = start(&net, &config, dir.path(), clients).unwrap();
+        let link = proxy.links.link("mxc://localhost/abc", Some("a.png"), None).unwrap();
+        let path = link.strip_prefix("http://127.0.0.1").unwrap();
+        // A real link, with no account logged in: 503, said in words.
+        let (status, all) = get(proxy.local_addr, "GET", path).await;
+        assert_eq!(status, "HTTP/1.0 503 Service Unavailable", "{all}");
+        assert!(all.contains("no Matrix account"), "{all}");
+        // Anything else: 404.
+        let wrong = path.replace("/abc/", "/abd/");
+        assert_eq!(get(proxy.local_addr, "GET", &wrong).await.0, "HTTP/1.0 404 Not Found");
+        assert_eq!(get(proxy.local_addr, "GET", "/m/x/y/z/w").await.0, "HTTP/1.0 404 Not Found");
+        assert_eq!(get(proxy.local_addr, "POST", path).await.0, "HTTP/1.0 404 Not Found");
+        assert_eq!(get(proxy.local_addr, "GET", "/").await.0, "HTTP/1.0 404 Not Found");
+        assert!(proxied(&net, EventKind::Message(Message::text(""))) == EventKind::Message(Message::text("")));
+        drop(proxy);
+        assert!(!RUNNING.read().unwrap().contains_key(net.as_str()));
+    }
+}

@@ -1,0 +1,223 @@
+//! Edits, replies, reactions and redactions between Matrix and XMPP, each both
+//! ways, asserting the native Matrix event on one side and the native XEP on the
+//! other (XEP-0308, XEP-0461, XEP-0444, XEP-0424); and a direct chat as a contact.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use isthmus_core::address::Escaping;
+use isthmus_tests::matrix_scenario::{MATRIX_DOMAIN, MatrixSetup, matrix_jid};
+use isthmus_tests::scenario::T;
+use isthmus_tests::{MatrixClient, Stanza, XmppClient};
+use serde_json::{Value, json};
+
+const DOMAIN: &str = MATRIX_DOMAIN;
+
+fn jid(matrix_id: &str) -> Result<String> {
+    matrix_jid(matrix_id)
+}
+
+async fn join(alice: &mut XmppClient, room_jid: &str) -> Result<()> {
+    alice.join(room_jid, "Alice").await?;
+    let p = alice
+        .expect(Duration::from_secs(30), |m| m.kind == "presence" && m.from == format!("{room_jid}/Alice"))
+        .await?;
+    if !p.has_status(110) {
+        bail!("join failed: {}", p.xml);
+    }
+    Ok(())
+}
+
+fn attr(xml: &str, element: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{element} "))?;
+    let tail = &xml[start..];
+    let tail = &tail[..tail.find('>')?];
+    let needle = format!("{name}=\"");
+    let v = tail.split(&needle).nth(1)?;
+    Some(v[..v.find('"')?].to_owned())
+}
+
+fn from_bob(room_jid: &str) -> impl Fn(&Stanza) -> bool + '_ {
+    move |m: &Stanza| m.kind == "message" && m.type_ == "groupchat" && m.from == format!("{room_jid}/Bob Matrix")
+}
+
+#[tokio::test]
+async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+    // Room ids are case-sensitive (upper-case letters in every random id): the JID carries them exactly.
+    let room = s.bob.create_room(Some("Features"), &[&s.alice_mx.user_id], false).await?;
+    assert!(room.chars().any(|c| c.is_ascii_uppercase()), "{room}");
+    let room_jid = jid(&room)?;
+    assert_eq!(
+        Escaping::CaseSensitive.from_localpart(&room_jid.to_lowercase().replace(&format!("@{DOMAIN}"), ""))?,
+        room
+    );
+    join(&mut alice, &room_jid).await?;
+
+    // Matrix → XMPP.
+    let original = s.bob.send_text(&room, "original").await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("original")).await?;
+    let k1 = m.id.clone();
+    assert_eq!(attr(&m.xml, "stanza-id", "id").as_deref(), Some(k1.as_str()), "{}", m.xml);
+
+    s.bob
+        .send_event(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "* edited", "m.new_content": {"msgtype": "m.text", "body": "edited"},
+                   "m.relates_to": {"rel_type": "m.replace", "event_id": original}}),
+        )
+        .await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("edited")).await?;
+    assert_eq!(attr(&m.xml, "replace", "id").as_deref(), Some(k1.as_str()), "correction: {}", m.xml);
+    assert!(m.xml.contains("urn:xmpp:message-correct:0"));
+
+    s.bob
+        .send_event(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "> <@bob:localhost> original\n\na reply",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": original}}}),
+        )
+        .await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:reply:0")).await?;
+    assert_eq!(m.body.as_deref(), Some("a reply"), "the Matrix fallback is removed: {}", m.xml);
+    assert_eq!(attr(&m.xml, "reply", "id").as_deref(), Some(k1.as_str()), "{}", m.xml);
+
+    let reaction = s
+        .bob
+        .send_event(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": original, "key": "👍"}}),
+        )
+        .await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:reactions:0")).await?;
+    assert_eq!(attr(&m.xml, "reactions", "id").as_deref(), Some(k1.as_str()), "{}", m.xml);
+    assert!(m.xml.contains("<reaction>👍</reaction>"), "{}", m.xml);
+    s.bob.redact(&room, &reaction, None).await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:reactions:0")).await?;
+    assert!(!m.xml.contains("<reaction>"), "reaction removed: the set is empty: {}", m.xml);
+
+    s.bob.redact(&room, &original, Some("mistake")).await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:message-retract:1")).await?;
+    assert_eq!(attr(&m.xml, "retract", "id").as_deref(), Some(k1.as_str()), "{}", m.xml);
+
+    // XMPP → Matrix.
+    alice
+        .send_raw(&format!("<message type='groupchat' to='{room_jid}' id='x1'><body>from xmpp</body></message>"))
+        .await?;
+    let reflection =
+        alice.expect(T, |m| m.kind == "message" && m.id == "x1" && m.from == format!("{room_jid}/Alice")).await?;
+    let s1 = attr(&reflection.xml, "stanza-id", "id").context("no stanza-id on the reflection")?;
+    let mine = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "from xmpp").await?;
+    let mine_id = mine["event_id"].as_str().context("event id")?.to_owned();
+    assert_eq!(mine["sender"], json!(s.alice_mx.user_id));
+
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x2'><body>from xmpp, corrected</body>\
+             <replace xmlns='urn:xmpp:message-correct:0' id='x1'/></message>"
+        ))
+        .await?;
+    let edit = s
+        .bob
+        .wait_for(&room, T, |e| {
+            e["content"]["m.relates_to"]["rel_type"] == "m.replace" && e["sender"] == json!(s.alice_mx.user_id)
+        })
+        .await
+        .map_err(|e| e.context(s.log_tail()))?;
+    assert_eq!(edit["content"]["m.relates_to"]["event_id"], json!(mine_id), "{edit}");
+    assert_eq!(edit["content"]["m.new_content"]["body"], "from xmpp, corrected");
+
+    let question = s.bob.send_text(&room, "question?").await?;
+    let q = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("question?")).await?;
+    let fallback = "> Bob Matrix: question?\n";
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x3'><body>{fallback}the answer</body>\
+             <reply xmlns='urn:xmpp:reply:0' to='{room_jid}/Bob Matrix' id='{}'/>\
+             <fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='0' end='{}'/></fallback></message>",
+            q.id,
+            fallback.chars().count()
+        ))
+        .await?;
+    let reply = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "the answer").await?;
+    assert_eq!(reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], json!(question), "{reply}");
+
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x4'><reactions xmlns='urn:xmpp:reactions:0' id='{}'>\
+             <reaction>🎉</reaction></reactions></message>",
+            q.id
+        ))
+        .await?;
+    let r = s.bob.wait_for(&room, T, |e| e["type"] == "m.reaction" && e["sender"] == json!(s.alice_mx.user_id)).await?;
+    assert_eq!(r["content"]["m.relates_to"], json!({"rel_type": "m.annotation", "event_id": question, "key": "🎉"}));
+    assert_eq!(r["sender"], json!(s.alice_mx.user_id));
+    let reaction_id = r["event_id"].as_str().context("event id")?.to_owned();
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x5'><reactions xmlns='urn:xmpp:reactions:0' id='{}'/></message>",
+            q.id
+        ))
+        .await?;
+    let removal = s.bob.wait_for(&room, T, |e| e["type"] == "m.room.redaction" && redacts(e) == reaction_id).await?;
+    assert_eq!(removal["sender"], json!(s.alice_mx.user_id));
+
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x6'><retract xmlns='urn:xmpp:message-retract:1' id='{s1}'/>\
+             <fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:message-retract:1'/><body>retracted</body></message>"
+        ))
+        .await?;
+    s.bob.wait_for(&room, T, |e| e["type"] == "m.room.redaction" && redacts(e) == mine_id).await?;
+    let gone = s.bob.event(&room, &mine_id).await?;
+    assert_eq!(gone["content"], json!({}), "the message is redacted on Matrix: {gone}");
+    Ok(())
+}
+
+fn redacts(e: &Value) -> String {
+    e["content"]["redacts"].as_str().or_else(|| e["redacts"].as_str()).unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_direct_chat_is_a_contact_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let bob_jid = jid(s.bob.user_id())?;
+
+    // Matrix → XMPP: bob opens a direct chat; the gateway accepts it and bob's message
+    // comes from bob's contact JID.
+    let dm = s.bob.create_room(None, &[&s.alice_mx.user_id], true).await?;
+    let alice_mx = MatrixClient::from_token(&s.synapse.base_url(), &s.alice_mx.user_id, &s.alice_mx.access_token)?;
+    wait_joined(&alice_mx, &dm).await?;
+    s.bob.send_text(&dm, "hi alice, directly").await?;
+    let m = alice
+        .expect(T, |m| m.kind == "message" && m.type_ == "chat" && m.body.as_deref() == Some("hi alice, directly"))
+        .await?;
+    assert_eq!(m.from.split('/').next(), Some(bob_jid.as_str()), "{}", m.xml);
+
+    // XMPP → Matrix: a chat message to bob's JID lands in the same direct chat.
+    alice
+        .send_raw(&format!("<message type='chat' to='{bob_jid}' id='d1'><body>hi bob, directly</body></message>"))
+        .await?;
+    let got = s.bob.wait_for(&dm, T, |e| e["content"]["body"] == "hi bob, directly").await?;
+    assert_eq!(got["sender"], json!(s.alice_mx.user_id));
+    Ok(())
+}
+
+/// Wait until `client` (alice's Matrix account, used read-only) is joined to `room`.
+async fn wait_joined(client: &MatrixClient, room: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if client.joined_members(room).await.is_ok_and(|m| m.contains_key(client.user_id())) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the gateway did not accept the direct chat invitation to {room}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,389 @@
+//! Portal rooms on Matrix: one Matrix room shared by every XMPP user of the
+//! gateway, where each XMPP user is a Matrix user of their own (a puppet of the
+//! gateway's application service, `@_xmpp_<escaped JID>:localhost`).
+//!
+//! - `xmpp_users_appear_as_their_own_matrix_users_in_a_portal`: the whole way,
+//!   a real Synapse with the gateway's registration, Prosody with the gateway as
+//!   `matrix.localhost`, slixmpp joining `lobby@matrix.localhost`.
+//! - `portal_puppets_on_synapse`: the Matrix bridge alone (no XMPP), driven
+//!   through the `Network` trait as the router drives it, every Matrix-side
+//!   effect checked on Synapse and every event for XMPP read from its sink.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use isthmus_core::model::{
+    Affiliation, ChatRef, Event, EventKind, LeaveKind, Message, MessageKey, MessageRef, NetworkId, Sender,
+};
+use isthmus_core::network::{DeliveryError, EventSink, EventStream, Network};
+use isthmus_tests::matrix::MatrixError;
+use isthmus_tests::process::free_port;
+use isthmus_tests::scenario::{SECRET, T};
+use isthmus_tests::{
+    AppServiceRegistration, Isthmus, MatrixClient, Prosody, ProsodyOptions, Synapse, SynapseOptions, XmppClient,
+};
+use serde_json::{Value, json};
+
+const DOMAIN: &str = "matrix.localhost";
+const AS_TOKEN: &str = "isthmus-test-as-token";
+const HS_TOKEN: &str = "isthmus-test-hs-token";
+/// The puppet of alice@localhost.
+const ALICE_PUPPET: &str = "@_xmpp_alice=40localhost:localhost";
+const BOT: &str = "@isthmus:localhost";
+
+fn registration(as_port: u16) -> AppServiceRegistration {
+    AppServiceRegistration {
+        id: DOMAIN.into(),
+        as_token: AS_TOKEN.into(),
+        hs_token: HS_TOKEN.into(),
+        url: format!("http://127.0.0.1:{as_port}"),
+        sender_localpart: "isthmus".into(),
+        user_regex: "^@_xmpp_.*:localhost$".into(),
+        alias_regex: None,
+    }
+}
+
+/// The `matrix:` entry of the gateway's configuration.
+fn matrix_config(synapse: &Synapse, as_port: u16, room: &str) -> String {
+    format!(
+        r#"matrix:
+  - domain: {DOMAIN}
+    data_dir: "{{dir}}/matrix"
+    appservice:
+      homeserver: {hs}
+      server_name: localhost
+      listen: "127.0.0.1:{as_port}"
+      as_token: {AS_TOKEN}
+      hs_token: {HS_TOKEN}
+    portals:
+      - name: lobby
+        room: "{room}"
+"#,
+        hs = synapse.base_url()
+    )
+}
+
+/// The user's display name in the room, from its member event.
+async fn member_name(bob: &MatrixClient, room: &str, user: &str) -> Result<Option<String>> {
+    Ok(bob.joined_members(room).await?.get(user).cloned().flatten())
+}
+
+async fn wait_member(bob: &MatrixClient, room: &str, user: &str, present: bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let members = bob.joined_members(room).await?;
+        if members.contains_key(user) == present {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{user} {} the room within {T:?}; members: {members:?}",
+                if present { "did not join" } else { "did not leave" }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn xmpp_users_appear_as_their_own_matrix_users_in_a_portal() -> Result<()> {
+    let as_port = free_port();
+    let synapse = Synapse::start(SynapseOptions { app_service: Some(registration(as_port)) }).await?;
+    let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
+    let bob = synapse.client(&bob_user)?;
+    bob.set_display_name("Bob Matrix").await?;
+    // A public room: the bot and the puppets join by themselves.
+    let room_id =
+        bob.create_room_with(json!({"preset": "public_chat", "name": "Lobby", "topic": "The portal's topic"})).await?;
+    let prosody = Prosody::start(ProsodyOptions {
+        users: vec![("alice".into(), "alicepass".into())],
+        components: vec![(DOMAIN.into(), SECRET.into())],
+        ..Default::default()
+    })
+    .await?;
+    let config = format!(
+        "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
+        prosody.component_port(),
+        matrix_config(&synapse, as_port, &room_id)
+    );
+    let gateway = Isthmus::start(&config, &[]).await?;
+    gateway.wait_log("component link established", 1, T).await?;
+    if gateway.wait_log("Matrix portal room ready", 1, T).await.is_err() {
+        bail!(
+            "the gateway never made its Matrix bot join the portal room (is MatrixNetwork::start_portals called after \
+             restore() in component/src/app.rs?); log:\n{}",
+            gateway.log()
+        );
+    }
+    wait_member(&bob, &room_id, BOT, true).await?;
+
+    // Alice enters the portal from XMPP.
+    let mut alice = XmppClient::connect(&prosody, "alice@localhost/phone", "alicepass").await?;
+    let room_jid = format!("lobby@{DOMAIN}");
+    alice.join(&room_jid, "Alice").await?;
+    let joined = alice
+        .expect(Duration::from_secs(30), |s| {
+            s.kind == "presence" && s.from == format!("{room_jid}/Alice") && (s.has_status(110) || s.type_ == "error")
+        })
+        .await
+        .context("no answer to alice's join of the portal")?;
+    if joined.type_ == "error" {
+        bail!("the gateway refused alice's join of the portal: {}", joined.xml);
+    }
+
+    // On Matrix: her own user, registered and joined under her nick.
+    wait_member(&bob, &room_id, ALICE_PUPPET, true).await?;
+    assert_eq!(member_name(&bob, &room_id, ALICE_PUPPET).await?.as_deref(), Some("Alice"));
+    // On XMPP: bob is an occupant under his display name.
+    alice.expect(T, |s| s.kind == "presence" && s.from == format!("{room_jid}/Bob Matrix")).await?;
+
+    // XMPP → Matrix, sent as alice's puppet.
+    alice.send_groupchat(&room_jid, "hello from xmpp").await?;
+    let seen = bob
+        .wait_for(&room_id, T, |e| e["type"] == "m.room.message" && e["content"]["body"] == "hello from xmpp")
+        .await?;
+    assert_eq!(seen["sender"], json!(ALICE_PUPPET));
+
+    // Matrix → XMPP, from bob's nick in the portal.
+    bob.send_text(&room_id, "hello from matrix").await?;
+    alice
+        .expect(T, |s| {
+            s.kind == "message"
+                && s.type_ == "groupchat"
+                && s.from == format!("{room_jid}/Bob Matrix")
+                && s.body.as_deref() == Some("hello from matrix")
+        })
+        .await?;
+    // What the puppet said is not bridged back as a second copy.
+    let rest = alice.drain(Duration::from_secs(2)).await?;
+    let copies = rest.iter().filter(|s| s.body.as_deref() == Some("hello from xmpp")).count();
+    assert!(copies <= 1, "alice's message came back {copies} more times: {rest:?}");
+    Ok(())
+}
+
+// --- the bridge alone ---------------------------------------------------------------
+
+/// The next event on the bridge's sink matching `pred`, within `timeout`.
+async fn next_event(events: &mut EventStream, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Result<Event> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e)) if pred(&e) => return Ok(e),
+            Ok(Some(e)) => seen.push(format!("{} from {} ({:?})", e.kind.name(), e.sender.id, e.kind)),
+            Ok(None) => bail!("the bridge's sink closed; before: {seen:#?}"),
+            Err(_) => bail!("no matching event within {timeout:?}; seen: {seen:#?}"),
+        }
+    }
+}
+
+/// Everything on the sink for `quiet`.
+async fn drain(events: &mut EventStream, quiet: Duration) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(quiet, events.recv()).await {
+        out.push(e);
+    }
+    out
+}
+
+fn from_alice(net: &NetworkId, room: &str, key: &str, kind: EventKind) -> Event {
+    let mut e =
+        Event::new(NetworkId::xmpp(), ChatRef::room(net.clone(), room), Sender::own("alice@localhost", "Alice"), kind);
+    e.key = MessageKey(key.into());
+    e
+}
+
+#[tokio::test]
+async fn portal_puppets_on_synapse() -> Result<()> {
+    let as_port = free_port();
+    let synapse = Synapse::start(SynapseOptions { app_service: Some(registration(as_port)) }).await?;
+    let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
+    let bob = synapse.client(&bob_user)?;
+    bob.set_display_name("Bob Matrix").await?;
+    // A private room the bot is invited to: the bot accepts, and invites the puppets.
+    let room_id = bob
+        .create_room_with(
+            json!({"preset": "private_chat", "name": "Lobby", "topic": "The portal's topic", "invite": [BOT]}),
+        )
+        .await?;
+
+    let dir = tempfile::tempdir()?;
+    let yaml = format!(
+        "xmpp:\n  component:\n    port: 5347\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
+        matrix_config(&synapse, as_port, &room_id)
+    )
+    .replace("{dir}", &dir.path().display().to_string());
+    let config =
+        isthmus_config::from_str(&yaml, &dir.path().join("isthmus.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store =
+        isthmus_core::store::Store::connect(&format!("sqlite://{}/isthmus.db", dir.path().display()), 1).await?;
+    store.migrate().await?;
+    let (sink, mut events) = EventSink::channel(256);
+    let net_id = NetworkId::new(DOMAIN);
+    let net = isthmus_matrix::MatrixNetwork::new(net_id.clone(), config.matrix[0].clone(), dir.path(), store, sink);
+    net.start_portals().await;
+    wait_member(&bob, &room_id, BOT, true).await?;
+    let portal = ChatRef::room(net_id.clone(), room_id.clone());
+
+    // The transaction server checks the homeserver's token.
+    let as_url = format!("http://127.0.0.1:{as_port}");
+    let status_of = |r: Result<Value>| r.err().and_then(|e| e.downcast_ref::<MatrixError>().map(|m| m.status));
+    let anonymous = MatrixClient::from_token(&as_url, "@hs:localhost", "")?;
+    let wrong = MatrixClient::from_token(&as_url, "@hs:localhost", "not-the-token")?;
+    let homeserver = MatrixClient::from_token(&as_url, "@hs:localhost", HS_TOKEN)?;
+    let user_path = |u: &str| format!("/_matrix/app/v1/users/{}", isthmus_tests::matrix::encode(u));
+    let get = reqwest::Method::GET;
+    assert_eq!(status_of(anonymous.call(get.clone(), &user_path("@nobody:localhost"), None).await), Some(401));
+    assert_eq!(status_of(wrong.call(get.clone(), &user_path("@nobody:localhost"), None).await), Some(403));
+    assert_eq!(status_of(homeserver.call(get.clone(), &user_path("@_xmpp_nobody:localhost"), None).await), Some(404));
+
+    // An unknown room is refused with a clear text.
+    let refused =
+        net.deliver(from_alice(&net_id, "!elsewhere:localhost", "k0", EventKind::Message(Message::text("x")))).await;
+    assert!(matches!(&refused, Err(DeliveryError::Rejected(t)) if t.contains("not a portal room")), "{refused:?}");
+
+    // Alice enters: her puppet is registered, invited, joined under her nick; XMPP learns who is there.
+    net.deliver(from_alice(&net_id, &room_id, "k1", EventKind::JoinRequest { nick: "Alice".into(), password: None }))
+        .await?;
+    let joined = next_event(&mut events, T, |e| matches!(e.kind, EventKind::SelfJoined { .. })).await?;
+    assert_eq!(joined.account, None);
+    assert_eq!(joined.chat, portal);
+    assert_eq!(joined.sender, Sender::own("alice@localhost", "Alice"));
+    let EventKind::SelfJoined { nick, occupants, topic } = &joined.kind else { unreachable!() };
+    assert_eq!(nick, "Alice");
+    assert_eq!(topic.as_deref(), Some("The portal's topic"));
+    assert_eq!(occupants.len(), 1, "only bob, not the bot nor the puppet: {occupants:?}");
+    assert_eq!((occupants[0].id.as_str(), occupants[0].nick.as_str()), (bob.user_id(), "Bob Matrix"));
+    assert_eq!(occupants[0].affiliation, Affiliation::Owner);
+    wait_member(&bob, &room_id, ALICE_PUPPET, true).await?;
+    assert_eq!(member_name(&bob, &room_id, ALICE_PUPPET).await?.as_deref(), Some("Alice"));
+    // The room is not public: the bot invited her puppet.
+    bob.wait_for(&room_id, T, |e| {
+        e["type"] == "m.room.member"
+            && e["state_key"] == ALICE_PUPPET
+            && e["content"]["membership"] == "invite"
+            && e["sender"] == BOT
+    })
+    .await?;
+    assert_eq!(
+        status_of(homeserver.call(get.clone(), &user_path(ALICE_PUPPET), None).await),
+        None,
+        "a known puppet is 200"
+    );
+
+    // A message as the puppet; a replay of the same event is the same Matrix event.
+    let hello = from_alice(&net_id, &room_id, "k2", EventKind::Message(Message::text("hello from xmpp")));
+    let ids = net.deliver(hello.clone()).await?.remote_ids;
+    assert_eq!(ids.len(), 1);
+    let seen = bob
+        .wait_for(&room_id, T, |e| e["type"] == "m.room.message" && e["content"]["body"] == "hello from xmpp")
+        .await?;
+    assert_eq!((seen["sender"].as_str(), seen["event_id"].as_str()), (Some(ALICE_PUPPET), Some(ids[0].as_str())));
+    assert_eq!(net.deliver(hello).await?.remote_ids, ids, "a replay is deduplicated by its transaction id");
+    let hello_id = ids[0].clone();
+
+    // Bob's message reaches XMPP as his, in the portal, with no account; the puppet's does not come back.
+    let bob_msg = bob.send_text(&room_id, "hello from matrix").await?;
+    let got = next_event(&mut events, T, |e| matches!(&e.kind, EventKind::Message(m) if m.body == "hello from matrix"))
+        .await?;
+    assert_eq!((got.account.clone(), got.chat.clone()), (None, portal.clone()));
+    assert_eq!(got.sender, Sender::new(bob.user_id(), "Bob Matrix"));
+    assert_eq!(got.origin_ids, vec![bob_msg.clone()]);
+
+    // Reactions as the puppet: a full set each time.
+    let react = |key: &str, emojis: &[&str]| {
+        from_alice(
+            &net_id,
+            &room_id,
+            key,
+            EventKind::Reactions {
+                target: MessageRef(bob_msg.clone()),
+                emojis: emojis.iter().map(|e| e.to_string()).collect(),
+            },
+        )
+    };
+    let r = net.deliver(react("k3", &["👍", "🎉"])).await?.remote_ids;
+    assert_eq!(r.len(), 2);
+    let rel = bob.relations(&room_id, &bob_msg, Some("m.annotation")).await?;
+    assert_eq!(rel.iter().filter(|e| e["sender"] == ALICE_PUPPET).count(), 2, "{rel:?}");
+    net.deliver(react("k4", &["🎉"])).await?;
+    let rel = bob.relations(&room_id, &bob_msg, Some("m.annotation")).await?;
+    let keys: Vec<&str> = rel
+        .iter()
+        .filter(|e| e["sender"] == ALICE_PUPPET)
+        .filter_map(|e| e["content"]["m.relates_to"]["key"].as_str())
+        .collect();
+    assert_eq!(keys, vec!["🎉"], "the removed reaction is redacted");
+
+    // A correction and a retraction of her message.
+    let fix = from_alice(
+        &net_id,
+        &room_id,
+        "k2",
+        EventKind::Correction { target: MessageRef(hello_id.clone()), message: Message::text("hello, fixed") },
+    )
+    .with_origin_id("xmpp-correction-1");
+    net.deliver(fix).await?;
+    let edit = bob.wait_for(&room_id, T, |e| e["content"]["m.relates_to"]["rel_type"] == "m.replace").await?;
+    assert_eq!(
+        (edit["sender"].as_str(), edit["content"]["m.new_content"]["body"].as_str()),
+        (Some(ALICE_PUPPET), Some("hello, fixed"))
+    );
+    net.deliver(
+        from_alice(
+            &net_id,
+            &room_id,
+            "k2",
+            EventKind::Retraction { target: MessageRef(hello_id.clone()), moderator: None, reason: None },
+        )
+        .with_origin_id("xmpp-retraction-1"),
+    )
+    .await?;
+    bob.wait_for(&room_id, T, |e| e["type"] == "m.room.redaction" && e["sender"] == ALICE_PUPPET).await?;
+
+    // Bob reacts, renames, leaves: the full set, a nick change, a departure.
+    let reaction = bob
+        .send_event(
+            &room_id,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": hello_id, "key": "❤️"}}),
+        )
+        .await?;
+    let got = next_event(&mut events, T, |e| matches!(e.kind, EventKind::Reactions { .. })).await?;
+    assert_eq!(got.kind, EventKind::Reactions { target: MessageRef(hello_id.clone()), emojis: vec!["❤️".into()] });
+    bob.redact(&room_id, &reaction, None).await?;
+    let got = next_event(&mut events, T, |e| matches!(e.kind, EventKind::Reactions { .. })).await?;
+    assert_eq!(got.kind, EventKind::Reactions { target: MessageRef(hello_id.clone()), emojis: vec![] });
+    bob.set_display_name("Robert").await?;
+    let got = next_event(&mut events, T, |e| matches!(e.kind, EventKind::NickChanged { .. })).await?;
+    assert_eq!(
+        (got.sender.nick.as_str(), &got.kind),
+        ("Bob Matrix", &EventKind::NickChanged { new_nick: "Robert".into() })
+    );
+
+    // A transaction retried by the homeserver is processed once.
+    let fake = json!({"events": [{
+        "type": "m.room.message", "room_id": room_id, "sender": bob.user_id(), "event_id": "$fake-1",
+        "origin_server_ts": 1_700_000_000_000u64, "content": {"msgtype": "m.text", "body": "once"}
+    }]});
+    let put = reqwest::Method::PUT;
+    homeserver.call(put.clone(), "/_matrix/app/v1/transactions/test-retry-1", Some(&fake)).await?;
+    homeserver.call(put.clone(), "/_matrix/app/v1/transactions/test-retry-1", Some(&fake)).await?;
+    let later = drain(&mut events, Duration::from_secs(2)).await;
+    let once = later.iter().filter(|e| matches!(&e.kind, EventKind::Message(m) if m.body == "once")).count();
+    assert_eq!(once, 1, "{later:?}");
+    assert!(
+        !later.iter().any(|e| e.sender.id.as_str() == ALICE_PUPPET || e.sender.id.as_str() == BOT),
+        "events of the bot or a puppet were bridged: {later:?}"
+    );
+    assert_eq!(status_of(wrong.call(put, "/_matrix/app/v1/transactions/test-retry-2", Some(&fake)).await), Some(403));
+
+    // Alice leaves: her puppet leaves the room.
+    net.deliver(from_alice(&net_id, &room_id, "k5", EventKind::Left { kind: LeaveKind::Part, reason: None })).await?;
+    wait_member(&bob, &room_id, ALICE_PUPPET, false).await?;
+    // Bob leaves too: XMPP sees him go.
+    bob.leave(&room_id).await?;
+    let got = next_event(&mut events, T, |e| matches!(e.kind, EventKind::Left { .. })).await?;
+    assert_eq!((got.sender.id.as_str(), got.sender.is_self), (bob.user_id(), false));
+    Ok(())
+}
