@@ -466,3 +466,32 @@ async fn typing_notifications_both_ways_where_the_server_carries_them(kind: IrcS
     Ok(())
 }
 isthmus_tests::on_both_irc_servers!(typing_notifications_both_ways_where_the_server_carries_them);
+
+/// The gateway's room directory (disco#items on its domain) lists the channels of
+/// the servers the user is connected to (IRC LIST), as room JIDs; a LIST the user
+/// types to the server's JID still answers there.
+async fn the_room_directory_lists_the_servers_channels(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#listed").await?;
+    bob.send_line("TOPIC #listed :the listed one").await?;
+    let mut alice = s.join("alice", "r", &room("#dir"), "alice").await?;
+    alice
+        .send_raw(&format!(
+            "<iq type='get' to='{IRC_DOMAIN}' id='dir1'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>"
+        ))
+        .await?;
+    let items = alice.expect(T, |st| st.kind == "iq" && st.id == "dir1").await?;
+    assert_eq!(items.type_, "result", "{}", items.xml);
+    let listed = room("#listed");
+    assert!(items.xml.contains(&format!("jid=\"{listed}\"")), "#listed is in the directory: {}", items.xml);
+    assert!(items.xml.contains("the listed one"), "with its topic: {}", items.xml);
+    assert!(items.xml.contains(&format!("jid=\"{}\"", room("#dir"))), "{}", items.xml);
+
+    let server_jid = format!("127.0.0.1@{IRC_DOMAIN}");
+    alice.send_raw(&format!("<message to='{server_jid}' type='chat' id='list'><body>LIST</body></message>")).await?;
+    alice.expect(T, |st| st.from == server_jid && st.body.as_deref().is_some_and(|b| b.contains("#listed"))).await?;
+    Ok(())
+}
+
+isthmus_tests::on_both_irc_servers!(the_room_directory_lists_the_servers_channels);

@@ -78,6 +78,23 @@ struct State {
     /// IRCv3 capabilities the server offers, and those enabled on this connection.
     offered: Vec<String>,
     enabled: Vec<String>,
+    /// A channel LIST under way: what came so far, and who waits for the end.
+    listing: Option<Listing>,
+}
+
+/// The replies to one LIST command (RPL_LIST … RPL_LISTEND).
+#[derive(Debug, Default)]
+struct Listing {
+    channels: Vec<ListedChannel>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Vec<ListedChannel>>>,
+}
+
+/// One channel in the server's LIST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedChannel {
+    pub name: String,
+    pub users: u32,
+    pub topic: String,
 }
 
 /// Numeric replies that are part of registration or handled elsewhere: not shown to the user.
@@ -228,6 +245,26 @@ impl Connection {
 
     pub fn nick(&self) -> String {
         self.lock().nick.clone()
+    }
+
+    /// The server's public channels (LIST), or `None` when the server did not
+    /// finish answering within `timeout`. Concurrent callers share one LIST.
+    pub async fn list_channels(&self, timeout: Duration) -> Option<Vec<ListedChannel>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut state = self.lock();
+            let listing = state.listing.get_or_insert_with(Listing::default);
+            listing.waiters.push(tx);
+            listing.waiters.len() == 1
+        };
+        if start && self.send(Command::LIST(None, None)).is_err() {
+            self.lock().listing = None;
+            return None;
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(channels)) => Some(channels),
+            _ => None,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -753,6 +790,29 @@ impl Reader {
                     ch.name.clone()
                 };
                 self.emit_room(&name, &nick, EventKind::Joined { occupant }).await;
+            }
+            // A LIST the gateway asked for (the room directory); a user's own LIST goes to
+            // the server's JID like any other reply.
+            Command::Response(Response::RPL_LISTSTART, _) if self.conn.lock().listing.is_some() => {}
+            Command::Response(Response::RPL_LIST, ref args)
+                if args.len() >= 3 && self.conn.lock().listing.is_some() =>
+            {
+                let mut state = self.conn.lock();
+                if let Some(listing) = state.listing.as_mut() {
+                    listing.channels.push(ListedChannel {
+                        name: args[1].clone(),
+                        users: args[2].parse().unwrap_or(0),
+                        topic: args.get(3).cloned().unwrap_or_default(),
+                    });
+                }
+            }
+            Command::Response(Response::RPL_LISTEND, _) if self.conn.lock().listing.is_some() => {
+                let done = self.conn.lock().listing.take();
+                if let Some(listing) = done {
+                    for waiter in listing.waiters {
+                        let _ = waiter.send(listing.channels.clone());
+                    }
+                }
             }
             Command::Response(Response::RPL_TOPIC, ref args) if args.len() >= 3 => {
                 let mut st = self.conn.lock();

@@ -27,12 +27,13 @@ pub mod text;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use isthmus_config::IrcNetworkConfig;
 use isthmus_core::jid::BareJid;
-use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId};
-use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network};
+use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId, RemoteId};
+use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network, RoomListing};
 use tokio::sync::Mutex;
 use tracing::{debug, info};
 
@@ -145,6 +146,34 @@ impl Network for IrcNetwork {
             .collect();
         lines.sort();
         lines
+    }
+
+    /// The public channels of every server the account is connected to (IRC LIST).
+    async fn rooms(&self, account: &BareJid) -> Vec<RoomListing> {
+        let connections: Vec<(String, Arc<Connection>)> = {
+            let map = self.connections.lock().await;
+            map.iter()
+                .filter(|(k, c)| &k.account == account && c.is_alive() && c.is_online())
+                .map(|(k, c)| (k.server.clone(), c.clone()))
+                .collect()
+        };
+        let mut rooms = Vec::new();
+        for (server, conn) in connections {
+            let Some(channels) = conn.list_channels(Duration::from_secs(15)).await else {
+                debug!(server, "the IRC server did not finish its channel list in time");
+                continue;
+            };
+            for c in channels {
+                let name = if c.topic.is_empty() {
+                    format!("{} ({} users)", c.name, c.users)
+                } else {
+                    format!("{} ({} users): {}", c.name, c.users, c.topic)
+                };
+                rooms.push(RoomListing { id: RemoteId::new(address::chat_id(&c.name, &server)), name: Some(name) });
+            }
+        }
+        rooms.sort_by(|a, b| a.id.cmp(&b.id));
+        rooms
     }
 
     fn display_name(&self, id: &str) -> String {
