@@ -894,7 +894,8 @@ impl Gateway {
         }
         let body = stanza::body(&m).unwrap_or_default();
         let Some(kind) = stanza::event_kind(&m, &body) else { return };
-        let typing = matches!(kind, EventKind::Typing(_));
+        // Typing notifications and read markers are best effort: no reflection, no error back.
+        let typing = matches!(kind, EventKind::Typing(_) | EventKind::Displayed { .. });
         let chat = match self.chat_of(domain, &to) {
             Ok(c) => c,
             // Typing notifications are best effort: never an error back.

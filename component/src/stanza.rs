@@ -160,6 +160,10 @@ pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventK
         }
     }
     if body.is_empty() {
+        // XEP-0333: the sender has read everything up to this message.
+        if let Some(id) = m.payloads.iter().find(|p| p.is("displayed", NS_MARKERS)).and_then(|p| p.attr("id")) {
+            return Some(EventKind::Displayed { target: MessageRef(id.to_owned()) });
+        }
         // A bare chat state (XEP-0085): typing notifications.
         return m.payloads.iter().find_map(chat_state).map(EventKind::Typing);
     }

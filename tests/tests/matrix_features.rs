@@ -173,9 +173,46 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
         ))
         .await?;
     s.bob.wait_for(&room, T, |e| e["type"] == "m.room.redaction" && redacts(e) == mine_id).await?;
+
+    // Read markers: a Matrix read receipt is a displayed marker (XEP-0333) and back.
+    s.bob
+        .call(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&reply_event_id(&reply))),
+            Some(&json!({})),
+        )
+        .await?;
+    let marker = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:chat-markers:0")).await?;
+    assert!(marker.xml.contains("<displayed"), "{}", marker.xml);
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='x7'><displayed xmlns='urn:xmpp:chat-markers:0' id='{}'/></message>",
+            q.id
+        ))
+        .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let sync = s.bob.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
+        let receipts = sync["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+        if receipts.contains(&question) && receipts.contains(&s.alice_mx.user_id) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("alice's read marker did not become a Matrix receipt on {question}: {receipts}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let gone = s.bob.event(&room, &mine_id).await?;
     assert_eq!(gone["content"], json!({}), "the message is redacted on Matrix: {gone}");
     Ok(())
+}
+
+fn reply_event_id(e: &Value) -> String {
+    e["event_id"].as_str().unwrap_or_default().to_owned()
+}
+
+fn enc(s: &str) -> String {
+    isthmus_tests::matrix::encode(s)
 }
 
 fn redacts(e: &Value) -> String {
