@@ -201,6 +201,14 @@ impl Session {
             let Some(room) = self.client.get_room(&room_id) else { continue };
             let chat = self.chat_of(&room).await;
             for item in &update.timeline.events {
+                if let matrix_sdk::deserialized_responses::TimelineEventKind::UnableToDecrypt { utd_info, .. } =
+                    &item.kind
+                {
+                    // Not bridged: without the room key there is nothing to show.
+                    warn!(room = %room_id, event_id = ?item.event_id(), session_id = ?utd_info.session_id,
+                        reason = ?utd_info.reason, "an encrypted Matrix event could not be decrypted; not bridged");
+                    continue;
+                }
                 let json: Value = match serde_json::from_str(item.raw().json().get()) {
                     Ok(v) => v,
                     Err(e) => {
