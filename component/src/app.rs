@@ -143,6 +143,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         if logins > 0 {
             info!(network = %n.id(), logins, "Matrix logins restored");
         }
+        // Portal rooms: the application service's transaction endpoint and its bot.
+        n.start_portals().await;
     }
     let restored = gateway.restore_sessions().await;
     let replayed = router.replay().await;

@@ -378,6 +378,10 @@ pub struct Event {
     /// outbox: the destination confirms it right before the event leaves the process.
     #[serde(skip)]
     pub receipt: Option<Receipt>,
+    /// Set by a bridge that waits until the router has taken the event in for good
+    /// ([`crate::network::EventSink::emit_routed`]).
+    #[serde(skip)]
+    pub routed: Option<crate::network::RoutedSignal>,
 }
 
 /// JIDs as their string form (the `jid` crate has no serde support).
@@ -484,6 +488,7 @@ impl Event {
             kind,
             context: None,
             receipt: None,
+            routed: None,
         }
     }
 

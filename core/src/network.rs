@@ -8,6 +8,8 @@
 //! (a correction as a marked new line on IRC, for example), but it always
 //! receives the event, so other networks in the same portal still get it natively.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -209,5 +211,46 @@ impl EventSink {
     /// Hand one event to the router, waiting when it is busy.
     pub async fn emit(&self, event: Event) -> Result<(), SinkClosed> {
         self.tx.send(event).await.map_err(|_| SinkClosed)
+    }
+
+    /// Hand one event to the router; the answer resolves once the router has taken
+    /// it in for good: every copy is in the durable outbox (or delivered) and its
+    /// ids are in the id map. A bridge that must not lose what a remote side
+    /// handed it (and cannot ask for it again) acknowledges the remote side after that.
+    pub async fn emit_routed(&self, mut event: Event) -> Result<Routed, SinkClosed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        event.routed = Some(RoutedSignal(Arc::new(std::sync::Mutex::new(Some(tx)))));
+        self.tx.send(event).await.map_err(|_| SinkClosed)?;
+        Ok(Routed(rx))
+    }
+}
+
+/// Resolves when the router has taken an event in for good (see [`EventSink::emit_routed`]).
+#[derive(Debug)]
+pub struct Routed(tokio::sync::oneshot::Receiver<()>);
+
+impl Routed {
+    /// Wait; `false` when the gateway shut down first.
+    pub async fn wait(self) -> bool {
+        self.0.await.is_ok()
+    }
+}
+
+/// The router's side of [`Routed`], carried by the event (never stored).
+#[derive(Debug, Clone)]
+pub struct RoutedSignal(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+
+impl RoutedSignal {
+    /// Tell the bridge the event is safe.
+    pub fn fire(&self) {
+        if let Some(tx) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl PartialEq for RoutedSignal {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }

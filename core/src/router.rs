@@ -287,8 +287,21 @@ impl Router {
 
     /// Drain a bridge's event stream, routing each event in order.
     pub async fn run(self, mut events: EventStream) {
-        while let Some(event) = events.recv().await {
-            self.route(event).await;
+        while let Some(mut event) = events.recv().await {
+            let routed = event.routed.take();
+            let report = self.route(event).await;
+            if let Some(signal) = routed {
+                // Safe once every copy is stored (or delivered) and the ids are written;
+                // waited for aside, so routing goes on meanwhile.
+                let ids = self.inner.ids.clone();
+                tokio::spawn(async move {
+                    if let Some(gate) = report.persisted {
+                        gate.confirm().await;
+                    }
+                    ids.flush().await;
+                    signal.fire();
+                });
+            }
         }
     }
 }

@@ -196,7 +196,19 @@ impl MatrixNetwork {
             .await
             .map_err(|e| format!("cannot restore the session: {e}"))?;
         info!(account = %account, user = %user_id, "Matrix login restored");
-        Ok(Session::new(account.clone(), self.id.clone(), client, user_id, self.sink.clone(), dir))
+        let resume_from = serde_json::from_str::<serde_json::Value>(&record.settings)
+            .ok()
+            .and_then(|v| v.get(session::SYNC_TOKEN).and_then(|t| t.as_str()).map(str::to_owned));
+        Ok(Session::new(
+            account.clone(),
+            self.id.clone(),
+            client,
+            user_id,
+            self.sink.clone(),
+            dir,
+            self.store.clone(),
+            resume_from,
+        ))
     }
 
     async fn session(&self, account: &BareJid) -> Result<Arc<Session>, DeliveryError> {
@@ -314,8 +326,16 @@ impl Network for MatrixNetwork {
             })
             .await
             .map_err(|e| LoginError::Unavailable(format!("cannot store the login: {e}")))?;
-        let session =
-            Session::new(account.clone(), self.id.clone(), client, response.user_id.clone(), self.sink.clone(), dir);
+        let session = Session::new(
+            account.clone(),
+            self.id.clone(),
+            client,
+            response.user_id.clone(),
+            self.sink.clone(),
+            dir,
+            self.store.clone(),
+            None,
+        );
         session.start(true);
         self.sessions.lock().await.insert(account.clone(), session);
         info!(account = %account, user = %response.user_id, device = %response.device_id, "Matrix account linked");

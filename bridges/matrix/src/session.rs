@@ -20,7 +20,8 @@ use isthmus_core::model::{
     Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, MessageRef, NetworkId, Occupant,
     Role, Sender,
 };
-use isthmus_core::network::{DeliveryError, EventSink};
+use isthmus_core::network::{DeliveryError, EventSink, Routed};
+use isthmus_core::store::{AccountRecord, Store};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType;
 use matrix_sdk::ruma::events::receipt::ReceiptThread;
@@ -28,6 +29,7 @@ use matrix_sdk::ruma::{OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, Roo
 use matrix_sdk::{Client, Room, RoomMemberships, RoomState};
 use rand::Rng;
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -90,6 +92,15 @@ pub struct Session {
     directs: StdMutex<HashMap<OwnedRoomId, Option<String>>>,
     task: StdMutex<Option<JoinHandle<()>>>,
     pub store_dir: PathBuf,
+    /// Where the resume point is kept (the account's `settings`).
+    store: Store,
+    /// The sync token up to which everything is safely in the router's hands: a
+    /// restart syncs again from here, so nothing the homeserver sent is lost.
+    resume_from: StdMutex<Option<String>>,
+    /// Acknowledgements of the current sync batch's events.
+    batch: StdMutex<Vec<Routed>>,
+    /// Resume points to store, in order, each once its batch is safe.
+    checkpoints: StdMutex<Option<mpsc::UnboundedSender<(Vec<Routed>, String)>>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DeliveryError {
@@ -97,6 +108,7 @@ fn unavailable(e: impl std::fmt::Display) -> DeliveryError {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         account: BareJid,
         network: NetworkId,
@@ -104,6 +116,8 @@ impl Session {
         user_id: OwnedUserId,
         sink: EventSink,
         store_dir: PathBuf,
+        store: Store,
+        resume_from: Option<String>,
     ) -> Arc<Session> {
         Arc::new(Session {
             account,
@@ -117,6 +131,10 @@ impl Session {
             directs: StdMutex::default(),
             task: StdMutex::new(None),
             store_dir,
+            store,
+            resume_from: StdMutex::new(resume_from),
+            batch: StdMutex::default(),
+            checkpoints: StdMutex::new(None),
         })
     }
 
@@ -139,6 +157,22 @@ impl Session {
 
     async fn sync_loop(self: Arc<Self>, fresh: bool) {
         let settings = SyncSettings::default().timeout(Duration::from_secs(30));
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        tokio::spawn(checkpoint_writer(
+            self.store.clone(),
+            self.account.to_string(),
+            self.network.as_str().to_owned(),
+            rx,
+        ));
+        // After a restart: from the last point known safe, not from where the
+        // client's own store got to (it may have run ahead of the router).
+        let resume = self.resume_from.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut replaying = resume.is_some();
+        let mut next = match resume {
+            Some(token) => settings.clone().token(token),
+            None => settings.clone(),
+        };
         if fresh {
             // What was said before the login is history, not news; pending invitations are news.
             match self.client.sync_once(settings.clone()).await {
@@ -152,13 +186,20 @@ impl Session {
         }
         let mut failures: u32 = 0;
         loop {
-            match self.client.sync_once(settings.clone()).await {
+            match self.client.sync_once(next.clone()).await {
                 Ok(response) => {
                     if failures > 0 {
                         info!("Matrix sync is back");
                     }
                     failures = 0;
-                    self.handle_sync(response).await;
+                    next = settings.clone();
+                    let token = response.next_batch.clone();
+                    self.handle_sync(response, replaying).await;
+                    replaying = false;
+                    let acks = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
+                    if let Some(tx) = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        let _ = tx.send((acks, token));
+                    }
                 }
                 Err(e) => {
                     if matches!(
@@ -193,13 +234,24 @@ impl Session {
         let _ = self.sink.emit(event).await;
     }
 
-    async fn handle_sync(&self, response: matrix_sdk::sync::SyncResponse) {
+    /// Bridge one sync response. `replaying`: it starts from the last safe point of an
+    /// earlier run, so events the router already has (in the id map) are skipped.
+    async fn handle_sync(&self, response: matrix_sdk::sync::SyncResponse, replaying: bool) {
         for (room_id, _) in response.rooms.invited.iter() {
             self.invited(room_id).await;
         }
         for (room_id, update) in response.rooms.joined {
             let Some(room) = self.client.get_room(&room_id) else { continue };
             let chat = self.chat_of(&room).await;
+            if update.timeline.limited {
+                // A gap: more happened since the last sync than one response holds (the
+                // gateway was down, or a burst). Fetch the rest back to what was bridged.
+                if let Some(prev) = update.timeline.prev_batch.as_deref() {
+                    for json in self.backfill(&room, &chat, prev).await {
+                        self.timeline_event(&room, &chat, &json).await;
+                    }
+                }
+            }
             for item in &update.timeline.events {
                 if let matrix_sdk::deserialized_responses::TimelineEventKind::UnableToDecrypt { utd_info, .. } =
                     &item.kind
@@ -216,6 +268,9 @@ impl Session {
                         continue;
                     }
                 };
+                if replaying && self.already_bridged(&chat, &json).await {
+                    continue;
+                }
                 self.timeline_event(&room, &chat, &json).await;
             }
             for raw in &update.ephemeral {
@@ -317,7 +372,7 @@ impl Session {
                 .emit_base(chat, sender, EventKind::Reactions { target: target.clone(), emojis: set })
                 .with_origin_id(env.event_id.clone())
                 .at(env.time);
-            let _ = self.sink.emit(event).await;
+            self.emit_timeline(event).await;
             return;
         }
         if env.transaction_id.is_some() && own {
@@ -357,7 +412,7 @@ impl Session {
                             .emit_base(chat, sender, EventKind::Reactions { target: MessageRef(target), emojis })
                             .with_origin_id(env.event_id.clone())
                             .at(env.time);
-                        let _ = self.sink.emit(event).await;
+                        self.emit_timeline(event).await;
                         return;
                     }
                     None => EventKind::Retraction { target: MessageRef(redacts), moderator: None, reason },
@@ -395,7 +450,7 @@ impl Session {
                                 EventKind::NickChanged { new_nick: subject_nick },
                             )
                             .with_origin_id(env.event_id.clone());
-                        let _ = self.sink.emit(event).await;
+                        self.emit_timeline(event).await;
                         return;
                     }
                     "leave" | "ban" if was_in => {
@@ -411,7 +466,7 @@ impl Session {
                         let event = self
                             .emit_base(chat, subject, EventKind::Left { kind, reason })
                             .with_origin_id(env.event_id.clone());
-                        let _ = self.sink.emit(event).await;
+                        self.emit_timeline(event).await;
                         return;
                     }
                     _ => return,
@@ -422,7 +477,69 @@ impl Session {
         };
         let kind = crate::media::proxied(&self.network, kind);
         let event = self.emit_base(chat, sender, kind).with_origin_id(env.event_id.clone()).at(env.time);
-        let _ = self.sink.emit(event).await;
+        self.emit_timeline(event).await;
+    }
+
+    /// The events before a gappy sync's timeline, oldest first, back to the newest
+    /// event already bridged (at most [`BACKFILL_MAX`]).
+    async fn backfill(&self, room: &Room, chat: &ChatRef, prev_batch: &str) -> Vec<Value> {
+        let mut newest_first = Vec::new();
+        let mut from = Some(prev_batch.to_owned());
+        'pages: while newest_first.len() < BACKFILL_MAX {
+            let mut options = matrix_sdk::room::MessagesOptions::backward();
+            options.from = from.clone();
+            options.limit = 100u32.into();
+            let page = match room.messages(options).await {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(room = %room.room_id(), error = %e, "cannot fetch the events of a sync gap; some are not bridged");
+                    break;
+                }
+            };
+            if page.chunk.is_empty() {
+                break;
+            }
+            for item in &page.chunk {
+                let Ok(json) = serde_json::from_str::<Value>(item.raw().json().get()) else { continue };
+                if self.already_bridged(chat, &json).await {
+                    break 'pages;
+                }
+                newest_first.push(json);
+            }
+            from = page.end;
+            if from.is_none() {
+                break;
+            }
+        }
+        info!(room = %room.room_id(), events = newest_first.len(), "fetched the events of a sync gap");
+        newest_first.reverse();
+        newest_first
+    }
+
+    /// Hand a timeline event to the router; its acknowledgement joins the batch's.
+    async fn emit_timeline(&self, event: Event) {
+        match self.sink.emit_routed(event).await {
+            Ok(routed) => self.batch.lock().unwrap_or_else(|e| e.into_inner()).push(routed),
+            Err(e) => debug!(error = %e, "router gone; Matrix event not bridged"),
+        }
+    }
+
+    /// Whether the router already has this event (its id is in the id map): on the
+    /// first sync after a restart, what the last run bridged comes again.
+    async fn already_bridged(&self, chat: &ChatRef, json: &Value) -> bool {
+        let Some(event_id) = json.get("event_id").and_then(Value::as_str) else { return false };
+        let scope = isthmus_core::router::id_scope(Some(&self.account), chat);
+        match self.store.key_for_remote(self.network.as_str(), &scope, event_id).await {
+            Ok(Some(_)) => {
+                debug!(event_id, "bridged before the restart; not again");
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                warn!(error = %e, "id map lookup failed; the event is bridged");
+                false
+            }
+        }
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, ReactionBook> {
@@ -691,6 +808,42 @@ impl Session {
         out
     }
 }
+
+/// Store each sync batch's token once all of its events are safe, in order.
+async fn checkpoint_writer(
+    store: Store,
+    account: String,
+    network: String,
+    mut rx: mpsc::UnboundedReceiver<(Vec<Routed>, String)>,
+) {
+    while let Some((acks, token)) = rx.recv().await {
+        for ack in acks {
+            if !ack.wait().await {
+                return; // shutting down: keep the last stored point
+            }
+        }
+        let record = match store.account(&account, &network).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return, // logged out
+            Err(e) => {
+                warn!(error = %e, "cannot read the Matrix login to store the sync point");
+                continue;
+            }
+        };
+        let mut settings: serde_json::Map<String, Value> = serde_json::from_str(&record.settings).unwrap_or_default();
+        settings.insert(SYNC_TOKEN.into(), Value::String(token));
+        let updated = AccountRecord { settings: Value::Object(settings).to_string(), ..record };
+        if let Err(e) = store.upsert_account(&updated).await {
+            warn!(error = %e, "cannot store the Matrix sync point");
+        }
+    }
+}
+
+/// The most events fetched to fill one sync gap.
+const BACKFILL_MAX: usize = 5000;
+
+/// The key of the resume point in an account's settings.
+pub const SYNC_TOKEN: &str = "sync_token";
 
 #[cfg(test)]
 mod tests {
