@@ -634,9 +634,15 @@ impl Gateway {
                 let mut receipt = event.receipt.clone();
                 for account in self.portal_accounts(&room, None) {
                     let mut copy = event.clone();
-                    copy.account = Some(account);
+                    // About one of the XMPP users (a puppet kicked on the other side): their
+                    // own event for them, someone else's for the others.
+                    copy.sender.is_self = event.sender.is_self && event.sender.id.as_str() == account.as_str();
+                    copy.account = Some(account.clone());
                     let (stanzas, _) = self.render(&copy, &room)?;
                     self.send_all_after(&domain, stanzas, receipt.take());
+                    if copy.sender.is_self && matches!(copy.kind, EventKind::Left { .. }) {
+                        self.save_session(&room, &account);
+                    }
                 }
                 if let Some(r) = receipt {
                     r.confirm().await;

@@ -184,21 +184,24 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
         .await?;
     let marker = alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("urn:xmpp:chat-markers:0")).await?;
     assert!(marker.xml.contains("<displayed"), "{}", marker.xml);
+    // Read markers only move forward: mark a message newer than anything alice sent.
+    let newest = s.bob.send_text(&room, "read me").await?;
+    let read_me = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("read me")).await?;
     alice
         .send_raw(&format!(
             "<message type='groupchat' to='{room_jid}' id='x7'><displayed xmlns='urn:xmpp:chat-markers:0' id='{}'/></message>",
-            q.id
+            read_me.id
         ))
         .await?;
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let sync = s.bob.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
         let receipts = sync["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
-        if receipts.contains(&question) && receipts.contains(&s.alice_mx.user_id) {
+        if receipts.contains(&newest) && receipts.contains(&s.alice_mx.user_id) {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("alice's read marker did not become a Matrix receipt on {question}: {receipts}");
+            bail!("alice's read marker did not become a Matrix receipt on {newest}: {receipts}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -163,8 +163,27 @@ async fn xmpp_users_appear_as_their_own_matrix_users_in_a_portal() -> Result<()>
 
 // --- the bridge alone ---------------------------------------------------------------
 
-/// The next event on the bridge's sink matching `pred`, within `timeout`.
-async fn next_event(events: &mut EventStream, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Result<Event> {
+/// What the bridge hands the router, taken in as the router does (its
+/// acknowledgement fired, so the bridge acknowledges the homeserver's transaction).
+type Events = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+fn take_in(mut stream: EventStream) -> Events {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(mut e) = stream.recv().await {
+            if let Some(routed) = e.routed.take() {
+                routed.fire();
+            }
+            if tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next event from the bridge matching `pred`, within `timeout`.
+async fn next_event(events: &mut Events, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Result<Event> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
@@ -177,8 +196,8 @@ async fn next_event(events: &mut EventStream, timeout: Duration, pred: impl Fn(&
     }
 }
 
-/// Everything on the sink for `quiet`.
-async fn drain(events: &mut EventStream, quiet: Duration) -> Vec<Event> {
+/// Everything from the bridge until it is quiet for `quiet`.
+async fn drain(events: &mut Events, quiet: Duration) -> Vec<Event> {
     let mut out = Vec::new();
     while let Ok(Some(e)) = tokio::time::timeout(quiet, events.recv()).await {
         out.push(e);
@@ -218,7 +237,8 @@ async fn portal_puppets_on_synapse() -> Result<()> {
     let store =
         isthmus_core::store::Store::connect(&format!("sqlite://{}/isthmus.db", dir.path().display()), 1).await?;
     store.migrate().await?;
-    let (sink, mut events) = EventSink::channel(256);
+    let (sink, stream) = EventSink::channel(256);
+    let mut events = take_in(stream);
     let net_id = NetworkId::new(DOMAIN);
     let net = isthmus_matrix::MatrixNetwork::new(net_id.clone(), config.matrix[0].clone(), dir.path(), store, sink);
     net.start_portals().await;

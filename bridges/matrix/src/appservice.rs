@@ -11,8 +11,9 @@
 //! - The bot `@{sender_localpart}:{server_name}` joins the portal rooms at start
 //!   (accepting an invitation), and invites puppets into rooms they cannot join by themselves.
 //! - What happens in the rooms reaches the gateway as transactions the homeserver
-//!   pushes to its HTTP server (`appservice.listen`): [`Portals::serve`]. Events
-//!   of the bot and of puppets are never bridged back (no loops).
+//!   pushes to its HTTP server (`appservice.listen`), [`Portals::transaction`]:
+//!   acknowledged once the router has taken in what it carried, processed once
+//!   per transaction id. Events of the bot and of puppets are never bridged back (no loops).
 //! - [`registration_yaml`] is the registration file the homeserver loads.
 //!
 //! Events about portals carry no account (`Event::account == None`); the chat id
@@ -35,7 +36,7 @@ use isthmus_core::model::{
     Affiliation, Attachment, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, MessageRef, NetworkId, Occupant,
     RemoteId, Role, Sender,
 };
-use isthmus_core::network::{Delivered, DeliveryError, EventSink};
+use isthmus_core::network::{Delivered, DeliveryError, EventSink, Routed};
 use matrix_sdk::reqwest;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -517,6 +518,8 @@ pub struct Portals {
     setup: tokio::sync::Mutex<()>,
     /// Transactions are processed one at a time, in order, once.
     transactions: tokio::sync::Mutex<SeenTransactions>,
+    /// What the transaction being processed handed the router, to wait for before acknowledging it.
+    routed: StdMutex<Vec<Routed>>,
     server: StdMutex<Option<JoinHandle<()>>>,
 }
 
@@ -566,6 +569,7 @@ impl Portals {
             state: StdMutex::new(state),
             setup: tokio::sync::Mutex::new(()),
             transactions: tokio::sync::Mutex::new(SeenTransactions::default()),
+            routed: StdMutex::new(Vec::new()),
             server: StdMutex::new(None),
         })
     }
@@ -789,10 +793,14 @@ impl Portals {
         self.sink.emit(event).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))
     }
 
+    /// Whether `user` is in the room, as far as the gateway knows.
+    fn joined(&self, room_id: &str, user: &str) -> bool {
+        self.state().members.get(room_id).is_some_and(|m| m.contains_key(user))
+    }
+
     /// The puppet is in the room (joining it with `nick` when it is not).
     async fn ensure_in(&self, room_id: &str, puppet: &str, nick: &str) -> Result<(), DeliveryError> {
-        let joined = self.state().members.get(room_id).is_some_and(|m| m.contains_key(puppet));
-        if joined {
+        if self.joined(room_id, puppet) {
             return Ok(());
         }
         self.ensure_registered(puppet, nick).await?;
@@ -986,8 +994,7 @@ impl Portals {
                 self.set_reactions(room, &puppet, &target.0, emojis, txn).await?
             }
             EventKind::Typing(state) => {
-                let joined = self.state().members.get(room).is_some_and(|m| m.contains_key(&puppet));
-                if joined {
+                if self.joined(room, &puppet) {
                     let path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(room), enc(&puppet));
                     let typing = *state == ChatState::Composing;
                     let body =
@@ -999,7 +1006,7 @@ impl Portals {
                 }
                 Vec::new()
             }
-            EventKind::Displayed { target } if target.0.starts_with('$') => {
+            EventKind::Displayed { target } if target.0.starts_with('$') && self.joined(room, &puppet) => {
                 let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(room), enc(&target.0));
                 self.hs
                     .call(reqwest::Method::POST, &path, Some(&puppet), Some(&json!({})))
@@ -1016,8 +1023,7 @@ impl Portals {
                 Vec::new()
             }
             EventKind::NickChanged { new_nick } => {
-                let joined = self.state().members.get(room).is_some_and(|m| m.contains_key(&puppet));
-                if joined {
+                if self.joined(room, &puppet) {
                     self.join_puppet(room, &puppet, new_nick).await?;
                 }
                 Vec::new()
@@ -1045,29 +1051,42 @@ impl Portals {
 
     // --- homeserver → XMPP ----------------------------------------------------------
 
-    /// Process one transaction (once per id).
-    pub async fn transaction(&self, id: &str, txn: Transaction) {
+    /// Process one transaction (once per id). `true` once what it carried is taken in
+    /// for good by the router (the homeserver may then forget it); `false` when the
+    /// gateway is shutting down (the homeserver is to send it again).
+    pub async fn transaction(&self, id: &str, txn: Transaction) -> bool {
         let mut seen = self.transactions.lock().await;
         if seen.contains(id) {
             debug!(txn = id, "transaction already processed");
-            return;
+            return true;
         }
         debug!(txn = id, events = txn.events.len(), ephemeral = txn.ephemeral.len(), "transaction");
         for ev in &txn.events {
             self.timeline(ev).await;
         }
+        let routed = std::mem::take(&mut *self.routed.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in routed {
+            if !r.wait().await {
+                return false;
+            }
+        }
         for ev in &txn.ephemeral {
             self.ephemeral(ev).await;
         }
         seen.insert(id);
+        true
     }
 
     fn chat(&self, chat_id: &str) -> ChatRef {
         ChatRef::room(self.network.clone(), chat_id)
     }
 
+    /// Hand a timeline event to the router; the transaction carrying it is acknowledged
+    /// once every such event is taken in for good.
     async fn emit(&self, event: Event) {
-        let _ = self.sink.emit(event).await;
+        if let Ok(routed) = self.sink.emit_routed(event).await {
+            self.routed.lock().unwrap_or_else(|e| e.into_inner()).push(routed);
+        }
     }
 
     async fn timeline(&self, ev: &Value) {
@@ -1086,11 +1105,11 @@ impl Portals {
                     }
                     None => info!(room = room_id, "invitation to a room that is no portal: ignored"),
                 }
-            } else if ev["content"]["membership"] != "join" {
-                if let Some(chat_id) = &chat_id {
-                    warn!(room = room_id, "the gateway's Matrix user is no longer in a portal room");
-                    self.state().ready.remove(chat_id);
-                }
+            } else if ev["content"]["membership"] != "join"
+                && let Some(chat_id) = &chat_id
+            {
+                warn!(room = room_id, "the gateway's Matrix user is no longer in a portal room");
+                self.state().ready.remove(chat_id);
             }
             return;
         }
@@ -1254,7 +1273,8 @@ impl Portals {
                     .collect();
                 for (user, state) in changes {
                     let sender = Sender::new(user.clone(), nick(&user));
-                    self.emit(Event::new(self.network.clone(), chat.clone(), sender, EventKind::Typing(state))).await;
+                    let event = Event::new(self.network.clone(), chat.clone(), sender, EventKind::Typing(state));
+                    let _ = self.sink.emit(event).await;
                 }
             }
             Some("m.receipt") => {
@@ -1264,7 +1284,7 @@ impl Portals {
                     for user in readers.keys().filter(|u| !self.is_ours(u)) {
                         let sender = Sender::new(user.clone(), nick(user));
                         let kind = EventKind::Displayed { target: MessageRef(event_id.clone()) };
-                        self.emit(Event::new(self.network.clone(), chat.clone(), sender, kind)).await;
+                        let _ = self.sink.emit(Event::new(self.network.clone(), chat.clone(), sender, kind)).await;
                     }
                 }
             }
@@ -1346,8 +1366,11 @@ async fn handle(portals: &Portals, req: Request<hyper::body::Incoming>) -> Respo
             };
             match parse_transaction(&body) {
                 Ok(txn) => {
-                    portals.transaction(&id, txn).await;
-                    json_response(StatusCode::OK, &json!({}))
+                    if portals.transaction(&id, txn).await {
+                        json_response(StatusCode::OK, &json!({}))
+                    } else {
+                        matrix_error(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "the gateway is shutting down")
+                    }
                 }
                 Err(e) => matrix_error(StatusCode::BAD_REQUEST, "M_BAD_JSON", &e),
             }
