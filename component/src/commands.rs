@@ -10,12 +10,15 @@
 //! | `logout` | unlink it |
 //!
 //! disco#items on the domain without a node is the room directory: the rooms
-//! the network lists for the asking account.
+//! the network lists for the asking account. In-band registration (XEP-0077) on
+//! the domain is `login` as a form (and `<remove/>` is `logout`), for clients
+//! that offer "register with this gateway".
 
 use isthmus_core::model::{EventKind, LeaveKind};
 use isthmus_core::network::{LoginError, LoginValues, Network};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
+use tokio_xmpp::parsers::ibr::{FormQuery, LegacyQuery, RemoveQuery};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Message, MessageType};
@@ -143,6 +146,83 @@ impl Gateway {
         let mut form = DataForm::new(DataFormType::Form, "", fields);
         form.title = Some(format!("Link your {} account", domain.kind));
         form
+    }
+
+    /// XEP-0077 get: the form to link an account (the network's login fields).
+    pub(crate) async fn register_form(&self, domain: &Domain, from: &Jid, id: String) -> Iq {
+        if let Some(e) = self.register_refusal(domain, from) {
+            return Iq::from_error(id, e);
+        }
+        let query = FormQuery {
+            instructions: Some(format!(
+                "Link your {} account: the gateway logs in as one more device of it. Send `<remove/>` to unlink it.",
+                domain.kind
+            )),
+            form: self.login_form(domain),
+        };
+        Iq::from_result(id, Some(query))
+    }
+
+    /// XEP-0077 set: link with the submitted form (or the legacy username and
+    /// password fields), or unlink with `<remove/>`.
+    pub(crate) async fn register_submit(&self, domain: &Domain, from: &Jid, id: String, payload: Element) -> Iq {
+        if let Some(e) = self.register_refusal(domain, from) {
+            return Iq::from_error(id, e);
+        }
+        let account = from.to_bare();
+        let Some(network) = self.network_of(domain) else {
+            let e = StanzaError::new(ErrorType::Wait, DefinedCondition::ServiceUnavailable, "en", "not running");
+            return Iq::from_error(id, e);
+        };
+        let result = if RemoveQuery::try_from(payload.clone()).is_ok_and(|r| r.remove) {
+            network.logout(&account).await
+        } else {
+            let values: LoginValues = if let Ok(q) = FormQuery::try_from(payload.clone()) {
+                q.form
+                    .fields
+                    .iter()
+                    .filter_map(|f| Some((f.var.clone()?, f.values.first().cloned().unwrap_or_default())))
+                    .collect()
+            } else if let Ok(q) = LegacyQuery::try_from(payload) {
+                [("user", q.username), ("password", q.password)]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+                    .collect()
+            } else {
+                let e = StanzaError::new(
+                    ErrorType::Modify,
+                    DefinedCondition::BadRequest,
+                    "en",
+                    "expected a filled-in registration form",
+                );
+                return Iq::from_error(id, e);
+            };
+            network.login(&account, &values).await
+        };
+        match result {
+            Ok(_) => Iq::Result { from: None, to: None, id, payload: None },
+            Err(e) => {
+                let (type_, condition) = match e {
+                    LoginError::Invalid(_) => (ErrorType::Modify, DefinedCondition::NotAcceptable),
+                    LoginError::Refused(_) => (ErrorType::Auth, DefinedCondition::NotAuthorized),
+                    LoginError::Unavailable(_) => (ErrorType::Wait, DefinedCondition::RemoteServerTimeout),
+                    LoginError::NotSupported => (ErrorType::Cancel, DefinedCondition::FeatureNotImplemented),
+                };
+                Iq::from_error(id, StanzaError::new(type_, condition, "en", e.to_string()))
+            }
+        }
+    }
+
+    /// Why `from` cannot register on `domain`, if it cannot.
+    fn register_refusal(&self, domain: &Domain, from: &Jid) -> Option<StanzaError> {
+        if !Gateway::allowed(domain, from) {
+            return Some(StanzaError::new(ErrorType::Auth, DefinedCondition::Forbidden, "en", Gateway::NOT_ALLOWED));
+        }
+        if !self.has_login(domain) {
+            let text = format!("{} has no accounts to link: join its rooms directly", domain.kind);
+            return Some(StanzaError::new(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "en", text));
+        }
+        None
     }
 
     /// The rooms `account` is in on `domain`, sorted.

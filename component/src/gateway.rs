@@ -1178,6 +1178,8 @@ impl Gateway {
                     self.mam_query(domain, &from, &to.to_bare(), &id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
                     self.adhoc(domain, &from, &id, payload).await
+                } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
+                    self.register_submit(domain, &from, id, payload).await
                 } else {
                     let err = StanzaError::new(
                         ErrorType::Cancel,
@@ -1209,6 +1211,8 @@ impl Gateway {
             }
         } else if payload.is("ping", ns::PING) {
             Iq::empty_result(from.clone(), id)
+        } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
+            self.register_form(domain, &from, id).await
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
             let items = if payload.attr("node").is_some() {
                 crate::commands::command_items(&to, &payload, self.has_login(domain))
@@ -1250,7 +1254,11 @@ impl Gateway {
                         "en",
                         format!("Isthmus {} gateway", domain.kind),
                     ),
-                    vec![ns::DISCO_INFO, ns::MUC, ns::PING],
+                    if self.has_login(domain) {
+                        vec![ns::DISCO_INFO, ns::MUC, ns::PING, ns::REGISTER, crate::xep::NS_COMMANDS]
+                    } else {
+                        vec![ns::DISCO_INFO, ns::MUC, ns::PING, crate::xep::NS_COMMANDS]
+                    },
                 )
             } else {
                 match self.chat_of(domain, &to).map(|c| c.kind) {

@@ -187,6 +187,9 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
     // Read markers only move forward: mark a message newer than anything alice sent.
     let newest = s.bob.send_text(&room, "read me").await?;
     let read_me = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("read me")).await?;
+    // Bob watches new receipts from here on (incremental sync; an initial sync's receipts may lag).
+    let first = s.bob.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
+    let mut since = first["next_batch"].as_str().context("no next_batch")?.to_owned();
     alice
         .send_raw(&format!(
             "<message type='groupchat' to='{room_jid}' id='x7'><displayed xmlns='urn:xmpp:chat-markers:0' id='{}'/></message>",
@@ -195,13 +198,28 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
         .await?;
     let deadline = tokio::time::Instant::now() + T;
     loop {
-        let sync = s.bob.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
+        let sync = s
+            .bob
+            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(&since)), None)
+            .await?;
+        since = sync["next_batch"].as_str().unwrap_or(&since).to_owned();
         let receipts = sync["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
         if receipts.contains(&newest) && receipts.contains(&s.alice_mx.user_id) {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("alice's read marker did not become a Matrix receipt on {newest}: {receipts}");
+            let log = s.gateway.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("displayed") || l.contains("receipt") || l.contains("reference"))
+                .collect();
+            let hs = std::fs::read_to_string(s.synapse.log_path()).unwrap_or_default();
+            let hs: Vec<&str> = hs.lines().filter(|l| l.contains("receipt")).collect();
+            bail!(
+                "alice's read marker did not become a Matrix receipt on {newest}: {receipts}\n{}\n{}",
+                lines[lines.len().saturating_sub(20)..].join("\n"),
+                hs[hs.len().saturating_sub(10)..].join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -260,4 +278,44 @@ async fn wait_joined(client: &MatrixClient, room: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// XEP-0077 in-band registration on the gateway's domain links the account (the
+/// network's login fields as a form) and `<remove/>` unlinks it.
+#[tokio::test]
+async fn in_band_registration_links_and_unlinks_an_account() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice("phone").await?;
+    alice.send_raw(&format!("<iq type='get' to='{DOMAIN}' id='r1'><query xmlns='jabber:iq:register'/></iq>")).await?;
+    let form = alice.expect(T, |m| m.kind == "iq" && m.id == "r1").await?;
+    assert_eq!(form.type_, "result", "{}", form.xml);
+    assert!(form.xml.contains("var=\"homeserver\"") && form.xml.contains("type=\"text-private\""), "{}", form.xml);
+    let submit = |password: &str, id: &str| {
+        format!(
+            "<iq type='set' to='{DOMAIN}' id='{id}'><query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='user'><value>alice</value></field><field var='password'><value>{password}</value></field>\
+             </x></query></iq>"
+        )
+    };
+    alice.send_raw(&submit("wrong", "r2")).await?;
+    let refused = alice.expect(Duration::from_secs(30), |m| m.kind == "iq" && m.id == "r2").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("not-authorized"), "{}", refused.xml);
+    alice.send_raw(&submit(&s.alice_mx.password, "r3")).await?;
+    let ok = alice.expect(Duration::from_secs(30), |m| m.kind == "iq" && m.id == "r3").await?;
+    assert_eq!(ok.type_, "result", "{}", ok.xml);
+    let status = |id: &str| format!("<message type='chat' to='{DOMAIN}' id='{id}'><body>status</body></message>");
+    alice.send_raw(&status("st1")).await?;
+    let st = alice.expect(T, |m| m.kind == "message" && m.from == DOMAIN).await?;
+    assert!(st.body.as_deref().is_some_and(|b| b.contains(&s.alice_mx.user_id)), "{:?}", st.body);
+    alice
+        .send_raw(&format!(
+            "<iq type='set' to='{DOMAIN}' id='r4'><query xmlns='jabber:iq:register'><remove/></query></iq>"
+        ))
+        .await?;
+    let removed = alice.expect(Duration::from_secs(30), |m| m.kind == "iq" && m.id == "r4").await?;
+    assert_eq!(removed.type_, "result", "{}", removed.xml);
+    alice.send_raw(&status("st2")).await?;
+    let st = alice.expect(T, |m| m.kind == "message" && m.from == DOMAIN).await?;
+    assert!(st.body.as_deref().is_some_and(|b| b.contains("no Matrix connection")), "{:?}", st.body);
+    Ok(())
 }
