@@ -319,3 +319,44 @@ async fn in_band_registration_links_and_unlinks_an_account() -> Result<()> {
     assert!(st.body.as_deref().is_some_and(|b| b.contains("no Matrix connection")), "{:?}", st.body);
     Ok(())
 }
+
+/// Typing notifications both ways: Matrix typing ↔ XEP-0085 chat states.
+#[tokio::test]
+async fn typing_notifications_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let room = s.bob.create_room(Some("Typing"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room)?;
+    join(&mut alice, &room_jid).await?;
+    let first = s.bob.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
+    let mut since = first["next_batch"].as_str().context("no next_batch")?.to_owned();
+
+    let typing_path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(s.bob.user_id()));
+    s.bob.call(reqwest::Method::PUT, &typing_path, Some(&json!({"typing": true, "timeout": 30000}))).await?;
+    alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("<composing") && m.body.is_none()).await?;
+    s.bob.call(reqwest::Method::PUT, &typing_path, Some(&json!({"typing": false}))).await?;
+    alice.expect(T, |m| from_bob(&room_jid)(m) && m.xml.contains("<paused")).await?;
+
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='t1'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        ))
+        .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let sync = s
+            .bob
+            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(&since)), None)
+            .await?;
+        since = sync["next_batch"].as_str().unwrap_or(&since).to_owned();
+        let ephemeral = sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        let typing = ephemeral.iter().find(|e| e["type"] == "m.typing");
+        if typing.is_some_and(|t| t["content"]["user_ids"].to_string().contains(&s.alice_mx.user_id)) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("alice's composing state did not become Matrix typing: {ephemeral:?}");
+        }
+    }
+    Ok(())
+}
