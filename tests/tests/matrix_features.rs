@@ -196,33 +196,12 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
             read_me.id
         ))
         .await?;
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let sync = s
-            .bob
-            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(&since)), None)
-            .await?;
-        since = sync["next_batch"].as_str().unwrap_or(&since).to_owned();
-        let receipts = sync["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
-        if receipts.contains(&newest) && receipts.contains(&s.alice_mx.user_id) {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let log = s.gateway.log();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("displayed") || l.contains("receipt") || l.contains("reference"))
-                .collect();
-            let hs = std::fs::read_to_string(s.synapse.log_path()).unwrap_or_default();
-            let hs: Vec<&str> = hs.lines().filter(|l| l.contains("receipt")).collect();
-            bail!(
-                "alice's read marker did not become a Matrix receipt on {newest}: {receipts}\n{}\n{}",
-                lines[lines.len().saturating_sub(20)..].join("\n"),
-                hs[hs.len().saturating_sub(10)..].join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let user = s.alice_mx.user_id.clone();
+    ephemeral_until(&s.bob, &mut since, &room, "alice's read marker as a Matrix receipt", |events| {
+        let receipts = Value::Array(events.to_vec()).to_string();
+        receipts.contains(&newest) && receipts.contains(&user)
+    })
+    .await?;
     let gone = s.bob.event(&room, &mine_id).await?;
     assert_eq!(gone["content"], json!({}), "the message is redacted on Matrix: {gone}");
     Ok(())
@@ -342,21 +321,34 @@ async fn typing_notifications_both_ways() -> Result<()> {
             "<message type='groupchat' to='{room_jid}' id='t1'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
         ))
         .await?;
+    let user = s.alice_mx.user_id.clone();
+    ephemeral_until(&s.bob, &mut since, &room, "alice's composing state as Matrix typing", |events| {
+        events.iter().any(|e| e["type"] == "m.typing" && e["content"]["user_ids"].to_string().contains(&user))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Follow `client`'s incremental sync from `since` until the ephemeral events of
+/// `room` in one response satisfy `done`; fails after `T` naming `what` and what came.
+async fn ephemeral_until(
+    client: &MatrixClient,
+    since: &mut String,
+    room: &str,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + T;
     loop {
-        let sync = s
-            .bob
-            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(&since)), None)
-            .await?;
-        since = sync["next_batch"].as_str().unwrap_or(&since).to_owned();
-        let ephemeral = sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
-        let typing = ephemeral.iter().find(|e| e["type"] == "m.typing");
-        if typing.is_some_and(|t| t["content"]["user_ids"].to_string().contains(&s.alice_mx.user_id)) {
-            break;
+        let path = format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(since));
+        let sync = client.call(reqwest::Method::GET, &path, None).await?;
+        *since = sync["next_batch"].as_str().unwrap_or(since).to_owned();
+        let events = sync["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        if done(&events) {
+            return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("alice's composing state did not become Matrix typing: {ephemeral:?}");
+            bail!("{what} did not arrive; last ephemeral events: {events:?}");
         }
     }
-    Ok(())
 }

@@ -340,19 +340,7 @@ impl Powers {
 
     /// A member's MUC role and affiliation: 50 and above moderate, 100 own.
     pub fn occupant(&self, user: &str, nick: String) -> Occupant {
-        let level = self.level(user);
-        Occupant {
-            id: RemoteId::new(user),
-            nick,
-            role: if level >= 50 { Role::Moderator } else { Role::Participant },
-            affiliation: if level >= 100 {
-                Affiliation::Owner
-            } else if level >= 50 {
-                Affiliation::Admin
-            } else {
-                Affiliation::Member
-            },
-        }
+        crate::session::occupant_at_level(user, nick, self.level(user))
     }
 }
 

@@ -665,18 +665,8 @@ impl Session {
                 Some(_) => 100,
                 None => 0,
             };
-            occupants.push(Occupant {
-                id: isthmus_core::model::RemoteId::new(m.user_id().to_string()),
-                nick: self.nick_of(&room, m.user_id().as_str()).await,
-                role: if level >= 50 { Role::Moderator } else { Role::Participant },
-                affiliation: if level >= 100 {
-                    Affiliation::Owner
-                } else if level >= 50 {
-                    Affiliation::Admin
-                } else {
-                    Affiliation::Member
-                },
-            });
+            let nick = self.nick_of(&room, m.user_id().as_str()).await;
+            occupants.push(occupant_at_level(m.user_id().as_str(), nick, level));
         }
         let event = self.emit_base(
             chat,
@@ -836,6 +826,22 @@ async fn checkpoint_writer(
         if let Err(e) = store.upsert_account(&updated).await {
             warn!(error = %e, "cannot store the Matrix sync point");
         }
+    }
+}
+
+/// A room member as a MUC occupant: power level 50 and above moderate, 100 own.
+pub fn occupant_at_level(user: &str, nick: String, level: i64) -> Occupant {
+    Occupant {
+        id: isthmus_core::model::RemoteId::new(user),
+        nick,
+        role: if level >= 50 { Role::Moderator } else { Role::Participant },
+        affiliation: if level >= 100 {
+            Affiliation::Owner
+        } else if level >= 50 {
+            Affiliation::Admin
+        } else {
+            Affiliation::Member
+        },
     }
 }
 
