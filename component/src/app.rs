@@ -191,11 +191,35 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tokio::spawn(link::run(link_config, outgoing, ev_tx));
         let gateway = gateway.clone();
         tokio::spawn(async move {
+            // When the link was lost: the rooms hear of the outage and of its end.
+            let mut lost_at: Option<std::time::SystemTime> = None;
             while let Some(ev) = ev_rx.recv().await {
                 match ev {
                     LinkEvent::Stanza(s) => gateway.handle(&domain, s).await,
-                    LinkEvent::Up => info!(domain, "serving"),
-                    LinkEvent::Down(reason) => warn!(domain, reason, "link down"),
+                    LinkEvent::Up => {
+                        info!(domain, "serving");
+                        if let Some(since) = lost_at.take() {
+                            let now = std::time::SystemTime::now();
+                            let secs = now.duration_since(since).unwrap_or_default().as_secs();
+                            let text = format!(
+                                "The gateway is connected to the XMPP server again at {} UTC, after {secs} s away.",
+                                clock(now)
+                            );
+                            gateway.link_notice(&domain, &text, now);
+                        }
+                    }
+                    LinkEvent::Down(reason) => {
+                        warn!(domain, reason, "link down");
+                        let now = std::time::SystemTime::now();
+                        lost_at.get_or_insert(now);
+                        let text = format!(
+                            "The gateway lost its connection to the XMPP server at {} UTC ({reason}). \
+                             What was said in this room meanwhile follows.",
+                            clock(now)
+                        );
+                        let devices = gateway.link_notice(&domain, &text, now);
+                        info!(domain, devices, "outage notice queued");
+                    }
                 }
             }
         });
@@ -204,6 +228,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     shutdown_signal().await;
     info!("shutting down");
     Ok(())
+}
+
+/// `HH:MM:SS` of `time` in UTC, for notices.
+fn clock(time: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).format("%H:%M:%S").to_string()
 }
 
 /// The XEP-0114 link settings of one component domain.

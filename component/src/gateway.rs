@@ -373,6 +373,34 @@ impl Gateway {
         Some((domain, jid))
     }
 
+    /// Tell every device in a room on `domain` about its link to the XMPP server: a
+    /// groupchat notice from the room itself, stamped `at`. Queued behind what the
+    /// link already holds, so a notice of the loss, sent while the link is down,
+    /// reaches the devices first once it is back, before what was said meanwhile.
+    /// Returns how many devices it was sent to.
+    pub fn link_notice(&self, domain: &str, text: &str, at: std::time::SystemTime) -> usize {
+        let Some(domain) = self.domains.get(domain) else { return 0 };
+        let sessions: Vec<(BareJid, Vec<FullJid>)> = self
+            .rooms()
+            .iter()
+            .filter(|((room, _), s)| room.domain().as_str() == domain.name && s.joined)
+            .map(|((room, _), s)| (room.clone(), s.resources.iter().cloned().collect()))
+            .collect();
+        let mut sent = 0;
+        for (room, resources) in sessions {
+            for res in resources {
+                let mut m = stanza::message(MessageType::Groupchat, Jid::from(room.clone()), Jid::from(res), text);
+                m.id = Some(stanza::new_id());
+                if let Some(delay) = stanza::delay(at, &room) {
+                    m.payloads.push(delay.into());
+                }
+                self.send_after(domain, Stanza::Message(m), None);
+                sent += 1;
+            }
+        }
+        sent
+    }
+
     /// Handle one stanza that arrived on `domain`'s link.
     pub async fn handle(&self, domain: &str, stanza: Stanza) {
         let Some(domain) = self.domains.get(domain).cloned() else { return };

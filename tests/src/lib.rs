@@ -11,6 +11,7 @@
 //! - [`synapse`]: a Synapse Matrix homeserver, with users registered by shared secret;
 //! - [`matrix`]: a raw Matrix client-server API client, independent of the bridge's Matrix library;
 //! - [`gateway`]: the `isthmus` binary under test;
+//! - [`relay`]: a TCP relay a test can cut, to take a link down;
 //! - [`scenario`], [`matrix_scenario`]: ready-made setups the tests share.
 //!
 //! The peers are installed by `tests/install-deps.sh`.
@@ -21,6 +22,7 @@ pub mod matrix;
 pub mod matrix_scenario;
 pub mod peers;
 pub mod process;
+pub mod relay;
 pub mod scenario;
 pub mod synapse;
 pub mod xmpp;

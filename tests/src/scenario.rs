@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::relay::Relay;
 use crate::{IrcServer, IrcServerKind, Isthmus, ProsodyOptions, XmppClient, XmppServer, XmppServerKind};
 
 /// The component secret used by the test setups.
@@ -57,6 +58,30 @@ impl IrcSetup {
         if xmpp == XmppServerKind::Embedded {
             return Self::start_embedded(kind, irc_extra, store_url).await;
         }
+        Ok(Self::start_attached(xmpp, kind, irc_extra, store_url, false).await?.0)
+    }
+
+    /// Start everything on Prosody and ngIRCd with the gateway's component link
+    /// going through a [`Relay`] the test can cut.
+    pub async fn start_behind_relay(irc_extra: &str) -> Result<(IrcSetup, Relay)> {
+        let (setup, relay) = Self::start_attached(
+            XmppServerKind::Prosody,
+            IrcServerKind::Ngircd,
+            irc_extra,
+            "sqlite://{dir}/isthmus.db",
+            true,
+        )
+        .await?;
+        Ok((setup, relay.ok_or_else(|| anyhow::anyhow!("no relay started"))?))
+    }
+
+    async fn start_attached(
+        xmpp: XmppServerKind,
+        kind: IrcServerKind,
+        irc_extra: &str,
+        store_url: &str,
+        relayed: bool,
+    ) -> Result<(IrcSetup, Option<Relay>)> {
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
         let prosody = XmppServer::start(
             xmpp,
@@ -64,6 +89,7 @@ impl IrcSetup {
         )
         .await?;
         let irc = IrcServer::start_kind(kind).await?;
+        let relay = if relayed { Some(Relay::start(prosody.component_port()).await?) } else { None };
         let xmpp_yaml = format!(
             r#"xmpp:
   mode: component
@@ -74,7 +100,7 @@ impl IrcSetup {
     reconnect_initial_ms: 200
     reconnect_max_ms: 2000
 "#,
-            component = prosody.component_port()
+            component = relay.as_ref().map_or(prosody.component_port(), Relay::port)
         );
         let gateway = Isthmus::start(
             &Self::config(&xmpp_yaml, &irc, irc_extra, store_url),
@@ -82,7 +108,7 @@ impl IrcSetup {
         )
         .await?;
         gateway.wait_log("component link established", 1, T).await?;
-        Ok(IrcSetup { prosody, irc, gateway })
+        Ok((IrcSetup { prosody, irc, gateway }, relay))
     }
 
     /// Isthmus as the XMPP server itself (embedded mode, STARTTLS, SCRAM), users

@@ -534,3 +534,48 @@ async fn a_device_gone_while_the_gateway_was_down_leaves_on_the_first_bounce() -
     ensure!(log.contains("the device is gone"), "left for another reason:\n{log}");
     Ok(())
 }
+
+/// The component link to Prosody goes down while the XMPP client stays online:
+/// each room hears of the loss first, then what the channel said meanwhile, in
+/// order, then that the link is back.
+#[tokio::test]
+async fn a_component_link_outage_is_announced_in_the_room() -> Result<()> {
+    let (s, relay) = IrcSetup::start_behind_relay("").await?;
+    let (room, mut peer, mut alice) = in_the_room(&s).await?;
+    relay.cut();
+    s.gateway.wait_log("outage notice queued", 1, T).await?;
+    const MEANWHILE: usize = 5;
+    for n in 1..=MEANWHILE {
+        peer.privmsg("#faults", &format!("meanwhile {n}")).await?;
+    }
+    relay.restore();
+    let mut seen = Vec::new();
+    loop {
+        let st = alice
+            .expect(T, |st| {
+                st.kind == "message" && st.type_ == "groupchat" && st.from.starts_with(&room) && st.body.is_some()
+            })
+            .await?;
+        let body = st.body.clone().unwrap_or_default();
+        if st.from == room {
+            ensure!(st.xml.contains("urn:xmpp:delay"), "a notice carries its time: {}", st.xml);
+        }
+        seen.push((st.from.clone(), body.clone()));
+        if st.from == room && body.contains("connected to the XMPP server again") {
+            break;
+        }
+    }
+    println!("after the component link outage the room showed: {seen:#?}");
+    let (first_from, first) = &seen[0];
+    ensure!(
+        first_from == &room && first.contains("lost its connection to the XMPP server"),
+        "the loss comes first: {seen:?}"
+    );
+    let relayed: Vec<&str> = seen[1..seen.len() - 1].iter().map(|(_, b)| b.as_str()).collect();
+    let expected: Vec<String> = (1..=MEANWHILE).map(|n| format!("meanwhile {n}")).collect();
+    ensure!(relayed == expected, "what the channel said meanwhile, once each and in order: {relayed:?}");
+    // The link works both ways again.
+    alice.send_groupchat(&room, "back again").await?;
+    peer.expect_line(T, |l| l.contains("PRIVMSG #faults :back again")).await?;
+    Ok(())
+}
