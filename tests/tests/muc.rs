@@ -477,3 +477,68 @@ async fn occupants_have_real_jids_caps_and_vcards(xmpp: XmppServerKind) -> Resul
 }
 
 isthmus_tests::on_both_xmpp_servers!(occupants_have_real_jids_caps_and_vcards);
+
+/// Rows of `room`'s archive whose body starts with `prefix`.
+async fn archived_count(pool: &sqlx::SqlitePool, room: &str, prefix: &str) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM archive WHERE room = ?1 AND body LIKE ?2")
+        .bind(room)
+        .bind(format!("{prefix}%"))
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+/// The bodies MAM returns for `room`, oldest first.
+async fn mam_bodies(c: &mut XmppClient, room: &str, qid: &str) -> Result<Vec<String>> {
+    let (results, _) = mam(c, room, qid, "<max>50</max>", "").await?;
+    Ok(results.iter().filter_map(|r| inner(&r.xml, "body")).map(str::to_owned).collect())
+}
+
+/// Archive retention (`archive.retention_days`, default 7; 0 keeps everything):
+/// messages older than the retention are no longer returned by MAM, and the
+/// pruning task (at start, then hourly) removes them from the store, while recent
+/// ones stay. "Old" messages are made old by moving their time back in the store.
+async fn mam_retention_prunes_expired_messages(xmpp: XmppServerKind) -> Result<()> {
+    for (retention, kept) in [("", false), ("archive:\n  retention_days: 0\n", true)] {
+        let mut s = IrcSetup::start_xmpp(xmpp, retention).await?;
+        let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+        bob.join("#retain").await?;
+        let room = room("#retain");
+        let mut alice = s.join("alice", "r", &room, "alice").await?;
+        fill(&mut bob, &mut alice, "#retain", "old", 3).await?;
+        fill(&mut bob, &mut alice, "#retain", "new", 2).await?;
+        assert_eq!(mam_bodies(&mut alice, &room, "r0").await?, ["old 0", "old 1", "old 2", "new 0", "new 1"]);
+
+        // eight days pass for the "old" messages
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/isthmus.db", s.gateway.dir().display())).await?;
+        let eight_days_us: i64 = 8 * 86_400 * 1_000_000;
+        sqlx::query("UPDATE archive SET time_us = time_us - ?1 WHERE room = ?2 AND body LIKE 'old %'")
+            .bind(eight_days_us)
+            .bind(&room)
+            .execute(&pool)
+            .await?;
+        let all = ["old 0", "old 1", "old 2", "new 0", "new 1"];
+        let expected: &[&str] = if kept { &all } else { &all[3..] };
+        assert_eq!(mam_bodies(&mut alice, &room, "r1").await?, expected, "expired messages are not returned");
+
+        // the pruning task runs at start: the expired rows are gone from the store
+        s.gateway.restart().await?;
+        let ready =
+            if xmpp == XmppServerKind::Embedded { "accepting XMPP clients" } else { "component link established" };
+        s.gateway.wait_log(ready, 2, T).await?;
+        if !kept {
+            s.gateway.wait_log("archive retention applied", 2, T).await?;
+        }
+        assert_eq!(archived_count(&pool, &room, "old ").await?, if kept { 3 } else { 0 }, "retention {retention:?}");
+        assert_eq!(archived_count(&pool, &room, "new ").await?, 2, "recent messages stay");
+        // (a new connection: with the embedded server, the restart ended the first one)
+        let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/r2", "alicepass").await?;
+        assert_eq!(mam_bodies(&mut alice, &room, "r2").await?, expected, "after pruning");
+        if kept {
+            assert!(!s.gateway.log().contains("archive retention applied"), "0 keeps everything: no pruning task");
+        }
+    }
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(mam_retention_prunes_expired_messages);
