@@ -58,8 +58,15 @@ impl Profiles {
         self.known.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
+    /// Most profiles kept; past it the cache starts over (profiles are fetched again).
+    const CAPACITY: usize = 50_000;
+
     fn put(&self, key: ProfileKey, profile: Arc<CachedProfile>) {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(key, profile);
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= Self::CAPACITY {
+            known.clear();
+        }
+        known.insert(key, profile);
     }
 }
 
@@ -365,4 +372,33 @@ async fn fetch(url: &str) -> Option<Vec<u8>> {
         return None;
     }
     response.bytes().await.ok().map(|b| b.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_xmpp::parsers::muc::user::{Affiliation, Item, MucUser, Role};
+
+    #[test]
+    fn avatar_ids_are_sha1_and_types_are_sniffed() {
+        let hex: String = sha1(b"abc").expect("hash").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(sniff_mime(b"\x89PNG\r\n\x1a\n...."), "image/png");
+        assert_eq!(sniff_mime(b"\xff\xd8\xff\xe0"), "image/jpeg");
+        assert_eq!(sniff_mime(b"GIF89a"), "image/gif");
+        assert_eq!(sniff_mime(b"RIFF\0\0\0\0WEBPVP8 "), "image/webp");
+        assert_eq!(sniff_mime(b"??"), "application/octet-stream");
+    }
+
+    #[test]
+    fn the_real_jid_goes_on_the_item() {
+        let room: Jid = "#c%irc.example.org@irc.example.org/bob".parse().expect("jid");
+        let to: tokio_xmpp::parsers::jid::FullJid = "alice@example.org/r".parse().expect("jid");
+        let user = MucUser::new().with_items(vec![Item::new(Affiliation::None, Role::Participant)]);
+        let p = Presence::available().with_from(room).with_to(Jid::from(to)).with_payload(user);
+        let real: BareJid = "bob%irc.example.org@irc.example.org".parse().expect("jid");
+        let Stanza::Presence(p) = with_real_jid(Stanza::Presence(p), Some(&real)) else { panic!("a presence") };
+        let x = p.payloads.iter().find(|e| e.is("x", ns::MUC_USER)).expect("muc#user");
+        assert_eq!(x.get_child("item", ns::MUC_USER).and_then(|i| i.attr("jid")), Some(real.as_str()));
+    }
 }
