@@ -449,10 +449,10 @@ impl Gateway {
     async fn handle_presence(&self, domain: &Domain, p: Presence) {
         if matches!(p.type_, PresenceType::Subscribe | PresenceType::Unsubscribe | PresenceType::Probe) {
             // Subscriptions and probes (from bare JIDs) to people and to the gateway itself.
-            if let (Some(from), Some(to)) = (&p.from, &p.to) {
-                if Self::allowed(domain, from) {
-                    self.presence_to_entity(domain, from, to, p.type_.clone()).await;
-                }
+            if let (Some(from), Some(to)) = (&p.from, &p.to)
+                && Self::allowed(domain, from)
+            {
+                self.presence_to_entity(domain, from, to, p.type_.clone()).await;
             }
             return;
         }

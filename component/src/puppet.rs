@@ -113,10 +113,11 @@ impl Gateway {
         if network.is_xmpp() {
             return BareJid::new(id).ok().filter(|j| j.node().is_some());
         }
-        if let Ok(j) = BareJid::new(id) {
-            if j.node().is_some() && !self.serves(j.domain().as_str()) {
-                return Some(j);
-            }
+        if let Ok(j) = BareJid::new(id)
+            && j.node().is_some()
+            && !self.serves(j.domain().as_str())
+        {
+            return Some(j);
         }
         self.chat_jid(&ChatRef::direct(network.clone(), id)).map(|(_, j)| j)
     }
