@@ -4,12 +4,16 @@
 //! Messages are handed to a writer task that stores them in batches (one
 //! transaction per batch), so relaying never waits on the database. Queries
 //! first ask the writer to flush, so a query sees every message relayed before it.
+//!
+//! Retention: with `retention_days` > 0, a task removes expired messages at start
+//! and then every [`PRUNE_EVERY`]; in between, queries (MAM, history on join)
+//! already leave out what has expired.
 
 use std::time::Duration;
 
 use isthmus_core::store::{ArchiveEntry, ArchivePage, ArchiveQuery, Store, StoreError, now_us};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 enum Command {
     Record(ArchiveEntry),
@@ -21,7 +25,12 @@ enum Command {
 pub struct Archive {
     tx: mpsc::UnboundedSender<Command>,
     store: Store,
+    /// How long messages are kept, in microseconds; `None`: forever.
+    keep_us: Option<i64>,
 }
+
+/// How often expired messages are removed.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Largest batch written in one transaction.
 const BATCH: usize = 512;
@@ -31,22 +40,22 @@ impl Archive {
     pub fn spawn(store: Store, retention_days: u32) -> Archive {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(store.clone(), rx));
-        if retention_days > 0 {
+        let keep_us =
+            (retention_days > 0).then(|| Duration::from_secs(u64::from(retention_days) * 86_400).as_micros() as i64);
+        if let Some(keep) = keep_us {
             let store = store.clone();
             tokio::spawn(async move {
-                let keep = Duration::from_secs(u64::from(retention_days) * 86_400).as_micros() as i64;
-                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                let mut tick = tokio::time::interval(PRUNE_EVERY);
                 loop {
                     tick.tick().await;
                     match store.archive_expire(now_us() - keep).await {
-                        Ok(0) => {}
-                        Ok(n) => debug!(removed = n, "archive retention applied"),
+                        Ok(n) => info!(removed = n, retention_days, "archive retention applied"),
                         Err(e) => warn!(error = %e, "archive retention failed; will retry"),
                     }
                 }
             });
         }
-        Archive { tx, store }
+        Archive { tx, store, keep_us }
     }
 
     /// Queue one message for the archive.
@@ -70,10 +79,18 @@ impl Archive {
         self.store.archive_get(stanza_id).await
     }
 
-    /// Query, after a flush.
+    /// Query, after a flush; expired messages are left out even before they are removed.
     pub async fn query(&self, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
         self.flush().await;
-        self.store.archive_query(q).await
+        match self.keep_us {
+            Some(keep) => {
+                let oldest = now_us() - keep;
+                let mut q = q.clone();
+                q.start_us = Some(q.start_us.map_or(oldest, |s| s.max(oldest)));
+                self.store.archive_query(&q).await
+            }
+            None => self.store.archive_query(q).await,
+        }
     }
 }
 

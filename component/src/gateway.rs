@@ -22,7 +22,7 @@ use isthmus_core::store::{ArchiveEntry, ArchiveQuery, RoomSessionRecord, next_ar
 use tokio::sync::mpsc;
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::delay::Delay;
-use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult, Identity};
+use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult};
 use tokio_xmpp::parsers::forwarding::Forwarded;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, FullJid, Jid};
@@ -114,6 +114,18 @@ pub(crate) struct RoomSession {
     /// Restored from the store at start: the devices think they are still in the
     /// room, so the network's confirmation of the rejoin resends them its state.
     restored: bool,
+    /// Who each occupant is, by nick: for real JIDs and profiles.
+    pub(crate) people: HashMap<String, Person>,
+    /// The account's join created the room on its network (status 201 on entering).
+    created: bool,
+}
+
+/// Who an occupant is: their network, their id there, their real JID.
+#[derive(Debug, Clone)]
+pub(crate) struct Person {
+    pub(crate) network: NetworkId,
+    pub(crate) id: String,
+    pub(crate) real: Option<BareJid>,
 }
 
 pub(crate) type RoomKey = (BareJid, BareJid); // (room, account)
@@ -169,9 +181,13 @@ pub struct Gateway {
     /// Portal rooms: group chats shared by every XMPP user, linked by the router to
     /// rooms on other networks. Their chat is spelled on the XMPP side (the room JID).
     portals: HashSet<BareJid>,
+    /// People's profiles (names, pictures), as the networks gave them.
+    pub(crate) profiles: crate::puppet::Profiles,
+    /// The gateway itself, for background tasks.
+    pub(crate) me: OnceLock<std::sync::Weak<Gateway>>,
 }
 
-fn muc_role(role: Role) -> muc::user::Role {
+pub(crate) fn muc_role(role: Role) -> muc::user::Role {
     match role {
         Role::Moderator => muc::user::Role::Moderator,
         Role::Participant => muc::user::Role::Participant,
@@ -179,7 +195,7 @@ fn muc_role(role: Role) -> muc::user::Role {
     }
 }
 
-fn muc_affiliation(a: Affiliation) -> muc::user::Affiliation {
+pub(crate) fn muc_affiliation(a: Affiliation) -> muc::user::Affiliation {
     match a {
         Affiliation::Owner => muc::user::Affiliation::Owner,
         Affiliation::Admin => muc::user::Affiliation::Admin,
@@ -190,7 +206,13 @@ fn muc_affiliation(a: Affiliation) -> muc::user::Affiliation {
 }
 
 /// An occupant presence from `room/nick`.
-fn occupant_presence(from: Jid, to: &FullJid, item: Item, statuses: Vec<Status>, unavailable: bool) -> Stanza {
+pub(crate) fn occupant_presence(
+    from: Jid,
+    to: &FullJid,
+    item: Item,
+    statuses: Vec<Status>,
+    unavailable: bool,
+) -> Stanza {
     let p = if unavailable { Presence::unavailable() } else { Presence::available() };
     let muc_user = MucUser::new().with_items(vec![item]).with_statuses(statuses);
     Stanza::Presence(p.with_from(from).with_to(Jid::from(to.clone())).with_payload(muc_user))
@@ -209,7 +231,7 @@ impl Gateway {
         portals: Vec<BareJid>,
     ) -> Arc<Gateway> {
         let by_network = domains.iter().map(|d| (d.network.clone(), d.name.clone())).collect();
-        Arc::new(Gateway {
+        let gateway = Arc::new(Gateway {
             domains: domains.into_iter().map(|d| (d.name.clone(), d)).collect(),
             by_network,
             router: OnceLock::new(),
@@ -220,7 +242,21 @@ impl Gateway {
             session_log: OnceLock::new(),
             recent_origins: RecentOrigins::default(),
             portals: portals.into_iter().collect(),
-        })
+            profiles: crate::puppet::Profiles::new(),
+            me: OnceLock::new(),
+        });
+        let _ = gateway.me.set(Arc::downgrade(&gateway));
+        gateway
+    }
+
+    /// The domain named `name`, if the gateway serves it.
+    pub(crate) fn domains_get(&self, name: &str) -> Option<Domain> {
+        self.domains.get(name).cloned()
+    }
+
+    /// Whether the gateway serves the domain `name`.
+    pub(crate) fn serves(&self, name: &str) -> bool {
+        self.domains.contains_key(name)
     }
 
     /// Connect the gateway to the router (once, after the router is built), and
@@ -355,7 +391,7 @@ impl Gateway {
     }
 
     /// The room or contact JID of a chat on a network.
-    fn chat_jid(&self, chat: &ChatRef) -> Option<(Domain, BareJid)> {
+    pub(crate) fn chat_jid(&self, chat: &ChatRef) -> Option<(Domain, BareJid)> {
         if chat.network.is_xmpp() {
             // A portal room: the chat is the room's JID itself.
             let jid = BareJid::new(chat.id.as_str()).ok()?;
@@ -439,6 +475,15 @@ impl Gateway {
     }
 
     async fn handle_presence(&self, domain: &Domain, p: Presence) {
+        if matches!(p.type_, PresenceType::Subscribe | PresenceType::Unsubscribe | PresenceType::Probe) {
+            // Subscriptions and probes (from bare JIDs) to people and to the gateway itself.
+            if let (Some(from), Some(to)) = (&p.from, &p.to)
+                && Self::allowed(domain, from)
+            {
+                self.presence_to_entity(domain, from, to, p.type_.clone()).await;
+            }
+            return;
+        }
         let (Some(from), Some(to)) = (p.from.clone().and_then(|j| j.try_into_full().ok()), p.to.clone()) else {
             return;
         };
@@ -457,7 +502,7 @@ impl Gateway {
             PresenceType::None => {}
             PresenceType::Unavailable => return self.leave(domain, &from, &to, true).await,
             PresenceType::Error => return self.bounced(domain, &from, &to, &p.payloads).await,
-            // Subscriptions and probes to puppets are answered when contacts arrive; errors are ignored.
+            // Subscription answers and the rest need no answer.
             _ => return,
         }
         let Some(muc) = p.payloads.iter().find(|e| e.is("x", ns::MUC)).and_then(|e| Muc::try_from(e.clone()).ok())
@@ -592,7 +637,7 @@ impl Gateway {
     }
 
     /// Whether `room` is a portal room.
-    fn is_portal(&self, room: &BareJid) -> bool {
+    pub(crate) fn is_portal(&self, room: &BareJid) -> bool {
         self.portals.contains(room)
     }
 
@@ -716,16 +761,16 @@ impl Gateway {
     /// itself (110, and 210 when the network changed the nick), then history
     /// from the archive, then the subject.
     async fn enter(&self, domain: &Domain, room: &BareJid, account: &BareJid, resources: &[FullJid]) {
+        let key = (room.clone(), account.clone());
+        let created = self.rooms().get_mut(&key).is_some_and(|s| std::mem::take(&mut s.created));
+        let viewer = (!self.is_portal(room)).then(|| account.clone());
         for res in resources {
             let (presences, history, topic) = {
                 let mut rooms = self.rooms();
-                let Some(session) = rooms.get_mut(&(room.clone(), account.clone())) else { return };
+                let Some(session) = rooms.get_mut(&key) else { return };
                 let mut out = Vec::new();
-                for o in session.occupants.values() {
-                    if let Some(from) = full(room, &o.nick) {
-                        let item = Item::new(muc_affiliation(o.affiliation), muc_role(o.role));
-                        out.push(occupant_presence(Jid::from(from), res, item, vec![], false));
-                    }
+                for nick in session.occupants.keys() {
+                    out.extend(self.other_presence(room, session, nick, viewer.as_ref(), res, vec![]));
                 }
                 if let Some(from) = full(room, &session.nick) {
                     let item =
@@ -733,6 +778,9 @@ impl Gateway {
                     let mut codes = vec![Status::NonAnonymousRoom, Status::SelfPresence];
                     if session.nick != session.requested_nick {
                         codes.push(Status::AssignedNick);
+                    }
+                    if created {
+                        codes.push(Status::RoomHasBeenCreated);
                     }
                     out.push(occupant_presence(Jid::from(from), res, item, codes, false));
                 }
@@ -748,6 +796,45 @@ impl Gateway {
             subject.subjects.insert(Lang::default(), topic.unwrap_or_default());
             self.send(domain, Stanza::Message(subject)).await;
         }
+    }
+
+    /// Who the person with `id` on `network` is, with their real JID.
+    fn person(&self, network: &NetworkId, id: &str) -> Person {
+        Person { network: network.clone(), id: id.to_owned(), real: self.real_jid(network, id) }
+    }
+
+    /// What `network` renders natively, if it runs.
+    fn capabilities_of(&self, network: &NetworkId) -> Option<Capabilities> {
+        Some(self.router.get()?.network(network)?.capabilities())
+    }
+
+    /// The available presence of occupant `nick` (someone other than the account) for
+    /// `to`: their standing, real JID (the room is not anonymous), capabilities and
+    /// avatar hash as far as their profile is known (`viewer`: whose view of it).
+    pub(crate) fn other_presence(
+        &self,
+        room: &BareJid,
+        session: &RoomSession,
+        nick: &str,
+        viewer: Option<&BareJid>,
+        to: &FullJid,
+        codes: Vec<Status>,
+    ) -> Option<Stanza> {
+        let o = session.occupants.get(nick)?;
+        let from = full(room, nick)?;
+        let item = Item::new(muc_affiliation(o.affiliation), muc_role(o.role));
+        let person = session.people.get(nick);
+        let mut p = crate::puppet::with_real_jid(
+            occupant_presence(Jid::from(from), to, item, codes, false),
+            person.and_then(|p| p.real.as_ref()),
+        );
+        let profile = person
+            .filter(|p| !p.network.is_xmpp())
+            .and_then(|p| self.profiles.get(&(p.network.clone(), viewer.cloned(), p.id.clone())));
+        if let Stanza::Presence(presence) = &mut p {
+            presence.payloads.extend(self.person_payloads(nick, profile.as_deref(), false));
+        }
+        Some(p)
     }
 
     /// The history a resource asked for on join, as delayed groupchat messages.
@@ -1208,6 +1295,10 @@ impl Gateway {
                     self.adhoc(domain, &from, &id, payload).await
                 } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
                     self.register_submit(domain, &from, id, payload).await
+                } else if payload.is("query", NS_MUC_OWNER) && to.node().is_some() && to.resource().is_none() {
+                    // A client confirming the room it created (an instant room, XEP-0045 §10.1.2)
+                    // or cancelling: the room's configuration is the network's, nothing to change.
+                    Iq::empty_result(from.clone(), id)
                 } else {
                     let err = StanzaError::new(
                         ErrorType::Cancel,
@@ -1248,20 +1339,10 @@ impl Gateway {
                 self.room_directory(domain, &from).await
             };
             Iq::Result { from: None, to: None, id, payload: Some(items) }
-        } else if payload.is("vCard", ns::VCARD) && to.node().is_some() && to.resource().is_none() {
-            // vcard-temp for puppets and rooms: the remote name, as the network spells it.
-            match self.chat_of(domain, &to) {
-                Ok(chat) => {
-                    let name = match self.router.get().and_then(|r| r.network(&chat.network)) {
-                        Some(network) => network.display_name(&chat.id.0),
-                        None => chat.id.0.clone(),
-                    };
-                    let vcard = Element::builder("vCard", ns::VCARD)
-                        .append(Element::builder("FN", ns::VCARD).append(name.clone()).build())
-                        .append(Element::builder("NICKNAME", ns::VCARD).append(name).build())
-                        .build();
-                    Iq::Result { from: None, to: None, id, payload: Some(vcard) }
-                }
+        } else if payload.is("vCard", ns::VCARD) && to.node().is_some() {
+            // vcard-temp for people (puppets and occupants) and rooms, as the network describes them.
+            match self.vcard(domain, &from, &to).await {
+                Ok(vcard) => Iq::Result { from: None, to: None, id, payload: Some(vcard) },
                 Err(text) => {
                     Iq::from_error(id, StanzaError::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, "en", text))
                 }
@@ -1273,54 +1354,19 @@ impl Gateway {
                 os: None,
             };
             Iq::from_result(id, Some(version))
-        } else if payload.is("query", ns::DISCO_INFO) && DiscoInfoQuery::try_from(payload.clone()).is_ok() {
-            let (identity, features): (Identity, Vec<&str>) = if to.node().is_none() {
-                (
-                    Identity::new(
-                        "gateway",
-                        domain.kind.to_lowercase(),
-                        "en",
-                        format!("Isthmus {} gateway", domain.kind),
-                    ),
-                    if self.has_login(domain) {
-                        vec![ns::DISCO_INFO, ns::MUC, ns::PING, ns::REGISTER, crate::xep::NS_COMMANDS]
-                    } else {
-                        vec![ns::DISCO_INFO, ns::MUC, ns::PING, crate::xep::NS_COMMANDS]
-                    },
-                )
-            } else {
-                match self.chat_of(domain, &to).map(|c| c.kind) {
-                    Ok(ChatKind::Room) => (
-                        Identity::new("conference", "text", "en", to.node().map(|n| n.to_string()).unwrap_or_default()),
-                        vec![
-                            ns::DISCO_INFO,
-                            ns::MUC,
-                            "muc_nonanonymous",
-                            "muc_persistent",
-                            "muc_open",
-                            ns::SID,
-                            ns::PING,
-                        ],
-                    ),
-                    Ok(_) => (
-                        Identity::new("client", "pc", "en", to.node().map(|n| n.to_string()).unwrap_or_default()),
-                        vec![ns::DISCO_INFO],
-                    ),
-                    Err(text) => {
-                        let err = StanzaError::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, "en", text);
-                        return self
-                            .send(domain, Stanza::Iq(Iq::from_error(id, err).with_to(from).with_from(to)))
-                            .await;
-                    }
+        } else if let Some(query) =
+            payload.is("query", ns::DISCO_INFO).then(|| DiscoInfoQuery::try_from(payload.clone()).ok()).flatten()
+        {
+            let not_found =
+                |text: &str| StanzaError::new(ErrorType::Cancel, DefinedCondition::ItemNotFound, "en", text);
+            match self.disco_info(domain, &from, &to).await {
+                // A node is only answered when it names the capabilities the entity advertises.
+                Ok(info) if crate::disco::node_matches(query.node.as_deref(), &info) => {
+                    Iq::from_result(id, Some(DiscoInfoResult { node: query.node, ..info }))
                 }
-            };
-            let result = DiscoInfoResult {
-                node: None,
-                identities: vec![identity],
-                features: features.into_iter().map(str::to_owned).collect(),
-                extensions: vec![],
-            };
-            Iq::from_result(id, Some(result))
+                Ok(_) => Iq::from_error(id, not_found("unknown node")),
+                Err(text) => Iq::from_error(id, not_found(&text)),
+            }
         } else {
             let err = StanzaError::new(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "en", "not supported");
             Iq::from_error(id, err)
@@ -1380,12 +1426,25 @@ impl Gateway {
             return;
         };
         let nick = &event.sender.nick;
+        // Whose people these are (portal rooms: the network the event came from), and
+        // whose view of their profiles (personal rooms: the account's).
+        let people_net = Self::people_network(&event.chat.network, &event.origin);
+        let viewer = (!event.chat.network.is_xmpp()).then(|| account.clone());
         match &event.kind {
             EventKind::SelfJoined { nick, occupants, topic } => {
                 session.joined = true;
                 session.nick = nick.clone();
                 session.occupants = occupants.iter().map(|o| (o.nick.clone(), o.clone())).collect();
+                session.people =
+                    occupants.iter().map(|o| (o.nick.clone(), self.person(&people_net, o.id.as_str()))).collect();
+                // A room that exists only while occupied, found empty: this join created it.
+                session.created = occupants.is_empty()
+                    && !session.restored
+                    && !self.is_portal(room)
+                    && self.capabilities_of(&event.chat.network).is_some_and(|c| c.rooms_exist_while_occupied);
                 session.topic = topic.clone();
+                let people = occupants.iter().map(|o| (o.id.0.clone(), o.nick.clone())).collect();
+                self.learn_profiles(people_net.clone(), viewer.clone(), room.clone(), account.clone(), people);
                 let pending: Vec<FullJid> = session.pending.drain().collect();
                 session.resources.extend(pending.iter().cloned());
                 entering.extend(pending);
@@ -1425,12 +1484,12 @@ impl Gateway {
             }
             EventKind::Joined { occupant } => {
                 session.occupants.insert(occupant.nick.clone(), occupant.clone());
-                if let Some(from) = full(room, &occupant.nick) {
-                    let item = Item::new(muc_affiliation(occupant.affiliation), muc_role(occupant.role));
-                    for res in &session.resources {
-                        out.push(occupant_presence(Jid::from(from.clone()), res, item.clone(), vec![], false));
-                    }
+                session.people.insert(occupant.nick.clone(), self.person(&people_net, occupant.id.as_str()));
+                for res in &session.resources {
+                    out.extend(self.other_presence(room, session, &occupant.nick, viewer.as_ref(), res, vec![]));
                 }
+                let people = vec![(occupant.id.0.clone(), occupant.nick.clone())];
+                self.learn_profiles(people_net.clone(), viewer.clone(), room.clone(), account.clone(), people);
             }
             EventKind::Left { kind, reason } => {
                 let mut codes = match kind {
@@ -1444,26 +1503,38 @@ impl Gateway {
                     item = item.with_reason(r.clone());
                 }
                 let targets: Vec<FullJid> = session.resources.iter().cloned().collect();
+                let mut real = None;
                 if event.sender.is_self {
                     codes.push(Status::SelfPresence);
                     rooms.remove(&key);
                 } else {
                     session.occupants.remove(nick);
+                    real = session.people.remove(nick).and_then(|p| p.real);
                 }
                 if let Some(from) = full(room, nick) {
                     for res in &targets {
-                        out.push(occupant_presence(Jid::from(from.clone()), res, item.clone(), codes.clone(), true));
+                        let p = occupant_presence(Jid::from(from.clone()), res, item.clone(), codes.clone(), true);
+                        out.push(crate::puppet::with_real_jid(p, real.as_ref()));
                     }
                 }
             }
             EventKind::NickChanged { new_nick } => {
                 let mut occupant = session.occupants.remove(nick);
+                let old_person = session.people.remove(nick);
                 if event.sender.is_self {
                     session.nick = new_nick.clone();
                 } else if let Some(o) = occupant.as_mut() {
+                    // Where the id is the nick (IRC), the person's JID changes with it.
+                    let new_id = match self.router.get().and_then(|r| r.network(&people_net)) {
+                        Some(net) => net.renamed_id(o.id.as_str(), new_nick),
+                        None => o.id.0.clone(),
+                    };
                     o.nick = new_nick.clone();
+                    o.id = isthmus_core::model::RemoteId::new(new_id.clone());
                     session.occupants.insert(new_nick.clone(), o.clone());
+                    session.people.insert(new_nick.clone(), self.person(&people_net, &new_id));
                 }
+                let old_real = old_person.and_then(|p| p.real);
                 let (aff, role) = occupant.map(|o| (o.affiliation, o.role)).unwrap_or_default();
                 let mut codes = vec![Status::NewNick];
                 if event.sender.is_self {
@@ -1472,10 +1543,14 @@ impl Gateway {
                 for res in &session.resources {
                     if let (Some(old), Some(new)) = (full(room, nick), full(room, new_nick)) {
                         let item = Item::new(muc_affiliation(aff), muc_role(role)).with_nick(new_nick.clone());
-                        out.push(occupant_presence(Jid::from(old), res, item, codes.clone(), true));
-                        let item = Item::new(muc_affiliation(aff), muc_role(role));
-                        let codes = if event.sender.is_self { vec![Status::SelfPresence] } else { vec![] };
-                        out.push(occupant_presence(Jid::from(new), res, item, codes, false));
+                        let p = occupant_presence(Jid::from(old), res, item, codes.clone(), true);
+                        out.push(crate::puppet::with_real_jid(p, old_real.as_ref()));
+                        if event.sender.is_self {
+                            let item = Item::new(muc_affiliation(aff), muc_role(role)).with_jid(res.clone());
+                            out.push(occupant_presence(Jid::from(new), res, item, vec![Status::SelfPresence], false));
+                        } else {
+                            out.extend(self.other_presence(room, session, new_nick, viewer.as_ref(), res, vec![]));
+                        }
                     }
                 }
             }
@@ -1492,8 +1567,10 @@ impl Gateway {
                         if is_self {
                             item = item.with_jid(res.clone());
                             codes.push(Status::SelfPresence);
+                            out.push(occupant_presence(Jid::from(from.clone()), res, item, codes, false));
+                        } else {
+                            out.extend(self.other_presence(room, session, nick, viewer.as_ref(), res, vec![]));
                         }
-                        out.push(occupant_presence(Jid::from(from.clone()), res, item, codes, false));
                     }
                 }
             }
@@ -1604,6 +1681,9 @@ impl Network for Gateway {
         Ok(Delivered::ids(vec![event.key.0.clone()]))
     }
 }
+
+/// XEP-0045 room owners' namespace.
+const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 
 /// The XEP-0085 element name of a chat state.
 fn chat_state_name(state: isthmus_core::model::ChatState) -> &'static str {

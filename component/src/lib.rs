@@ -14,9 +14,11 @@
 pub mod app;
 pub mod archive;
 pub mod commands;
+pub mod disco;
 pub mod gateway;
 pub mod link;
 pub mod nesting;
+pub mod puppet;
 pub mod server;
 pub mod stanza;
 pub mod xep;

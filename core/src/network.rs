@@ -33,6 +33,9 @@ pub struct Capabilities {
     /// The network confirms what it accepted by echoing it back with its own id
     /// (IRCv3 echo-message, Matrix sync): the echo is the confirmation.
     pub echoes_own_messages: bool,
+    /// Rooms exist only while someone is in them (IRC channels): a join that finds
+    /// the room empty created it.
+    pub rooms_exist_while_occupied: bool,
 }
 
 impl Capabilities {
@@ -49,6 +52,7 @@ impl Capabilities {
             typing: true,
             read_markers: true,
             echoes_own_messages: true,
+            rooms_exist_while_occupied: false,
         }
     }
 }
@@ -134,6 +138,32 @@ pub struct RoomListing {
     pub name: Option<String>,
 }
 
+/// A person as their network describes them: what the XMPP side shows in vCards
+/// (XEP-0054), avatar hashes (XEP-0153) and nicknames (XEP-0172).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// The name the person chose (a Matrix display name, an IRC nick).
+    pub display_name: Option<String>,
+    /// Their picture, when they have one.
+    pub avatar: Option<Avatar>,
+}
+
+/// A person's picture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Avatar {
+    pub data: AvatarData,
+    /// The media type (`image/png`), when the network says or the bytes show it.
+    pub mime: Option<String>,
+}
+
+/// Where a picture is: already fetched by the bridge (through the account's own
+/// client, e.g. Matrix media), or at a public URL the XMPP side fetches itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AvatarData {
+    Bytes(Vec<u8>),
+    Url(String),
+}
+
 /// A network a bridge connects to.
 #[async_trait]
 pub trait Network: Send + Sync + 'static {
@@ -150,6 +180,20 @@ pub trait Network: Send + Sync + 'static {
 
     /// The name to show for a remote id (a person's nick, a room's name). By default the id itself.
     fn display_name(&self, id: &str) -> String {
+        id.to_owned()
+    }
+
+    /// The profile of the person `id` as `account` sees them (`None`: a portal, seen
+    /// by the gateway itself). By default only the [`Network::display_name`]; a network
+    /// with pictures fetches them here. Called when an XMPP client asks for the
+    /// person's vCard and when the person appears in a room; the XMPP side caches it.
+    async fn profile(&self, _account: Option<&jid::BareJid>, id: &str) -> Result<Profile, DeliveryError> {
+        Ok(Profile { display_name: Some(self.display_name(id)), avatar: None })
+    }
+
+    /// The id a person has after changing nick to `new_nick`, on networks where the
+    /// id is the nick (IRC `nick%server`). By default the id does not change.
+    fn renamed_id(&self, id: &str, _new_nick: &str) -> String {
         id.to_owned()
     }
 

@@ -13,15 +13,21 @@ stdin commands:
   {"op": "send_raw", "xml": "<message .../>"}
   {"op": "join", "room": "...", "nick": "...", "password": null, "maxstanzas": null}
   {"op": "send", "to": "...", "type": "groupchat", "body": "...", "id": "..."}
+  {"op": "verstring", "jid": "...", "node": "...", "hash": "sha-1"}: asks the entity for disco#info
+      (at that node) and answers {"event": "verstring", "ver", "xml"} with the XEP-0115
+      verification string slixmpp computes from the answer ({"ver": null, "error"} on failure)
   {"op": "disconnect"}
 """
 import asyncio
+import hashlib
 import json
 import sys
+import types
 from xml.sax.saxutils import quoteattr, escape
 
 import slixmpp
 from slixmpp.xmlstream import tostring
+from slixmpp.plugins.xep_0115 import XEP_0115
 
 
 def emit(obj):
@@ -42,7 +48,7 @@ class Driver(slixmpp.ClientXMPP):
             self.enable_starttls = False
             self.plugin["feature_mechanisms"].unencrypted_plain = True
             self.plugin["feature_mechanisms"].unencrypted_scram = True
-        for p in ("xep_0030", "xep_0045", "xep_0199", "xep_0359"):
+        for p in ("xep_0004", "xep_0030", "xep_0045", "xep_0199", "xep_0359"):
             self.register_plugin(p)
         self.add_event_handler("session_start", self.on_start)
         self.add_event_handler("failed_auth", lambda f: emit({"event": "failed", "reason": "authentication failed",
@@ -66,6 +72,19 @@ class Driver(slixmpp.ClientXMPP):
         mech = self.plugin["feature_mechanisms"].mech
         emit({"event": "ready", "mechanism": mech.name if mech else None,
               "tls": self.transport is not None and self.transport.get_extra_info("sslcontext") is not None})
+
+
+async def verstring(client, cmd):
+    """slixmpp's own XEP-0115 algorithm over the entity's disco#info answer, without
+    registering the caps plugin (which would change what the client sends)."""
+    try:
+        iq = await client.plugin["xep_0030"].get_info(jid=cmd["jid"], node=cmd.get("node"), cached=False, timeout=15)
+        algo = cmd.get("hash", "sha-1")
+        helper = types.SimpleNamespace(hashes={"sha-1": hashlib.sha1, "sha-256": hashlib.sha256}, xmpp=client)
+        ver = XEP_0115.generate_verstring(helper, iq["disco_info"], algo)
+        emit({"event": "verstring", "jid": cmd["jid"], "ver": ver, "xml": tostring(iq.xml)})
+    except Exception as e:  # an error answer or a timeout: the test says which
+        emit({"event": "verstring", "jid": cmd["jid"], "ver": None, "error": repr(e)})
 
 
 async def commands(client):
@@ -94,6 +113,8 @@ async def commands(client):
             if cmd.get("id"):
                 msg["id"] = cmd["id"]
             msg.send()
+        elif op == "verstring":
+            asyncio.ensure_future(verstring(client, cmd))
         elif op == "disconnect":
             client.disconnect()
             return

@@ -199,6 +199,32 @@ impl XmppClient {
         self.command(json!({"op": "send", "to": to, "type": "groupchat", "body": body, "id": id})).await
     }
 
+    /// Ask `jid` for disco#info at `node` (XEP-0115 `node#ver`) and compute, with
+    /// slixmpp's own XEP-0115 code, the verification string of the answer: (ver, answer XML).
+    pub async fn verstring(&mut self, jid: &str, node: &str, hash: &str) -> Result<(String, String)> {
+        self.command(json!({"op": "verstring", "jid": jid, "node": node, "hash": hash})).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) if ev["event"] == "stanza" => {
+                    let s = to_stanza(&ev);
+                    self.seen.push(s.xml.clone());
+                    self.buffer.push_back(s);
+                }
+                Ok(Some(ev)) if ev["event"] == "verstring" && ev["jid"] == jid => {
+                    let xml = ev["xml"].as_str().unwrap_or_default().to_owned();
+                    return match ev["ver"].as_str() {
+                        Some(ver) => Ok((ver.to_owned(), xml)),
+                        None => bail!("disco#info to {jid} at {node} failed: {}", ev["error"]),
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => bail!("the XMPP driver for {} exited", self.jid),
+                Err(_) => bail!("{}: no disco#info answer from {jid} within 30 s", self.jid),
+            }
+        }
+    }
+
     /// Wait until the server ends the connection.
     pub async fn expect_disconnected(&mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;

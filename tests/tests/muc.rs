@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use isthmus_tests::scenario::{IrcSetup, T, room};
+use isthmus_tests::scenario::{IRC_DOMAIN, IrcSetup, T, room};
 use isthmus_tests::{IrcClient, Stanza, XmppClient, XmppServerKind};
 
 /// The text between `<tag ...>` and `</tag>` in some XML.
@@ -345,3 +345,200 @@ async fn persistent_channels_keep_the_user_on_irc(xmpp: XmppServerKind) -> Resul
 }
 
 isthmus_tests::on_both_xmpp_servers!(persistent_channels_keep_the_user_on_irc);
+
+/// The start tag of the first `<name …>` element in namespace `xmlns` in some XML.
+fn tag_in<'a>(xml: &'a str, name: &str, xmlns: &str) -> Option<&'a str> {
+    let mut rest = xml;
+    while let Some(i) = rest.find(&format!("<{name} ")) {
+        let tag = &rest[i..i + rest[i..].find('>')? + 1];
+        if tag.contains(&format!("xmlns=\"{xmlns}\"")) {
+            return Some(tag);
+        }
+        rest = &rest[i + 1..];
+    }
+    None
+}
+
+/// The value of attribute `attr` in a start tag.
+fn attr(tag: &str, attr: &str) -> Option<String> {
+    let i = tag.find(&format!(" {attr}=\""))? + attr.len() + 3;
+    Some(tag[i..i + tag[i..].find('"')?].to_owned())
+}
+
+const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+
+/// The XEP-0115 `<c/>` of a presence verifies: slixmpp's own algorithm over what the
+/// entity answers at `node#ver` gives `ver`. Returns the disco#info answer.
+async fn caps_verify(c: &mut XmppClient, presence: &Stanza) -> Result<String> {
+    let Some(caps) = tag_in(&presence.xml, "c", NS_CAPS) else { bail!("no entity capabilities: {}", presence.xml) };
+    let (node, ver) = (attr(caps, "node").unwrap_or_default(), attr(caps, "ver").unwrap_or_default());
+    assert_eq!(attr(caps, "hash").as_deref(), Some("sha-1"), "{caps}");
+    assert!(!node.is_empty() && !ver.is_empty(), "{caps}");
+    let (computed, info) = c.verstring(&presence.from, &format!("{node}#{ver}"), "sha-1").await?;
+    assert_eq!(computed, ver, "the hash of what {} answers: {info}", presence.from);
+    Ok(info)
+}
+
+/// Occupants are non-anonymous: each remote person's real JID (their puppet, to
+/// chat with them) is in their occupant item, the self-presence says 100 and the
+/// room's disco#info `muc_nonanonymous`; joining an empty IRC channel created it
+/// (201). Presences carry entity capabilities that verify against the entity's own
+/// disco#info; people have vCards and answer subscriptions with their nick.
+async fn occupants_have_real_jids_caps_and_vcards(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#real").await?;
+    let room = room("#real");
+    let bob_jid = format!("bob%127.0.0.1@{IRC_DOMAIN}");
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.join(&room, "alice").await?;
+    let own =
+        alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice") && st.has_status(110)).await?;
+    assert!(own.has_status(100), "the room is non-anonymous: {}", own.xml);
+    assert!(!own.has_status(201), "bob was there: the room existed: {}", own.xml);
+    let bob_presence = alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/bob")).await?;
+    let item = tag_in(&bob_presence.xml, "item", "http://jabber.org/protocol/muc#user")
+        .or_else(|| bob_presence.xml.split("<item").nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(item.contains(&format!("jid=\"{bob_jid}\"")), "bob's real JID is his puppet: {}", bob_presence.xml);
+    assert!(bob_presence.xml.contains("vcard-temp:x:update"), "avatar state (XEP-0153): {}", bob_presence.xml);
+
+    // the room says it is non-anonymous
+    alice
+        .send_raw(&format!(
+            "<iq type='get' id='di1' to='{room}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        ))
+        .await?;
+    let info = alice.expect(T, |st| st.kind == "iq" && st.id == "di1").await?;
+    assert!(info.xml.contains("var=\"muc_nonanonymous\""), "{}", info.xml);
+
+    // the real JID reaches the person
+    alice
+        .send_raw(&format!("<message to='{bob_jid}' type='chat' id='pm1'><body>hello from the item</body></message>"))
+        .await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.ends_with("PRIVMSG bob :hello from the item")).await?;
+
+    // capabilities of an occupant verify against what the occupant JID answers
+    let occupant_info = caps_verify(&mut alice, &bob_presence).await?;
+    assert!(occupant_info.contains("vcard-temp"), "{occupant_info}");
+
+    // the occupant's and the puppet's vCards: the IRC nick, no picture
+    for (id, to) in [("v1", format!("{room}/bob")), ("v2", bob_jid.clone())] {
+        alice.send_raw(&format!("<iq type='get' id='{id}' to='{to}'><vCard xmlns='vcard-temp'/></iq>")).await?;
+        let vcard = alice.expect(T, |st| st.kind == "iq" && st.id == id).await?;
+        assert_eq!(vcard.type_, "result", "{}", vcard.xml);
+        assert_eq!(inner(&vcard.xml, "NICKNAME"), Some("bob"), "{}", vcard.xml);
+        assert!(!vcard.xml.contains("<PHOTO"), "IRC has no pictures: {}", vcard.xml);
+    }
+
+    // a nick change on IRC changes the real JID with it
+    bob.send_line("NICK bobby").await?;
+    let renamed = alice
+        .expect(T, |st| st.kind == "presence" && st.from == format!("{room}/bobby") && st.type_ != "unavailable")
+        .await?;
+    assert!(renamed.xml.contains(&format!("jid=\"bobby%127.0.0.1@{IRC_DOMAIN}\"")), "{}", renamed.xml);
+
+    // subscribing to the puppet and to the gateway: accepted, then their presence with
+    // capabilities (verified), the puppet's with its nick (XEP-0172) and avatar state
+    let bobby_jid = format!("bobby%127.0.0.1@{IRC_DOMAIN}");
+    for to in [bobby_jid.as_str(), IRC_DOMAIN] {
+        // (the XMPP server turns the `subscribed` answer into a roster push; the
+        // presence that follows shows it was accepted: it reaches the bare JID)
+        alice.send_raw(&format!("<presence to='{to}' type='subscribe'/>")).await?;
+        let p = alice
+            .expect(T, |st| st.kind == "presence" && st.from == to && (st.type_.is_empty() || st.type_ == "available"))
+            .await?;
+        let info = caps_verify(&mut alice, &p).await?;
+        if to == IRC_DOMAIN {
+            assert!(info.contains("category=\"gateway\""), "{info}");
+        } else {
+            assert_eq!(inner(&p.xml, "nick"), Some("bobby"), "XEP-0172 nick: {}", p.xml);
+            assert!(p.xml.contains("<photo />") || p.xml.contains("<photo/>"), "known: no picture: {}", p.xml);
+        }
+    }
+
+    // an empty channel: alice's join creates it
+    let fresh = isthmus_tests::scenario::room("#fresh");
+    alice.join(&fresh, "alice").await?;
+    let own = alice
+        .expect(T, |st| st.kind == "presence" && st.from == format!("{fresh}/alice") && st.has_status(110))
+        .await?;
+    assert!(own.has_status(201), "the join created the channel: {}", own.xml);
+    // the instant-room confirmation clients send after 201 is accepted
+    alice
+        .send_raw(&format!(
+            "<iq type='set' id='own1' to='{fresh}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"
+        ))
+        .await?;
+    let ok = alice.expect(T, |st| st.kind == "iq" && st.id == "own1").await?;
+    assert_eq!(ok.type_, "result", "{}", ok.xml);
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(occupants_have_real_jids_caps_and_vcards);
+
+/// Rows of `room`'s archive whose body starts with `prefix`.
+async fn archived_count(pool: &sqlx::SqlitePool, room: &str, prefix: &str) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM archive WHERE room = ?1 AND body LIKE ?2")
+        .bind(room)
+        .bind(format!("{prefix}%"))
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+/// The bodies MAM returns for `room`, oldest first.
+async fn mam_bodies(c: &mut XmppClient, room: &str, qid: &str) -> Result<Vec<String>> {
+    let (results, _) = mam(c, room, qid, "<max>50</max>", "").await?;
+    Ok(results.iter().filter_map(|r| inner(&r.xml, "body")).map(str::to_owned).collect())
+}
+
+/// Archive retention (`archive.retention_days`, default 7; 0 keeps everything):
+/// messages older than the retention are no longer returned by MAM, and the
+/// pruning task (at start, then hourly) removes them from the store, while recent
+/// ones stay. "Old" messages are made old by moving their time back in the store.
+async fn mam_retention_prunes_expired_messages(xmpp: XmppServerKind) -> Result<()> {
+    for (retention, kept) in [("", false), ("archive:\n  retention_days: 0\n", true)] {
+        let mut s = IrcSetup::start_xmpp(xmpp, retention).await?;
+        let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+        bob.join("#retain").await?;
+        let room = room("#retain");
+        let mut alice = s.join("alice", "r", &room, "alice").await?;
+        fill(&mut bob, &mut alice, "#retain", "old", 3).await?;
+        fill(&mut bob, &mut alice, "#retain", "new", 2).await?;
+        assert_eq!(mam_bodies(&mut alice, &room, "r0").await?, ["old 0", "old 1", "old 2", "new 0", "new 1"]);
+
+        // eight days pass for the "old" messages
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/isthmus.db", s.gateway.dir().display())).await?;
+        let eight_days_us: i64 = 8 * 86_400 * 1_000_000;
+        sqlx::query("UPDATE archive SET time_us = time_us - ?1 WHERE room = ?2 AND body LIKE 'old %'")
+            .bind(eight_days_us)
+            .bind(&room)
+            .execute(&pool)
+            .await?;
+        let all = ["old 0", "old 1", "old 2", "new 0", "new 1"];
+        let expected: &[&str] = if kept { &all } else { &all[3..] };
+        assert_eq!(mam_bodies(&mut alice, &room, "r1").await?, expected, "expired messages are not returned");
+
+        // the pruning task runs at start: the expired rows are gone from the store
+        s.gateway.restart().await?;
+        let ready =
+            if xmpp == XmppServerKind::Embedded { "accepting XMPP clients" } else { "component link established" };
+        s.gateway.wait_log(ready, 2, T).await?;
+        if !kept {
+            s.gateway.wait_log("archive retention applied", 2, T).await?;
+        }
+        assert_eq!(archived_count(&pool, &room, "old ").await?, if kept { 3 } else { 0 }, "retention {retention:?}");
+        assert_eq!(archived_count(&pool, &room, "new ").await?, 2, "recent messages stay");
+        // (a new connection: with the embedded server, the restart ended the first one)
+        let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/r2", "alicepass").await?;
+        assert_eq!(mam_bodies(&mut alice, &room, "r2").await?, expected, "after pruning");
+        if kept {
+            assert!(!s.gateway.log().contains("archive retention applied"), "0 keeps everything: no pruning task");
+        }
+    }
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(mam_retention_prunes_expired_messages);

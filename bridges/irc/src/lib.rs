@@ -125,7 +125,15 @@ impl Network for IrcNetwork {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        // A channel exists while someone is in it: joining an empty one creates it.
+        Capabilities { rooms_exist_while_occupied: true, ..Capabilities::default() }
+    }
+
+    fn renamed_id(&self, id: &str, new_nick: &str) -> String {
+        match IrcTarget::parse(id, self.config.pinned_server.as_deref()) {
+            Ok(t) if !t.is_channel() && !t.name.is_empty() => address::chat_id(new_nick, &t.server),
+            _ => id.to_owned(),
+        }
     }
 
     async fn account_status(&self, account: &BareJid) -> Vec<String> {

@@ -35,7 +35,8 @@ use isthmus_config::MatrixNetworkConfig;
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId};
 use isthmus_core::network::{
-    Capabilities, Delivered, DeliveryError, EventSink, LoginError, LoginField, LoginValues, Network, RoomListing,
+    Capabilities, Delivered, DeliveryError, EventSink, LoginError, LoginField, LoginValues, Network, Profile,
+    RoomListing,
 };
 use isthmus_core::store::{AccountRecord, Store};
 use matrix_sdk::authentication::matrix::MatrixSession;
@@ -373,6 +374,14 @@ impl Network for MatrixNetwork {
                 vec![format!("logged in to {} as {}, in {rooms} rooms", s.client.homeserver(), s.user_id)]
             }
             None => Vec::new(),
+        }
+    }
+
+    async fn profile(&self, account: Option<&BareJid>, id: &str) -> Result<Profile, DeliveryError> {
+        // Personal rooms: through the account's own client. Portals: the display name only.
+        match account {
+            Some(account) => self.session(account).await?.profile(id).await,
+            None => Ok(Profile { display_name: Some(self.display_name(id)), avatar: None }),
         }
     }
 

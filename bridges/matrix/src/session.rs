@@ -20,7 +20,7 @@ use isthmus_core::model::{
     Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, MessageRef, NetworkId, Occupant,
     Role, Sender,
 };
-use isthmus_core::network::{DeliveryError, EventSink, Routed};
+use isthmus_core::network::{Avatar, AvatarData, DeliveryError, EventSink, Profile, Routed};
 use isthmus_core::store::{AccountRecord, Store};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType;
@@ -783,6 +783,39 @@ impl Session {
     pub async fn set_topic(&self, chat: &ChatRef, text: &str) -> Result<(), DeliveryError> {
         let room = self.room_for(chat, false).await?;
         room.set_room_topic(text).await.map(|_| ()).map_err(unavailable)
+    }
+
+    /// The profile of the Matrix user `user` (display name and picture), fetched
+    /// through this account's client: the picture's mxc is downloaded with the
+    /// account's own access (authenticated media).
+    pub async fn profile(&self, user: &str) -> Result<Profile, DeliveryError> {
+        use matrix_sdk::media::{MediaFormat, MediaRequestParameters};
+        use matrix_sdk::ruma::api::client::profile::{AvatarUrl, DisplayName};
+        use matrix_sdk::ruma::events::room::MediaSource;
+
+        let user_id = UserId::parse(user)
+            .map_err(|e| DeliveryError::Rejected(format!("`{user}` is not a Matrix user id: {e}")))?;
+        let response = self
+            .client
+            .account()
+            .fetch_user_profile_of(&user_id)
+            .await
+            .map_err(|e| DeliveryError::Unavailable(format!("cannot read the profile of {user}: {e}")))?;
+        let display_name = response.get_static::<DisplayName>().ok().flatten();
+        let avatar = match response.get_static::<AvatarUrl>().ok().flatten() {
+            Some(mxc) => {
+                let request = MediaRequestParameters { source: MediaSource::Plain(mxc), format: MediaFormat::File };
+                match self.client.media().get_media_content(&request, true).await {
+                    Ok(bytes) => Some(Avatar { data: AvatarData::Bytes(bytes), mime: None }),
+                    Err(e) => {
+                        warn!(user, error = %e, "cannot download the profile picture");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Profile { display_name, avatar })
     }
 
     /// The rooms this account is in (not direct chats), for the room directory.
