@@ -68,7 +68,7 @@ pub struct MatrixNetwork {
     sessions: Mutex<HashMap<BareJid, Arc<Session>>>,
     /// The media proxy, when configured and listening; kept to keep it running.
     _media: Option<media::MediaProxy>,
-    /// Portal rooms, when an application service is configured.
+    /// Portal rooms, when an application service or a bot account is configured.
     portals: Option<Arc<appservice::Portals>>,
 }
 
@@ -101,10 +101,13 @@ impl MatrixNetwork {
         sink: EventSink,
     ) -> Arc<MatrixNetwork> {
         let data_dir = config.resolved_data_dir(base_dir).join(dir_name_of_domain(&config.domain));
-        let portals = config
-            .appservice
-            .as_ref()
-            .map(|a| appservice::Portals::new(id.clone(), a.clone(), config.portals.clone(), sink.clone()));
+        let acting = match (&config.appservice, &config.bot) {
+            (Some(a), _) => Some(appservice::Acting::Appservice(a.clone())),
+            (None, Some(b)) => Some(appservice::Acting::Bot { config: b.clone(), data_dir: data_dir.clone() }),
+            (None, None) => None,
+        };
+        let portals =
+            acting.map(|acting| appservice::Portals::new(id.clone(), acting, config.portals.clone(), sink.clone()));
         Arc::new_cyclic(|me: &Weak<MatrixNetwork>| {
             let media = config.media.as_ref().and_then(|media_config| {
                 let me = me.clone();
@@ -392,7 +395,7 @@ impl Network for MatrixNetwork {
             return match &self.portals {
                 Some(portals) => portals.deliver(event).await,
                 None => Err(DeliveryError::Rejected(format!(
-                    "`{}` is not a portal room: this Matrix gateway has no application service (`appservice`) for portal rooms",
+                    "`{}` is not a portal room: this Matrix gateway has no application service (`appservice`) or `bot` for portal rooms",
                     event.chat.id
                 ))),
             };
