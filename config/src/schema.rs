@@ -497,6 +497,11 @@ pub struct MatrixNetworkConfig {
     /// The media proxy that makes Matrix files fetchable by XMPP clients; without
     /// it, files reach XMPP with their `mxc://` address.
     pub media: Option<MatrixMediaConfig>,
+    /// Whether files XMPP users send may be fetched from loopback, private and
+    /// link-local addresses (off: such links are refused, so a user cannot make the
+    /// gateway read internal services).
+    #[serde(default)]
+    pub fetch_private_addresses: bool,
     /// The application service that shows XMPP users as Matrix users of their own
     /// in portal rooms (`isthmus matrix-registration` prints the file for the homeserver).
     pub appservice: Option<MatrixAppserviceConfig>,

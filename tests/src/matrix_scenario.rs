@@ -35,7 +35,17 @@ impl MatrixSetup {
     }
 
     /// Start with Synapse options and YAML appended to the Matrix network entry (indented 4).
+    /// Files may be fetched from loopback addresses (everything runs there).
     pub async fn start_with(options: SynapseOptions, extra_yaml: &str) -> Result<MatrixSetup> {
+        Self::start_with_fetch_policy(options, extra_yaml, true).await
+    }
+
+    /// [`MatrixSetup::start_with`], with `fetch_private_addresses` as given.
+    pub async fn start_with_fetch_policy(
+        options: SynapseOptions,
+        extra_yaml: &str,
+        fetch_private_addresses: bool,
+    ) -> Result<MatrixSetup> {
         let synapse = Synapse::start(options).await?;
         let alice_mx = synapse.register("alice", "alice-mx-pass", false).await?;
         let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
@@ -63,6 +73,7 @@ matrix:
   - domain: {MATRIX_DOMAIN}
     default_homeserver: {hs}
     data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: {fetch_private_addresses}
     media:
       listen: "127.0.0.1:{media_port}"
       public_url: "{media_url}"

@@ -259,6 +259,45 @@ async fn an_image_both_ways() -> Result<()> {
     Ok(())
 }
 
+/// By default the gateway fetches no file from a loopback, private or link-local
+/// address: the sender gets an error saying so, the address is never contacted and
+/// nothing reaches Matrix. (`an_image_both_ways` is the allowed case, the setting on.)
+#[tokio::test]
+async fn a_file_on_a_private_address_is_refused_by_default() -> Result<()> {
+    let s = MatrixSetup::start_with_fetch_policy(Default::default(), "", false).await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let room_id = s.bob.create_room(Some("No SSRF"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room_id)?;
+    let joined = join_room(&mut alice, &room_jid, "Alice").await?;
+    assert!(joined.has_status(110), "{}", joined.xml);
+    let (port, server) = serve_file(b"internal secret".to_vec(), "text/plain", 1).await?;
+    for (id, file_url) in [
+        ("ssrf1", format!("http://127.0.0.1:{port}/admin/secret.txt")),
+        ("ssrf2", format!("http://localhost:{port}/admin/secret.txt")),
+    ] {
+        alice
+            .send_raw(&format!(
+                "<message type='groupchat' to='{room_jid}' id='{id}'><body>{file_url}</body>\
+                 <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+            ))
+            .await?;
+        let err = alice.expect(T, |m| m.kind == "message" && m.id == id && m.type_ == "error").await?;
+        assert!(err.xml.contains("does not fetch files from such addresses"), "{}", err.xml);
+        assert!(err.xml.contains("fetch_private_addresses"), "says how to allow it: {}", err.xml);
+    }
+    // A message after them still goes through, and nothing of the refused ones did.
+    alice.send_groupchat(&room_jid, "after the refusals").await?;
+    s.bob.wait_for(&room_id, T, |e| e["content"]["body"] == "after the refusals").await?;
+    let history = s.bob.messages(&room_id, 30).await?;
+    assert!(
+        !history.iter().any(|e| e["content"]["body"].as_str().is_some_and(|b| b.contains("secret.txt"))),
+        "a refused file reached Matrix: {history:?}"
+    );
+    assert!(!server.is_finished(), "the private address was contacted");
+    server.abort();
+    Ok(())
+}
+
 /// kill -9 Isthmus while a Matrix burst flows to XMPP, restart it: nothing is
 /// bridged twice, everything sent while it was down arrives, in order. The
 /// restarted gateway resumes the sync from the last point whose events were safe

@@ -527,6 +527,8 @@ pub struct Portals {
     /// What the transaction being processed handed the router, to wait for before acknowledging it.
     routed: StdMutex<Vec<Routed>>,
     server: StdMutex<Option<JoinHandle<()>>>,
+    /// Fetches the files XMPP users send.
+    fetcher: Arc<crate::media::Fetcher>,
 }
 
 impl Drop for Portals {
@@ -555,7 +557,13 @@ pub enum Acting {
 }
 
 impl Portals {
-    pub fn new(network: NetworkId, acting: Acting, portals: Vec<MatrixPortalConfig>, sink: EventSink) -> Arc<Portals> {
+    pub fn new(
+        network: NetworkId,
+        acting: Acting,
+        portals: Vec<MatrixPortalConfig>,
+        sink: EventSink,
+        fetcher: Arc<crate::media::Fetcher>,
+    ) -> Arc<Portals> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
@@ -588,6 +596,7 @@ impl Portals {
             transactions: tokio::sync::Mutex::new(SeenTransactions::default()),
             routed: StdMutex::new(Vec::new()),
             server: StdMutex::new(None),
+            fetcher,
         })
     }
 
@@ -898,7 +907,7 @@ impl Portals {
     async fn upload(&self, puppet: Option<&str>, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
         let refused =
             |why: String| DeliveryError::Rejected(format!("the file {} cannot be sent to Matrix: {why}", a.url));
-        let (bytes, served) = crate::media::fetch(&a.url, crate::media::MAX_FILE_BYTES).await.map_err(refused)?;
+        let (bytes, served) = self.fetcher.fetch(&a.url, crate::media::MAX_FILE_BYTES).await.map_err(refused)?;
         let name = crate::media::attachment_name(a);
         let mime = crate::media::choose_mime(a.mime.as_deref(), served.as_deref(), &name);
         let size = bytes.len() as u64;
@@ -1703,7 +1712,8 @@ mod tests {
     #[test]
     fn puppets_and_the_bot_are_recognised() {
         let (sink, _stream) = EventSink::channel(4);
-        let p = Portals::new(NetworkId::new("matrix"), Acting::Appservice(config()), Vec::new(), sink);
+        let fetcher = Arc::new(crate::media::Fetcher::new(false));
+        let p = Portals::new(NetworkId::new("matrix"), Acting::Appservice(config()), Vec::new(), sink, fetcher);
         assert_eq!(p.bot(), "@isthmus:example.org");
         assert_eq!(p.puppet_of("alice@localhost").unwrap().as_deref(), Some("@_xmpp_alice=40localhost:example.org"));
         assert_eq!(p.puppet_jid("@_xmpp_alice=40localhost:example.org").as_deref(), Some("alice@localhost"));

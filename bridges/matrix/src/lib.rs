@@ -70,6 +70,8 @@ pub struct MatrixNetwork {
     _media: Option<media::MediaProxy>,
     /// Portal rooms, when an application service or a bot account is configured.
     portals: Option<Arc<appservice::Portals>>,
+    /// Fetches the files XMPP users send, with the network's address policy.
+    fetcher: Arc<media::Fetcher>,
 }
 
 fn not_linked() -> DeliveryError {
@@ -106,8 +108,10 @@ impl MatrixNetwork {
             (None, Some(b)) => Some(appservice::Acting::Bot { config: b.clone(), data_dir: data_dir.clone() }),
             (None, None) => None,
         };
-        let portals =
-            acting.map(|acting| appservice::Portals::new(id.clone(), acting, config.portals.clone(), sink.clone()));
+        let fetcher = Arc::new(media::Fetcher::new(config.fetch_private_addresses));
+        let portals = acting.map(|acting| {
+            appservice::Portals::new(id.clone(), acting, config.portals.clone(), sink.clone(), fetcher.clone())
+        });
         Arc::new_cyclic(|me: &Weak<MatrixNetwork>| {
             let media = config.media.as_ref().and_then(|media_config| {
                 let me = me.clone();
@@ -136,6 +140,7 @@ impl MatrixNetwork {
                 sessions: Mutex::new(HashMap::new()),
                 _media: media,
                 portals,
+                fetcher,
             }
         })
     }
@@ -211,6 +216,7 @@ impl MatrixNetwork {
             dir,
             self.store.clone(),
             resume_from,
+            self.fetcher.clone(),
         ))
     }
 
@@ -338,6 +344,7 @@ impl Network for MatrixNetwork {
             dir,
             self.store.clone(),
             None,
+            self.fetcher.clone(),
         );
         session.start(true);
         self.sessions.lock().await.insert(account.clone(), session);

@@ -14,12 +14,17 @@
 //! turned into a page of the gateway's origin.
 //!
 //! **XMPP → Matrix.** [`upload_attachment`] fetches an attachment's URL (at most
-//! [`MAX_FILE_BYTES`]) and uploads it to the homeserver; `session` then sends
-//! the file event that `outgoing::file_content` builds.
+//! [`MAX_FILE_BYTES`]) with a [`Fetcher`] and uploads it to the homeserver;
+//! `session` then sends the file event that `outgoing::file_content` builds.
+//! The fetcher refuses, unless the network's `fetch_private_addresses` allows
+//! them, every address that is not public ([`is_public`]: loopback, private,
+//! link-local, shared, unspecified, multicast…), whether the URL names it, its
+//! host name resolves to it (checked on every connection, so a name cannot
+//! change its answer between the check and the download) or a redirect leads there.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
@@ -488,25 +493,135 @@ async fn download(state: &State, server: &str, media_id: &str) -> Result<Vec<u8>
     Err(status)
 }
 
-static HTTP: LazyLock<Result<reqwest::Client, String>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
-        .timeout(Duration::from_secs(600))
-        .build()
-        .map_err(|e| e.to_string())
-});
-
-/// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
-pub async fn fetch(url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err("only http and https links can be fetched".into());
+/// Whether `ip` is an address of the public internet: not loopback, private
+/// (RFC 1918, IPv6 unique local), link-local, shared (100.64.0.0/10), unspecified,
+/// broadcast, multicast, documentation or reserved; IPv4-mapped IPv6 addresses as their IPv4.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_unique_local()
+                    || v6.is_unicast_link_local())
+            }
+        },
     }
-    let http = HTTP.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
+}
+
+/// Why an address is refused, for the sender.
+fn refusal(host: &str, ip: IpAddr) -> String {
+    let what = if ip.is_loopback() { "a loopback address" } else { "a private, local or reserved address" };
+    format!(
+        "{host} is {what} ({ip}): the gateway does not fetch files from such addresses \
+         (an admin can allow them with `fetch_private_addresses`)"
+    )
+}
+
+/// Resolves host names to public addresses only (every connection of a [`Fetcher`]
+/// that refuses private addresses goes through it, redirects included).
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            match addrs.iter().find(|a| !is_public(a.ip())) {
+                Some(bad) => Err(refusal(&host, bad.ip()).into()),
+                None => Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The host of `url` when it is an IP address that is not public.
+fn private_literal(url: &reqwest::Url) -> Option<(String, IpAddr)> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
+        url::Host::Domain(_) => return None,
+    };
+    (!is_public(ip)).then(|| (url.host_str().unwrap_or_default().to_owned(), ip))
+}
+
+/// Fetches the files XMPP users send, over HTTP(S), with the network's address policy.
+pub struct Fetcher {
+    http: Result<reqwest::Client, String>,
+    allow_private: bool,
+}
+
+impl Fetcher {
+    /// `allow_private`: whether loopback, private and link-local addresses may be fetched.
+    pub fn new(allow_private: bool) -> Fetcher {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(600));
+        if !allow_private {
+            builder = builder.dns_resolver(PublicOnly).redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if let Some((host, ip)) = private_literal(attempt.url()) {
+                    let why = refusal(&host, ip);
+                    attempt.error(why)
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }));
+        }
+        Fetcher { http: builder.build().map_err(|e| e.to_string()), allow_private }
+    }
+
+    /// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
+    pub async fn fetch(&self, url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("only http and https links can be fetched".into());
+        }
+        if !self.allow_private {
+            if let Some((host, ip)) = private_literal(&parsed) {
+                return Err(refusal(&host, ip));
+            }
+            // The same check the connection makes, for a clear answer rather than a connect error.
+            if let Some(url::Host::Domain(host)) = parsed.host() {
+                let port = parsed.port_or_known_default().unwrap_or(443);
+                if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
+                    if let Some(bad) = addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
+                        return Err(refusal(host, bad));
+                    }
+                }
+            }
+        }
+        let http = self.http.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
+        fetch_with(http, parsed, limit).await
+    }
+}
+
+/// Download `url` with `http`, at most `limit` bytes.
+async fn fetch_with(
+    http: &reqwest::Client,
+    parsed: reqwest::Url,
+    limit: u64,
+) -> Result<(Vec<u8>, Option<String>), String> {
     let too_big = || format!("it is larger than the {} MB the gateway sends to Matrix", limit / (1024 * 1024));
-    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {e}"))?;
+    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))?;
     if !response.status().is_success() {
         return Err(format!("its server answered {}", response.status()));
     }
@@ -515,13 +630,25 @@ pub async fn fetch(url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), S
     }
     let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut bytes = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {e}"))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))? {
         if (bytes.len() + chunk.len()) as u64 > limit {
             return Err(too_big());
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok((bytes, content_type))
+}
+
+/// An error with its causes (a refused address is the innermost one).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The type a file is sent to Matrix as: the attachment's own, else the one its
@@ -547,9 +674,13 @@ pub fn attachment_name(a: &Attachment) -> String {
 }
 
 /// Fetch attachment `a` and upload it to `client`'s homeserver.
-pub async fn upload_attachment(client: &Client, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
+pub async fn upload_attachment(
+    client: &Client,
+    fetcher: &Fetcher,
+    a: &Attachment,
+) -> Result<UploadedFile, DeliveryError> {
     let refused = |why: String| DeliveryError::Rejected(format!("the file {} cannot be sent to Matrix: {why}", a.url));
-    let (bytes, served) = fetch(&a.url, MAX_FILE_BYTES).await.map_err(refused)?;
+    let (bytes, served) = fetcher.fetch(&a.url, MAX_FILE_BYTES).await.map_err(refused)?;
     let name = attachment_name(a);
     let mime = choose_mime(a.mime.as_deref(), served.as_deref(), &name);
     let size = bytes.len() as u64;
@@ -568,6 +699,56 @@ mod tests {
 
     fn links() -> Links {
         Links::new([7; 32], "https://gw.example/mx-media/")
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "172.32.0.1", "100.128.0.1", "8.8.8.8", "2606:4700::1111", "::ffff:93.184.216.34"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn private_targets_are_refused_before_any_connection() {
+        let fetcher = Fetcher::new(false);
+        for url in [
+            "http://127.0.0.1:9/x.png",
+            "http://[::1]:9/x.png",
+            "https://10.0.0.1/x.png",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::ffff:127.0.0.1]:9/x",
+            "http://localhost:9/x.png",
+        ] {
+            let e = fetcher.fetch(url, 10).await.expect_err(url);
+            assert!(e.contains("does not fetch files from such addresses"), "{url}: {e}");
+        }
+        let e = fetcher.fetch("http://127.0.0.1:9/x", 10).await.expect_err("loopback");
+        assert!(e.contains("127.0.0.1 is a loopback address"), "{e}");
     }
 
     #[test]
