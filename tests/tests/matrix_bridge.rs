@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use isthmus_tests::matrix_scenario::{
-    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid, xml_escape,
+    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid, oob_url, serve_file, xml_escape,
 };
 use isthmus_tests::scenario::T;
 use serde_json::{Value, json};
@@ -108,50 +108,6 @@ async fn link_join_talk_and_survive_a_restart() -> Result<()> {
     assert_eq!(gateway_devices, 1, "{devices}");
     assert_eq!(s.gateway.log().matches("Matrix account linked account=").count(), 1, "one login only");
     Ok(())
-}
-
-/// Serve `body` as `content_type` on 127.0.0.1 to at most `requests` GETs, whatever the
-/// path; returns the port and the request lines received.
-async fn serve_file(
-    body: Vec<u8>,
-    content_type: &'static str,
-    requests: usize,
-) -> Result<(u16, tokio::task::JoinHandle<Vec<String>>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let task = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        for _ in 0..requests {
-            let Ok((mut stream, _)) = listener.accept().await else { break };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            seen.push(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned());
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(answer.as_bytes()).await;
-            let _ = stream.write_all(&body).await;
-            let _ = stream.shutdown().await;
-        }
-        seen
-    });
-    Ok((port, task))
-}
-
-/// The text of the first `<url>` of an XEP-0066 payload in `xml`.
-fn oob_url(xml: &str) -> Option<String> {
-    let start = xml.find("jabber:x:oob")?;
-    let rest = &xml[start..];
-    let url = rest.split("<url>").nth(1)?.split("</url>").next()?;
-    Some(url.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
 }
 
 /// A file both ways: bob's `m.image` reaches XMPP as an XEP-0066 link to the

@@ -648,6 +648,37 @@ impl Portals {
         self.portals.iter().any(|p| p.room == chat_id)
     }
 
+    /// A file of the homeserver's media repository, downloaded as the bot (for the media
+    /// proxy, when no linked account can); the status to answer with when it cannot be had.
+    pub async fn download_media(&self, server: &str, media_id: &str) -> Result<Vec<u8>, StatusCode> {
+        let http = self.hs.http.as_ref().map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        let token = self.hs.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if token.is_empty() {
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let base = self.hs.base.trim_end_matches('/');
+        // Authenticated media first, then the older endpoint of homeservers without it.
+        let mut status = StatusCode::BAD_GATEWAY;
+        for path in ["/_matrix/client/v1/media/download", "/_matrix/media/v3/download"] {
+            let url = format!("{base}{path}/{}/{}", enc(server), enc(media_id));
+            let response = match http.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(server, media_id, error = %e, "portal media download failed");
+                    continue;
+                }
+            };
+            match response.status().as_u16() {
+                200 => {
+                    return response.bytes().await.map(|b| b.to_vec()).map_err(|_| StatusCode::BAD_GATEWAY);
+                }
+                404 => status = StatusCode::NOT_FOUND,
+                code => debug!(server, media_id, code, "the homeserver refused a portal media download"),
+            }
+        }
+        Err(status)
+    }
+
     /// Start the transaction server (or, for a bot account, its login and sync) and
     /// bring the bot into every portal room.
     pub async fn start(self: &Arc<Self>) {
@@ -921,7 +952,7 @@ impl Portals {
         let url = r["content_uri"]
             .as_str()
             .ok_or_else(|| DeliveryError::Unavailable("the homeserver gave no content_uri for the upload".into()))?;
-        Ok(UploadedFile { url: url.to_owned(), name, mime: mime.essence_str().to_owned(), size })
+        Ok(UploadedFile { url: url.to_owned(), name, mime: mime.essence_str().to_owned(), size, encrypted: None })
     }
 
     /// Send `m`; `speaker` is the nick that prefixes what the bot says for someone.

@@ -210,7 +210,10 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         notice: msgtype == "m.notice",
     };
     if matches!(msgtype, "m.image" | "m.file" | "m.audio" | "m.video") {
-        if let Some(url) = opt_str(content, "url") {
+        // A file of an encrypted room is in `file`, with how to decrypt it.
+        let url =
+            opt_str(content, "url").or_else(|| content.get("file").and_then(crate::media::encrypted_attachment_url));
+        if let Some(url) = url {
             let a = attachment(content, url);
             // The body of a file event is its name unless a caption was given.
             if a.name.as_deref() == Some(m.body.as_str()) || opt_str(content, "filename").is_none() {

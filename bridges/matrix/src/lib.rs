@@ -124,7 +124,13 @@ impl MatrixNetwork {
                         }
                     })
                 });
-                let started = media::start(&id, media_config, &data_dir, clients);
+                let fallback = portals.clone().map(|portals| -> media::Fallback {
+                    Arc::new(move |server, media_id| {
+                        let portals = portals.clone();
+                        Box::pin(async move { portals.download_media(&server, &media_id).await })
+                    })
+                });
+                let started = media::start(&id, media_config, &data_dir, clients, fallback);
                 if let Err(e) = &started {
                     let what = "the Matrix media proxy is not running: files keep their mxc:// addresses";
                     tracing::error!(network = %id, error = %e, "{what}");

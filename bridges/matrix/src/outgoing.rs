@@ -46,6 +46,8 @@ pub struct UploadedFile {
     /// Its MIME type, without parameters.
     pub mime: String,
     pub size: u64,
+    /// For an encrypted room: the event's `file` object (with the URL and how to decrypt).
+    pub encrypted: Option<Value>,
 }
 
 /// The `msgtype` of a file of type `mime`.
@@ -65,9 +67,12 @@ pub fn file_content(m: &Message, file: &UploadedFile) -> Value {
         "msgtype": file_msgtype(&file.mime),
         "body": file.name,
         "filename": file.name,
-        "url": file.url,
         "info": {"mimetype": file.mime, "size": file.size},
     });
+    match &file.encrypted {
+        Some(encrypted) => content["file"] = encrypted.clone(),
+        None => content["url"] = json!(file.url),
+    }
     if let Some(relation) = relation(m) {
         content["m.relates_to"] = relation;
     }
@@ -212,7 +217,13 @@ mod tests {
     }
 
     fn file(mime: &str) -> UploadedFile {
-        UploadedFile { url: "mxc://localhost/abc".into(), name: "cat.png".into(), mime: mime.into(), size: 42 }
+        UploadedFile {
+            url: "mxc://localhost/abc".into(),
+            name: "cat.png".into(),
+            mime: mime.into(),
+            size: 42,
+            encrypted: None,
+        }
     }
 
     #[test]

@@ -696,10 +696,11 @@ impl Session {
         if m.attachments.is_empty() {
             return Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?]);
         }
-        // All files first: one that cannot be had sends nothing.
+        // All files first: one that cannot be had sends nothing. An encrypted room's are encrypted.
+        let encrypt = room.latest_encryption_state().await.map_err(unavailable)?.is_encrypted();
         let mut files = Vec::with_capacity(m.attachments.len());
         for a in &m.attachments {
-            files.push(crate::media::upload_attachment(&self.client, &self.fetcher, a).await?);
+            files.push(crate::media::upload_attachment(&self.client, &self.fetcher, a, encrypt).await?);
         }
         let mut ids = Vec::with_capacity(files.len() + 1);
         if let Some(text) = outgoing::text_beside_files(m) {
