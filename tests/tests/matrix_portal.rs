@@ -19,6 +19,7 @@ use isthmus_core::model::{
 };
 use isthmus_core::network::{DeliveryError, EventSink, EventStream, Network};
 use isthmus_tests::matrix::MatrixError;
+use isthmus_tests::matrix_scenario::{oob_url, serve_file};
 use isthmus_tests::process::free_port;
 use isthmus_tests::scenario::{SECRET, T};
 use isthmus_tests::{
@@ -47,10 +48,15 @@ fn registration(as_port: u16) -> AppServiceRegistration {
 
 /// The `matrix:` entry of the gateway's configuration.
 fn matrix_config(synapse: &Synapse, as_port: u16, room: &str) -> String {
+    let media_port = free_port();
     format!(
         r#"matrix:
   - domain: {DOMAIN}
     data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: true
+    media:
+      listen: "127.0.0.1:{media_port}"
+      public_url: "http://127.0.0.1:{media_port}/media"
     appservice:
       homeserver: {hs}
       server_name: localhost
@@ -160,6 +166,41 @@ async fn xmpp_users_appear_as_their_own_matrix_users_in_a_portal() -> Result<()>
     let rest = alice.drain(Duration::from_secs(2)).await?;
     let copies = rest.iter().filter(|s| s.body.as_deref() == Some("hello from xmpp")).count();
     assert!(copies <= 1, "alice's message came back {copies} more times: {rest:?}");
+
+    // A file each way. Matrix → XMPP: no XMPP user has a Matrix account linked, so
+    // the media proxy downloads bob's image through the application service.
+    let mut picture = b"\x89PNG\r\n\x1a\nportal".to_vec();
+    picture.extend((0..1024u32).map(|i| (i * 11 + 1) as u8));
+    let mxc = bob.upload(&picture, "image/png", "portal.png").await?;
+    bob.send_event(
+        &room_id,
+        "m.room.message",
+        json!({"msgtype": "m.image", "body": "portal.png", "url": mxc, "info": {"mimetype": "image/png", "size": picture.len()}}),
+    )
+    .await?;
+    let m = alice.expect(T, |s| s.from == format!("{room_jid}/Bob Matrix") && s.xml.contains("jabber:x:oob")).await?;
+    let url = oob_url(&m.xml).context("no XEP-0066 URL")?;
+    let response = reqwest::get(&url).await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{url}\n{}", gateway.log());
+    assert!(response.bytes().await?.as_ref() == picture.as_slice(), "the proxy served other bytes");
+    // XMPP → Matrix: alice's file, uploaded by her puppet.
+    let mut photo = b"\x89PNG\r\n\x1a\nalice-portal".to_vec();
+    photo.extend((0..1024u32).map(|i| (i * 5 + 2) as u8));
+    let (port, server) = serve_file(photo.clone(), "image/png", 1).await?;
+    let file_url = format!("http://127.0.0.1:{port}/up/photo.png");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='pfile'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let event = bob
+        .wait_for(&room_id, T, |e| e["sender"] == json!(ALICE_PUPPET) && e["content"]["msgtype"] == "m.image")
+        .await?;
+    assert_eq!(event["content"]["body"], "photo.png", "{event}");
+    let uploaded = bob.download(event["content"]["url"].as_str().unwrap_or_default()).await?;
+    assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
+    server.abort();
     Ok(())
 }
 
@@ -191,6 +232,10 @@ store:
 matrix:
   - domain: {DOMAIN}
     data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: true
+    media:
+      listen: "127.0.0.1:{media_port}"
+      public_url: "http://127.0.0.1:{media_port}/media"
     bot:
       homeserver: {hs}
       user_id: "{bot}"
@@ -202,6 +247,7 @@ matrix:
         port = prosody.component_port(),
         hs = synapse.base_url(),
         bot = bot_user.user_id,
+        media_port = free_port(),
     );
     let gateway = Isthmus::start(&config, &[("ISTHMUS_BOT_PASSWORD", bot_user.password.as_str())]).await?;
     gateway.wait_log("component link established", 1, T).await?;
@@ -266,6 +312,36 @@ matrix:
     let rest = occupants[1].drain(Duration::from_secs(2)).await?;
     let echoes = rest.iter().filter(|s| s.body.as_deref().is_some_and(|b| b.contains("<Alice>"))).count();
     assert_eq!(echoes, 0, "the bot's own messages came back: {rest:?}");
+
+    // A file each way: bob's image is downloaded through the bot's login (nobody has a
+    // Matrix account linked); alice's is uploaded by the bot, captioned with her nick.
+    let picture = b"\x89PNG\r\n\x1a\nbot-portal".to_vec();
+    let mxc = bob.upload(&picture, "image/png", "b.png").await?;
+    bob.send_event(&room_id, "m.room.message", json!({"msgtype": "m.image", "body": "b.png", "url": mxc})).await?;
+    let m = occupants[1]
+        .expect(T, |s| s.from == format!("{room_jid}/Bob Matrix") && s.xml.contains("jabber:x:oob"))
+        .await?;
+    let url = oob_url(&m.xml).context("no XEP-0066 URL")?;
+    let response = reqwest::get(&url).await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{url}");
+    assert!(response.bytes().await?.as_ref() == picture.as_slice(), "the proxy served other bytes");
+    let photo = b"\x89PNG\r\n\x1a\nalice-bot-portal".to_vec();
+    let (port, server) = serve_file(photo.clone(), "image/png", 1).await?;
+    let file_url = format!("http://127.0.0.1:{port}/up/photo.png");
+    occupants[0]
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='bfile'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let event = bob
+        .wait_for(&room_id, T, |e| e["sender"] == json!(bot_user.user_id) && e["content"]["msgtype"] == "m.image")
+        .await?;
+    assert_eq!(event["content"]["body"], "<Alice> photo.png", "{event}");
+    assert_eq!(event["content"]["filename"], "photo.png", "{event}");
+    let uploaded = bob.download(event["content"]["url"].as_str().unwrap_or_default()).await?;
+    assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
+    server.abort();
     Ok(())
 }
 
