@@ -497,13 +497,34 @@ pub struct MatrixNetworkConfig {
     /// The media proxy that makes Matrix files fetchable by XMPP clients; without
     /// it, files reach XMPP with their `mxc://` address.
     pub media: Option<MatrixMediaConfig>,
+    /// Whether files XMPP users send may be fetched from loopback, private and
+    /// link-local addresses (off: such links are refused, so a user cannot make the
+    /// gateway read internal services).
+    #[serde(default)]
+    pub fetch_private_addresses: bool,
     /// The application service that shows XMPP users as Matrix users of their own
     /// in portal rooms (`isthmus matrix-registration` prints the file for the homeserver).
     pub appservice: Option<MatrixAppserviceConfig>,
+    /// Instead of `appservice`: one Matrix account that speaks for every XMPP user
+    /// in the portal rooms (`<nick> text`), for homeservers the admin cannot register
+    /// an application service with.
+    pub bot: Option<MatrixPortalBotConfig>,
     /// Rooms shared by everyone: each links a group chat on this domain
     /// (`NAME@domain`) to one Matrix room.
     #[serde(default)]
     pub portals: Vec<MatrixPortalConfig>,
+}
+
+/// The Matrix account portal rooms use when there is no application service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixPortalBotConfig {
+    /// The homeserver's client-server API URL, e.g. `https://matrix.example.org`.
+    pub homeserver: String,
+    /// The account's full user id, e.g. `@isthmus:example.org`.
+    pub user_id: String,
+    /// Its password (the gateway logs in once and keeps the access token in `data_dir`).
+    pub password: Secret,
 }
 
 /// The application service registered with the homeserver for portal rooms.

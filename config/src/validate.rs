@@ -52,6 +52,9 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
             resolve(&mut a.as_token, &base, file)?;
             resolve(&mut a.hs_token, &base, file)?;
         }
+        if let Some(b) = net.bot.as_mut() {
+            resolve(&mut b.password, &base, file)?;
+        }
     }
     Ok(())
 }
@@ -226,8 +229,24 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 return err(format!("portal `{}`: `room` must be a room id (!…) or alias (#…:server)", p.name));
             }
         }
-        if !net.portals.is_empty() && net.appservice.is_none() {
-            return err("`portals` need an `appservice` (see `isthmus matrix-registration`)".into());
+        if !net.portals.is_empty() && net.appservice.is_none() && net.bot.is_none() {
+            return err("`portals` need an `appservice` (see `isthmus matrix-registration`) or a `bot` account".into());
+        }
+        if net.appservice.is_some() && net.bot.is_some() {
+            return err("give either `appservice` or `bot` for the portal rooms, not both".into());
+        }
+        if let Some(b) = &net.bot {
+            if !(b.homeserver.starts_with("http://") || b.homeserver.starts_with("https://")) {
+                return err(format!("bot `homeserver: {}` is not a URL: expected https://HOST[:PORT]", b.homeserver));
+            }
+            let well_formed = b
+                .user_id
+                .strip_prefix('@')
+                .and_then(|r| r.split_once(':'))
+                .is_some_and(|(l, s)| !l.is_empty() && !s.is_empty());
+            if !well_formed {
+                return err(format!("bot `user_id: {}` is not a Matrix user id: expected @NAME:SERVER", b.user_id));
+            }
         }
         if let Some(a) = &net.appservice {
             if a.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -432,5 +451,28 @@ mod tests {
             "{BASE}matrix:\n  - domain: a.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://a\" }}\n  - domain: b.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://b\" }}\n"
         ));
         assert!(e.message().contains("already another Matrix network's"), "{e}");
+    }
+
+    #[test]
+    fn matrix_portals_need_an_appservice_or_a_bot() {
+        let portals = "    portals:\n      - { name: lobby, room: \"#lobby:example.org\" }\n";
+        let bot = "    bot: { homeserver: \"https://example.org\", user_id: \"@isthmus:example.org\", password: pw }\n";
+        let c = from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n{bot}{portals}"), Path::new("c.yaml"))
+            .expect("valid");
+        let b = c.matrix[0].bot.as_ref().expect("bot");
+        assert_eq!((b.user_id.as_str(), b.password.expose()), ("@isthmus:example.org", "pw"));
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n{portals}"));
+        assert!(e.message().contains("`appservice`") && e.message().contains("`bot`"), "{e}");
+        let appservice = "    appservice: { homeserver: \"http://h\", server_name: h, listen: \"127.0.0.1:1\", as_token: a, hs_token: h }\n";
+        let e = err(&format!("{BASE}matrix:\n  - domain: m.localhost\n{bot}{appservice}{portals}"));
+        assert!(e.message().contains("not both"), "{e}");
+        let e = err(&format!(
+            "{BASE}matrix:\n  - domain: m.localhost\n    bot: {{ homeserver: \"https://h\", user_id: isthmus, password: p }}\n"
+        ));
+        assert!(e.message().contains("not a Matrix user id"), "{e}");
+        let e = err(&format!(
+            "{BASE}matrix:\n  - domain: m.localhost\n    bot: {{ homeserver: h.org, user_id: \"@i:h\", password: p }}\n"
+        ));
+        assert!(e.message().contains("not a URL"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 //! - [`model`]: the common message model (events, messages, references) that every
 //!   network translates to and from;
 //! - [`address`]: reversible mapping of remote identifiers into JID localparts;
+//! - [`markup`]: HTML ↔ XEP-0393 message styling, for networks whose messages carry HTML;
 //! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
 //! - [`router`]: hands each event to the networks it must reach and records the id map;
 //! - [`store`]: the SQL store (SQLite or PostgreSQL).
@@ -12,6 +13,7 @@
 
 pub mod address;
 pub mod idmap;
+pub mod markup;
 pub mod model;
 pub mod network;
 pub mod outbox;

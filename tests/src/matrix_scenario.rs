@@ -35,7 +35,17 @@ impl MatrixSetup {
     }
 
     /// Start with Synapse options and YAML appended to the Matrix network entry (indented 4).
+    /// Files may be fetched from loopback addresses (everything runs there).
     pub async fn start_with(options: SynapseOptions, extra_yaml: &str) -> Result<MatrixSetup> {
+        Self::start_with_fetch_policy(options, extra_yaml, true).await
+    }
+
+    /// [`MatrixSetup::start_with`], with `fetch_private_addresses` as given.
+    pub async fn start_with_fetch_policy(
+        options: SynapseOptions,
+        extra_yaml: &str,
+        fetch_private_addresses: bool,
+    ) -> Result<MatrixSetup> {
         let synapse = Synapse::start(options).await?;
         let alice_mx = synapse.register("alice", "alice-mx-pass", false).await?;
         let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
@@ -63,6 +73,7 @@ matrix:
   - domain: {MATRIX_DOMAIN}
     default_homeserver: {hs}
     data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: {fetch_private_addresses}
     media:
       listen: "127.0.0.1:{media_port}"
       public_url: "{media_url}"
@@ -163,4 +174,48 @@ pub async fn join_room(xmpp: &mut XmppClient, room_jid: &str, nick: &str) -> Res
         s.kind == "presence" && s.from == format!("{room_jid}/{nick}") && (s.has_status(110) || s.type_ == "error")
     })
     .await
+}
+
+/// Serve `body` as `content_type` on 127.0.0.1 to at most `requests` GETs, whatever the
+/// path; returns the port and the request lines received.
+pub async fn serve_file(
+    body: Vec<u8>,
+    content_type: &'static str,
+    requests: usize,
+) -> Result<(u16, tokio::task::JoinHandle<Vec<String>>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..requests {
+            let Ok((mut stream, _)) = listener.accept().await else { break };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen.push(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned());
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        }
+        seen
+    });
+    Ok((port, task))
+}
+
+/// The text of the first `<url>` of an XEP-0066 payload in `xml`.
+pub fn oob_url(xml: &str) -> Option<String> {
+    let start = xml.find("jabber:x:oob")?;
+    let rest = &xml[start..];
+    let url = rest.split("<url>").nth(1)?.split("</url>").next()?;
+    Some(url.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use isthmus_tests::matrix_scenario::{
-    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid, xml_escape,
+    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid, oob_url, serve_file, xml_escape,
 };
 use isthmus_tests::scenario::T;
 use serde_json::{Value, json};
@@ -110,50 +110,6 @@ async fn link_join_talk_and_survive_a_restart() -> Result<()> {
     Ok(())
 }
 
-/// Serve `body` as `content_type` on 127.0.0.1 to at most `requests` GETs, whatever the
-/// path; returns the port and the request lines received.
-async fn serve_file(
-    body: Vec<u8>,
-    content_type: &'static str,
-    requests: usize,
-) -> Result<(u16, tokio::task::JoinHandle<Vec<String>>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let task = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        for _ in 0..requests {
-            let Ok((mut stream, _)) = listener.accept().await else { break };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            seen.push(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned());
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(answer.as_bytes()).await;
-            let _ = stream.write_all(&body).await;
-            let _ = stream.shutdown().await;
-        }
-        seen
-    });
-    Ok((port, task))
-}
-
-/// The text of the first `<url>` of an XEP-0066 payload in `xml`.
-fn oob_url(xml: &str) -> Option<String> {
-    let start = xml.find("jabber:x:oob")?;
-    let rest = &xml[start..];
-    let url = rest.split("<url>").nth(1)?.split("</url>").next()?;
-    Some(url.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
-}
-
 /// A file both ways: bob's `m.image` reaches XMPP as an XEP-0066 link to the
 /// gateway's media proxy that yields the same bytes (and only links it handed out
 /// work); alice's XEP-0066 file reaches Matrix as an uploaded `m.image`.
@@ -255,6 +211,45 @@ async fn an_image_both_ways() -> Result<()> {
         !history.iter().any(|e| e["sender"] == json!(s.alice_mx.user_id) && e["content"]["body"] == json!(file_url)),
         "the URL was sent as text too: {history:?}"
     );
+    server.abort();
+    Ok(())
+}
+
+/// By default the gateway fetches no file from a loopback, private or link-local
+/// address: the sender gets an error saying so, the address is never contacted and
+/// nothing reaches Matrix. (`an_image_both_ways` is the allowed case, the setting on.)
+#[tokio::test]
+async fn a_file_on_a_private_address_is_refused_by_default() -> Result<()> {
+    let s = MatrixSetup::start_with_fetch_policy(Default::default(), "", false).await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let room_id = s.bob.create_room(Some("No SSRF"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room_id)?;
+    let joined = join_room(&mut alice, &room_jid, "Alice").await?;
+    assert!(joined.has_status(110), "{}", joined.xml);
+    let (port, server) = serve_file(b"internal secret".to_vec(), "text/plain", 1).await?;
+    for (id, file_url) in [
+        ("ssrf1", format!("http://127.0.0.1:{port}/admin/secret.txt")),
+        ("ssrf2", format!("http://localhost:{port}/admin/secret.txt")),
+    ] {
+        alice
+            .send_raw(&format!(
+                "<message type='groupchat' to='{room_jid}' id='{id}'><body>{file_url}</body>\
+                 <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+            ))
+            .await?;
+        let err = alice.expect(T, |m| m.kind == "message" && m.id == id && m.type_ == "error").await?;
+        assert!(err.xml.contains("does not fetch files from such addresses"), "{}", err.xml);
+        assert!(err.xml.contains("fetch_private_addresses"), "says how to allow it: {}", err.xml);
+    }
+    // A message after them still goes through, and nothing of the refused ones did.
+    alice.send_groupchat(&room_jid, "after the refusals").await?;
+    s.bob.wait_for(&room_id, T, |e| e["content"]["body"] == "after the refusals").await?;
+    let history = s.bob.messages(&room_id, 30).await?;
+    assert!(
+        !history.iter().any(|e| e["content"]["body"].as_str().is_some_and(|b| b.contains("secret.txt"))),
+        "a refused file reached Matrix: {history:?}"
+    );
+    assert!(!server.is_finished(), "the private address was contacted");
     server.abort();
     Ok(())
 }

@@ -12,16 +12,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use isthmus_tests::MatrixClient;
+use isthmus_tests::XmppClient;
 use isthmus_tests::matrix_scenario::{
-    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid as jid,
+    MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, login_adhoc, matrix_jid as jid, oob_url, serve_file,
 };
 use isthmus_tests::scenario::T;
 use isthmus_tests::synapse::MatrixUser;
+use matrix_sdk::attachment::AttachmentConfig;
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::deserialized_responses::EncryptionInfo;
+use matrix_sdk::media::{MediaFormat, MediaRequestParameters};
 use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoomRequest, RoomPreset};
+use matrix_sdk::ruma::events::room::MediaSource;
 use matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
-use matrix_sdk::ruma::events::room::message::{OriginalSyncRoomMessageEvent, RoomMessageEventContent};
+use matrix_sdk::ruma::events::room::message::{MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent};
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room, RoomMemberships};
 use serde_json::{Value, json};
@@ -70,7 +74,14 @@ fn gateway_crypto_log(s: &MatrixSetup) -> String {
 #[derive(Debug, Clone)]
 enum Seen {
     /// A message, decrypted when `encryption` is set.
-    Message { event_id: OwnedEventId, sender: OwnedUserId, body: String, encryption: Option<EncryptionInfo> },
+    Message {
+        event_id: OwnedEventId,
+        sender: OwnedUserId,
+        body: String,
+        encryption: Option<EncryptionInfo>,
+        /// Where a file message's file is (and, encrypted, how to decrypt it).
+        source: Option<MediaSource>,
+    },
     /// An `m.room.encrypted` event bob's device could not decrypt.
     Undecryptable { event_id: OwnedEventId, sender: OwnedUserId, content: String },
 }
@@ -112,11 +123,17 @@ impl Bob {
         client.add_event_handler(move |ev: OriginalSyncRoomMessageEvent, enc: Option<EncryptionInfo>| {
             let tx = tx.clone();
             async move {
+                let source = match &ev.content.msgtype {
+                    MessageType::Image(c) => Some(c.source.clone()),
+                    MessageType::File(c) => Some(c.source.clone()),
+                    _ => None,
+                };
                 let _ = tx.send(Seen::Message {
                     event_id: ev.event_id,
                     sender: ev.sender,
                     body: ev.content.body().to_owned(),
                     encryption: enc,
+                    source,
                 });
             }
         });
@@ -193,17 +210,17 @@ async fn assert_encrypted_on_server(bob_raw: &MatrixClient, room_id: &str, event
     Ok(())
 }
 
-/// bob (matrix-sdk, E2EE) and alice (XMPP, through the gateway's device of her Matrix
-/// account) talk both ways in an encrypted room; the homeserver sees only ciphertext.
-#[tokio::test]
-async fn a_message_both_ways_in_an_encrypted_room() -> Result<()> {
-    let s = MatrixSetup::start().await?;
-    let mut bob = Bob::login(&s.synapse.base_url(), &s.bob_user).await?;
+/// Bob creates an encrypted room `name` and invites alice's Matrix account; alice
+/// links it on XMPP and enters the room's MUC. The room (bob's view), its id, its
+/// JID and alice on XMPP.
+async fn encrypted_room_with_alice(
+    s: &MatrixSetup,
+    bob: &Bob,
+    name: &str,
+) -> Result<(Room, String, String, XmppClient)> {
     let alice_uid = UserId::parse(&s.alice_mx.user_id)?;
-
-    // Bob creates an encrypted room and invites alice's Matrix account.
     let mut request = CreateRoomRequest::new();
-    request.name = Some("Isthmus E2EE".into());
+    request.name = Some(name.into());
     request.preset = Some(RoomPreset::PrivateChat);
     request.invite = vec![alice_uid.clone()];
     request.initial_state = vec![serde_json::from_value(json!({
@@ -242,6 +259,17 @@ async fn a_message_both_ways_in_an_encrypted_room() -> Result<()> {
     }
     alice.expect(T, |m| m.kind == "presence" && m.from == format!("{room_jid}/Bob Matrix")).await?;
     wait_joined(&room, &alice_uid, T).await?;
+    Ok((room, room_id, room_jid, alice))
+}
+
+/// bob (matrix-sdk, E2EE) and alice (XMPP, through the gateway's device of her Matrix
+/// account) talk both ways in an encrypted room; the homeserver sees only ciphertext.
+#[tokio::test]
+async fn a_message_both_ways_in_an_encrypted_room() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut bob = Bob::login(&s.synapse.base_url(), &s.bob_user).await?;
+    let alice_uid = UserId::parse(&s.alice_mx.user_id)?;
+    let (room, room_id, room_jid, mut alice) = encrypted_room_with_alice(&s, &bob, "Isthmus E2EE").await?;
 
     // Matrix → XMPP: bob's client encrypts; the gateway's device decrypts.
     let from_bob = "E2EE hello from matrix";
@@ -307,6 +335,93 @@ async fn a_message_both_ways_in_an_encrypted_room() -> Result<()> {
     assert_eq!(encrypted, 2, "two encrypted events in the room: {history:#?}");
     let raw_alice = s.bob.event(&room_id, alice_event.as_str()).await?;
     assert_eq!(raw_alice["sender"], json!(s.alice_mx.user_id), "{raw_alice}");
+    Ok(())
+}
+
+/// Files in an encrypted room: bob's encrypted image reaches XMPP as a media proxy
+/// link that serves it decrypted (the homeserver holds only ciphertext), and alice's
+/// XEP-0066 file reaches bob as an encrypted attachment his device decrypts.
+#[tokio::test]
+async fn an_image_both_ways_in_an_encrypted_room() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut bob = Bob::login(&s.synapse.base_url(), &s.bob_user).await?;
+    let alice_uid = UserId::parse(&s.alice_mx.user_id)?;
+    let (room, _room_id, room_jid, mut alice) = encrypted_room_with_alice(&s, &bob, "E2EE files").await?;
+
+    // Matrix → XMPP.
+    let mut picture = b"\x89PNG\r\n\x1a\nbob-secret".to_vec();
+    picture.extend((0..4096u32).map(|i| (i * 7 + 3) as u8));
+    let mime: mime::Mime = "image/png".parse()?;
+    let sent = room
+        .send_attachment("secret.png", &mime, picture.clone(), AttachmentConfig::new())
+        .await
+        .context("bob sends an encrypted image")?;
+    let sent_raw = s.bob.event(room.room_id().as_str(), sent.event_id.as_str()).await?;
+    assert_eq!(sent_raw["type"], "m.room.encrypted", "{sent_raw}");
+    let m = alice
+        .expect(E2EE_T, |m| m.from == format!("{room_jid}/Bob Matrix") && m.xml.contains("jabber:x:oob"))
+        .await
+        .with_context(|| gateway_crypto_log(&s))?;
+    let url = oob_url(&m.xml).context("no XEP-0066 URL")?;
+    assert!(url.starts_with(&s.media_url) && url.ends_with("/secret.png"), "{url}");
+    let response = reqwest::get(&url).await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{url}");
+    assert_eq!(response.headers()["content-type"], "image/png");
+    let got = response.bytes().await?;
+    assert!(got.as_ref() == picture.as_slice(), "the proxy served {} other bytes", got.len());
+    // The homeserver itself holds the file encrypted.
+    let Some(MediaSource::Encrypted(file)) =
+        (match bob.expect(T, |e| matches!(e, Seen::Message { event_id, .. } if *event_id == sent.event_id)).await? {
+            Seen::Message { source, .. } => source,
+            Seen::Undecryptable { .. } => None,
+        })
+    else {
+        bail!("bob's own image is no encrypted attachment");
+    };
+    let stored = s.bob.download(file.url.as_str()).await?;
+    assert!(stored.len() == picture.len() && stored != picture, "the homeserver holds the file in clear");
+    // Changing the key in the link is refused (it is under the link's token).
+    let segments: Vec<&str> = url.rsplitn(3, '/').collect();
+    let tampered = url.replacen(segments[1], &segments[1].replacen(|c: char| c.is_ascii_alphabetic(), "Z", 1), 1);
+    assert_ne!(tampered, url);
+    assert_eq!(reqwest::get(&tampered).await?.status(), reqwest::StatusCode::NOT_FOUND, "{tampered}");
+
+    // XMPP → Matrix.
+    let mut photo = b"\x89PNG\r\n\x1a\nalice-secret".to_vec();
+    photo.extend((0..2048u32).map(|i| (i * 13 + 5) as u8));
+    let (port, server) = serve_file(photo.clone(), "image/png", 1).await?;
+    let file_url = format!("http://127.0.0.1:{port}/upload/k3y/photo.png");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='efile'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let got = bob
+        .expect(E2EE_T, |e| match e {
+            Seen::Message { sender, source, .. } => *sender == alice_uid && source.is_some(),
+            Seen::Undecryptable { sender, .. } => *sender == alice_uid,
+        })
+        .await
+        .with_context(|| gateway_crypto_log(&s))?;
+    let Seen::Message { body, encryption, source: Some(source), event_id, .. } = got else {
+        bail!("bob's device could not decrypt alice's file: {got:?}\n{}", gateway_crypto_log(&s));
+    };
+    assert_eq!(body, "photo.png");
+    assert!(encryption.is_some(), "the file event was sent in clear");
+    let MediaSource::Encrypted(file) = &source else { bail!("alice's file was uploaded in clear: {source:?}") };
+    let stored = s.bob.download(file.url.as_str()).await?;
+    assert!(stored != photo, "the homeserver holds alice's file in clear");
+    let decrypted = bob
+        .client
+        .media()
+        .get_media_content(&MediaRequestParameters { source, format: MediaFormat::File }, false)
+        .await
+        .context("bob's client downloads and decrypts alice's file")?;
+    assert!(decrypted == photo, "bob decrypted {} other bytes", decrypted.len());
+    let raw = s.bob.event(room.room_id().as_str(), event_id.as_str()).await?;
+    assert_eq!(raw["type"], "m.room.encrypted", "{raw}");
+    server.abort();
     Ok(())
 }
 

@@ -352,3 +352,66 @@ async fn ephemeral_until(
         }
     }
 }
+
+/// XEP-0393 styling from XMPP arrives on Matrix as `org.matrix.custom.html`, and a
+/// Matrix HTML body arrives on XMPP as XEP-0393 styling (links as their text and URL).
+#[tokio::test]
+async fn formatted_bodies_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let room = s.bob.create_room(Some("Formatting"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room)?;
+    join(&mut alice, &room_jid).await?;
+
+    // XMPP → Matrix: spans, then blocks (a quote and a code block, with text to escape).
+    alice.send_groupchat(&room_jid, "*bold* _it_ `code`").await?;
+    let e = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "*bold* _it_ `code`").await?;
+    assert_eq!(e["content"]["format"], "org.matrix.custom.html", "{e}");
+    assert_eq!(e["content"]["formatted_body"], "<strong>bold</strong> <em>it</em> <code>code</code>", "{e}");
+    alice.send_groupchat(&room_jid, "> quoted ~old~\n```\nif a < b && c {}\n```\nplain").await?;
+    let e =
+        s.bob.wait_for(&room, T, |e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("> quoted"))).await?;
+    assert_eq!(
+        e["content"]["formatted_body"],
+        "<blockquote>quoted <del>old</del></blockquote><pre><code>if a &lt; b &amp;&amp; c {}</code></pre>plain",
+        "{e}"
+    );
+    // Plain text stays plain: no HTML body.
+    alice.send_groupchat(&room_jid, "2*3*4 is snake_case").await?;
+    let e = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "2*3*4 is snake_case").await?;
+    assert!(e["content"].get("formatted_body").is_none(), "{e}");
+
+    // Matrix → XMPP: what Element sends for markdown (the body is its markdown source).
+    s.bob
+        .send_event(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text",
+                   "body": "**bold** _it_ ~~gone~~ `x<y` [the page](https://example.org/p)\n```\nlet x = 1;\n```\n> quote",
+                   "format": "org.matrix.custom.html",
+                   "formatted_body": "<strong>bold</strong> <em>it</em> <del>gone</del> <code>x&lt;y</code> \
+                      <a href=\"https://example.org/p\">the page</a><pre><code>let x = 1;\n</code></pre>\
+                      <blockquote>\n<p>quote</p>\n</blockquote>\n"}),
+        )
+        .await?;
+    let m =
+        alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref().is_some_and(|b| b.contains("bold"))).await?;
+    assert_eq!(
+        m.body.as_deref(),
+        Some("*bold* _it_ ~gone~ `x<y` the page <https://example.org/p>\n```\nlet x = 1;\n```\n> quote"),
+        "{}",
+        m.xml
+    );
+    // A mention pill shows the name only.
+    s.bob
+        .send_event(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "alice: hi", "format": "org.matrix.custom.html",
+                   "formatted_body": format!("<a href=\"https://matrix.to/#/{}\">alice</a>: <b>hi</b>", s.alice_mx.user_id)}),
+        )
+        .await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref().is_some_and(|b| b.contains("hi"))).await?;
+    assert_eq!(m.body.as_deref(), Some("alice: *hi*"), "{}", m.xml);
+    Ok(())
+}

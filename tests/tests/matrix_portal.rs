@@ -5,6 +5,8 @@
 //! - `xmpp_users_appear_as_their_own_matrix_users_in_a_portal`: the whole way,
 //!   a real Synapse with the gateway's registration, Prosody with the gateway as
 //!   `matrix.localhost`, slixmpp joining `lobby@matrix.localhost`.
+//! - `a_bot_account_speaks_for_xmpp_users_in_a_portal`: the same without an
+//!   application service: one bot account speaks for everyone (`<nick> text`).
 //! - `portal_puppets_on_synapse`: the Matrix bridge alone (no XMPP), driven
 //!   through the `Network` trait as the router drives it, every Matrix-side
 //!   effect checked on Synapse and every event for XMPP read from its sink.
@@ -17,6 +19,7 @@ use isthmus_core::model::{
 };
 use isthmus_core::network::{DeliveryError, EventSink, EventStream, Network};
 use isthmus_tests::matrix::MatrixError;
+use isthmus_tests::matrix_scenario::{oob_url, serve_file};
 use isthmus_tests::process::free_port;
 use isthmus_tests::scenario::{SECRET, T};
 use isthmus_tests::{
@@ -45,10 +48,15 @@ fn registration(as_port: u16) -> AppServiceRegistration {
 
 /// The `matrix:` entry of the gateway's configuration.
 fn matrix_config(synapse: &Synapse, as_port: u16, room: &str) -> String {
+    let media_port = free_port();
     format!(
         r#"matrix:
   - domain: {DOMAIN}
     data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: true
+    media:
+      listen: "127.0.0.1:{media_port}"
+      public_url: "http://127.0.0.1:{media_port}/media"
     appservice:
       homeserver: {hs}
       server_name: localhost
@@ -158,6 +166,182 @@ async fn xmpp_users_appear_as_their_own_matrix_users_in_a_portal() -> Result<()>
     let rest = alice.drain(Duration::from_secs(2)).await?;
     let copies = rest.iter().filter(|s| s.body.as_deref() == Some("hello from xmpp")).count();
     assert!(copies <= 1, "alice's message came back {copies} more times: {rest:?}");
+
+    // A file each way. Matrix → XMPP: no XMPP user has a Matrix account linked, so
+    // the media proxy downloads bob's image through the application service.
+    let mut picture = b"\x89PNG\r\n\x1a\nportal".to_vec();
+    picture.extend((0..1024u32).map(|i| (i * 11 + 1) as u8));
+    let mxc = bob.upload(&picture, "image/png", "portal.png").await?;
+    bob.send_event(
+        &room_id,
+        "m.room.message",
+        json!({"msgtype": "m.image", "body": "portal.png", "url": mxc, "info": {"mimetype": "image/png", "size": picture.len()}}),
+    )
+    .await?;
+    let m = alice.expect(T, |s| s.from == format!("{room_jid}/Bob Matrix") && s.xml.contains("jabber:x:oob")).await?;
+    let url = oob_url(&m.xml).context("no XEP-0066 URL")?;
+    let response = reqwest::get(&url).await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{url}\n{}", gateway.log());
+    assert!(response.bytes().await?.as_ref() == picture.as_slice(), "the proxy served other bytes");
+    // XMPP → Matrix: alice's file, uploaded by her puppet.
+    let mut photo = b"\x89PNG\r\n\x1a\nalice-portal".to_vec();
+    photo.extend((0..1024u32).map(|i| (i * 5 + 2) as u8));
+    let (port, server) = serve_file(photo.clone(), "image/png", 1).await?;
+    let file_url = format!("http://127.0.0.1:{port}/up/photo.png");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='pfile'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let event = bob
+        .wait_for(&room_id, T, |e| e["sender"] == json!(ALICE_PUPPET) && e["content"]["msgtype"] == "m.image")
+        .await?;
+    assert_eq!(event["content"]["body"], "photo.png", "{event}");
+    let uploaded = bob.download(event["content"]["url"].as_str().unwrap_or_default()).await?;
+    assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
+    server.abort();
+    Ok(())
+}
+
+/// Without an application service: the gateway's bot account (logged in with the
+/// password in the YAML) speaks for every XMPP user (`<nick> text`), and what happens
+/// in the room reaches every XMPP occupant through the bot's own sync. The room is
+/// invite-only and the bot is invited after the gateway started (its sync accepts).
+#[tokio::test]
+async fn a_bot_account_speaks_for_xmpp_users_in_a_portal() -> Result<()> {
+    let synapse = Synapse::start(SynapseOptions::default()).await?;
+    let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
+    let bot_user = synapse.register("gatewaybot", "bot-mx-pass", false).await?;
+    let bob = synapse.client(&bob_user)?;
+    bob.set_display_name("Bob Matrix").await?;
+    let room_id = bob.create_room_with(json!({"preset": "private_chat", "name": "Bot lobby"})).await?;
+    let prosody = Prosody::start(ProsodyOptions {
+        users: vec![("alice".into(), "alicepass".into()), ("carol".into(), "carolpass".into())],
+        components: vec![(DOMAIN.into(), SECRET.into())],
+        ..Default::default()
+    })
+    .await?;
+    let config = format!(
+        r#"xmpp:
+  component:
+    port: {port}
+    secret: {SECRET}
+store:
+  url: sqlite://{{dir}}/isthmus.db
+matrix:
+  - domain: {DOMAIN}
+    data_dir: "{{dir}}/matrix"
+    fetch_private_addresses: true
+    media:
+      listen: "127.0.0.1:{media_port}"
+      public_url: "http://127.0.0.1:{media_port}/media"
+    bot:
+      homeserver: {hs}
+      user_id: "{bot}"
+      password: ${{ISTHMUS_BOT_PASSWORD}}
+    portals:
+      - name: lobby
+        room: "{room_id}"
+"#,
+        port = prosody.component_port(),
+        hs = synapse.base_url(),
+        bot = bot_user.user_id,
+        media_port = free_port(),
+    );
+    let gateway = Isthmus::start(&config, &[("ISTHMUS_BOT_PASSWORD", bot_user.password.as_str())]).await?;
+    gateway.wait_log("component link established", 1, T).await?;
+    gateway.wait_log("the portal bot logged in", 1, T).await.with_context(|| gateway.log())?;
+    // Invited now, the bot joins from its sync.
+    bob.invite(&room_id, &bot_user.user_id).await?;
+    wait_member(&bob, &room_id, &bot_user.user_id, true).await.with_context(|| gateway.log())?;
+
+    let room_jid = format!("lobby@{DOMAIN}");
+    let mut occupants = Vec::new();
+    for (user, nick) in [("alice", "Alice"), ("carol", "Carol")] {
+        let mut xmpp =
+            XmppClient::connect(&prosody, &format!("{user}@localhost/phone"), &format!("{user}pass")).await?;
+        xmpp.join(&room_jid, nick).await?;
+        let joined = xmpp
+            .expect(Duration::from_secs(30), |s| {
+                s.kind == "presence"
+                    && s.from == format!("{room_jid}/{nick}")
+                    && (s.has_status(110) || s.type_ == "error")
+            })
+            .await?;
+        if joined.type_ == "error" {
+            bail!("the gateway refused {user}'s join of the bot portal: {}", joined.xml);
+        }
+        // Bob is an occupant; the bot is not (it is the gateway).
+        xmpp.expect(T, |s| s.kind == "presence" && s.from == format!("{room_jid}/Bob Matrix")).await?;
+        occupants.push(xmpp);
+    }
+    // No Matrix user of their own: only bob and the bot are in the room.
+    let members = bob.joined_members(&room_id).await?;
+    assert_eq!(members.len(), 2, "{members:?}");
+
+    // XMPP → Matrix: the bot says it, prefixed with the nick; a correction edits it.
+    occupants[0].send_groupchat_with_id(&room_jid, "hello *from* xmpp", "a1").await?;
+    let seen = bob
+        .wait_for(&room_id, T, |e| e["type"] == "m.room.message" && e["content"]["body"] == "<Alice> hello *from* xmpp")
+        .await?;
+    assert_eq!(seen["sender"], json!(bot_user.user_id));
+    assert_eq!(seen["content"]["formatted_body"], "&lt;Alice&gt; hello <strong>from</strong> xmpp", "{seen}");
+    occupants[0]
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='a2'><body>hello again</body>\
+             <replace xmlns='urn:xmpp:message-correct:0' id='a1'/></message>"
+        ))
+        .await?;
+    let edit = bob.wait_for(&room_id, T, |e| e["content"]["m.new_content"]["body"] == "<Alice> hello again").await?;
+    assert_eq!(edit["content"]["m.relates_to"]["event_id"], seen["event_id"], "{edit}");
+    assert_eq!(edit["sender"], json!(bot_user.user_id));
+
+    // Matrix → XMPP: every occupant gets bob's message from his nick.
+    bob.send_text(&room_id, "hello from matrix").await?;
+    for xmpp in &mut occupants {
+        xmpp.expect(T, |s| {
+            s.kind == "message"
+                && s.type_ == "groupchat"
+                && s.from == format!("{room_jid}/Bob Matrix")
+                && s.body.as_deref() == Some("hello from matrix")
+        })
+        .await?;
+    }
+    // What the bot said is not bridged back.
+    let rest = occupants[1].drain(Duration::from_secs(2)).await?;
+    let echoes = rest.iter().filter(|s| s.body.as_deref().is_some_and(|b| b.contains("<Alice>"))).count();
+    assert_eq!(echoes, 0, "the bot's own messages came back: {rest:?}");
+
+    // A file each way: bob's image is downloaded through the bot's login (nobody has a
+    // Matrix account linked); alice's is uploaded by the bot, captioned with her nick.
+    let picture = b"\x89PNG\r\n\x1a\nbot-portal".to_vec();
+    let mxc = bob.upload(&picture, "image/png", "b.png").await?;
+    bob.send_event(&room_id, "m.room.message", json!({"msgtype": "m.image", "body": "b.png", "url": mxc})).await?;
+    let m = occupants[1]
+        .expect(T, |s| s.from == format!("{room_jid}/Bob Matrix") && s.xml.contains("jabber:x:oob"))
+        .await?;
+    let url = oob_url(&m.xml).context("no XEP-0066 URL")?;
+    let response = reqwest::get(&url).await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{url}");
+    assert!(response.bytes().await?.as_ref() == picture.as_slice(), "the proxy served other bytes");
+    let photo = b"\x89PNG\r\n\x1a\nalice-bot-portal".to_vec();
+    let (port, server) = serve_file(photo.clone(), "image/png", 1).await?;
+    let file_url = format!("http://127.0.0.1:{port}/up/photo.png");
+    occupants[0]
+        .send_raw(&format!(
+            "<message type='groupchat' to='{room_jid}' id='bfile'><body>{file_url}</body>\
+             <x xmlns='jabber:x:oob'><url>{file_url}</url></x></message>"
+        ))
+        .await?;
+    let event = bob
+        .wait_for(&room_id, T, |e| e["sender"] == json!(bot_user.user_id) && e["content"]["msgtype"] == "m.image")
+        .await?;
+    assert_eq!(event["content"]["body"], "<Alice> photo.png", "{event}");
+    assert_eq!(event["content"]["filename"], "photo.png", "{event}");
+    let uploaded = bob.download(event["content"]["url"].as_str().unwrap_or_default()).await?;
+    assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
+    server.abort();
     Ok(())
 }
 

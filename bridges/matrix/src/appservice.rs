@@ -16,12 +16,21 @@
 //!   per transaction id. Events of the bot and of puppets are never bridged back (no loops).
 //! - [`registration_yaml`] is the registration file the homeserver loads.
 //!
+//! Without an application service, a *bot* account given in the configuration
+//! acts for everyone: the gateway logs in with its password (keeping the access
+//! token in the data directory, [`BOT_TOKEN_FILE`]), an XMPP user's message is the
+//! bot's, prefixed with their nick (`<nick> text`), and the rooms reach XMPP
+//! through the bot's own sync (its resume point in [`BOT_SYNC_FILE`], stored once
+//! the router has taken in a batch). Reactions, typing and read markers of XMPP
+//! users have no Matrix form there (the bot cannot hold one set per person).
+//!
 //! Events about portals carry no account (`Event::account == None`); the chat id
 //! is the room as configured (`!id:server` or `#alias:server`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -30,7 +39,7 @@ use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use isthmus_config::{MatrixAppserviceConfig, MatrixPortalConfig};
+use isthmus_config::{MatrixAppserviceConfig, MatrixPortalBotConfig, MatrixPortalConfig};
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{
     Affiliation, Attachment, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, MessageRef, NetworkId, Occupant,
@@ -51,6 +60,10 @@ use crate::session::ReactionBook;
 const MAX_TRANSACTION_BYTES: usize = 32 * 1024 * 1024;
 /// How many transaction ids are remembered to recognise a retry.
 const REMEMBERED_TRANSACTIONS: usize = 4096;
+/// The bot's access token (JSON: user id, device id, token), in the network's data directory.
+pub const BOT_TOKEN_FILE: &str = "portal_bot_login.json";
+/// The bot's sync resume point, in the network's data directory.
+pub const BOT_SYNC_FILE: &str = "portal_bot_sync";
 
 // --- names ---------------------------------------------------------------------------
 
@@ -425,7 +438,8 @@ impl std::fmt::Display for HsError {
 
 struct Homeserver {
     base: String,
-    as_token: String,
+    /// The application service's token, or the bot's access token once logged in.
+    token: StdMutex<String>,
     http: Result<reqwest::Client, String>,
 }
 
@@ -456,7 +470,11 @@ impl Homeserver {
             url.push(if path.contains('?') { '&' } else { '?' });
             url.push_str(&format!("user_id={}", enc(user)));
         }
-        let mut request = http.request(method.clone(), &url).bearer_auth(&self.as_token).timeout(timeout);
+        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut request = http.request(method.clone(), &url).timeout(timeout);
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
         if let Some((bytes, content_type)) = body {
             request = request.header(reqwest::header::CONTENT_TYPE, content_type).body(bytes);
         }
@@ -495,11 +513,11 @@ struct State {
 /// The portal rooms of one Matrix network and its application service.
 pub struct Portals {
     network: NetworkId,
-    config: MatrixAppserviceConfig,
+    acting: Acting,
     portals: Vec<MatrixPortalConfig>,
     sink: EventSink,
     hs: Homeserver,
-    /// `@{sender_localpart}:{server_name}`.
+    /// `@{sender_localpart}:{server_name}`, or the bot account's user id.
     bot: String,
     state: StdMutex<State>,
     /// One room set up at a time (resolution, the bot's join).
@@ -509,6 +527,8 @@ pub struct Portals {
     /// What the transaction being processed handed the router, to wait for before acknowledging it.
     routed: StdMutex<Vec<Routed>>,
     server: StdMutex<Option<JoinHandle<()>>>,
+    /// Fetches the files XMPP users send.
+    fetcher: Arc<crate::media::Fetcher>,
 }
 
 impl Drop for Portals {
@@ -527,20 +547,37 @@ pub fn transaction_id(event: &Event) -> String {
     }
 }
 
+/// Who acts for the XMPP users in the portal rooms.
+#[derive(Debug, Clone)]
+pub enum Acting {
+    /// The application service: each XMPP user is a puppet of their own.
+    Appservice(MatrixAppserviceConfig),
+    /// One account for everyone; its login and sync point are kept in `data_dir`.
+    Bot { config: MatrixPortalBotConfig, data_dir: PathBuf },
+}
+
 impl Portals {
     pub fn new(
         network: NetworkId,
-        config: MatrixAppserviceConfig,
+        acting: Acting,
         portals: Vec<MatrixPortalConfig>,
         sink: EventSink,
+        fetcher: Arc<crate::media::Fetcher>,
     ) -> Arc<Portals> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| e.to_string());
-        let hs = Homeserver { base: config.homeserver.clone(), as_token: config.as_token.expose().to_owned(), http };
-        let bot = format!("@{}:{}", config.sender_localpart, config.server_name);
+        let (base, token, bot) = match &acting {
+            Acting::Appservice(config) => (
+                config.homeserver.clone(),
+                config.as_token.expose().to_owned(),
+                format!("@{}:{}", config.sender_localpart, config.server_name),
+            ),
+            Acting::Bot { config, .. } => (config.homeserver.clone(), String::new(), config.user_id.clone()),
+        };
+        let hs = Homeserver { base, token: StdMutex::new(token), http };
         let mut state = State::default();
         for p in &portals {
             if p.room.starts_with('!') {
@@ -549,7 +586,7 @@ impl Portals {
         }
         Arc::new(Portals {
             network,
-            config,
+            acting,
             portals,
             sink,
             hs,
@@ -559,6 +596,7 @@ impl Portals {
             transactions: tokio::sync::Mutex::new(SeenTransactions::default()),
             routed: StdMutex::new(Vec::new()),
             server: StdMutex::new(None),
+            fetcher,
         })
     }
 
@@ -576,10 +614,18 @@ impl Portals {
         self.puppet_jid(user).is_some()
     }
 
+    fn appservice(&self) -> Option<&MatrixAppserviceConfig> {
+        match &self.acting {
+            Acting::Appservice(config) => Some(config),
+            Acting::Bot { .. } => None,
+        }
+    }
+
     /// The JID a puppet stands for.
     pub fn puppet_jid(&self, user: &str) -> Option<String> {
-        let local = user.strip_prefix('@')?.strip_prefix(self.config.user_prefix.as_str())?;
-        let local = local.strip_suffix(self.config.server_name.as_str())?.strip_suffix(':')?;
+        let config = self.appservice()?;
+        let local = user.strip_prefix('@')?.strip_prefix(config.user_prefix.as_str())?;
+        let local = local.strip_suffix(config.server_name.as_str())?.strip_suffix(':')?;
         jid_of_localpart(local)
     }
 
@@ -587,13 +633,14 @@ impl Portals {
         user == self.bot || self.is_puppet(user)
     }
 
-    /// The puppet of `jid`.
-    pub fn puppet_of(&self, jid: &str) -> Result<String, DeliveryError> {
-        let id = format!("@{}{}:{}", self.config.user_prefix, puppet_localpart(jid), self.config.server_name);
+    /// The puppet of `jid`; `None` when the bot acts for everyone.
+    pub fn puppet_of(&self, jid: &str) -> Result<Option<String>, DeliveryError> {
+        let Some(config) = self.appservice() else { return Ok(None) };
+        let id = format!("@{}{}:{}", config.user_prefix, puppet_localpart(jid), config.server_name);
         if id.len() > 255 {
             return Err(DeliveryError::Rejected(format!("{jid} is too long to be a Matrix user")));
         }
-        Ok(id)
+        Ok(Some(id))
     }
 
     /// Whether `chat_id` is a configured portal room.
@@ -601,9 +648,55 @@ impl Portals {
         self.portals.iter().any(|p| p.room == chat_id)
     }
 
-    /// Start the transaction server and bring the bot into every portal room.
+    /// A file of the homeserver's media repository, downloaded as the bot (for the media
+    /// proxy, when no linked account can); the status to answer with when it cannot be had.
+    pub async fn download_media(&self, server: &str, media_id: &str) -> Result<Vec<u8>, StatusCode> {
+        let http = self.hs.http.as_ref().map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        let token = self.hs.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if token.is_empty() {
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let base = self.hs.base.trim_end_matches('/');
+        // Authenticated media first, then the older endpoint of homeservers without it.
+        let mut status = StatusCode::BAD_GATEWAY;
+        for path in ["/_matrix/client/v1/media/download", "/_matrix/media/v3/download"] {
+            let url = format!("{base}{path}/{}/{}", enc(server), enc(media_id));
+            let response = match http.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(server, media_id, error = %e, "portal media download failed");
+                    continue;
+                }
+            };
+            match response.status().as_u16() {
+                200 => {
+                    return response.bytes().await.map(|b| b.to_vec()).map_err(|_| StatusCode::BAD_GATEWAY);
+                }
+                404 => status = StatusCode::NOT_FOUND,
+                code => debug!(server, media_id, code, "the homeserver refused a portal media download"),
+            }
+        }
+        Err(status)
+    }
+
+    /// Start the transaction server (or, for a bot account, its login and sync) and
+    /// bring the bot into every portal room.
     pub async fn start(self: &Arc<Self>) {
+        let data_dir = match &self.acting {
+            Acting::Appservice(_) => None,
+            Acting::Bot { data_dir, .. } => Some(data_dir.clone()),
+        };
+        if let Some(data_dir) = data_dir {
+            let span = info_span!("matrix_portal_bot", network = %self.network, bot = %self.bot);
+            let task = tokio::spawn(bot_loop(Arc::downgrade(self), data_dir).instrument(span));
+            *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            return;
+        }
         self.listen();
+        self.ready_all().await;
+    }
+
+    async fn ready_all(&self) {
         for p in &self.portals {
             match self.ready_room(&p.room).await {
                 Ok(room_id) => info!(portal = %p.name, room = %p.room, %room_id, "Matrix portal room ready"),
@@ -617,7 +710,8 @@ impl Portals {
         if server.is_some() {
             return;
         }
-        let listen = &self.config.listen;
+        let Some(config) = self.appservice() else { return };
+        let listen = &config.listen;
         let bound = (|| -> Result<TcpListener, String> {
             let addr: SocketAddr = listen.parse().map_err(|_| format!("`{listen}` is not IP:PORT"))?;
             let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -762,9 +856,10 @@ impl Portals {
 
     /// An XMPP user enters the portal: their puppet joins, and XMPP learns who is there.
     async fn enter(&self, chat: &ChatRef, room_id: &str, jid: &str, nick: &str) -> Result<(), DeliveryError> {
-        let puppet = self.puppet_of(jid)?;
-        self.ensure_registered(&puppet, nick).await?;
-        self.join_puppet(room_id, &puppet, nick).await?;
+        if let Some(puppet) = self.puppet_of(jid)? {
+            self.ensure_registered(&puppet, nick).await?;
+            self.join_puppet(room_id, &puppet, nick).await?;
+        }
         let state = self.room_state(room_id).await?;
         let powers = Powers::from_state(&state);
         let members = joined_members(&state);
@@ -798,7 +893,7 @@ impl Portals {
     async fn send(
         &self,
         room_id: &str,
-        puppet: &str,
+        puppet: Option<&str>,
         kind: &str,
         content: &Value,
         txn: &str,
@@ -806,7 +901,7 @@ impl Portals {
         let path = format!("/_matrix/client/v3/rooms/{}/send/{}/{}", enc(room_id), enc(kind), enc(txn));
         let r = self
             .hs
-            .call(reqwest::Method::PUT, &path, Some(puppet), Some(content))
+            .call(reqwest::Method::PUT, &path, puppet, Some(content))
             .await
             .map_err(|e| e.delivery("the Matrix room did not take the message"))?;
         r["event_id"]
@@ -818,7 +913,7 @@ impl Portals {
     async fn redact(
         &self,
         room_id: &str,
-        puppet: &str,
+        puppet: Option<&str>,
         target: &str,
         reason: Option<&str>,
         txn: &str,
@@ -833,17 +928,17 @@ impl Portals {
         };
         let r = self
             .hs
-            .call(reqwest::Method::PUT, &path, Some(puppet), Some(&body))
+            .call(reqwest::Method::PUT, &path, puppet, Some(&body))
             .await
             .map_err(|e| e.delivery("the Matrix room did not take the retraction"))?;
         Ok(r["event_id"].as_str().unwrap_or_default().to_owned())
     }
 
-    /// Fetch an attachment and upload it to the homeserver as the puppet.
-    async fn upload(&self, puppet: &str, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
+    /// Fetch an attachment and upload it to the homeserver as the puppet (or the bot).
+    async fn upload(&self, puppet: Option<&str>, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
         let refused =
             |why: String| DeliveryError::Rejected(format!("the file {} cannot be sent to Matrix: {why}", a.url));
-        let (bytes, served) = crate::media::fetch(&a.url, crate::media::MAX_FILE_BYTES).await.map_err(refused)?;
+        let (bytes, served) = self.fetcher.fetch(&a.url, crate::media::MAX_FILE_BYTES).await.map_err(refused)?;
         let name = crate::media::attachment_name(a);
         let mime = crate::media::choose_mime(a.mime.as_deref(), served.as_deref(), &name);
         let size = bytes.len() as u64;
@@ -851,22 +946,32 @@ impl Portals {
         let body = Some((bytes, mime.essence_str().to_owned()));
         let r = self
             .hs
-            .call_raw(reqwest::Method::POST, &path, Some(puppet), body, Duration::from_secs(600))
+            .call_raw(reqwest::Method::POST, &path, puppet, body, Duration::from_secs(600))
             .await
             .map_err(|e| e.delivery(&format!("cannot upload {}", a.url)))?;
         let url = r["content_uri"]
             .as_str()
             .ok_or_else(|| DeliveryError::Unavailable("the homeserver gave no content_uri for the upload".into()))?;
-        Ok(UploadedFile { url: url.to_owned(), name, mime: mime.essence_str().to_owned(), size })
+        Ok(UploadedFile { url: url.to_owned(), name, mime: mime.essence_str().to_owned(), size, encrypted: None })
     }
 
+    /// Send `m`; `speaker` is the nick that prefixes what the bot says for someone.
     async fn send_message(
         &self,
         room_id: &str,
-        puppet: &str,
+        puppet: Option<&str>,
         m: &Message,
+        speaker: Option<&str>,
         txn: &str,
     ) -> Result<Vec<String>, DeliveryError> {
+        let spoken;
+        let m = match speaker {
+            Some(nick) => {
+                spoken = spoken_by(nick, m);
+                &spoken
+            }
+            None => m,
+        };
         if m.attachments.is_empty() {
             return Ok(vec![self.send(room_id, puppet, "m.room.message", &outgoing::message_content(m), txn).await?]);
         }
@@ -879,7 +984,11 @@ impl Portals {
             ids.push(self.send(room_id, puppet, "m.room.message", &outgoing::message_content(&text), txn).await?);
         }
         for (i, file) in files.iter().enumerate() {
-            let content = outgoing::file_content(m, file);
+            let mut content = outgoing::file_content(m, file);
+            if let Some(nick) = speaker {
+                // The file's caption says whose it is.
+                content["body"] = json!(format!("<{nick}> {}", file.name));
+            }
             ids.push(self.send(room_id, puppet, "m.room.message", &content, &format!("{txn}-file{i}")).await?);
         }
         Ok(ids)
@@ -925,14 +1034,15 @@ impl Portals {
         let mut ids = Vec::new();
         for (key, event_id) in &have {
             if !emojis.contains(key) {
-                self.redact(room_id, puppet, event_id, None, &format!("{txn}-{event_id}")).await?;
+                self.redact(room_id, Some(puppet), event_id, None, &format!("{txn}-{event_id}")).await?;
                 self.state().reactions.remove(event_id);
             }
         }
         for key in emojis {
             if !have.iter().any(|(k, _)| k == key) {
                 let content = outgoing::reaction_content(target, key);
-                let event_id = self.send(room_id, puppet, "m.reaction", &content, &format!("{txn}-{key}")).await?;
+                let event_id =
+                    self.send(room_id, Some(puppet), "m.reaction", &content, &format!("{txn}-{key}")).await?;
                 self.state().reactions.add(room_id, target, puppet, key, &event_id);
                 ids.push(event_id);
             }
@@ -958,8 +1068,16 @@ impl Portals {
         let nick = event.sender.nick.as_str();
         let txn = transaction_id(&event);
         let txn = txn.as_str();
-        debug!(portal = chat_id, %puppet, kind = event.kind.name(), "Matrix portal delivery");
         let room = room_id.as_str();
+        let Some(puppet) = puppet else {
+            debug!(portal = chat_id, bot = %self.bot, kind = event.kind.name(), "Matrix portal delivery by the bot");
+            let ids = self.deliver_as_bot(&event, room, jid, txn).await?;
+            if let Some(receipt) = &event.receipt {
+                receipt.confirm().await;
+            }
+            return Ok(Delivered::ids(ids));
+        };
+        debug!(portal = chat_id, %puppet, kind = event.kind.name(), "Matrix portal delivery");
         let ids = match &event.kind {
             EventKind::JoinRequest { nick, .. } => {
                 self.enter(&event.chat, room, jid, nick).await?;
@@ -967,15 +1085,15 @@ impl Portals {
             }
             EventKind::Message(m) => {
                 self.ensure_in(room, &puppet, nick).await?;
-                self.send_message(room, &puppet, m, txn).await?
+                self.send_message(room, Some(&puppet), m, None, txn).await?
             }
             EventKind::Correction { target, message } => {
                 self.ensure_in(room, &puppet, nick).await?;
                 let content = outgoing::edit_content(&target.0, message);
-                vec![self.send(room, &puppet, "m.room.message", &content, txn).await?]
+                vec![self.send(room, Some(&puppet), "m.room.message", &content, txn).await?]
             }
             EventKind::Retraction { target, reason, .. } => {
-                vec![self.redact(room, &puppet, &target.0, reason.as_deref(), txn).await?]
+                vec![self.redact(room, Some(&puppet), &target.0, reason.as_deref(), txn).await?]
             }
             EventKind::Reactions { target, emojis } => {
                 self.ensure_in(room, &puppet, nick).await?;
@@ -1037,6 +1155,42 @@ impl Portals {
         Ok(Delivered::ids(ids))
     }
 
+    /// An XMPP user's event in a portal room where the bot speaks for everyone: messages
+    /// and their corrections and retractions (the bot's own events), the topic; the rest
+    /// has no Matrix form that would say whose it is.
+    async fn deliver_as_bot(
+        &self,
+        event: &Event,
+        room: &str,
+        jid: &str,
+        txn: &str,
+    ) -> Result<Vec<String>, DeliveryError> {
+        let nick = event.sender.nick.as_str();
+        Ok(match &event.kind {
+            EventKind::JoinRequest { nick, .. } => {
+                self.enter(&event.chat, room, jid, nick).await?;
+                Vec::new()
+            }
+            EventKind::Message(m) => self.send_message(room, None, m, Some(nick), txn).await?,
+            EventKind::Correction { target, message } => {
+                let content = outgoing::edit_content(&target.0, &spoken_by(nick, message));
+                vec![self.send(room, None, "m.room.message", &content, txn).await?]
+            }
+            EventKind::Retraction { target, reason, .. } => {
+                vec![self.redact(room, None, &target.0, reason.as_deref(), txn).await?]
+            }
+            EventKind::Topic { text } => {
+                let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(room));
+                self.hs
+                    .call(reqwest::Method::PUT, &path, None, Some(&json!({"topic": text})))
+                    .await
+                    .map_err(|e| e.delivery("the topic"))?;
+                Vec::new()
+            }
+            _ => Vec::new(),
+        })
+    }
+
     // --- homeserver → XMPP ----------------------------------------------------------
 
     /// Process one transaction (once per id). `true` once what it carried is taken in
@@ -1049,7 +1203,17 @@ impl Portals {
             return true;
         }
         debug!(txn = id, events = txn.events.len(), ephemeral = txn.ephemeral.len(), "transaction");
-        for ev in &txn.events {
+        if !self.process_batch(&txn.events, &txn.ephemeral).await {
+            return false;
+        }
+        seen.insert(id);
+        true
+    }
+
+    /// Hand the timeline events (each with its `room_id`) and then the ephemeral ones to
+    /// the router; `true` once the timeline events are taken in for good.
+    async fn process_batch(&self, events: &[Value], ephemeral: &[Value]) -> bool {
+        for ev in events {
             self.timeline(ev).await;
         }
         let routed = std::mem::take(&mut *self.routed.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1058,11 +1222,101 @@ impl Portals {
                 return false;
             }
         }
-        for ev in &txn.ephemeral {
+        for ev in ephemeral {
             self.ephemeral(ev).await;
         }
-        seen.insert(id);
         true
+    }
+
+    /// The bot's account: the stored access token when the homeserver still takes it,
+    /// else a password login (whose token is stored).
+    async fn bot_login(&self, config: &MatrixPortalBotConfig, data_dir: &std::path::Path) -> Result<(), String> {
+        let token_file = data_dir.join(BOT_TOKEN_FILE);
+        if let Ok(text) = std::fs::read_to_string(&token_file)
+            && let Ok(stored) = serde_json::from_str::<Value>(&text)
+            && stored["user_id"] == config.user_id.as_str()
+            && let Some(token) = stored["access_token"].as_str()
+        {
+            *self.hs.token.lock().unwrap_or_else(|e| e.into_inner()) = token.to_owned();
+            match self.hs.call(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", None, None).await {
+                Ok(_) => return Ok(()),
+                Err(HsError::Refused { status: 401, .. }) => {
+                    info!("the stored bot login is no longer valid: logging in")
+                }
+                Err(e) => return Err(format!("the homeserver does not answer: {e}")),
+            }
+        }
+        self.hs.token.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let body = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": config.user_id},
+            "password": config.password.expose(),
+            "initial_device_display_name": "Isthmus portal rooms",
+        });
+        let r = self
+            .hs
+            .call(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(&body))
+            .await
+            .map_err(|e| format!("the homeserver refused the bot's login as {}: {e}", config.user_id))?;
+        let token = r["access_token"].as_str().ok_or("the homeserver's login answer has no access_token")?;
+        *self.hs.token.lock().unwrap_or_else(|e| e.into_inner()) = token.to_owned();
+        let stored = json!({"user_id": config.user_id, "device_id": r["device_id"], "access_token": token});
+        write_private(&token_file, stored.to_string().as_bytes())?;
+        info!(device = %r["device_id"], "the portal bot logged in");
+        Ok(())
+    }
+
+    /// One sync of the bot from `since` (`None`: the first, whose history is not bridged);
+    /// its `next_batch` once what it carried is taken in.
+    async fn bot_sync(&self, since: Option<&str>) -> Result<Option<String>, HsError> {
+        let path = match since {
+            Some(since) => format!("/_matrix/client/v3/sync?timeout=30000&since={}", enc(since)),
+            None => format!("/_matrix/client/v3/sync?filter={}", enc(r#"{"room":{"timeline":{"limit":1}}}"#)),
+        };
+        let r = self.hs.call_raw(reqwest::Method::GET, &path, None, None, Duration::from_secs(90)).await?;
+        // Invitations to portal rooms are accepted.
+        for room_id in
+            r["rooms"]["invite"].as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
+        {
+            let chat_id = self.state().chat_of.get(&room_id).cloned();
+            match chat_id {
+                Some(chat_id) => {
+                    info!(room = %room_id, "the portal bot was invited to a portal room");
+                    self.state().ready.remove(&chat_id);
+                    if let Err(e) = self.ready_room(&chat_id).await {
+                        warn!(room = %room_id, error = %e, "cannot join the portal room");
+                    }
+                }
+                None => debug!(room = %room_id, "invitation to a room that is no portal: ignored"),
+            }
+        }
+        let with_room = |room_id: &str, events: &Value| -> Vec<Value> {
+            events
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e["room_id"] = json!(room_id);
+                    e
+                })
+                .collect()
+        };
+        let mut events = Vec::new();
+        let mut ephemeral = Vec::new();
+        if since.is_some() {
+            for (room_id, room) in r["rooms"]["join"].as_object().into_iter().flatten() {
+                if room["timeline"]["limited"] == true {
+                    warn!(room = %room_id, "the sync skipped events of a portal room (too many at once)");
+                }
+                events.extend(with_room(room_id, &room["timeline"]["events"]));
+                ephemeral.extend(with_room(room_id, &room["ephemeral"]["events"]));
+            }
+        }
+        if !self.process_batch(&events, &ephemeral).await {
+            return Ok(None);
+        }
+        Ok(r["next_batch"].as_str().map(str::to_owned))
     }
 
     fn chat(&self, chat_id: &str) -> ChatRef {
@@ -1287,6 +1541,83 @@ impl Portals {
     }
 }
 
+/// `m` as the bot says it for `nick`: `<nick> text` (`/me` actions: `nick text`).
+fn spoken_by(nick: &str, m: &Message) -> Message {
+    let prefix = if m.action { format!("{nick} ") } else { format!("<{nick}> ") };
+    let mut out = m.clone();
+    out.body = format!("{prefix}{}", m.body);
+    if let Some(f) = &mut out.formatted
+        && f.format == isthmus_core::model::TextFormat::Html
+    {
+        let mut html = String::new();
+        html_escape::encode_text_to_string(&prefix, &mut html);
+        f.text = format!("{html}{}", f.text);
+    }
+    out
+}
+
+/// Write `bytes` to `path`, readable by the owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The portal bot's life: log in (retrying), bring the bot into the portal rooms,
+/// then sync for as long as the portals exist, storing each resume point once its
+/// events are taken in.
+async fn bot_loop(portals: Weak<Portals>, data_dir: PathBuf) {
+    let sync_file = data_dir.join(BOT_SYNC_FILE);
+    let mut since = std::fs::read_to_string(&sync_file).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let mut backoff = Duration::from_secs(1);
+    let mut logged_in = false;
+    loop {
+        let Some(p) = portals.upgrade() else { return };
+        let Acting::Bot { config, .. } = &p.acting else { return };
+        if !logged_in {
+            match p.bot_login(config, &data_dir).await {
+                Ok(()) => {
+                    logged_in = true;
+                    backoff = Duration::from_secs(1);
+                    p.ready_all().await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "the portal bot cannot log in: retrying");
+                    drop(p);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    continue;
+                }
+            }
+        }
+        match p.bot_sync(since.as_deref()).await {
+            Ok(Some(next)) => {
+                if let Err(e) = write_private(&sync_file, next.as_bytes()) {
+                    warn!(error = %e, "cannot store the portal bot's sync point");
+                }
+                since = Some(next);
+                backoff = Duration::from_secs(1);
+            }
+            Ok(None) => return, // shutting down
+            Err(e) => {
+                if matches!(e, HsError::Refused { status: 401, .. }) {
+                    logged_in = false;
+                }
+                warn!(error = %e, "the portal bot's sync failed: retrying");
+                drop(p);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
 // --- the HTTP server -------------------------------------------------------------------
 
 async fn serve(listener: TcpListener, portals: Weak<Portals>) {
@@ -1336,7 +1667,8 @@ fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response<Full
 }
 
 async fn handle(portals: &Portals, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    match authorize(req.headers(), req.uri().query(), portals.config.hs_token.expose()) {
+    let Some(config) = portals.appservice() else { return matrix_error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "") };
+    match authorize(req.headers(), req.uri().query(), config.hs_token.expose()) {
         Ok(()) => {}
         Err(StatusCode::UNAUTHORIZED) => {
             return matrix_error(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "no hs_token in the request");
@@ -1411,9 +1743,10 @@ mod tests {
     #[test]
     fn puppets_and_the_bot_are_recognised() {
         let (sink, _stream) = EventSink::channel(4);
-        let p = Portals::new(NetworkId::new("matrix"), config(), Vec::new(), sink);
+        let fetcher = Arc::new(crate::media::Fetcher::new(false));
+        let p = Portals::new(NetworkId::new("matrix"), Acting::Appservice(config()), Vec::new(), sink, fetcher);
         assert_eq!(p.bot(), "@isthmus:example.org");
-        assert_eq!(p.puppet_of("alice@localhost").unwrap(), "@_xmpp_alice=40localhost:example.org");
+        assert_eq!(p.puppet_of("alice@localhost").unwrap().as_deref(), Some("@_xmpp_alice=40localhost:example.org"));
         assert_eq!(p.puppet_jid("@_xmpp_alice=40localhost:example.org").as_deref(), Some("alice@localhost"));
         assert!(!p.is_puppet("@_xmpp_alice=40localhost:other.org"));
         assert!(!p.is_puppet("@alice:example.org"));
@@ -1553,6 +1886,24 @@ mod tests {
         // No power levels at all: the creator may do everything.
         let p = Powers::from_state(&[state_event("m.room.create", "", "@c:l", json!({"room_version": "10"}))]);
         assert_eq!((p.level("@c:l"), p.level("@e:l")), (100, 0));
+    }
+
+    #[test]
+    fn the_bot_speaks_for_a_nick() {
+        let m = spoken_by("Al<ice>", &Message::text("*hi*"));
+        assert_eq!(m.body, "<Al<ice>> *hi*");
+        // The HTML body is the styling's, made from that prefixed body (escaped).
+        assert_eq!(outgoing::message_content(&m)["formatted_body"], json!("&lt;Al&lt;ice&gt;&gt; <strong>hi</strong>"));
+        let html = Message {
+            formatted: Some(isthmus_core::model::FormattedBody {
+                format: isthmus_core::model::TextFormat::Html,
+                text: "<b>hi</b>".into(),
+            }),
+            ..Message::text("hi")
+        };
+        assert_eq!(spoken_by("a&b", &html).formatted.map(|f| f.text).as_deref(), Some("&lt;a&amp;b&gt; <b>hi</b>"));
+        let action = spoken_by("Alice", &Message { action: true, ..Message::text("waves") });
+        assert_eq!(action.body, "Alice waves");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use isthmus_core::markup::html_to_styling_with;
 use isthmus_core::model::{Attachment, FormattedBody, Message, MessageRef, ReplyTo, TextFormat};
 use serde_json::Value;
 use thiserror::Error;
@@ -192,6 +193,13 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         }
         _ => None,
     };
+    // What XMPP (and every network without HTML) shows is the HTML as XEP-0393 styling.
+    if let Some(f) = &formatted {
+        let styled = html_to_styling_with(&f.text, &|href| !is_mention_link(href));
+        if !styled.is_empty() {
+            body = styled;
+        }
+    }
     let mut m = Message {
         body,
         formatted,
@@ -202,7 +210,10 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         notice: msgtype == "m.notice",
     };
     if matches!(msgtype, "m.image" | "m.file" | "m.audio" | "m.video") {
-        if let Some(url) = opt_str(content, "url") {
+        // A file of an encrypted room is in `file`, with how to decrypt it.
+        let url =
+            opt_str(content, "url").or_else(|| content.get("file").and_then(crate::media::encrypted_attachment_url));
+        if let Some(url) = url {
             let a = attachment(content, url);
             // The body of a file event is its name unless a caption was given.
             if a.name.as_deref() == Some(m.body.as_str()) || opt_str(content, "filename").is_none() {
@@ -212,6 +223,11 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         }
     }
     Ok(m)
+}
+
+/// A matrix.to link (a mention "pill"): its text, the person's or room's name, says it all.
+fn is_mention_link(href: &str) -> bool {
+    href.starts_with("https://matrix.to/#/")
 }
 
 /// Drop the `> <@user> quoted` lines older clients put before a reply.
@@ -275,6 +291,16 @@ mod tests {
         .unwrap();
         let Incoming::Message { message } = inc else { panic!("not a message") };
         assert_eq!(message.formatted, Some(FormattedBody { format: TextFormat::Html, text: "<b>b</b>".into() }));
+        // The body is the HTML as XEP-0393 styling (clients' markdown source is not styling);
+        // mentions keep the name only.
+        let (_, inc) = parse(&ev(
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "**b** Bob: ~~s~~", "format": "org.matrix.custom.html",
+                   "formatted_body": "<strong>b</strong> <a href=\"https://matrix.to/#/@bob:l\">Bob</a>: <del>s</del>"}),
+        ))
+        .unwrap();
+        let Incoming::Message { message } = inc else { panic!("not a message") };
+        assert_eq!(message.body, "*b* Bob: ~s~");
     }
 
     #[test]

@@ -69,8 +69,10 @@ pub struct MatrixNetwork {
     sessions: Mutex<HashMap<BareJid, Arc<Session>>>,
     /// The media proxy, when configured and listening; kept to keep it running.
     _media: Option<media::MediaProxy>,
-    /// Portal rooms, when an application service is configured.
+    /// Portal rooms, when an application service or a bot account is configured.
     portals: Option<Arc<appservice::Portals>>,
+    /// Fetches the files XMPP users send, with the network's address policy.
+    fetcher: Arc<media::Fetcher>,
 }
 
 fn not_linked() -> DeliveryError {
@@ -102,10 +104,15 @@ impl MatrixNetwork {
         sink: EventSink,
     ) -> Arc<MatrixNetwork> {
         let data_dir = config.resolved_data_dir(base_dir).join(dir_name_of_domain(&config.domain));
-        let portals = config
-            .appservice
-            .as_ref()
-            .map(|a| appservice::Portals::new(id.clone(), a.clone(), config.portals.clone(), sink.clone()));
+        let acting = match (&config.appservice, &config.bot) {
+            (Some(a), _) => Some(appservice::Acting::Appservice(a.clone())),
+            (None, Some(b)) => Some(appservice::Acting::Bot { config: b.clone(), data_dir: data_dir.clone() }),
+            (None, None) => None,
+        };
+        let fetcher = Arc::new(media::Fetcher::new(config.fetch_private_addresses));
+        let portals = acting.map(|acting| {
+            appservice::Portals::new(id.clone(), acting, config.portals.clone(), sink.clone(), fetcher.clone())
+        });
         Arc::new_cyclic(|me: &Weak<MatrixNetwork>| {
             let media = config.media.as_ref().and_then(|media_config| {
                 let me = me.clone();
@@ -118,7 +125,13 @@ impl MatrixNetwork {
                         }
                     })
                 });
-                let started = media::start(&id, media_config, &data_dir, clients);
+                let fallback = portals.clone().map(|portals| -> media::Fallback {
+                    Arc::new(move |server, media_id| {
+                        let portals = portals.clone();
+                        Box::pin(async move { portals.download_media(&server, &media_id).await })
+                    })
+                });
+                let started = media::start(&id, media_config, &data_dir, clients, fallback);
                 if let Err(e) = &started {
                     let what = "the Matrix media proxy is not running: files keep their mxc:// addresses";
                     tracing::error!(network = %id, error = %e, "{what}");
@@ -134,6 +147,7 @@ impl MatrixNetwork {
                 sessions: Mutex::new(HashMap::new()),
                 _media: media,
                 portals,
+                fetcher,
             }
         })
     }
@@ -209,6 +223,7 @@ impl MatrixNetwork {
             dir,
             self.store.clone(),
             resume_from,
+            self.fetcher.clone(),
         ))
     }
 
@@ -336,6 +351,7 @@ impl Network for MatrixNetwork {
             dir,
             self.store.clone(),
             None,
+            self.fetcher.clone(),
         );
         session.start(true);
         self.sessions.lock().await.insert(account.clone(), session);
@@ -401,7 +417,7 @@ impl Network for MatrixNetwork {
             return match &self.portals {
                 Some(portals) => portals.deliver(event).await,
                 None => Err(DeliveryError::Rejected(format!(
-                    "`{}` is not a portal room: this Matrix gateway has no application service (`appservice`) for portal rooms",
+                    "`{}` is not a portal room: this Matrix gateway has no application service (`appservice`) or `bot` for portal rooms",
                     event.chat.id
                 ))),
             };

@@ -14,12 +14,17 @@
 //! turned into a page of the gateway's origin.
 //!
 //! **XMPP → Matrix.** [`upload_attachment`] fetches an attachment's URL (at most
-//! [`MAX_FILE_BYTES`]) and uploads it to the homeserver; `session` then sends
-//! the file event that `outgoing::file_content` builds.
+//! [`MAX_FILE_BYTES`]) with a [`Fetcher`] and uploads it to the homeserver;
+//! `session` then sends the file event that `outgoing::file_content` builds.
+//! The fetcher refuses, unless the network's `fetch_private_addresses` allows
+//! them, every address that is not public ([`is_public`]: loopback, private,
+//! link-local, shared, unspecified, multicast…), whether the URL names it, its
+//! host name resolves to it (checked on every connection, so a name cannot
+//! change its answer between the check and the download) or a redirect leads there.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
@@ -200,12 +205,79 @@ fn link_file_name(name: Option<&str>, media_id: &str, mime: Option<&str>) -> Str
     name
 }
 
+/// How a file of an encrypted room is encrypted (its `file` object: the key, the
+/// counter block and the ciphertext's SHA-256, as the event spells them). An
+/// attachment carries it after its `mxc://` address as `#KEY.IV.SHA256`; the proxy
+/// link carries it as one more path segment (under the link's token), so the proxy
+/// can decrypt without storing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    /// The AES-CTR key, unpadded URL-safe base64 (JWK `k`).
+    pub key: String,
+    /// The counter block, unpadded base64.
+    pub iv: String,
+    /// The ciphertext's SHA-256, unpadded base64.
+    pub sha256: String,
+}
+
+fn is_base64(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/-_=".contains(&b))
+}
+
+impl Encryption {
+    /// From an event's `file` object (version 2 of attachment encryption).
+    pub fn of_file(file: &serde_json::Value) -> Option<Encryption> {
+        let text = |v: &serde_json::Value| v.as_str().filter(|s| is_base64(s)).map(str::to_owned);
+        Some(Encryption {
+            key: text(&file["key"]["k"])?,
+            iv: text(&file["iv"])?,
+            sha256: text(&file["hashes"]["sha256"])?,
+        })
+    }
+
+    /// `KEY.IV.SHA256`, percent-encoded (base64 has no `.`).
+    pub fn segment(&self) -> String {
+        format!("{}.{}.{}", percent_encode(&self.key), percent_encode(&self.iv), percent_encode(&self.sha256))
+    }
+
+    /// Read a [`Encryption::segment`] (already percent-decoded).
+    pub fn parse(segment: &str) -> Option<Encryption> {
+        let mut parts = segment.split('.');
+        let (key, iv, sha256) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || ![key, iv, sha256].iter().all(|p| is_base64(p)) {
+            return None;
+        }
+        Some(Encryption { key: key.to_owned(), iv: iv.to_owned(), sha256: sha256.to_owned() })
+    }
+
+    /// The event's `file` object for the file at `mxc`.
+    pub fn file_json(&self, mxc: &str) -> serde_json::Value {
+        serde_json::json!({
+            "url": mxc,
+            "key": {"kty": "oct", "key_ops": ["encrypt", "decrypt"], "alg": "A256CTR", "k": self.key, "ext": true},
+            "iv": self.iv,
+            "hashes": {"sha256": self.sha256},
+            "v": "v2",
+        })
+    }
+}
+
+/// The attachment address of an encrypted file: `mxc://server/id#KEY.IV.SHA256`
+/// (the media proxy turns it into a link; without one the part after `#` is dropped).
+pub fn encrypted_attachment_url(file: &serde_json::Value) -> Option<String> {
+    let url = file["url"].as_str()?;
+    parse_mxc(url)?;
+    Some(format!("{url}#{}", Encryption::of_file(file)?.segment()))
+}
+
 /// The parts of a proxy link's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyPath {
     pub token: String,
     pub server: String,
     pub media_id: String,
+    /// For a file of an encrypted room: how to decrypt it.
+    pub encryption: Option<Encryption>,
     pub filename: String,
 }
 
@@ -226,36 +298,63 @@ impl Links {
         Links { key, base, prefix }
     }
 
-    fn mac(&self, server: &str, media_id: &str) -> HmacSha256 {
+    fn mac(&self, server: &str, media_id: &str, encryption: Option<&Encryption>) -> HmacSha256 {
         // HMAC takes keys of any length: this cannot fail.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
         mac.update(server.as_bytes());
         mac.update(b"/");
         mac.update(media_id.as_bytes());
+        if let Some(e) = encryption {
+            mac.update(b"/");
+            mac.update(e.segment().as_bytes());
+        }
         mac
     }
 
     /// The token of `server/media_id` (64 hex digits).
     pub fn token(&self, server: &str, media_id: &str) -> String {
-        to_hex(&self.mac(server, media_id).finalize().into_bytes())
+        self.token_of(server, media_id, None)
+    }
+
+    fn token_of(&self, server: &str, media_id: &str, encryption: Option<&Encryption>) -> String {
+        to_hex(&self.mac(server, media_id, encryption).finalize().into_bytes())
     }
 
     /// Whether `token` is the one this gateway gives `server/media_id` (compared in constant time).
     pub fn check(&self, token: &str, server: &str, media_id: &str) -> bool {
-        match from_hex(token) {
-            Some(bytes) if bytes.len() == 32 => self.mac(server, media_id).verify_slice(&bytes).is_ok(),
+        self.check_path(&ProxyPath {
+            token: token.to_owned(),
+            server: server.to_owned(),
+            media_id: media_id.to_owned(),
+            encryption: None,
+            filename: String::new(),
+        })
+    }
+
+    /// Whether the token of a link's path is the one this gateway gives its file.
+    pub fn check_path(&self, p: &ProxyPath) -> bool {
+        match from_hex(&p.token) {
+            Some(bytes) if bytes.len() == 32 => {
+                self.mac(&p.server, &p.media_id, p.encryption.as_ref()).verify_slice(&bytes).is_ok()
+            }
             _ => false,
         }
     }
 
-    /// The proxy link of `mxc`, or `None` when it is no well-formed `mxc://` URI.
+    /// The proxy link of `mxc` (with `#KEY.IV.SHA256` for an encrypted file), or
+    /// `None` when it is no well-formed `mxc://` URI.
     pub fn link(&self, mxc: &str, name: Option<&str>, mime: Option<&str>) -> Option<String> {
+        let (mxc, encryption) = match mxc.split_once('#') {
+            Some((mxc, segment)) => (mxc, Some(Encryption::parse(&percent_decode(segment)?)?)),
+            None => (mxc, None),
+        };
         let (server, media_id) = parse_mxc(mxc)?;
         let file = link_file_name(name, media_id, mime);
+        let encryption_segment = encryption.as_ref().map(|e| format!("/{}", e.segment())).unwrap_or_default();
         Some(format!(
-            "{}/{}/{}/{}/{}",
+            "{}/{}/{}/{}{encryption_segment}/{}",
             self.base,
-            self.token(server, media_id),
+            self.token_of(server, media_id, encryption.as_ref()),
             percent_encode(server),
             percent_encode(media_id),
             percent_encode(&file)
@@ -271,17 +370,23 @@ impl Links {
         }
     }
 
-    /// Read a request path: `{prefix}/{token}/{server}/{media_id}/{filename}`, the
-    /// prefix (the path of `public_url`) being optional for a reverse proxy that strips it.
+    /// Read a request path: `{prefix}/{token}/{server}/{media_id}[/{encryption}]/{filename}`,
+    /// the prefix (the path of `public_url`) being optional for a reverse proxy that strips it.
     /// `None` for anything else, including server names and media ids that are not well-formed.
     pub fn parse_path(&self, path: &str) -> Option<ProxyPath> {
         let rest = match path.strip_prefix(self.prefix.as_str()) {
             Some(rest) if !self.prefix.is_empty() && rest.starts_with('/') => rest,
             _ => path,
         };
-        let mut parts = rest.strip_prefix('/')?.split('/');
-        let (token, server, media_id, filename) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || filename.is_empty() {
+        let parts: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
+        let (token, server, media_id, encryption, filename) = match parts.as_slice() {
+            [token, server, media_id, filename] => (*token, *server, *media_id, None, *filename),
+            [token, server, media_id, encryption, filename] => {
+                (*token, *server, *media_id, Some(Encryption::parse(&percent_decode(encryption)?)?), *filename)
+            }
+            _ => return None,
+        };
+        if filename.is_empty() {
             return None;
         }
         let server = percent_decode(server)?;
@@ -289,7 +394,7 @@ impl Links {
         if !valid_server(&server) || !valid_media_id(&media_id) {
             return None;
         }
-        Some(ProxyPath { token: token.to_owned(), server, media_id, filename: percent_decode(filename)? })
+        Some(ProxyPath { token: token.to_owned(), server, media_id, encryption, filename: percent_decode(filename)? })
     }
 }
 
@@ -301,10 +406,17 @@ static RUNNING: LazyLock<RwLock<HashMap<String, Arc<Links>>>> = LazyLock::new(De
 /// media proxy; unchanged when that network runs none.
 pub fn proxied(network: &NetworkId, mut kind: EventKind) -> EventKind {
     let links = RUNNING.read().unwrap_or_else(|e| e.into_inner()).get(network.as_str()).cloned();
-    if let Some(links) = links {
-        match &mut kind {
-            EventKind::Message(m) | EventKind::Correction { message: m, .. } => links.rewrite(m),
-            _ => {}
+    if let EventKind::Message(m) | EventKind::Correction { message: m, .. } = &mut kind {
+        match links {
+            Some(links) => links.rewrite(m),
+            None => {
+                // No proxy: the bare mxc:// address (an encrypted file's key stays here).
+                for a in &mut m.attachments {
+                    if let Some(i) = a.url.find('#').filter(|_| a.url.starts_with("mxc://")) {
+                        a.url.truncate(i);
+                    }
+                }
+            }
         }
     }
     kind
@@ -337,9 +449,14 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], String> {
 /// The network's logged-in clients, for the proxy to download with.
 pub type Clients = Arc<dyn Fn() -> BoxFuture<'static, Vec<Client>> + Send + Sync>;
 
+/// Another way to download a (plain) file, `(server, media_id)`, when no linked account
+/// has it: the portal rooms' application service or bot account.
+pub type Fallback = Arc<dyn Fn(String, String) -> BoxFuture<'static, Result<Vec<u8>, StatusCode>> + Send + Sync>;
+
 struct State {
     links: Arc<Links>,
     clients: Clients,
+    fallback: Option<Fallback>,
     downloads: Semaphore,
 }
 
@@ -368,6 +485,7 @@ pub fn start(
     config: &MatrixMediaConfig,
     data_dir: &Path,
     clients: Clients,
+    fallback: Option<Fallback>,
 ) -> Result<MediaProxy, String> {
     let key = load_or_create_key(&data_dir.join(KEY_FILE))?;
     let links = Arc::new(Links::new(key, &config.public_url));
@@ -381,7 +499,7 @@ pub fn start(
         let _entered = runtime.enter();
         TcpListener::from_std(listener).map_err(|e| format!("cannot listen on {addr}: {e}"))?
     };
-    let state = Arc::new(State { links: links.clone(), clients, downloads: Semaphore::new(MAX_DOWNLOADS) });
+    let state = Arc::new(State { links: links.clone(), clients, fallback, downloads: Semaphore::new(MAX_DOWNLOADS) });
     let span = info_span!("matrix_media", network = %network);
     let task = runtime.spawn(serve(listener, state).instrument(span));
     RUNNING.write().unwrap_or_else(|e| e.into_inner()).insert(network.as_str().to_owned(), links.clone());
@@ -429,11 +547,11 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         return not_found();
     }
     let Some(p) = state.links.parse_path(req.uri().path()) else { return not_found() };
-    if !state.links.check(&p.token, &p.server, &p.media_id) {
+    if !state.links.check_path(&p) {
         debug!(path = req.uri().path(), "media proxy: not a link of this gateway");
         return not_found();
     }
-    match download(state, &p.server, &p.media_id).await {
+    match download(state, &p.server, &p.media_id, p.encryption.as_ref()).await {
         Ok(bytes) => {
             let len = bytes.len();
             let mut r = Response::new(Full::new(Bytes::from(bytes)));
@@ -460,18 +578,37 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
 
 /// The file's bytes, through the network's accounts (one of the media's own
 /// homeserver first); the status to answer with when none has it.
-async fn download(state: &State, server: &str, media_id: &str) -> Result<Vec<u8>, StatusCode> {
+async fn download(
+    state: &State,
+    server: &str,
+    media_id: &str,
+    encryption: Option<&Encryption>,
+) -> Result<Vec<u8>, StatusCode> {
     let uri = OwnedMxcUri::from(format!("mxc://{server}/{media_id}"));
     if !uri.is_valid() {
         return Err(StatusCode::NOT_FOUND);
     }
+    let source = match encryption {
+        None => MediaSource::Plain(uri),
+        Some(e) => {
+            let file = serde_json::from_value(e.file_json(uri.as_str())).map_err(|e| {
+                debug!(server, media_id, error = %e, "media proxy: unreadable encryption");
+                StatusCode::NOT_FOUND
+            })?;
+            MediaSource::Encrypted(Box::new(file))
+        }
+    };
     let mut clients = (state.clients)().await;
+    let _permit = state.downloads.acquire().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     if clients.is_empty() {
-        return Err(StatusCode::SERVICE_UNAVAILABLE);
+        // No linked account: the portal rooms' application service or bot, for plain files.
+        return match (&state.fallback, encryption) {
+            (Some(fallback), None) => fallback(server.to_owned(), media_id.to_owned()).await,
+            _ => Err(StatusCode::SERVICE_UNAVAILABLE),
+        };
     }
     clients.sort_by_key(|c| c.user_id().is_none_or(|u| u.server_name().as_str() != server));
-    let request = MediaRequestParameters { source: MediaSource::Plain(uri), format: MediaFormat::File };
-    let _permit = state.downloads.acquire().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let request = MediaRequestParameters { source, format: MediaFormat::File };
     let mut status = StatusCode::BAD_GATEWAY;
     for client in clients.iter().take(MAX_TRIES) {
         match client.media().get_media_content(&request, true).await {
@@ -485,28 +622,141 @@ async fn download(state: &State, server: &str, media_id: &str) -> Result<Vec<u8>
             }
         }
     }
+    if let (Some(fallback), None) = (&state.fallback, encryption) {
+        return fallback(server.to_owned(), media_id.to_owned()).await;
+    }
     Err(status)
 }
 
-static HTTP: LazyLock<Result<reqwest::Client, String>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
-        .timeout(Duration::from_secs(600))
-        .build()
-        .map_err(|e| e.to_string())
-});
-
-/// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
-pub async fn fetch(url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err("only http and https links can be fetched".into());
+/// Whether `ip` is an address of the public internet: not loopback, private
+/// (RFC 1918, IPv6 unique local), link-local, shared (100.64.0.0/10), unspecified,
+/// broadcast, multicast, documentation or reserved; IPv4-mapped IPv6 addresses as their IPv4.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_unique_local()
+                    || v6.is_unicast_link_local())
+            }
+        },
     }
-    let http = HTTP.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
+}
+
+/// Why an address is refused, for the sender.
+fn refusal(host: &str, ip: IpAddr) -> String {
+    let what = if ip.is_loopback() { "a loopback address" } else { "a private, local or reserved address" };
+    format!(
+        "{host} is {what} ({ip}): the gateway does not fetch files from such addresses \
+         (an admin can allow them with `fetch_private_addresses`)"
+    )
+}
+
+/// Resolves host names to public addresses only (every connection of a [`Fetcher`]
+/// that refuses private addresses goes through it, redirects included).
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            match addrs.iter().find(|a| !is_public(a.ip())) {
+                Some(bad) => Err(refusal(&host, bad.ip()).into()),
+                None => Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The host of `url` when it is an IP address that is not public.
+fn private_literal(url: &reqwest::Url) -> Option<(String, IpAddr)> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
+        url::Host::Domain(_) => return None,
+    };
+    (!is_public(ip)).then(|| (url.host_str().unwrap_or_default().to_owned(), ip))
+}
+
+/// Fetches the files XMPP users send, over HTTP(S), with the network's address policy.
+pub struct Fetcher {
+    http: Result<reqwest::Client, String>,
+    allow_private: bool,
+}
+
+impl Fetcher {
+    /// `allow_private`: whether loopback, private and link-local addresses may be fetched.
+    pub fn new(allow_private: bool) -> Fetcher {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(600));
+        if !allow_private {
+            builder = builder.dns_resolver(PublicOnly).redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if let Some((host, ip)) = private_literal(attempt.url()) {
+                    let why = refusal(&host, ip);
+                    attempt.error(why)
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }));
+        }
+        Fetcher { http: builder.build().map_err(|e| e.to_string()), allow_private }
+    }
+
+    /// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
+    pub async fn fetch(&self, url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("only http and https links can be fetched".into());
+        }
+        if !self.allow_private {
+            if let Some((host, ip)) = private_literal(&parsed) {
+                return Err(refusal(&host, ip));
+            }
+            // The same check the connection makes, for a clear answer rather than a connect error.
+            if let Some(url::Host::Domain(host)) = parsed.host() {
+                let port = parsed.port_or_known_default().unwrap_or(443);
+                if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
+                    if let Some(bad) = addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
+                        return Err(refusal(host, bad));
+                    }
+                }
+            }
+        }
+        let http = self.http.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
+        fetch_with(http, parsed, limit).await
+    }
+}
+
+/// Download `url` with `http`, at most `limit` bytes.
+async fn fetch_with(
+    http: &reqwest::Client,
+    parsed: reqwest::Url,
+    limit: u64,
+) -> Result<(Vec<u8>, Option<String>), String> {
     let too_big = || format!("it is larger than the {} MB the gateway sends to Matrix", limit / (1024 * 1024));
-    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {e}"))?;
+    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))?;
     if !response.status().is_success() {
         return Err(format!("its server answered {}", response.status()));
     }
@@ -515,13 +765,25 @@ pub async fn fetch(url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), S
     }
     let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut bytes = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {e}"))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))? {
         if (bytes.len() + chunk.len()) as u64 > limit {
             return Err(too_big());
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok((bytes, content_type))
+}
+
+/// An error with its causes (a refused address is the innermost one).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The type a file is sent to Matrix as: the attachment's own, else the one its
@@ -546,18 +808,32 @@ pub fn attachment_name(a: &Attachment) -> String {
     }
 }
 
-/// Fetch attachment `a` and upload it to `client`'s homeserver.
-pub async fn upload_attachment(client: &Client, a: &Attachment) -> Result<UploadedFile, DeliveryError> {
+/// Fetch attachment `a` and upload it to `client`'s homeserver; for an encrypted
+/// room (`encrypt`), encrypted, with the `file` object that says how to decrypt it.
+pub async fn upload_attachment(
+    client: &Client,
+    fetcher: &Fetcher,
+    a: &Attachment,
+    encrypt: bool,
+) -> Result<UploadedFile, DeliveryError> {
     let refused = |why: String| DeliveryError::Rejected(format!("the file {} cannot be sent to Matrix: {why}", a.url));
-    let (bytes, served) = fetch(&a.url, MAX_FILE_BYTES).await.map_err(refused)?;
+    let (bytes, served) = fetcher.fetch(&a.url, MAX_FILE_BYTES).await.map_err(refused)?;
     let name = attachment_name(a);
     let mime = choose_mime(a.mime.as_deref(), served.as_deref(), &name);
     let size = bytes.len() as u64;
-    let response = client.media().upload(&mime, bytes, None).await.map_err(|e| match e.client_api_error_kind() {
+    let upload_error = |e: matrix_sdk::Error| match e.client_api_error_kind() {
         Some(kind) => refused(format!("the homeserver refused it ({})", kind.errcode())),
         None => DeliveryError::Unavailable(format!("cannot upload {} to the Matrix homeserver: {e}", a.url)),
-    })?;
-    Ok(UploadedFile { url: response.content_uri.to_string(), name, mime: mime.essence_str().to_owned(), size })
+    };
+    let mime_text = mime.essence_str().to_owned();
+    if encrypt {
+        let file = client.upload_encrypted_file(&mut std::io::Cursor::new(bytes)).await.map_err(upload_error)?;
+        let json = serde_json::to_value(&file)
+            .map_err(|e| DeliveryError::Unavailable(format!("cannot describe the encrypted file: {e}")))?;
+        return Ok(UploadedFile { url: file.url.to_string(), name, mime: mime_text, size, encrypted: Some(json) });
+    }
+    let response = client.media().upload(&mime, bytes, None).await.map_err(|e| upload_error(e.into()))?;
+    Ok(UploadedFile { url: response.content_uri.to_string(), name, mime: mime_text, size, encrypted: None })
 }
 
 #[cfg(test)]
@@ -568,6 +844,56 @@ mod tests {
 
     fn links() -> Links {
         Links::new([7; 32], "https://gw.example/mx-media/")
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "172.32.0.1", "100.128.0.1", "8.8.8.8", "2606:4700::1111", "::ffff:93.184.216.34"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn private_targets_are_refused_before_any_connection() {
+        let fetcher = Fetcher::new(false);
+        for url in [
+            "http://127.0.0.1:9/x.png",
+            "http://[::1]:9/x.png",
+            "https://10.0.0.1/x.png",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::ffff:127.0.0.1]:9/x",
+            "http://localhost:9/x.png",
+        ] {
+            let e = fetcher.fetch(url, 10).await.expect_err(url);
+            assert!(e.contains("does not fetch files from such addresses"), "{url}: {e}");
+        }
+        let e = fetcher.fetch("http://127.0.0.1:9/x", 10).await.expect_err("loopback");
+        assert!(e.contains("127.0.0.1 is a loopback address"), "{e}");
     }
 
     #[test]
@@ -604,6 +930,7 @@ mod tests {
                 token: token.clone(),
                 server: "localhost:8448".into(),
                 media_id: "AbC_d-1".into(),
+                encryption: None,
                 filename: "cat picture.png".into()
             }
         );
@@ -615,6 +942,45 @@ mod tests {
         assert_eq!(l.link("https://example.org/a.png", None, None), None);
         assert_eq!(l.link("mxc://localhost/../../etc", None, None), None);
         assert_eq!(l.link("mxc://local host/x", None, None), None);
+    }
+
+    #[test]
+    fn encrypted_files_carry_their_key_under_the_token() {
+        let l = links();
+        let file = serde_json::json!({"url": "mxc://localhost/EnC", "v": "v2",
+            "key": {"kty": "oct", "alg": "A256CTR", "k": "qcHVMSgYg-71CauWBezXI5qkaRb0LuIy-Wx5kIaHMIA", "ext": true},
+            "iv": "X85+XgHN+HEAAAAAAAAAAA", "hashes": {"sha256": "5qG4fFnbbVdlAB1Q72JDKwCagV6Dbkx9uds4rSak37c"}});
+        let url = encrypted_attachment_url(&file).unwrap();
+        assert!(url.starts_with("mxc://localhost/EnC#qcHVMSgYg-71"), "{url}");
+        let link = l.link(&url, Some("secret.png"), None).unwrap();
+        let p = l.parse_path(link.strip_prefix("https://gw.example").unwrap()).unwrap();
+        let e = p.encryption.clone().unwrap();
+        assert_eq!(
+            (e.iv.as_str(), p.media_id.as_str(), p.filename.as_str()),
+            ("X85+XgHN+HEAAAAAAAAAAA", "EnC", "secret.png")
+        );
+        assert!(l.check_path(&p));
+        // The event's `file` comes back, and matrix-sdk reads it.
+        let again = e.file_json("mxc://localhost/EnC");
+        assert_eq!(
+            (&again["key"]["k"], &again["iv"], &again["hashes"]),
+            (&file["key"]["k"], &file["iv"], &file["hashes"])
+        );
+        let _: matrix_sdk::ruma::events::room::EncryptedFile = serde_json::from_value(again).unwrap();
+        // Another key under the same token, or the plain file's token, is refused.
+        let other = ProxyPath { encryption: Some(Encryption { key: "AAAA".into(), ..e }), ..p.clone() };
+        assert!(!l.check_path(&other));
+        assert!(!l.check(&p.token, &p.server, &p.media_id));
+        // Without a proxy the key is not shown to XMPP.
+        let kind = proxied(
+            &NetworkId::new("no-proxy-here"),
+            EventKind::Message(Message {
+                attachments: vec![Attachment { url, name: None, mime: None, size: None }],
+                ..Message::default()
+            }),
+        );
+        let EventKind::Message(m) = kind else { panic!("a message") };
+        assert_eq!(m.attachments[0].url, "mxc://localhost/EnC");
     }
 
     #[test]
@@ -734,7 +1100,7 @@ mod tests {
         let net = NetworkId::new("media-test-server");
         let config = MatrixMediaConfig { listen: "127.0.0.1:0".into(), public_url: "http://127.0.0.1/m".into() };
         let clients: Clients = Arc::new(|| Box::pin(async { Vec::new() }));
-        let proxy = start(&net, &config, dir.path(), clients).unwrap();
+        let proxy = start(&net, &config, dir.path(), clients, None).unwrap();
         let link = proxy.links.link("mxc://localhost/abc", Some("a.png"), None).unwrap();
         let path = link.strip_prefix("http://127.0.0.1").unwrap();
         // A real link, with no account logged in: 503, said in words.

@@ -4,6 +4,7 @@
 //! reactions (`m.annotation`). Redactions, typing and receipts are API calls,
 //! made in `session`.
 
+use isthmus_core::markup::styling_to_html;
 use isthmus_core::model::{Message, TextFormat};
 use serde_json::{Value, json};
 
@@ -45,6 +46,8 @@ pub struct UploadedFile {
     /// Its MIME type, without parameters.
     pub mime: String,
     pub size: u64,
+    /// For an encrypted room: the event's `file` object (with the URL and how to decrypt).
+    pub encrypted: Option<Value>,
 }
 
 /// The `msgtype` of a file of type `mime`.
@@ -64,9 +67,12 @@ pub fn file_content(m: &Message, file: &UploadedFile) -> Value {
         "msgtype": file_msgtype(&file.mime),
         "body": file.name,
         "filename": file.name,
-        "url": file.url,
         "info": {"mimetype": file.mime, "size": file.size},
     });
+    match &file.encrypted {
+        Some(encrypted) => content["file"] = encrypted.clone(),
+        None => content["url"] = json!(file.url),
+    }
     if let Some(relation) = relation(m) {
         content["m.relates_to"] = relation;
     }
@@ -88,7 +94,8 @@ pub fn text_beside_files(m: &Message) -> Option<Message> {
     Some(Message { body: body.to_owned(), formatted, attachments: Vec::new(), ..m.clone() })
 }
 
-/// `msgtype`, `body` and the HTML body of a message.
+/// `msgtype`, `body` and the HTML body of a message (the plain body is XEP-0393 styled
+/// text, as the model carries it: its styling becomes the HTML body).
 fn base_content(m: &Message) -> Value {
     let msgtype = if m.action {
         "m.emote"
@@ -107,10 +114,15 @@ fn base_content(m: &Message) -> Value {
             body.push_str(&a.url);
         }
     }
+    // The HTML body: the message's own, else its XEP-0393 styling as HTML.
+    let html = match m.formatted.as_ref().filter(|f| f.format == TextFormat::Html) {
+        Some(f) => Some(f.text.clone()),
+        None => styling_to_html(&body),
+    };
     let mut content = json!({"msgtype": msgtype, "body": body});
-    if let Some(f) = m.formatted.as_ref().filter(|f| f.format == TextFormat::Html) {
+    if let Some(html) = html {
         content["format"] = json!("org.matrix.custom.html");
-        content["formatted_body"] = json!(f.text);
+        content["formatted_body"] = json!(html);
     }
     content
 }
@@ -159,11 +171,16 @@ mod tests {
             message_content(&m),
             json!({"msgtype": "m.text", "body": "x\nhttps://h/f.png", "format": "org.matrix.custom.html", "formatted_body": "<b>x</b>"})
         );
-        let styling = Message {
-            formatted: Some(FormattedBody { format: TextFormat::Styling, text: "*x*".into() }),
-            ..Message::text("*x*")
-        };
-        assert_eq!(message_content(&styling), json!({"msgtype": "m.text", "body": "*x*"}));
+        // XEP-0393 styling in the body becomes the HTML body.
+        assert_eq!(
+            message_content(&Message::text("*x* & _y_")),
+            json!({"msgtype": "m.text", "body": "*x* & _y_", "format": "org.matrix.custom.html",
+                   "formatted_body": "<strong>x</strong> &amp; <em>y</em>"})
+        );
+        assert_eq!(
+            edit_content("$o", &Message::text("`c`"))["m.new_content"]["formatted_body"],
+            json!("<code>c</code>")
+        );
     }
 
     #[test]
@@ -200,7 +217,13 @@ mod tests {
     }
 
     fn file(mime: &str) -> UploadedFile {
-        UploadedFile { url: "mxc://localhost/abc".into(), name: "cat.png".into(), mime: mime.into(), size: 42 }
+        UploadedFile {
+            url: "mxc://localhost/abc".into(),
+            name: "cat.png".into(),
+            mime: mime.into(),
+            size: 42,
+            encrypted: None,
+        }
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Session {
     batch: StdMutex<Vec<Routed>>,
     /// Resume points to store, in order, each once its batch is safe.
     checkpoints: StdMutex<Option<mpsc::UnboundedSender<(Vec<Routed>, String)>>>,
+    /// Fetches the files the user sends.
+    fetcher: Arc<crate::media::Fetcher>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DeliveryError {
@@ -118,6 +120,7 @@ impl Session {
         store_dir: PathBuf,
         store: Store,
         resume_from: Option<String>,
+        fetcher: Arc<crate::media::Fetcher>,
     ) -> Arc<Session> {
         Arc::new(Session {
             account,
@@ -135,6 +138,7 @@ impl Session {
             resume_from: StdMutex::new(resume_from),
             batch: StdMutex::default(),
             checkpoints: StdMutex::new(None),
+            fetcher,
         })
     }
 
@@ -692,10 +696,11 @@ impl Session {
         if m.attachments.is_empty() {
             return Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?]);
         }
-        // All files first: one that cannot be had sends nothing.
+        // All files first: one that cannot be had sends nothing. An encrypted room's are encrypted.
+        let encrypt = room.latest_encryption_state().await.map_err(unavailable)?.is_encrypted();
         let mut files = Vec::with_capacity(m.attachments.len());
         for a in &m.attachments {
-            files.push(crate::media::upload_attachment(&self.client, a).await?);
+            files.push(crate::media::upload_attachment(&self.client, &self.fetcher, a, encrypt).await?);
         }
         let mut ids = Vec::with_capacity(files.len() + 1);
         if let Some(text) = outgoing::text_beside_files(m) {
