@@ -11,6 +11,10 @@
 //! gateways (Biboumi's `record_history`, Isthmus's archive); flood control is
 //! off in both (Biboumi's `throttle_limit=-1` set by ad-hoc command, Isthmus's
 //! `flood.enabled: false`).
+//!
+//! `--memory-only` runs M1 alone and `--embedded-only` the embedded-mode T1
+//! alone, for profiling (point `ISTHMUS_BIN` at a wrapper that starts the
+//! gateway under the profiler).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -622,6 +626,15 @@ async fn main() -> Result<()> {
         }
     }
     let t0 = Instant::now();
+    if std::env::args().any(|a| a == "--embedded-only") {
+        // Embedded T1 alone (no Prosody, no Biboumi), for profiling the gateway's own path.
+        let irc = IrcServer::start_kind(IrcServerKind::Ngircd).await?;
+        let (rate, (p50, p99)) = embedded_t1(irc.port(), n, t0).await?;
+        println!(
+            "Isthmus embedded T1, {n} messages: {rate:.0} msg/s; latency at 200 msg/s p50 / p99 {p50:.2} / {p99:.2} ms"
+        );
+        return Ok(());
+    }
     let mut bulk = Vec::new();
     for p in ["i", "b"] {
         for i in 0..=fan {
@@ -879,6 +892,7 @@ quieter machine); the per-message JSON encoding and the writer's wake-ups are th
 - The XMPP ceiling is Prosody's own MUC (two occupants, so every message is delivered twice and archived by the \
 MUC), which is slower than Prosody routing to a component; it is a reference for Prosody's cost, not an upper \
 bound for the gateways.\n\
+- Where the time goes in embedded mode (the 30,000 msg/s target): a CPU profile of the embedded T1 (`bench --embedded-only` with `BENCH_MESSAGES=10000`, the gateway sampled with `perf record --call-graph dwarf`; 4,963 msg/s in that run) has no single hot spot. Share of the gateway's samples: the client XML streams (parsing what clients send, serialising what they get) 20%; the embedded server's routing 14%, of which 7% is converting typed stanzas back into generic XML elements before they are written; the gateway's own handling and the router 8%; the three SQLite writers 18% (id map 7%, outbox 6%, archive 5%; fsync 1%); the IRC connections 3%. Memory allocation (malloc/free) accounts for about 15% of all samples, spread over all of these, and the scheduler waking tasks across threads for most of the rest. 30,000 msg/s leaves 33 µs of CPU per message; getting there needs fewer allocations and XML conversions per message and one database transaction for the three writers instead of three. Not done yet.\n\
 - Memory per IRC connection: measured with heaptrack (`bench --memory-only` runs M1 alone; point \
 `ISTHMUS_BIN` at a wrapper that starts the gateway under the profiler) at 1,000 connections, about 24 kB of Isthmus's \
 per-connection cost is inside the `irc` crate's client: its framed transport allocates an 8 KiB read and an \
