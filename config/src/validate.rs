@@ -163,6 +163,12 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             if server.port == Some(0) {
                 return err(format!("server `{name}`: `port` must not be 0"));
             }
+            if server.fallback_encoding().is_none() {
+                return err(format!(
+                    "server `{name}`: `encoding_fallback: {}` is not an encoding name (e.g. latin-1, windows-1251, iso-8859-15, shift_jis)",
+                    server.encoding_fallback
+                ));
+            }
             if let Some(sasl) = &server.sasl {
                 match sasl.mechanism {
                     SaslMechanism::Plain if sasl.username.is_none() || sasl.password.is_none() => {
@@ -171,12 +177,14 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                     SaslMechanism::External if sasl.client_cert.is_none() => {
                         return err(format!("server `{name}`: SASL EXTERNAL needs `client_cert`"));
                     }
-                    _ => {}
+                    // Refused rather than silently ignored until the IRC bridge presents client certificates.
+                    SaslMechanism::External => {
+                        return err(format!(
+                            "server `{name}`: SASL EXTERNAL (client certificates) is not supported yet; use `mechanism: plain`"
+                        ));
+                    }
+                    SaslMechanism::Plain => {}
                 }
-                // Refused rather than silently ignored until the IRC bridge performs SASL.
-                return err(format!(
-                    "server `{name}`: SASL is not supported yet; identify with `on_connect` (e.g. \"PRIVMSG NickServ :IDENTIFY …\") meanwhile"
-                ));
             }
         }
     }
@@ -365,9 +373,13 @@ mod tests {
         ));
         assert!(e.message().contains("client_cert"), "{e}");
         let e = err(&format!(
-            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: plain, username: u, password: p }} }}\n"
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external, client_cert: c.pem }} }}\n"
         ));
-        assert!(e.message().contains("SASL is not supported yet"), "{e}");
+        assert!(e.message().contains("SASL EXTERNAL (client certificates) is not supported yet"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ encoding_fallback: klingon }}\n"
+        ));
+        assert!(e.message().contains("`encoding_fallback: klingon` is not an encoding name"), "{e}");
     }
 
     #[test]

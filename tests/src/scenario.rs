@@ -21,6 +21,14 @@ pub struct IrcSetup {
     pub gateway: Isthmus,
 }
 
+/// YAML added to the gateway's configuration: to the IRC network entry, and to the
+/// settings of the server `127.0.0.1`.
+#[derive(Clone, Copy)]
+struct Extra<'a> {
+    irc: &'a str,
+    server: &'a str,
+}
+
 /// The room JID of `channel` on the test ngIRCd.
 pub fn room(channel: &str) -> String {
     format!("{channel}%127.0.0.1@{IRC_DOMAIN}")
@@ -54,8 +62,25 @@ impl IrcSetup {
         irc_extra: &str,
         store_url: &str,
     ) -> Result<IrcSetup> {
+        Self::start_full(xmpp, IrcServer::start_kind(kind).await?, Extra { irc: irc_extra, server: "" }, store_url)
+            .await
+    }
+
+    /// Start everything on the given IRC server; `server_extra` is YAML appended to
+    /// the settings of the server `127.0.0.1` (indented 8), `irc_extra` to the network entry.
+    pub async fn start_on_server(kind: IrcServerKind, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_on_running(IrcServer::start_kind(kind).await?, server_extra, irc_extra).await
+    }
+
+    /// Like [`IrcSetup::start_on_server`] on an IRC server already started (e.g. with services).
+    pub async fn start_on_running(irc: IrcServer, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
+        let extra = Extra { irc: irc_extra, server: server_extra };
+        Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
+    }
+
+    async fn start_full(xmpp: XmppServerKind, irc: IrcServer, extra: Extra<'_>, store_url: &str) -> Result<IrcSetup> {
         if xmpp == XmppServerKind::Embedded {
-            return Self::start_embedded(kind, irc_extra, store_url).await;
+            return Self::start_embedded(irc, extra, store_url).await;
         }
         let users = ["alice", "bob", "carol"].iter().map(|u| (u.to_string(), format!("{u}pass"))).collect();
         let prosody = XmppServer::start(
@@ -63,7 +88,6 @@ impl IrcSetup {
             ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())], ..Default::default() },
         )
         .await?;
-        let irc = IrcServer::start_kind(kind).await?;
         let xmpp_yaml = format!(
             r#"xmpp:
   mode: component
@@ -76,19 +100,16 @@ impl IrcSetup {
 "#,
             component = prosody.component_port()
         );
-        let gateway = Isthmus::start(
-            &Self::config(&xmpp_yaml, &irc, irc_extra, store_url),
-            &[("ISTHMUS_COMPONENT_SECRET", SECRET)],
-        )
-        .await?;
+        let gateway =
+            Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[("ISTHMUS_COMPONENT_SECRET", SECRET)])
+                .await?;
         gateway.wait_log("component link established", 1, T).await?;
         Ok(IrcSetup { prosody, irc, gateway })
     }
 
     /// Isthmus as the XMPP server itself (embedded mode, STARTTLS, SCRAM), users
     /// alice, bob and carol listed in the configuration.
-    async fn start_embedded(kind: IrcServerKind, irc_extra: &str, store_url: &str) -> Result<IrcSetup> {
-        let irc = IrcServer::start_kind(kind).await?;
+    async fn start_embedded(irc: IrcServer, extra: Extra<'_>, store_url: &str) -> Result<IrcSetup> {
         let port = crate::process::free_port();
         let mut xmpp_yaml = format!(
             "xmpp:\n  mode: embedded\n  embedded:\n    domain: localhost\n    listen: 127.0.0.1:{port}\n    users:\n"
@@ -96,13 +117,13 @@ impl IrcSetup {
         for (user, hash) in embedded_password_hashes()? {
             xmpp_yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
         }
-        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra, store_url), &[]).await?;
+        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[]).await?;
         gateway.wait_log("accepting XMPP clients", 1, T).await?;
         let ca_file = gateway.dir().join("tls/localhost.crt");
         Ok(IrcSetup { prosody: XmppServer::Embedded(crate::peers::EmbeddedC2s { port, ca_file }), irc, gateway })
     }
 
-    fn config(xmpp_yaml: &str, irc: &IrcServer, irc_extra: &str, store_url: &str) -> String {
+    fn config(xmpp_yaml: &str, irc: &IrcServer, extra: Extra<'_>, store_url: &str) -> String {
         format!(
             r#"{xmpp_yaml}
 store:
@@ -114,6 +135,7 @@ irc:
       "127.0.0.1":
         port: {irc_port}
         tls: false
+{server_extra}
       localhost:
         port: {tls_port}
         tls: true
@@ -125,6 +147,8 @@ irc:
 {irc_extra}
 "#,
             irc_port = irc.port(),
+            irc_extra = extra.irc,
+            server_extra = extra.server,
             tls_port = irc.tls_port(),
             ca = irc.ca_file().display()
         )
