@@ -672,3 +672,47 @@ async fn sasl_failure_reaches_the_user(kind: IrcServerKind) -> Result<()> {
     Ok(())
 }
 isthmus_tests::on_both_irc_servers!(sasl_failure_reaches_the_user);
+
+/// `on_connect` lines go out right after registration, before anything the user sends.
+async fn on_connect_commands_are_sent_after_registration(kind: IrcServerKind) -> Result<()> {
+    let on_connect = "        on_connect: [\"PRIVMSG bob :hello from on_connect\"]";
+    let s = IrcSetup::start_on_server(kind, on_connect, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "bob") == Some("hello from on_connect")).await?;
+    assert!(line.starts_with(":alice!"), "{line}");
+    alice.send_groupchat(&room, "after on_connect").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("after on_connect")).await?;
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(on_connect_commands_are_sent_after_registration);
+
+/// IRC kicks reach XMPP as unavailable presences with status 307; a kick right
+/// after a ban covering the victim (MODE +b) as a ban, status 301; the victim's
+/// own presence carries 110 too.
+async fn kicks_and_bans_become_muc_status_codes(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#kb").await?; // first in: channel operator
+    let room = room("#kb");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let mut carol = s.join("carol", "r", &room, "carol").await?;
+    carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    bob.expect_line(T, |l| l.starts_with(":carol!") && l.contains(" JOIN ")).await?;
+    bob.send_line("MODE #kb +b alice!*@*").await?;
+    bob.send_line("KICK #kb alice :banned").await?;
+    let own = alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    assert!(own.xml.contains("unavailable") && own.xml.contains("code=\"301\""), "{}", own.xml);
+    assert!(own.xml.contains("code=\"110\""), "{}", own.xml);
+    let seen = carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    assert!(seen.xml.contains("unavailable") && seen.xml.contains("code=\"301\""), "{}", seen.xml);
+    assert!(!seen.xml.contains("code=\"307\""), "{}", seen.xml);
+    bob.send_line("KICK #kb carol :out").await?;
+    let own = carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/carol")).await?;
+    assert!(own.xml.contains("unavailable") && own.xml.contains("code=\"307\""), "{}", own.xml);
+    assert!(!own.xml.contains("code=\"301\""), "{}", own.xml);
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(kicks_and_bans_become_muc_status_codes);

@@ -66,6 +66,27 @@ struct Channel {
     topic: Option<String>,
     /// Occupants by lower-cased nick.
     members: HashMap<String, Occupant>,
+    /// `nick!user@host` of occupants whose JOIN we saw, by lower-cased nick.
+    hostmasks: HashMap<String, String>,
+    /// Ban masks set lately (MODE +b): a kick they match is a ban.
+    recent_bans: VecDeque<String>,
+}
+
+/// How many recent ban masks a channel remembers.
+const RECENT_BANS: usize = 16;
+
+/// Whether ban `mask` (`nick!user@host` with `*` and `?`) covers `nick`, whose
+/// full mask is `hostmask` when known; otherwise only a ban by nick alone counts.
+fn ban_covers(mask: &str, nick: &str, hostmask: Option<&str>) -> bool {
+    let mask = fold(mask);
+    match hostmask {
+        Some(full) => wildmatch::WildMatch::new(&mask).matches(&fold(full)),
+        // Unknown user and host: only a ban by nick (`nick!*@*`) is known to cover it.
+        None => {
+            let (nick_part, rest) = mask.split_once('!').unwrap_or((&mask, ""));
+            rest.chars().all(|c| matches!(c, '*' | '@')) && wildmatch::WildMatch::new(nick_part).matches(&fold(nick))
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -927,6 +948,9 @@ impl Reader {
                     let mut st = self.conn.lock();
                     let Some(ch) = st.channels.get_mut(&fold(channel)) else { return };
                     ch.members.insert(fold(&nick), occupant.clone());
+                    if let Some(prefix) = &message.prefix {
+                        ch.hostmasks.insert(fold(&nick), prefix.to_string());
+                    }
                     if !ch.announced {
                         return;
                     }
@@ -1124,20 +1148,26 @@ impl Reader {
             Command::KICK(ref channel, ref victim, ref reason) => {
                 let name = self.channel_name(channel);
                 let is_self = self.sender(victim).is_self;
-                {
+                // A kick that follows a ban covering the victim is a ban (MUC status 301).
+                let banned = {
                     let mut st = self.conn.lock();
-                    if is_self {
-                        st.channels.remove(&fold(channel));
-                    } else if let Some(ch) = st.channels.get_mut(&fold(channel)) {
-                        ch.members.remove(&fold(victim));
-                    }
-                }
-                self.emit_room(
-                    &name,
-                    victim,
-                    EventKind::Left { kind: LeaveKind::Kick { by: nick }, reason: reason.clone() },
-                )
-                .await;
+                    let own_mask = st.prefix.clone();
+                    let (bans, hostmask) = if is_self {
+                        let bans = st.channels.remove(&fold(channel)).map(|ch| ch.recent_bans).unwrap_or_default();
+                        (bans, own_mask)
+                    } else {
+                        match st.channels.get_mut(&fold(channel)) {
+                            Some(ch) => {
+                                ch.members.remove(&fold(victim));
+                                (ch.recent_bans.clone(), ch.hostmasks.remove(&fold(victim)))
+                            }
+                            None => (VecDeque::new(), None),
+                        }
+                    };
+                    bans.iter().any(|mask| ban_covers(mask, victim, hostmask.as_deref()))
+                };
+                let kind = if banned { LeaveKind::Ban { by: nick } } else { LeaveKind::Kick { by: nick } };
+                self.emit_room(&name, victim, EventKind::Left { kind, reason: reason.clone() }).await;
             }
             Command::QUIT(ref reason) => {
                 let Some(nick) = nick else { return };
@@ -1232,6 +1262,13 @@ impl Reader {
                     let mut st = self.conn.lock();
                     let Some(ch) = st.channels.get_mut(&fold(channel)) else { return };
                     for mode in modes {
+                        if let Mode::Plus(ChannelMode::Ban, Some(mask)) = mode {
+                            if ch.recent_bans.len() == RECENT_BANS {
+                                ch.recent_bans.pop_front();
+                            }
+                            ch.recent_bans.push_back(mask.clone());
+                            continue;
+                        }
                         let (plus, m, arg) = match mode {
                             Mode::Plus(m, Some(a)) => (true, m, a),
                             Mode::Minus(m, Some(a)) => (false, m, a),
@@ -1536,6 +1573,27 @@ mod tests {
         let e = one(&mut h, ":irc.example.org NOTICE * :*** Looking up your hostname");
         assert_eq!(e.chat.kind, ChatKind::Service);
         assert_eq!(e.chat.id.as_str(), SERVER);
+    }
+
+    #[test]
+    fn a_kick_after_a_ban_covering_the_victim_is_a_ban() {
+        let mut h = harness();
+        joined(&mut h);
+        line(&mut h, ":dave!d@dave.host JOIN #test");
+        line(&mut h, ":bob!b@h MODE #test +b *!*@dave.host");
+        let e = one(&mut h, ":bob!b@h KICK #test dave :bye");
+        assert_eq!(
+            e.kind,
+            EventKind::Left { kind: LeaveKind::Ban { by: Some("bob".into()) }, reason: Some("bye".into()) }
+        );
+        let e = one(&mut h, ":bob!b@h KICK #test carol :out");
+        assert_eq!(
+            e.kind,
+            EventKind::Left { kind: LeaveKind::Kick { by: Some("bob".into()) }, reason: Some("out".into()) }
+        );
+        assert!(ban_covers("Carol!*@*", "carol", None));
+        assert!(!ban_covers("*!*@other.host", "carol", Some("carol!c@carol.host")));
+        assert!(!ban_covers("*!*@other.host", "carol", None), "the host is unknown");
     }
 
     #[test]
