@@ -318,6 +318,14 @@ pub struct IrcNetworkConfig {
     /// How corrections, retractions and reactions, which IRC has no form for, are shown there.
     #[serde(default)]
     pub fallbacks: IrcFallbacks,
+    /// At most this many connection attempts at once across the network (after a
+    /// server restart, every user reconnects).
+    #[serde(default = "default_max_concurrent_connects")]
+    pub max_concurrent_connects: usize,
+}
+
+fn default_max_concurrent_connects() -> usize {
+    8
 }
 
 /// IRC renderings of what IRC cannot carry natively.

@@ -159,6 +159,9 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 "`flood` needs `burst` of at least 1 and `lines_per_second` above 0 (or `enabled: false`)".into()
             );
         }
+        if net.max_concurrent_connects == 0 {
+            return err("`max_concurrent_connects` must be at least 1".into());
+        }
         for (name, server) in &net.servers {
             if server.port == Some(0) {
                 return err(format!("server `{name}`: `port` must not be 0"));
@@ -380,6 +383,8 @@ mod tests {
             "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ encoding_fallback: klingon }}\n"
         ));
         assert!(e.message().contains("`encoding_fallback: klingon` is not an encoding name"), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    max_concurrent_connects: 0\n"));
+        assert!(e.message().contains("`max_concurrent_connects` must be at least 1"), "{e}");
     }
 
     #[test]

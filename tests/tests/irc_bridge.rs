@@ -716,3 +716,38 @@ async fn kicks_and_bans_become_muc_status_codes(kind: IrcServerKind) -> Result<(
     Ok(())
 }
 isthmus_tests::on_both_irc_servers!(kicks_and_bans_become_muc_status_codes);
+
+/// After an IRC server restart every user of it reconnects, at most
+/// `max_concurrent_connects` attempts at once (an attempt lasts until the server
+/// registered it; InspIRCd takes about a second per registration, so attempts
+/// queue): the gateway logs each attempt with how many are in flight.
+#[tokio::test]
+async fn reconnects_after_a_server_restart_stay_under_the_cap() -> Result<()> {
+    let mut s = IrcSetup::start_on(IrcServerKind::Inspircd, "    max_concurrent_connects: 1").await?;
+    let room = room("#test");
+    let mut users = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        users.push(s.join(user, "r", &room, user).await?);
+    }
+    s.irc.restart().await?;
+    for user in &mut users {
+        user.expect(Duration::from_secs(60), |st| st.body.as_deref().is_some_and(|b| b.contains("Reconnected")))
+            .await?;
+    }
+    let log = s.gateway.log();
+    let attempts: Vec<(u32, usize)> = log
+        .lines()
+        .filter(|l| l.contains("connecting to the IRC server"))
+        .filter_map(|l| {
+            let field = |name: &str| l.split(&format!("{name}=")).nth(1)?.split(' ').next().map(str::to_owned);
+            Some((field("attempt")?.parse().ok()?, field("in_flight")?.parse().ok()?))
+        })
+        .collect();
+    let reconnects = attempts.iter().filter(|(attempt, _)| *attempt > 1).count();
+    assert!(reconnects >= 3, "every user reconnected: {attempts:?}");
+    let most = attempts.iter().map(|(_, in_flight)| *in_flight).max().unwrap_or(0);
+    assert_eq!(most, 1, "at most 1 attempt in flight: {attempts:?}");
+    let waited = log.matches("waiting for a connection slot").count();
+    println!("connection attempts (attempt, in flight): {attempts:?}; {waited} waited for a slot");
+    Ok(())
+}

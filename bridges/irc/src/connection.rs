@@ -200,6 +200,16 @@ pub struct ReconnectPolicy {
     pub initial: Duration,
     pub max: Duration,
     pub gate: Arc<Semaphore>,
+    /// The gate's size: how many attempts may be in flight at once.
+    pub limit: usize,
+}
+
+impl ReconnectPolicy {
+    /// The default timing with at most `limit` connection attempts at once.
+    pub fn with_limit(limit: usize) -> Self {
+        let limit = limit.max(1);
+        ReconnectPolicy { gate: Arc::new(Semaphore::new(limit)), limit, ..Default::default() }
+    }
 }
 
 impl Default for ReconnectPolicy {
@@ -208,6 +218,7 @@ impl Default for ReconnectPolicy {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(60),
             gate: Arc::new(Semaphore::new(8)),
+            limit: 8,
         }
     }
 }
@@ -583,20 +594,29 @@ impl Supervisor {
         let mut attempt = 0u32;
         while self.conn.is_alive() {
             attempt += 1;
-            let connected = {
-                // A cap on concurrent connection attempts across the whole network.
-                let _permit = self.policy.gate.acquire().await;
-                Box::pin(self.connect()).await
+            // A cap on concurrent connection attempts across the whole network: an
+            // attempt holds its slot until the server has registered it (or it failed).
+            let slot = match self.policy.gate.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    info!(limit = self.policy.limit, "waiting for a connection slot");
+                    let Ok(slot) = self.policy.gate.clone().acquire_owned().await else { break };
+                    slot
+                }
             };
+            let in_flight = self.policy.limit.saturating_sub(self.policy.gate.available_permits());
+            info!(attempt, in_flight, limit = self.policy.limit, "connecting to the IRC server");
+            let connected = Box::pin(self.connect()).await;
             let reason = match connected {
                 Ok((client, stream)) => {
                     delay = self.policy.initial;
                     if attempt > 1 {
                         info!("reconnected to IRC server");
                     }
-                    self.session(client, stream, &mut flood).await
+                    self.session(client, stream, &mut flood, slot).await
                 }
                 Err(e) => {
+                    drop(slot);
                     if attempt == 1 {
                         // Never connected: the joins waiting on this connection fail now, with the reason.
                         Box::pin(self.fail_first_connect(&e)).await;
@@ -665,7 +685,9 @@ impl Supervisor {
         client: Client,
         mut stream: irc::client::ClientStream,
         flood: &mut TokenBucket,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> String {
+        let mut slot = Some(slot);
         let sender = client.sender();
         let reader = Reader {
             conn: self.conn.clone(),
@@ -744,6 +766,10 @@ impl Supervisor {
                     return "closed".to_owned();
                 }
             };
+            if welcomed {
+                // Registered: the connection attempt is over.
+                drop(slot.take());
+            }
             if welcomed && !self.conn.is_online() {
                 rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
                 deadline_armed = true;

@@ -61,7 +61,8 @@ pub struct IrcNetwork {
 
 impl IrcNetwork {
     pub fn new(id: NetworkId, config: IrcNetworkConfig, sink: EventSink) -> Arc<Self> {
-        Self::with_policy(id, config, sink, ReconnectPolicy::default())
+        let policy = ReconnectPolicy::with_limit(config.max_concurrent_connects);
+        Self::with_policy(id, config, sink, policy)
     }
 
     /// Like [`IrcNetwork::new`] with explicit reconnect timing.
