@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need on a Debian machine, idempotently:
-# Prosody, ejabberd, ngIRCd, InspIRCd, PostgreSQL, go-sendxmpp (a second XMPP client) and Biboumi
+# Prosody, ejabberd, ngIRCd, InspIRCd, Atheme (IRC services for the SASL tests), PostgreSQL, go-sendxmpp (a second XMPP client) and Biboumi
 # (the benchmark baseline) from Debian (as root), slixmpp from PyPI in a venv, and the Synapse
 # Matrix homeserver from PyPI in a venv of its own.
 # Services are never started here: each test starts its own on loopback.
 set -euo pipefail
 
 CACHE=${ISTHMUS_TEST_CACHE:-$HOME/.cache/isthmus}
-PACKAGES=(prosody lua-unbound lua-event ejabberd ngircd inspircd postgresql openssl python3-venv go-sendxmpp biboumi)
+PACKAGES=(prosody lua-unbound lua-event ejabberd ngircd inspircd atheme-services postgresql openssl python3-venv go-sendxmpp biboumi)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -26,7 +26,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # A system instance left running would hold the default ports; the tests use their own.
-for svc in prosody ejabberd ngircd inspircd postgresql biboumi; do
+for svc in prosody ejabberd ngircd inspircd atheme-services postgresql biboumi; do
   if command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
     service "$svc" stop >/dev/null 2>&1 || true
   fi

@@ -15,7 +15,7 @@ use isthmus_core::address::Escaping;
 use isthmus_core::model::{
     Affiliation, ChatKind, ChatRef, Event, EventKind, LeaveKind, NetworkId, Occupant, Quote, Role, Sender,
 };
-use isthmus_core::network::{Capabilities, Delivered, DeliveryError, Network};
+use isthmus_core::network::{Capabilities, Confirmation, Delivered, DeliveryError, Network};
 use isthmus_core::outbox::Receipt;
 use isthmus_core::router::Router;
 use isthmus_core::store::{ArchiveEntry, ArchiveQuery, RoomSessionRecord, next_archive_id};
@@ -40,6 +40,10 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::archive::Archive;
 use crate::stanza::{self, bare, full};
+
+/// How long the sender's acknowledgement waits for a network that confirms what it
+/// accepted (IRC echo-message) before reporting it accepted anyway.
+const CONFIRMATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One component domain and the network it serves.
 #[derive(Debug, Clone)]
@@ -1085,7 +1089,8 @@ impl Gateway {
         if let Some(first) = resent {
             debug!(origin_id = ?origin_id, key = %first, from = %from, "resent message not bridged again");
             if chat.kind == ChatKind::Room {
-                self.reflect(domain, &m, &room, &account, &nick, &body, &first, None);
+                let reflections = self.reflections(&m, &room, &account, &nick, &body, &first);
+                self.send_all_after(domain, reflections, None);
             }
             return;
         }
@@ -1094,7 +1099,7 @@ impl Gateway {
             self.portal_fanout(domain, &room, &event, &account);
         }
         let span = tracing::info_span!("xmpp-message", key = %key, origin_id = ?origin_id, from = %from);
-        let Some(report) = self.route(event).instrument(span).await else { return };
+        let Some(mut report) = self.route(event).instrument(span).await else { return };
         if let Some(e) = report.first_error() {
             let condition = match e {
                 DeliveryError::Forbidden(_) => DefinedCondition::Forbidden,
@@ -1109,8 +1114,9 @@ impl Gateway {
         if let Some(id) = &origin_id {
             self.recent_origins.remember(&account, id, &key.0);
         }
-        // XEP-0184: the receipt says the remote network accepted the message, so it is
-        // only sent now, after delivery succeeded.
+        // What tells the sender the message was accepted: a XEP-0184 receipt (the
+        // remote network accepted it) in a direct chat, the reflection in a room.
+        let mut accepted = Vec::new();
         if chat.kind != ChatKind::Room && m.payloads.iter().any(|p| p.is("request", ns::RECEIPTS)) {
             if let Some(id) = &m.id {
                 let mut receipt = Message::new_with_type(MessageType::Chat, Some(from.clone()));
@@ -1121,7 +1127,7 @@ impl Gateway {
                         .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), id.0.clone())
                         .build(),
                 );
-                self.send_after(domain, Stanza::Message(receipt), report.persisted.clone());
+                accepted.push(Stanza::Message(receipt));
             }
         }
         if chat.kind == ChatKind::Room {
@@ -1137,42 +1143,80 @@ impl Gateway {
                     std::time::SystemTime::now(),
                 );
             }
-            // Reflected only once the outbox holds the message: the reflection says
-            // it was accepted, so it must survive a crash from here on.
-            self.reflect(domain, &m, &room, &account, &nick, &body, &key.0, report.persisted.clone());
+            accepted.extend(self.reflections(&m, &room, &account, &nick, &body, &key.0));
         }
+        // Sent only once the outbox holds the message (it must survive a crash from
+        // here on), and where the network confirms later (IRC echo-message), once it did.
+        let confirmation =
+            report.deliveries.iter_mut().find_map(|(_, r)| r.as_mut().ok().and_then(|d| d.confirmation.take()));
+        Self::send_accepted(domain, &m, accepted, report.persisted.clone(), confirmation);
+    }
+
+    /// Tell the sender their message was accepted (`stanzas`, the first one held
+    /// until `persisted` opens). With a `confirmation` they wait for the network's
+    /// word; a refusal reaches the sender as an error instead.
+    fn send_accepted(
+        domain: &Domain,
+        m: &Message,
+        stanzas: Vec<Stanza>,
+        mut persisted: Option<Receipt>,
+        confirmation: Option<Confirmation>,
+    ) {
+        let mut send = move |domain: &Domain, stanzas: Vec<Stanza>| {
+            for stanza in stanzas {
+                if domain.outgoing.send(Outgoing { stanza, receipt: persisted.take() }).is_err() {
+                    warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
+                }
+            }
+        };
+        let Some(confirmation) = confirmation else { return send(domain, stanzas) };
+        let (domain, m) = (domain.clone(), m.clone());
+        tokio::spawn(async move {
+            let stanzas = match tokio::time::timeout(CONFIRMATION_WAIT, confirmation.wait()).await {
+                Ok(Ok(_)) => stanzas,
+                Ok(Err(e)) => {
+                    stanza::message_error(&m, ErrorType::Cancel, DefinedCondition::NotAcceptable, &e.to_string())
+                        .into_iter()
+                        .collect()
+                }
+                Err(_) => {
+                    warn!(id = ?m.id, "the network did not confirm the message in time; reported as accepted");
+                    stanzas
+                }
+            };
+            send(&domain, stanzas);
+        });
     }
 
     /// MUC semantics: the sender's resources see their own message reflected, with
     /// its id and the room's stanza-id (`key`). The whole stanza is reflected
     /// (corrections, reactions and retractions included), so the user's other
-    /// devices apply it too. Written once `after` is confirmed, if given.
-    #[allow(clippy::too_many_arguments)]
-    fn reflect(
+    /// devices apply it too.
+    fn reflections(
         &self,
-        domain: &Domain,
         m: &Message,
         room: &BareJid,
         account: &BareJid,
         nick: &str,
         body: &str,
         key: &str,
-        mut after: Option<Receipt>,
-    ) {
+    ) -> Vec<Stanza> {
         let resources: Vec<FullJid> = self
             .rooms()
             .get(&(room.clone(), account.clone()))
             .map(|s| s.resources.iter().cloned().collect())
             .unwrap_or_default();
-        let Some(from_occupant) = full(room, nick) else { return };
-        for res in resources {
-            let mut echo =
-                stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), body);
-            echo.id = m.id.clone();
-            echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
-            let echo = stanza::with_stanza_id(echo, key, room);
-            self.send_after(domain, Stanza::Message(echo), after.take());
-        }
+        let Some(from_occupant) = full(room, nick) else { return Vec::new() };
+        resources
+            .into_iter()
+            .map(|res| {
+                let mut echo =
+                    stanza::message(MessageType::Groupchat, Jid::from(from_occupant.clone()), Jid::from(res), body);
+                echo.id = m.id.clone();
+                echo.payloads.extend(m.payloads.iter().filter(|p| !p.is("stanza-id", ns::SID)).cloned());
+                Stanza::Message(stanza::with_stanza_id(echo, key, room))
+            })
+            .collect()
     }
 
     /// A MUC subject change: the network's topic.

@@ -318,6 +318,14 @@ pub struct IrcNetworkConfig {
     /// How corrections, retractions and reactions, which IRC has no form for, are shown there.
     #[serde(default)]
     pub fallbacks: IrcFallbacks,
+    /// At most this many connection attempts at once across the network (after a
+    /// server restart, every user reconnects).
+    #[serde(default = "default_max_concurrent_connects")]
+    pub max_concurrent_connects: usize,
+}
+
+fn default_max_concurrent_connects() -> usize {
+    8
 }
 
 /// IRC renderings of what IRC cannot carry natively.
@@ -418,7 +426,8 @@ pub struct IrcServerConfig {
     /// Raw IRC lines sent after registration (e.g. `PRIVMSG NickServ :IDENTIFY …`).
     #[serde(default)]
     pub on_connect: Vec<String>,
-    /// Decoding of lines that are not UTF-8.
+    /// How lines that are not UTF-8 are decoded (an encoding name such as
+    /// `latin-1`, `windows-1251` or `iso-8859-15`).
     #[serde(default = "default_fallback")]
     pub encoding_fallback: String,
 }
@@ -446,6 +455,14 @@ impl Default for IrcServerConfig {
 impl IrcServerConfig {
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(if self.tls { 6697 } else { 6667 })
+    }
+
+    /// The encoding `encoding_fallback` names (a WHATWG label; `latin-1` reads as
+    /// Windows-1252, like browsers do), if it names one.
+    pub fn fallback_encoding(&self) -> Option<&'static encoding_rs::Encoding> {
+        let label = self.encoding_fallback.trim();
+        let label = if label.eq_ignore_ascii_case("latin-1") { "latin1" } else { label };
+        encoding_rs::Encoding::for_label(label.as_bytes())
     }
 
     /// The host to connect to; `key` is the server's name in the `servers` map.

@@ -162,9 +162,18 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 "`flood` needs `burst` of at least 1 and `lines_per_second` above 0 (or `enabled: false`)".into()
             );
         }
+        if net.max_concurrent_connects == 0 {
+            return err("`max_concurrent_connects` must be at least 1".into());
+        }
         for (name, server) in &net.servers {
             if server.port == Some(0) {
                 return err(format!("server `{name}`: `port` must not be 0"));
+            }
+            if server.fallback_encoding().is_none() {
+                return err(format!(
+                    "server `{name}`: `encoding_fallback: {}` is not an encoding name (e.g. latin-1, windows-1251, iso-8859-15, shift_jis)",
+                    server.encoding_fallback
+                ));
             }
             if let Some(sasl) = &server.sasl {
                 match sasl.mechanism {
@@ -174,12 +183,14 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                     SaslMechanism::External if sasl.client_cert.is_none() => {
                         return err(format!("server `{name}`: SASL EXTERNAL needs `client_cert`"));
                     }
-                    _ => {}
+                    // Refused rather than silently ignored until the IRC bridge presents client certificates.
+                    SaslMechanism::External => {
+                        return err(format!(
+                            "server `{name}`: SASL EXTERNAL (client certificates) is not supported yet; use `mechanism: plain`"
+                        ));
+                    }
+                    SaslMechanism::Plain => {}
                 }
-                // Refused rather than silently ignored until the IRC bridge performs SASL.
-                return err(format!(
-                    "server `{name}`: SASL is not supported yet; identify with `on_connect` (e.g. \"PRIVMSG NickServ :IDENTIFY …\") meanwhile"
-                ));
             }
         }
     }
@@ -384,9 +395,15 @@ mod tests {
         ));
         assert!(e.message().contains("client_cert"), "{e}");
         let e = err(&format!(
-            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: plain, username: u, password: p }} }}\n"
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external, client_cert: c.pem }} }}\n"
         ));
-        assert!(e.message().contains("SASL is not supported yet"), "{e}");
+        assert!(e.message().contains("SASL EXTERNAL (client certificates) is not supported yet"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ encoding_fallback: klingon }}\n"
+        ));
+        assert!(e.message().contains("`encoding_fallback: klingon` is not an encoding name"), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    max_concurrent_connects: 0\n"));
+        assert!(e.message().contains("`max_concurrent_connects` must be at least 1"), "{e}");
     }
 
     #[test]

@@ -58,16 +58,59 @@ impl Capabilities {
 }
 
 /// What a successful delivery produced on the destination network.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Delivered {
     /// The ids the destination gave the event, in order (one XMPP message can become
     /// several IRC lines). Empty when the network has no ids (plain IRC).
     pub remote_ids: Vec<String>,
+    /// The network confirms the event later (IRCv3 echo-message): its ids come
+    /// then, and whatever tells the sender it was accepted waits for it.
+    pub confirmation: Option<Confirmation>,
 }
 
 impl Delivered {
     pub fn ids(remote_ids: Vec<String>) -> Self {
-        Delivered { remote_ids }
+        Delivered { remote_ids, confirmation: None }
+    }
+
+    /// Accepted, confirmed later through `confirmation`.
+    pub fn later(confirmation: Confirmation) -> Self {
+        Delivered { remote_ids: Vec::new(), confirmation: Some(confirmation) }
+    }
+}
+
+/// A network's later word on a delivery it accepted: the ids it gave the event
+/// once the remote side confirmed it (an IRC server echoing the message back), or
+/// why the remote side refused it after all.
+#[derive(Debug)]
+pub struct Confirmation(tokio::sync::oneshot::Receiver<Result<Vec<String>, DeliveryError>>);
+
+/// The network's end of a [`Confirmation`].
+#[derive(Debug)]
+pub struct Confirmer(tokio::sync::oneshot::Sender<Result<Vec<String>, DeliveryError>>);
+
+impl Confirmation {
+    pub fn channel() -> (Confirmer, Confirmation) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Confirmer(tx), Confirmation(rx))
+    }
+
+    /// Wait for the word. A network that dropped its end without one (it shut
+    /// down, or lost the connection after sending) counts as accepted without ids.
+    pub async fn wait(self) -> Result<Vec<String>, DeliveryError> {
+        self.0.await.unwrap_or(Ok(Vec::new()))
+    }
+}
+
+impl Confirmer {
+    /// The remote side accepted the event and gave it these ids.
+    pub fn confirm(self, ids: Vec<String>) {
+        let _ = self.0.send(Ok(ids));
+    }
+
+    /// The remote side refused the event.
+    pub fn refuse(self, error: DeliveryError) {
+        let _ = self.0.send(Err(error));
     }
 }
 

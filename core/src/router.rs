@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::idmap::IdMap;
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
-use crate::network::{Delivered, DeliveryError, EventStream, Network};
+use crate::network::{Confirmation, Delivered, DeliveryError, EventStream, Network};
 use crate::outbox::{Outbox, Receipt};
 use crate::store::Store;
 
@@ -192,7 +192,32 @@ impl Router {
         let dest = network.id().clone();
         let dest_scope = scope(&copy, &copy.chat);
         let (key, message_like) = (copy.key.0.clone(), copy.kind.is_message_like());
-        let result = network.deliver(copy).await;
+        let mut result = network.deliver(copy).await;
+        // Confirmed later: the ids go into the map when the confirmation comes, and
+        // the caller's confirmation resolves after that.
+        if let Some(later) = result.as_mut().ok().and_then(|d| d.confirmation.take()) {
+            let (confirmer, confirmation) = Confirmation::channel();
+            let ids = self.inner.ids.clone();
+            tokio::spawn(async move {
+                match later.wait().await {
+                    Ok(remote_ids) => {
+                        if message_like && !remote_ids.is_empty() {
+                            ids.record(&key, dest.as_str(), &dest_scope, &remote_ids);
+                            debug!(network = %dest, remote_ids = ?remote_ids, "confirmed");
+                        }
+                        confirmer.confirm(remote_ids);
+                    }
+                    Err(e) => {
+                        warn!(network = %dest, error = %e, "delivery refused after all");
+                        confirmer.refuse(e);
+                    }
+                }
+            });
+            if let Ok(d) = result.as_mut() {
+                d.confirmation = Some(confirmation);
+            }
+            return result;
+        }
         match &result {
             Ok(d) if message_like && !d.remote_ids.is_empty() => {
                 self.inner.ids.record(&key, dest.as_str(), &dest_scope, &d.remote_ids);

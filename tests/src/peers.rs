@@ -413,6 +413,40 @@ pub struct IrcServer {
     port: u16,
     tls_port: u16,
     child: Option<Child>,
+    /// Atheme services linked to it (InspIRCd only; NickServ, SaslServ).
+    services: Option<Child>,
+}
+
+/// The password both ends of the InspIRCd ↔ Atheme server link use.
+const SERVICES_LINK_PASSWORD: &str = "isthmus-link";
+
+/// Atheme's configuration: Debian's example with the protocol module for
+/// InspIRCd, the link to it, and SASL EXTERNAL loaded next to PLAIN.
+fn atheme_config(link_port: u16) -> Result<String> {
+    let example = "/usr/share/doc/atheme-services/examples/atheme.conf.example";
+    let mut conf = std::fs::read_to_string(example)
+        .with_context(|| format!("read {example}: run ./tests/install-deps.sh (atheme-services)"))?;
+    for (from, to) in [
+        ("#loadmodule \"modules/protocol/charybdis\";", "loadmodule \"modules/protocol/inspircd\";".to_owned()),
+        (
+            "loadmodule \"modules/saslserv/plain\";",
+            "loadmodule \"modules/saslserv/plain\";\nloadmodule \"modules/saslserv/external\";".to_owned(),
+        ),
+        ("name = \"services.int\";", "name = \"services.localhost\";".to_owned()),
+        ("netname = \"misconfigured network\";", "netname = \"LocalNet\";".to_owned()),
+        ("adminname = \"misconfigured admin\";", "adminname = \"test\";".to_owned()),
+        ("adminemail = \"misconfigured@admin.tld\";", "adminemail = \"test@localhost\";".to_owned()),
+        ("uplink \"irc.example.net\" {", "uplink \"irc.localhost\" {".to_owned()),
+        ("send_password = \"mypassword\";", format!("send_password = \"{SERVICES_LINK_PASSWORD}\";")),
+        ("receive_password = \"theirpassword\";", format!("receive_password = \"{SERVICES_LINK_PASSWORD}\";")),
+        ("\tport = 6667;", format!("\tport = {link_port};")),
+    ] {
+        if !conf.contains(from) {
+            bail!("{example} has no `{from}`: another Atheme version?");
+        }
+        conf = conf.replacen(from, &to, 1);
+    }
+    Ok(conf)
 }
 
 /// Ngircd is the IRC server most tests use.
@@ -450,8 +484,51 @@ impl IrcServer {
         Self::start_on_port(kind, free_port()).await
     }
 
+    /// An InspIRCd with Atheme services linked (NickServ, SaslServ: SASL PLAIN and
+    /// EXTERNAL); returns once the services have finished their burst.
+    pub async fn start_with_services() -> Result<IrcServer> {
+        let link_port = free_port();
+        let services = format!(
+            r#"<bind address="127.0.0.1" port="{link_port}" type="servers">
+<module name="spanningtree">
+<module name="sasl">
+<module name="services_account">
+<module name="hidechans">
+<module name="chghost">
+<module name="chgident">
+<module name="chgname">
+<link name="services.localhost" ipaddr="127.0.0.1" port="{link_port}" allowmask="127.0.0.0/8" timeout="300"
+      sendpass="{SERVICES_LINK_PASSWORD}" recvpass="{SERVICES_LINK_PASSWORD}">
+<uline server="services.localhost" silent="yes">
+<sasl target="services.localhost">
+"#
+        );
+        let mut irc = Self::start_configured(IrcServerKind::Inspircd, free_port(), &services).await?;
+        let data = irc.dir.path().join("atheme");
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(irc.dir.path().join("atheme.conf"), atheme_config(link_port)?)?;
+        let log = irc.dir.path().join("atheme.log");
+        let mut cmd = command(find_program("atheme-services", &["/usr/bin", "/usr/sbin"])?, &log)?;
+        cmd.arg("-n").arg("-c").arg(irc.dir.path().join("atheme.conf")).arg("-D").arg(&data);
+        cmd.arg("-l").arg(irc.dir.path().join("atheme-file.log")).arg("-p").arg(irc.dir.path().join("atheme.pid"));
+        irc.services = Some(cmd.spawn().context("start atheme-services")?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("finished synching with uplink") {
+            if tokio::time::Instant::now() >= deadline {
+                bail!("Atheme did not link to InspIRCd: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(irc)
+    }
+
     /// Start on a given plain-text port (benchmarks run gateways that expect 6667).
     pub async fn start_on_port(kind: IrcServerKind, port: u16) -> Result<IrcServer> {
+        Self::start_configured(kind, port, "").await
+    }
+
+    /// Start with `extra` appended to the configuration (InspIRCd only).
+    async fn start_configured(kind: IrcServerKind, port: u16, extra: &str) -> Result<IrcServer> {
         let dir = tempfile::Builder::new().prefix("isthmus-ircd-").tempdir()?;
         let tls_port = free_port();
         // ngIRCd drops root to `nobody` before writing its pid file.
@@ -499,7 +576,7 @@ impl IrcServer {
 <module name="ircv3_servertime">
 <module name="namesx">
 <module name="sha256">
-"#
+{extra}"#
             ),
         };
         let file = match kind {
@@ -507,7 +584,7 @@ impl IrcServer {
             IrcServerKind::Inspircd => "inspircd.conf",
         };
         std::fs::write(dir.path().join(file), cfg)?;
-        let mut n = IrcServer { kind, dir, port, tls_port, child: None };
+        let mut n = IrcServer { kind, dir, port, tls_port, child: None, services: None };
         n.launch().await?;
         Ok(n)
     }
@@ -549,6 +626,9 @@ impl IrcServer {
         self.dir.path().join("ircd.log")
     }
     pub async fn stop(&mut self) {
+        if let Some(mut c) = self.services.take() {
+            terminate(&mut c, Duration::from_secs(5)).await;
+        }
         if let Some(mut c) = self.child.take() {
             terminate(&mut c, Duration::from_secs(5)).await;
         }

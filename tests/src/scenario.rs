@@ -22,6 +22,14 @@ pub struct IrcSetup {
     pub gateway: Isthmus,
 }
 
+/// YAML added to the gateway's configuration: to the IRC network entry, and to the
+/// settings of the server `127.0.0.1`.
+#[derive(Clone, Copy)]
+struct Extra<'a> {
+    irc: &'a str,
+    server: &'a str,
+}
+
 /// The room JID of `channel` on the test ngIRCd.
 pub fn room(channel: &str) -> String {
     format!("{channel}%127.0.0.1@{IRC_DOMAIN}")
@@ -55,30 +63,43 @@ impl IrcSetup {
         irc_extra: &str,
         store_url: &str,
     ) -> Result<IrcSetup> {
+        Self::start_full(xmpp, IrcServer::start_kind(kind).await?, Extra { irc: irc_extra, server: "" }, store_url)
+            .await
+    }
+
+    /// Start everything on the given IRC server; `server_extra` is YAML appended to
+    /// the settings of the server `127.0.0.1` (indented 8), `irc_extra` to the network entry.
+    pub async fn start_on_server(kind: IrcServerKind, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
+        Self::start_on_running(IrcServer::start_kind(kind).await?, server_extra, irc_extra).await
+    }
+
+    /// Like [`IrcSetup::start_on_server`] on an IRC server already started (e.g. with services).
+    pub async fn start_on_running(irc: IrcServer, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
+        let extra = Extra { irc: irc_extra, server: server_extra };
+        Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
+    }
+
+    async fn start_full(xmpp: XmppServerKind, irc: IrcServer, extra: Extra<'_>, store_url: &str) -> Result<IrcSetup> {
         if xmpp == XmppServerKind::Embedded {
-            return Self::start_embedded(kind, irc_extra, store_url).await;
+            return Self::start_embedded(irc, extra, store_url).await;
         }
-        Ok(Self::start_attached(xmpp, kind, irc_extra, store_url, false).await?.0)
+        Ok(Self::start_attached(xmpp, irc, extra, store_url, false).await?.0)
     }
 
     /// Start everything on Prosody and ngIRCd with the gateway's component link
     /// going through a [`Relay`] the test can cut.
     pub async fn start_behind_relay(irc_extra: &str) -> Result<(IrcSetup, Relay)> {
-        let (setup, relay) = Self::start_attached(
-            XmppServerKind::Prosody,
-            IrcServerKind::Ngircd,
-            irc_extra,
-            "sqlite://{dir}/isthmus.db",
-            true,
-        )
-        .await?;
+        let irc = IrcServer::start_kind(IrcServerKind::Ngircd).await?;
+        let extra = Extra { irc: irc_extra, server: "" };
+        let (setup, relay) =
+            Self::start_attached(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db", true).await?;
         Ok((setup, relay.ok_or_else(|| anyhow::anyhow!("no relay started"))?))
     }
 
     async fn start_attached(
         xmpp: XmppServerKind,
-        kind: IrcServerKind,
-        irc_extra: &str,
+        irc: IrcServer,
+        extra: Extra<'_>,
         store_url: &str,
         relayed: bool,
     ) -> Result<(IrcSetup, Option<Relay>)> {
@@ -88,7 +109,6 @@ impl IrcSetup {
             ProsodyOptions { users, components: vec![(IRC_DOMAIN.into(), SECRET.into())], ..Default::default() },
         )
         .await?;
-        let irc = IrcServer::start_kind(kind).await?;
         let relay = if relayed { Some(Relay::start(prosody.component_port()).await?) } else { None };
         let xmpp_yaml = format!(
             r#"xmpp:
@@ -102,19 +122,16 @@ impl IrcSetup {
 "#,
             component = relay.as_ref().map_or(prosody.component_port(), Relay::port)
         );
-        let gateway = Isthmus::start(
-            &Self::config(&xmpp_yaml, &irc, irc_extra, store_url),
-            &[("ISTHMUS_COMPONENT_SECRET", SECRET)],
-        )
-        .await?;
+        let gateway =
+            Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[("ISTHMUS_COMPONENT_SECRET", SECRET)])
+                .await?;
         gateway.wait_log("component link established", 1, T).await?;
         Ok((IrcSetup { prosody, irc, gateway }, relay))
     }
 
     /// Isthmus as the XMPP server itself (embedded mode, STARTTLS, SCRAM), users
     /// alice, bob and carol listed in the configuration.
-    async fn start_embedded(kind: IrcServerKind, irc_extra: &str, store_url: &str) -> Result<IrcSetup> {
-        let irc = IrcServer::start_kind(kind).await?;
+    async fn start_embedded(irc: IrcServer, extra: Extra<'_>, store_url: &str) -> Result<IrcSetup> {
         let port = crate::process::free_port();
         let mut xmpp_yaml = format!(
             "xmpp:\n  mode: embedded\n  embedded:\n    domain: localhost\n    listen: 127.0.0.1:{port}\n    users:\n"
@@ -122,13 +139,13 @@ impl IrcSetup {
         for (user, hash) in embedded_password_hashes()? {
             xmpp_yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
         }
-        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, irc_extra, store_url), &[]).await?;
+        let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[]).await?;
         gateway.wait_log("accepting XMPP clients", 1, T).await?;
         let ca_file = gateway.dir().join("tls/localhost.crt");
         Ok(IrcSetup { prosody: XmppServer::Embedded(crate::peers::EmbeddedC2s { port, ca_file }), irc, gateway })
     }
 
-    fn config(xmpp_yaml: &str, irc: &IrcServer, irc_extra: &str, store_url: &str) -> String {
+    fn config(xmpp_yaml: &str, irc: &IrcServer, extra: Extra<'_>, store_url: &str) -> String {
         format!(
             r#"{xmpp_yaml}
 store:
@@ -140,6 +157,7 @@ irc:
       "127.0.0.1":
         port: {irc_port}
         tls: false
+{server_extra}
       localhost:
         port: {tls_port}
         tls: true
@@ -151,6 +169,8 @@ irc:
 {irc_extra}
 "#,
             irc_port = irc.port(),
+            irc_extra = extra.irc,
+            server_extra = extra.server,
             tls_port = irc.tls_port(),
             ca = irc.ca_file().display()
         )

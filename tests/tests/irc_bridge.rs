@@ -147,6 +147,11 @@ async fn irc_outage_queues_messages_and_delivers_them_in_order(kind: IrcServerKi
     // and the room works normally again
     bob.privmsg("#test", "welcome back").await?;
     alice.expect(T, |st| st.body.as_deref() == Some("welcome back")).await?;
+    // Each was reflected once: a server's echo of a line queued during the outage is not bridged again.
+    for t in &texts {
+        let copies = alice.seen().iter().filter(|x| x.contains(&format!("<body>{t}</body>"))).count();
+        assert_eq!(copies, 1, "{t:?} reached alice {copies} times");
+    }
     Ok(())
 }
 
@@ -495,3 +500,254 @@ async fn the_room_directory_lists_the_servers_channels(kind: IrcServerKind) -> R
 }
 
 isthmus_tests::on_both_irc_servers!(the_room_directory_lists_the_servers_channels);
+
+/// The IRC ids the gateway's id map holds for the message `key` (written in
+/// batches in the background: waits up to 5 s for `want` of them).
+async fn mapped_irc_ids(s: &IrcSetup, key: &str, want: usize) -> Result<Vec<String>> {
+    let db = format!("sqlite://{}/isthmus.db", s.gateway.dir().display());
+    let pool = sqlx::SqlitePool::connect(&db).await?;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids = sqlx::query_as::<_, (String,)>(
+            "SELECT remote_id FROM message_map WHERE network = 'irc.localhost' AND msg_key = ? ORDER BY part",
+        )
+        .bind(key)
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .map(|(id,)| id)
+        .collect();
+        if ids.len() >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(ids)
+}
+
+/// IRCv3 echo-message with labeled-response (InspIRCd): a message from XMPP is
+/// confirmed by the server's echo, which brings the IRC msgid into the id map and
+/// is not bridged again; the sender sees exactly one reflection and IRC one line.
+/// Without echo-message (ngIRCd) the reflection comes as soon as the line is
+/// handed over, and no id is mapped.
+async fn echo_message_confirms_what_xmpp_sends(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let echoes = kind == IrcServerKind::Inspircd;
+    let mut bob = IrcClient::connect_with_caps(s.irc.port(), "bob", &["message-tags"]).await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!("<message to='{room}' type='groupchat' id='e1'><body>echoed once</body></message>"))
+        .await?;
+    let reflection = alice.expect(T, |st| st.id == "e1" && st.body.as_deref() == Some("echoed once")).await?;
+    assert_eq!(reflection.from, format!("{room}/alice"));
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("echoed once")).await?;
+    // A fence: everything about the first message has arrived once this has.
+    alice.send_groupchat(&room, "fence").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("fence")).await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("fence")).await?;
+    bob.privmsg("#test", "fence from irc").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("fence from irc")).await?;
+    let reflections = alice.seen().iter().filter(|x| x.contains("echoed once")).count();
+    assert_eq!(reflections, 1, "the XMPP sender saw the message {reflections} times");
+    let lines = bob.seen().iter().filter(|l| privmsg_text(l, "#test") == Some("echoed once")).count();
+    assert_eq!(lines, 1, "IRC saw the message {lines} times");
+    let key = stanza_id(&reflection.xml).ok_or_else(|| anyhow::anyhow!("no stanza-id in {}", reflection.xml))?;
+    let ids = mapped_irc_ids(&s, &key, usize::from(echoes)).await?;
+    let enabled = s.gateway.log().lines().find(|l| l.contains("IRCv3 capabilities enabled")).map(str::to_owned);
+    if echoes {
+        let enabled = enabled.unwrap_or_default();
+        assert!(enabled.contains("echo-message") && enabled.contains("labeled-response"), "{enabled}");
+        // The msgid the other IRC user saw is the one the echo brought into the id map.
+        let msgid = line
+            .strip_prefix('@')
+            .and_then(|tags| tags.split(' ').next())
+            .and_then(|tags| tags.split(';').find_map(|t| t.strip_prefix("msgid=")))
+            .ok_or_else(|| anyhow::anyhow!("no msgid on {line}"))?;
+        assert_eq!(ids, [msgid], "the id map holds the echo's msgid");
+    } else {
+        assert!(enabled.as_deref().is_none_or(|l| !l.contains("echo-message")), "{enabled:?}");
+        assert!(ids.is_empty(), "no echo, no ids: {ids:?}");
+    }
+    // A message the server refuses: with labels its error answers the message itself.
+    let nobody = format!("nobody%127.0.0.1@{IRC_DOMAIN}");
+    alice.send_raw(&format!("<message to='{nobody}' type='chat' id='e2'><body>anyone?</body></message>")).await?;
+    if echoes {
+        let error = alice.expect(T, |st| st.id == "e2").await?;
+        assert_eq!(error.type_, "error", "{}", error.xml);
+        assert!(error.xml.contains("No such nick"), "{}", error.xml);
+    } else {
+        let reply = alice.expect(T, |st| st.from == format!("127.0.0.1@{IRC_DOMAIN}")).await?;
+        assert!(reply.body.as_deref().is_some_and(|b| b.contains("nobody")), "{}", reply.xml);
+    }
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(echo_message_confirms_what_xmpp_sends);
+
+/// Lines that are not UTF-8 arrive decoded with the server's `encoding_fallback`:
+/// latin-1 by default, another encoding where configured; UTF-8 lines stay UTF-8.
+async fn lines_that_are_not_utf8_use_the_fallback_encoding(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.send_bytes(b"PRIVMSG #test :caf\xe9 cr\xe8me br\xfbl\xe9e\r\n").await?;
+    let m = alice.expect(T, |st| st.body.as_deref() == Some("café crème brûlée")).await?;
+    assert_eq!(m.from, format!("{room}/bob"));
+    bob.send_bytes("PRIVMSG #test :déjà vu, in UTF-8 😀\r\n".as_bytes()).await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("déjà vu, in UTF-8 😀")).await?;
+    drop(alice);
+
+    let s = IrcSetup::start_on_server(kind, "        encoding_fallback: windows-1251", "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.send_bytes(b"PRIVMSG #test :\xcf\xf0\xe8\xe2\xe5\xf2\r\n").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("Привет")).await?;
+    // What the gateway writes stays UTF-8.
+    alice.send_groupchat(&room, "ответ").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("ответ")).await?;
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(lines_that_are_not_utf8_use_the_fallback_encoding);
+
+/// The server's JID on the test IRC server.
+fn server_jid() -> String {
+    format!("127.0.0.1@{IRC_DOMAIN}")
+}
+
+/// SASL PLAIN against InspIRCd with Atheme services: an account registered with
+/// NickServ, the gateway logs in to it during registration and the server says so
+/// (900 to the user, 330 in WHOIS).
+#[tokio::test]
+async fn sasl_plain_logs_in_to_the_services_account() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let mut carol = IrcClient::connect(irc.port(), "carol").await?;
+    carol.privmsg("NickServ", "REGISTER secretpw carol@example.org").await?;
+    carol.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains("registered")).await?;
+    carol.send_line("QUIT").await?;
+    let sasl = "        sasl: { mechanism: plain, username: carol, password: secretpw }";
+    let s = IrcSetup::start_on_running(irc, sasl, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let mut alice = s.join("alice", "r", &room("#test"), "alice").await?;
+    alice
+        .expect(T, |st| {
+            st.from == server_jid() && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as carol"))
+        })
+        .await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice carol "), "{account}");
+    assert!(s.gateway.log().contains("logged in with SASL"));
+    Ok(())
+}
+
+/// A SASL login that fails reaches the user as a clear message, and the
+/// connection goes on without the account; where the server offers no SASL
+/// (ngIRCd) the user is told so.
+async fn sasl_failure_reaches_the_user(kind: IrcServerKind) -> Result<()> {
+    let irc = match kind {
+        IrcServerKind::Inspircd => isthmus_tests::peers::IrcServer::start_with_services().await?,
+        IrcServerKind::Ngircd => isthmus_tests::peers::IrcServer::start_kind(kind).await?,
+    };
+    let sasl = "        sasl: { mechanism: plain, username: carol, password: wrong }";
+    let s = IrcSetup::start_on_running(irc, sasl, "").await?;
+    let mut alice = s.join("alice", "r", &room("#test"), "alice").await?;
+    let expected = match kind {
+        IrcServerKind::Inspircd => "SASL login as carol failed on 127.0.0.1",
+        IrcServerKind::Ngircd => "127.0.0.1 does not offer SASL: not logged in as carol",
+    };
+    let m = alice
+        .expect(T, |st| st.from == server_jid() && st.body.as_deref().is_some_and(|b| b.contains(expected)))
+        .await?;
+    assert!(m.body.as_deref().is_some_and(|b| b.contains("without logging in")), "{}", m.xml);
+    // Still connected and in the room.
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    alice.send_groupchat(&room("#test"), "still here").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("still here")).await?;
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(sasl_failure_reaches_the_user);
+
+/// `on_connect` lines go out right after registration, before anything the user sends.
+async fn on_connect_commands_are_sent_after_registration(kind: IrcServerKind) -> Result<()> {
+    let on_connect = "        on_connect: [\"PRIVMSG bob :hello from on_connect\"]";
+    let s = IrcSetup::start_on_server(kind, on_connect, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "bob") == Some("hello from on_connect")).await?;
+    assert!(line.starts_with(":alice!"), "{line}");
+    alice.send_groupchat(&room, "after on_connect").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("after on_connect")).await?;
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(on_connect_commands_are_sent_after_registration);
+
+/// IRC kicks reach XMPP as unavailable presences with status 307; a kick right
+/// after a ban covering the victim (MODE +b) as a ban, status 301; the victim's
+/// own presence carries 110 too.
+async fn kicks_and_bans_become_muc_status_codes(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#kb").await?; // first in: channel operator
+    let room = room("#kb");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let mut carol = s.join("carol", "r", &room, "carol").await?;
+    carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    bob.expect_line(T, |l| l.starts_with(":carol!") && l.contains(" JOIN ")).await?;
+    bob.send_line("MODE #kb +b alice!*@*").await?;
+    bob.send_line("KICK #kb alice :banned").await?;
+    let own = alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    assert!(own.xml.contains("unavailable") && own.xml.contains("code=\"301\""), "{}", own.xml);
+    assert!(own.xml.contains("code=\"110\""), "{}", own.xml);
+    let seen = carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice")).await?;
+    assert!(seen.xml.contains("unavailable") && seen.xml.contains("code=\"301\""), "{}", seen.xml);
+    assert!(!seen.xml.contains("code=\"307\""), "{}", seen.xml);
+    bob.send_line("KICK #kb carol :out").await?;
+    let own = carol.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/carol")).await?;
+    assert!(own.xml.contains("unavailable") && own.xml.contains("code=\"307\""), "{}", own.xml);
+    assert!(!own.xml.contains("code=\"301\""), "{}", own.xml);
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(kicks_and_bans_become_muc_status_codes);
+
+/// After an IRC server restart every user of it reconnects, at most
+/// `max_concurrent_connects` attempts at once (an attempt lasts until the server
+/// registered it; InspIRCd takes about a second per registration, so attempts
+/// queue): the gateway logs each attempt with how many are in flight.
+#[tokio::test]
+async fn reconnects_after_a_server_restart_stay_under_the_cap() -> Result<()> {
+    let mut s = IrcSetup::start_on(IrcServerKind::Inspircd, "    max_concurrent_connects: 1").await?;
+    let room = room("#test");
+    let mut users = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        users.push(s.join(user, "r", &room, user).await?);
+    }
+    s.irc.restart().await?;
+    for user in &mut users {
+        user.expect(Duration::from_secs(60), |st| st.body.as_deref().is_some_and(|b| b.contains("Reconnected")))
+            .await?;
+    }
+    let log = s.gateway.log();
+    let attempts: Vec<(u32, usize)> = log
+        .lines()
+        .filter(|l| l.contains("connecting to the IRC server"))
+        .filter_map(|l| {
+            let field = |name: &str| l.split(&format!("{name}=")).nth(1)?.split(' ').next().map(str::to_owned);
+            Some((field("attempt")?.parse().ok()?, field("in_flight")?.parse().ok()?))
+        })
+        .collect();
+    let reconnects = attempts.iter().filter(|(attempt, _)| *attempt > 1).count();
+    assert!(reconnects >= 3, "every user reconnected: {attempts:?}");
+    let most = attempts.iter().map(|(_, in_flight)| *in_flight).max().unwrap_or(0);
+    assert_eq!(most, 1, "at most 1 attempt in flight: {attempts:?}");
+    let waited = log.matches("waiting for a connection slot").count();
+    println!("connection attempts (attempt, in flight): {attempts:?}; {waited} waited for a slot");
+    Ok(())
+}

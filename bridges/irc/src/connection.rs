@@ -13,7 +13,7 @@
 //! A channel join is reported once the occupant list (NAMES) is complete, so
 //! the XMPP side can send the occupants, then the user's own presence, then the subject.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,12 +22,12 @@ use futures::{FutureExt, StreamExt};
 use irc::client::prelude::{Client, Command, Config as IrcClientConfig, Prefix, Response};
 use irc::proto::Message as IrcMessage;
 use irc::proto::{CapSubCommand, ChannelMode, Mode};
-use isthmus_config::{IrcNetworkConfig, IrcServerConfig};
+use isthmus_config::{IrcNetworkConfig, IrcServerConfig, SaslMechanism};
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{
     Affiliation, ChatRef, ChatState, Event, EventKind, LeaveKind, Message, NetworkId, Occupant, RemoteId, Role, Sender,
 };
-use isthmus_core::network::{DeliveryError, EventSink};
+use isthmus_core::network::{Confirmation, Confirmer, DeliveryError, EventSink};
 use isthmus_core::outbox::Receipt;
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::address::chat_id;
 use crate::flood::TokenBucket;
 use crate::text::{one_line, split_lines, text_budget};
+use crate::wire::Wire;
 
 /// Whose connection to which server.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,6 +66,27 @@ struct Channel {
     topic: Option<String>,
     /// Occupants by lower-cased nick.
     members: HashMap<String, Occupant>,
+    /// `nick!user@host` of occupants whose JOIN we saw, by lower-cased nick.
+    hostmasks: HashMap<String, String>,
+    /// Ban masks set lately (MODE +b): a kick they match is a ban.
+    recent_bans: VecDeque<String>,
+}
+
+/// How many recent ban masks a channel remembers.
+const RECENT_BANS: usize = 16;
+
+/// Whether ban `mask` (`nick!user@host` with `*` and `?`) covers `nick`, whose
+/// full mask is `hostmask` when known; otherwise only a ban by nick alone counts.
+fn ban_covers(mask: &str, nick: &str, hostmask: Option<&str>) -> bool {
+    let mask = fold(mask);
+    match hostmask {
+        Some(full) => wildmatch::WildMatch::new(&mask).matches(&fold(full)),
+        // Unknown user and host: only a ban by nick (`nick!*@*`) is known to cover it.
+        None => {
+            let (nick_part, rest) = mask.split_once('!').unwrap_or((&mask, ""));
+            rest.chars().all(|c| matches!(c, '*' | '@')) && wildmatch::WildMatch::new(nick_part).matches(&fold(nick))
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +102,54 @@ struct State {
     enabled: Vec<String>,
     /// A channel LIST under way: what came so far, and who waits for the end.
     listing: Option<Listing>,
+    /// Message lines written while the server echoes them (IRCv3 echo-message),
+    /// oldest first, each waiting for its echo.
+    echoes: VecDeque<PendingEcho>,
+    /// The last IRCv3 label given to a line (labeled-response).
+    last_label: u64,
+}
+
+/// A line written to a server that echoes messages, waiting for its echo.
+#[derive(Debug)]
+struct PendingEcho {
+    /// The line's IRCv3 label, where the server offers labeled-response.
+    label: Option<String>,
+    /// The target, case-folded (matches unlabeled echoes, in order).
+    target: String,
+    echo: Arc<Mutex<EchoWait>>,
+}
+
+/// One message's lines waiting for their echoes; the message is confirmed
+/// (with the ids the server gave its lines) once every line came back.
+#[derive(Debug)]
+pub(crate) struct EchoWait {
+    remaining: usize,
+    ids: Vec<String>,
+    confirmer: Option<Confirmer>,
+}
+
+impl EchoWait {
+    /// One line came back (with its `msgid`, if any), or left unconfirmed.
+    fn line_done(&mut self, id: Option<String>) {
+        self.ids.extend(id);
+        self.remaining = self.remaining.saturating_sub(1);
+        if self.remaining == 0 {
+            if let Some(c) = self.confirmer.take() {
+                c.confirm(std::mem::take(&mut self.ids));
+            }
+        }
+    }
+
+    /// The server refused a line: the whole message is refused.
+    fn refuse(&mut self, text: String) {
+        if let Some(c) = self.confirmer.take() {
+            c.refuse(DeliveryError::Rejected(text));
+        }
+    }
+}
+
+fn lock_echo(echo: &Mutex<EchoWait>) -> std::sync::MutexGuard<'_, EchoWait> {
+    echo.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The replies to one LIST command (RPL_LIST … RPL_LISTEND).
@@ -120,7 +190,9 @@ fn roles(prefixes: &str) -> (Role, Affiliation) {
 }
 
 /// The IRCv3 capabilities the bridge uses when offered.
-const WANTED_CAPS: &[&str] = &["server-time", "message-tags", "multi-prefix"];
+/// (InspIRCd 3 labels its replies only for clients that also take `batch`.)
+const WANTED_CAPS: &[&str] =
+    &["server-time", "message-tags", "multi-prefix", "echo-message", "labeled-response", "batch"];
 
 /// Reconnect timing and the network-wide cap on concurrent connection attempts.
 #[derive(Debug, Clone)]
@@ -128,6 +200,16 @@ pub struct ReconnectPolicy {
     pub initial: Duration,
     pub max: Duration,
     pub gate: Arc<Semaphore>,
+    /// The gate's size: how many attempts may be in flight at once.
+    pub limit: usize,
+}
+
+impl ReconnectPolicy {
+    /// The default timing with at most `limit` connection attempts at once.
+    pub fn with_limit(limit: usize) -> Self {
+        let limit = limit.max(1);
+        ReconnectPolicy { gate: Arc::new(Semaphore::new(limit)), limit, ..Default::default() }
+    }
 }
 
 impl Default for ReconnectPolicy {
@@ -136,6 +218,7 @@ impl Default for ReconnectPolicy {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(60),
             gate: Arc::new(Semaphore::new(8)),
+            limit: 8,
         }
     }
 }
@@ -193,7 +276,8 @@ impl Connection {
     ) -> Arc<Connection> {
         let (conn, rx) = Connection::unconnected(network, key.clone(), &nick);
         let span = tracing::info_span!("irc", account = %key.account, server = %key.server);
-        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx };
+        let wire = server.fallback_encoding().map(Wire::new).unwrap_or_default();
+        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx, wire };
         tokio::spawn(supervisor.run().instrument(span));
         conn
     }
@@ -278,7 +362,7 @@ impl Connection {
 
     fn send_with(&self, command: Command, receipt: Option<Receipt>) -> Result<(), DeliveryError> {
         self.outgoing
-            .send(Box::new(Queued { message: IrcMessage::from(command), receipt }))
+            .send(Box::new(Queued { message: IrcMessage::from(command), receipt, echo: None }))
             .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))
     }
 
@@ -351,22 +435,24 @@ impl Connection {
             command: Command::Raw("TAGMSG".to_owned(), vec![target.to_owned()]),
         };
         self.outgoing
-            .send(Box::new(Queued { message, receipt: None }))
+            .send(Box::new(Queued { message, receipt: None, echo: None }))
             .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))?;
         Ok(true)
     }
 
-    /// Send a message as one or more lines; returns how many lines were queued. The
-    /// outbox receipt, if any, is confirmed right before the first line is written.
+    /// Send a message as one or more lines; returns how many lines were queued and,
+    /// where the server echoes messages (IRCv3 echo-message), the confirmation that
+    /// comes with the echoes. The outbox receipt, if any, is confirmed right before
+    /// the first line is written.
     pub fn send_message(
         &self,
         target: &str,
         message: &Message,
         mut receipt: Option<Receipt>,
-    ) -> Result<usize, DeliveryError> {
-        let (nick, prefix) = {
+    ) -> Result<(usize, Option<Confirmation>), DeliveryError> {
+        let (nick, prefix, echoes) = {
             let st = self.lock();
-            (st.nick.clone(), st.prefix.clone())
+            (st.nick.clone(), st.prefix.clone(), st.enabled.iter().any(|c| c == "echo-message"))
         };
         let (body, action) = match message.body.strip_prefix("/me ") {
             Some(rest) => (rest, true),
@@ -381,6 +467,17 @@ impl Connection {
         if lines.is_empty() {
             return Err(DeliveryError::Rejected("an empty message cannot be sent to IRC".into()));
         }
+        // Where the server echoes messages now, the echo confirms the message. Every
+        // line waits for its echo if the server echoes when it is written (a reconnect
+        // may come in between), so that no echo is bridged as a message of its own.
+        let (confirmer, confirmation) = match echoes {
+            true => {
+                let (confirmer, confirmation) = Confirmation::channel();
+                (Some(confirmer), Some(confirmation))
+            }
+            false => (None, None),
+        };
+        let echo = Arc::new(Mutex::new(EchoWait { remaining: lines.len(), ids: Vec::new(), confirmer }));
         for line in &lines {
             let text = if action { format!("\u{1}ACTION {line}\u{1}") } else { line.clone() };
             let command = if message.notice {
@@ -388,9 +485,42 @@ impl Connection {
             } else {
                 Command::PRIVMSG(target.to_owned(), text)
             };
-            self.send_with(command, receipt.take())?;
+            let queued =
+                Queued { message: IrcMessage::from(command), receipt: receipt.take(), echo: Some(echo.clone()) };
+            self.outgoing
+                .send(Box::new(queued))
+                .map_err(|_| DeliveryError::Unavailable(format!("the connection to {} is closed", self.key.server)))?;
         }
-        Ok(lines.len())
+        Ok((lines.len(), confirmation))
+    }
+
+    /// A line is being written: where the server echoes messages, it waits for its
+    /// echo (labelled where the server offers labeled-response); elsewhere it is
+    /// confirmed as written, without ids.
+    fn expect_echo(&self, queued: &mut Queued) {
+        let Some(echo) = queued.echo.take() else { return };
+        let mut st = self.lock();
+        if !st.enabled.iter().any(|c| c == "echo-message") {
+            drop(st);
+            lock_echo(&echo).line_done(None);
+            return;
+        }
+        let label = st.enabled.iter().any(|c| c == "labeled-response").then(|| {
+            st.last_label += 1;
+            format!("i{}", st.last_label)
+        });
+        if let Some(label) = &label {
+            queued
+                .message
+                .tags
+                .get_or_insert_with(Vec::new)
+                .push(irc::proto::message::Tag("label".to_owned(), Some(label.clone())));
+        }
+        let target = match &queued.message.command {
+            Command::PRIVMSG(t, _) | Command::NOTICE(t, _) => fold(t),
+            _ => String::new(),
+        };
+        st.echoes.push_back(PendingEcho { label, target, echo });
     }
 }
 
@@ -421,6 +551,8 @@ struct Supervisor {
     net_config: Arc<IrcNetworkConfig>,
     policy: ReconnectPolicy,
     queue: mpsc::UnboundedReceiver<Box<Queued>>,
+    /// How this server's lines are decoded.
+    wire: Wire,
 }
 
 /// Most lines written in one batch (one durable commit for their receipts).
@@ -431,6 +563,7 @@ const MAX_BATCH: usize = 64;
 async fn incoming(reader: &Reader, item: Option<irc::error::Result<IrcMessage>>) -> Result<bool, String> {
     match item {
         Some(Ok(message)) => {
+            let message = reader.wire.decode(message);
             let welcomed = matches!(message.command, Command::Response(Response::RPL_WELCOME, _));
             // Boxed: only one handling is alive at a time, and keeping its
             // (large) state out of the connection's task keeps idle connections small.
@@ -446,6 +579,8 @@ async fn incoming(reader: &Reader, item: Option<irc::error::Result<IrcMessage>>)
 pub(crate) struct Queued {
     message: IrcMessage,
     receipt: Option<Receipt>,
+    /// The message this line belongs to waits for the server's echo.
+    echo: Option<Arc<Mutex<EchoWait>>>,
 }
 
 impl Supervisor {
@@ -459,20 +594,29 @@ impl Supervisor {
         let mut attempt = 0u32;
         while self.conn.is_alive() {
             attempt += 1;
-            let connected = {
-                // A cap on concurrent connection attempts across the whole network.
-                let _permit = self.policy.gate.acquire().await;
-                Box::pin(self.connect()).await
+            // A cap on concurrent connection attempts across the whole network: an
+            // attempt holds its slot until the server has registered it (or it failed).
+            let slot = match self.policy.gate.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    info!(limit = self.policy.limit, "waiting for a connection slot");
+                    let Ok(slot) = self.policy.gate.clone().acquire_owned().await else { break };
+                    slot
+                }
             };
+            let in_flight = self.policy.limit.saturating_sub(self.policy.gate.available_permits());
+            info!(attempt, in_flight, limit = self.policy.limit, "connecting to the IRC server");
+            let connected = Box::pin(self.connect()).await;
             let reason = match connected {
                 Ok((client, stream)) => {
                     delay = self.policy.initial;
                     if attempt > 1 {
                         info!("reconnected to IRC server");
                     }
-                    self.session(client, stream, &mut flood).await
+                    self.session(client, stream, &mut flood, slot).await
                 }
                 Err(e) => {
+                    drop(slot);
                     if attempt == 1 {
                         // Never connected: the joins waiting on this connection fail now, with the reason.
                         Box::pin(self.fail_first_connect(&e)).await;
@@ -511,7 +655,7 @@ impl Supervisor {
             dangerously_accept_invalid_certs: Some(!self.server.tls_verify),
             cert_path: self.server.tls_ca_file.as_ref().map(|p| p.display().to_string()),
             password: self.server.password.as_ref().map(|p| p.expose().to_owned()),
-            encoding: Some("UTF-8".to_owned()),
+            encoding: Some(crate::wire::LIBRARY_ENCODING.to_owned()),
             ping_time: Some(60),
             ping_timeout: Some(30),
             ..Default::default()
@@ -524,10 +668,11 @@ impl Supervisor {
         let register = || -> irc::error::Result<()> {
             client.send(Command::CAP(None, CapSubCommand::LS, Some("302".to_owned()), None))?;
             if let Some(p) = &self.server.password {
-                client.send(Command::PASS(p.expose().to_owned()))?;
+                client.send(self.wire.encode(Command::PASS(p.expose().to_owned()).into()))?;
             }
-            client.send(Command::NICK(nick.clone()))?;
-            client.send(Command::USER(ident_for(&key.account), "0".to_owned(), self.net_config.realname.clone()))
+            client.send(self.wire.encode(Command::NICK(nick.clone()).into()))?;
+            let user = Command::USER(ident_for(&key.account), "0".to_owned(), self.net_config.realname.clone());
+            client.send(self.wire.encode(user.into()))
         };
         register().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
         let stream = client.stream().map_err(|e| format!("connection to {} failed: {e}", key.server))?;
@@ -540,13 +685,17 @@ impl Supervisor {
         client: Client,
         mut stream: irc::client::ClientStream,
         flood: &mut TokenBucket,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> String {
+        let mut slot = Some(slot);
         let sender = client.sender();
         let reader = Reader {
             conn: self.conn.clone(),
             sink: self.sink.clone(),
             on_connect: self.server.on_connect.clone(),
             sender: Some(sender.clone()),
+            wire: self.wire,
+            sasl: SaslLogin::of(&self.server),
         };
         // Registered and rejoined: give up waiting for slow rejoins after this long.
         let rejoin_deadline = tokio::time::sleep(Duration::from_secs(3600));
@@ -577,8 +726,9 @@ impl Supervisor {
                         let receipts: Vec<Receipt> = batch.iter_mut().filter_map(|q| q.receipt.take()).collect();
                         // Out of the durable outbox first: a crash after this never sends them twice.
                         futures::future::join_all(receipts.iter().map(Receipt::confirm)).await;
-                        for q in batch {
-                            if let Err(e) = sender.send(q.message) {
+                        for mut q in batch {
+                            self.conn.expect_echo(&mut q);
+                            if let Err(e) = sender.send(self.wire.encode(q.message)) {
                                 return format!("write failed: {e}");
                             }
                         }
@@ -603,11 +753,11 @@ impl Supervisor {
                 _ = self.conn.close_signal.notified() => {
                     // Send what is queued (the QUIT last), then stop.
                     while let Ok(line) = self.queue.try_recv() {
-                        let Queued { message, receipt } = *line;
+                        let Queued { message, receipt, .. } = *line;
                         if let Some(r) = receipt {
                             r.confirm().await;
                         }
-                        let _ = sender.send(message);
+                        let _ = sender.send(self.wire.encode(message));
                     }
                     // The IRC library writes while its stream is polled: keep polling until
                     // the server closes the connection after the QUIT (or a short while).
@@ -616,6 +766,10 @@ impl Supervisor {
                     return "closed".to_owned();
                 }
             };
+            if welcomed {
+                // Registered: the connection attempt is over.
+                drop(slot.take());
+            }
             if welcomed && !self.conn.is_online() {
                 rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
                 deadline_armed = true;
@@ -641,6 +795,10 @@ impl Supervisor {
             st.pending_rejoins = 0;
             st.offered.clear();
             st.enabled.clear();
+            // Written before the outage and never echoed: accepted, without ids.
+            for pending in st.echoes.drain(..) {
+                lock_echo(&pending.echo).line_done(None);
+            }
             let rooms: Vec<String> = st
                 .channels
                 .values_mut()
@@ -670,17 +828,49 @@ pub(crate) struct Reader {
     sink: EventSink,
     on_connect: Vec<String>,
     sender: Option<irc::client::Sender>,
+    wire: Wire,
+    /// The account to log in to with SASL during registration, if any.
+    sasl: Option<SaslLogin>,
+}
+
+/// SASL PLAIN credentials for one server.
+#[derive(Clone)]
+pub(crate) struct SaslLogin {
+    username: String,
+    password: String,
+}
+
+impl SaslLogin {
+    fn of(server: &IrcServerConfig) -> Option<SaslLogin> {
+        let sasl = server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::Plain)?;
+        Some(SaslLogin { username: sasl.username.clone()?, password: sasl.password.as_ref()?.expose().to_owned() })
+    }
+
+    /// The `AUTHENTICATE` payloads: base64 in pieces of at most 400 bytes, a `+`
+    /// after a last piece of exactly 400 (IRCv3 SASL).
+    fn payloads(&self) -> Vec<String> {
+        use base64::Engine as _;
+        use sasl::client::Mechanism as _;
+        let mut plain = sasl::client::mechanisms::Plain::new(self.username.clone(), self.password.clone());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(plain.initial());
+        let mut pieces: Vec<String> =
+            encoded.as_bytes().chunks(400).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        if pieces.last().is_none_or(|p| p.len() == 400) {
+            pieces.push("+".to_owned());
+        }
+        pieces
+    }
 }
 
 impl Reader {
     pub(crate) fn detached(conn: Arc<Connection>, sink: EventSink) -> Reader {
-        Reader { conn, sink, on_connect: Vec::new(), sender: None }
+        Reader { conn, sink, on_connect: Vec::new(), sender: None, wire: Wire::default(), sasl: None }
     }
 
     /// Send a line now, ahead of the user's queue (registration, rejoins).
     fn send_now(&self, command: Command) {
         if let Some(s) = &self.sender {
-            if let Err(e) = s.send(command) {
+            if let Err(e) = s.send(self.wire.encode(command.into())) {
                 warn!(error = %e, "IRC write failed");
             }
         }
@@ -784,6 +974,9 @@ impl Reader {
                     let mut st = self.conn.lock();
                     let Some(ch) = st.channels.get_mut(&fold(channel)) else { return };
                     ch.members.insert(fold(&nick), occupant.clone());
+                    if let Some(prefix) = &message.prefix {
+                        ch.hostmasks.insert(fold(&nick), prefix.to_string());
+                    }
                     if !ch.announced {
                         return;
                     }
@@ -936,6 +1129,10 @@ impl Reader {
                 self.emit_room(&name, &nick, EventKind::Topic { text: topic.clone() }).await;
             }
             Command::PRIVMSG(ref target, ref text) | Command::NOTICE(ref target, ref text) => {
+                // The echo of a line the bridge wrote (IRCv3 echo-message) confirms it: never bridged again.
+                if nick.as_deref().is_some_and(|n| self.sender(n).is_self) && self.echoed(&message, target) {
+                    return;
+                }
                 let notice = matches!(message.command, Command::NOTICE(..));
                 self.relay_text(nick.as_deref(), target, text, notice, &Meta::of(&message)).await;
             }
@@ -977,20 +1174,26 @@ impl Reader {
             Command::KICK(ref channel, ref victim, ref reason) => {
                 let name = self.channel_name(channel);
                 let is_self = self.sender(victim).is_self;
-                {
+                // A kick that follows a ban covering the victim is a ban (MUC status 301).
+                let banned = {
                     let mut st = self.conn.lock();
-                    if is_self {
-                        st.channels.remove(&fold(channel));
-                    } else if let Some(ch) = st.channels.get_mut(&fold(channel)) {
-                        ch.members.remove(&fold(victim));
-                    }
-                }
-                self.emit_room(
-                    &name,
-                    victim,
-                    EventKind::Left { kind: LeaveKind::Kick { by: nick }, reason: reason.clone() },
-                )
-                .await;
+                    let own_mask = st.prefix.clone();
+                    let (bans, hostmask) = if is_self {
+                        let bans = st.channels.remove(&fold(channel)).map(|ch| ch.recent_bans).unwrap_or_default();
+                        (bans, own_mask)
+                    } else {
+                        match st.channels.get_mut(&fold(channel)) {
+                            Some(ch) => {
+                                ch.members.remove(&fold(victim));
+                                (ch.recent_bans.clone(), ch.hostmasks.remove(&fold(victim)))
+                            }
+                            None => (VecDeque::new(), None),
+                        }
+                    };
+                    bans.iter().any(|mask| ban_covers(mask, victim, hostmask.as_deref()))
+                };
+                let kind = if banned { LeaveKind::Ban { by: nick } } else { LeaveKind::Kick { by: nick } };
+                self.emit_room(&name, victim, EventKind::Left { kind, reason: reason.clone() }).await;
             }
             Command::QUIT(ref reason) => {
                 let Some(nick) = nick else { return };
@@ -1032,12 +1235,66 @@ impl Reader {
                 }
             }
             Command::CAP(_, ref sub, ref a, ref b) => self.negotiate(sub, a.as_deref(), b.as_deref()),
+            // SASL during registration: the server is ready for the credentials.
+            Command::AUTHENTICATE(ref data) if data == "+" => {
+                if let Some(login) = &self.sasl {
+                    for piece in login.payloads() {
+                        self.send_now(Command::AUTHENTICATE(piece));
+                    }
+                }
+            }
+            Command::Response(Response::RPL_SASLSUCCESS, _) => {
+                info!("logged in with SASL");
+                self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+            }
+            Command::Response(
+                code @ (Response::ERR_NICKLOCKED
+                | Response::ERR_SASLFAIL
+                | Response::ERR_SASLTOOLONG
+                | Response::ERR_SASLABORT
+                | Response::ERR_SASLALREADY),
+                ref args,
+            ) => {
+                let reason = args.last().cloned().unwrap_or_else(|| format!("{code:?}"));
+                let user = self.sasl.as_ref().map(|l| l.username.clone()).unwrap_or_default();
+                warn!(user, reason, "SASL login failed");
+                self.notify_user(format!(
+                    "SASL login as {user} failed on {}: {reason}. Connecting without logging in; check the SASL username and password.",
+                    self.conn.key.server
+                ));
+                self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+            }
+            // labeled-response: a labelled line with nothing to say.
+            Command::Raw(ref verb, _) if verb.eq_ignore_ascii_case("ACK") => {
+                if let Some(pending) = self.take_echo(label_of(&message), None) {
+                    lock_echo(&pending.echo).line_done(None);
+                }
+            }
+            // A labelled error about a line the bridge wrote, or (unlabelled) about the
+            // oldest line waiting for its echo to that target: the server refused it.
+            Command::Response(code, ref args)
+                if code.is_error()
+                    && args.len() >= 2
+                    && (label_of(&message).is_some()
+                        || matches!(code, Response::ERR_NOSUCHNICK | Response::ERR_CANNOTSENDTOCHAN))
+                    && self.take_echo(label_of(&message), Some(&args[1])).is_some_and(|pending| {
+                        let text = args[1..].join(" ");
+                        lock_echo(&pending.echo).refuse(text);
+                        true
+                    }) => {}
             Command::ChannelMODE(ref channel, ref modes) => {
                 let mut changed = Vec::new();
                 {
                     let mut st = self.conn.lock();
                     let Some(ch) = st.channels.get_mut(&fold(channel)) else { return };
                     for mode in modes {
+                        if let Mode::Plus(ChannelMode::Ban, Some(mask)) = mode {
+                            if ch.recent_bans.len() == RECENT_BANS {
+                                ch.recent_bans.pop_front();
+                            }
+                            ch.recent_bans.push_back(mask.clone());
+                            continue;
+                        }
                         let (plus, m, arg) = match mode {
                             Mode::Plus(m, Some(a)) => (true, m, a),
                             Mode::Minus(m, Some(a)) => (false, m, a),
@@ -1079,6 +1336,43 @@ impl Reader {
         }
     }
 
+    /// Tell the user something about their connection, from the server's JID.
+    fn notify_user(&self, text: String) {
+        let server = self.conn.key.server.clone();
+        let network = self.conn.network.clone();
+        let chat = ChatRef::service(network.clone(), server.clone());
+        let message = Message { body: text, notice: true, ..Default::default() };
+        let event = Event::new(network, chat, Sender::new(server.clone(), server), EventKind::Message(message))
+            .with_account(self.conn.key.account.clone());
+        let sink = self.sink.clone();
+        // Not awaited: negotiation runs inside the handling of one line.
+        tokio::spawn(async move {
+            let _ = sink.emit(event).await;
+        });
+    }
+
+    /// Whether `message` (ours) is the echo of a line waiting for it; confirms that line.
+    fn echoed(&self, message: &IrcMessage, target: &str) -> bool {
+        let Some(pending) = self.take_echo(label_of(message), Some(target)) else { return false };
+        lock_echo(&pending.echo).line_done(Meta::of(message).msgid);
+        true
+    }
+
+    /// The line waiting for its echo that `label` names or, with no label, the
+    /// oldest one to `target` (echoes come back in the order the lines went out).
+    fn take_echo(&self, label: Option<&str>, target: Option<&str>) -> Option<PendingEcho> {
+        let mut st = self.conn.lock();
+        let index = match (label, target) {
+            (Some(label), _) => st.echoes.iter().position(|p| p.label.as_deref() == Some(label)),
+            (None, Some(target)) => {
+                let target = fold(target);
+                st.echoes.iter().position(|p| p.target == target)
+            }
+            (None, None) => None,
+        }?;
+        st.echoes.remove(index)
+    }
+
     /// IRCv3 capability negotiation: request what we use from what the server offers.
     fn negotiate(&self, sub: &CapSubCommand, a: Option<&str>, b: Option<&str>) {
         match sub {
@@ -1089,14 +1383,30 @@ impl Reader {
                     (Some(caps), None) => (false, caps),
                     _ => (false, ""),
                 };
-                let wanted: Vec<String> = {
+                let (wanted, sasl_offered) = {
                     let mut st = self.conn.lock();
                     st.offered.extend(caps.split_whitespace().map(|c| c.split('=').next().unwrap_or(c).to_owned()));
                     if more {
                         return;
                     }
-                    WANTED_CAPS.iter().filter(|c| st.offered.iter().any(|o| o == *c)).map(|c| c.to_string()).collect()
+                    let mut wanted: Vec<String> = WANTED_CAPS
+                        .iter()
+                        .filter(|c| st.offered.iter().any(|o| o == *c))
+                        .map(|c| c.to_string())
+                        .collect();
+                    let sasl_offered = st.offered.iter().any(|o| o == "sasl");
+                    if self.sasl.is_some() && sasl_offered {
+                        wanted.push("sasl".to_owned());
+                    }
+                    (wanted, sasl_offered)
                 };
+                if let (Some(login), false) = (&self.sasl, sasl_offered) {
+                    let text = format!(
+                        "{} does not offer SASL: not logged in as {}; connecting without logging in.",
+                        self.conn.key.server, login.username
+                    );
+                    self.notify_user(text);
+                }
                 if wanted.is_empty() {
                     self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
                 } else {
@@ -1107,7 +1417,12 @@ impl Reader {
                 let caps = b.or(a).unwrap_or_default();
                 info!(caps, "IRCv3 capabilities enabled");
                 self.conn.lock().enabled.extend(caps.split_whitespace().map(str::to_owned));
-                self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+                if self.sasl.is_some() && caps.split_whitespace().any(|c| c == "sasl") {
+                    // Registration ends (CAP END) once the SASL exchange has.
+                    self.send_now(Command::AUTHENTICATE("PLAIN".to_owned()));
+                } else {
+                    self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
+                }
             }
             CapSubCommand::NAK => {
                 warn!(caps = ?b.or(a), "the server refused the requested capabilities");
@@ -1151,6 +1466,11 @@ impl Reader {
         };
         self.emit(meta.apply(event)).await;
     }
+}
+
+/// The IRCv3 `label` tag of a message (labeled-response).
+fn label_of(message: &IrcMessage) -> Option<&str> {
+    message.tags.iter().flatten().find(|t| t.0 == "label").and_then(|t| t.1.as_deref())
 }
 
 /// What IRCv3 tags say about a message.
@@ -1279,6 +1599,27 @@ mod tests {
         let e = one(&mut h, ":irc.example.org NOTICE * :*** Looking up your hostname");
         assert_eq!(e.chat.kind, ChatKind::Service);
         assert_eq!(e.chat.id.as_str(), SERVER);
+    }
+
+    #[test]
+    fn a_kick_after_a_ban_covering_the_victim_is_a_ban() {
+        let mut h = harness();
+        joined(&mut h);
+        line(&mut h, ":dave!d@dave.host JOIN #test");
+        line(&mut h, ":bob!b@h MODE #test +b *!*@dave.host");
+        let e = one(&mut h, ":bob!b@h KICK #test dave :bye");
+        assert_eq!(
+            e.kind,
+            EventKind::Left { kind: LeaveKind::Ban { by: Some("bob".into()) }, reason: Some("bye".into()) }
+        );
+        let e = one(&mut h, ":bob!b@h KICK #test carol :out");
+        assert_eq!(
+            e.kind,
+            EventKind::Left { kind: LeaveKind::Kick { by: Some("bob".into()) }, reason: Some("out".into()) }
+        );
+        assert!(ban_covers("Carol!*@*", "carol", None));
+        assert!(!ban_covers("*!*@other.host", "carol", Some("carol!c@carol.host")));
+        assert!(!ban_covers("*!*@other.host", "carol", None), "the host is unknown");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`flood`]: the per-connection token bucket;
 //! - [`format`]: IRC formatting codes ↔ XEP-0393 styling;
 //! - [`fallback`]: how corrections, retractions and reactions look on IRC;
+//! - [`wire`]: decoding lines that are not UTF-8 (the server's fallback encoding);
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
 //! - `fuzzing`: that translation driven by hand, for the fuzz targets and unit tests;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
@@ -24,6 +25,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod text;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,12 +35,20 @@ use async_trait::async_trait;
 use isthmus_config::IrcNetworkConfig;
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId, RemoteId};
-use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network, RoomListing};
+use isthmus_core::network::{Capabilities, Confirmation, Delivered, DeliveryError, EventSink, Network, RoomListing};
 use tokio::sync::Mutex;
 use tracing::{debug, info};
 
 use crate::address::IrcTarget;
 use crate::connection::{Connection, ConnectionKey, ReconnectPolicy};
+
+/// A message handed to the connection: confirmed now, or by the server's echo.
+fn delivered((_, confirmation): (usize, Option<Confirmation>)) -> Delivered {
+    match confirmation {
+        Some(c) => Delivered::later(c),
+        None => Delivered::default(),
+    }
+}
 
 /// One configured IRC network (one component domain), with every user's connections.
 pub struct IrcNetwork {
@@ -51,7 +61,8 @@ pub struct IrcNetwork {
 
 impl IrcNetwork {
     pub fn new(id: NetworkId, config: IrcNetworkConfig, sink: EventSink) -> Arc<Self> {
-        Self::with_policy(id, config, sink, ReconnectPolicy::default())
+        let policy = ReconnectPolicy::with_limit(config.max_concurrent_connects);
+        Self::with_policy(id, config, sink, policy)
     }
 
     /// Like [`IrcNetwork::new`] with explicit reconnect timing.
@@ -234,9 +245,8 @@ impl Network for IrcNetwork {
             }
             (EventKind::Message(message), _) => {
                 let conn = self.open_connection(&account, &target.server).await?;
-                // Plain IRC gives messages no ids: nothing to record in the id map.
-                conn.send_message(&target.name, message, event.receipt.clone())?;
-                Ok(Delivered::default())
+                // Plain IRC gives messages no ids; with echo-message the echo brings them.
+                Ok(delivered(conn.send_message(&target.name, message, event.receipt.clone())?))
             }
             (EventKind::Correction { .. } | EventKind::Retraction { .. } | EventKind::Reactions { .. }, _) => {
                 // No IRC form: render the documented fallback, if any.
@@ -244,8 +254,7 @@ impl Network for IrcNetwork {
                     return Ok(Delivered::default());
                 };
                 let conn = self.open_connection(&account, &target.server).await?;
-                conn.send_message(&target.name, &message, event.receipt.clone())?;
-                Ok(Delivered::default())
+                Ok(delivered(conn.send_message(&target.name, &message, event.receipt.clone())?))
             }
             (EventKind::NickChanged { new_nick }, ChatKind::Room) if event.sender.is_self => {
                 let conn = self
