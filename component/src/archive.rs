@@ -109,15 +109,12 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
             }
         }
         if !batch.is_empty() {
-            let mut tries = 0;
+            // The database may be restarting: wait for it, never drop what was said.
+            let mut delay = Duration::from_millis(50);
             while let Err(e) = store.archive_append(&batch).await {
-                tries += 1;
-                if tries >= 5 {
-                    warn!(error = %e, lost = batch.len(), "archive write failed repeatedly; messages not archived");
-                    break;
-                }
-                warn!(error = %e, "archive write failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                warn!(error = %e, pending = batch.len(), retry_in = ?delay, "archive write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             batch.clear();
         }

@@ -375,7 +375,8 @@ async fn postgres_restart_mid_stream_delays_and_loses_nothing() -> Result<()> {
     println!(
         "PostgreSQL restarted mid-stream: XMPP→IRC sent {N}, accepted {}, refused {}, arrived {}, lost {}, \
          duplicated {x2i_dups}, in order: {x2i_ordered}; IRC→XMPP sent {N}, arrived {}, lost {}, \
-         duplicated {i2x_dups}, in order: {i2x_ordered}; database writes retried while it was down: {}",
+         duplicated {i2x_dups}, in order: {i2x_ordered}; database errors retried: {} (how many depends on whether \
+         a write was under way when it stopped: others wait for a connection until it is back)",
         tally.accepted.len(),
         tally.refused.len(),
         x2i.len(),
@@ -384,7 +385,6 @@ async fn postgres_restart_mid_stream_delays_and_loses_nothing() -> Result<()> {
         i2x_missing.len(),
         log.matches("retrying").count()
     );
-    ensure!(log.contains("retrying"), "the gateway never noticed the database was gone");
     ensure!(tally.accepted.len() == N, "not every XMPP message was accepted: refused {:?}", tally.refused);
     ensure!(lost.is_empty(), "accepted XMPP messages never reached IRC: {lost:?}");
     ensure!(x2i_dups == 0 && x2i_ordered, "XMPP→IRC: duplicated or out of order: {:?}", tally.x2i);
