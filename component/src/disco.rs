@@ -39,22 +39,24 @@ pub fn gateway(kind: &str, register: bool) -> DiscoInfoResult {
     info(Identity::new("gateway", kind.to_lowercase(), "en", format!("Isthmus {kind} gateway")), features)
 }
 
-/// A room named `name`.
-pub fn room(name: &str) -> DiscoInfoResult {
-    info(
-        Identity::new("conference", "text", "en", name.to_owned()),
-        vec![
-            ns::DISCO_INFO,
-            ns::MUC,
-            MUC_NONANONYMOUS,
-            "muc_persistent",
-            "muc_open",
-            ns::SID,
-            ns::MAM,
-            ns::PING,
-            ns::VCARD,
-        ],
-    )
+/// A room named `name`; `moderation`: its network removes messages natively, so
+/// moderators may do it by XEP-0425.
+pub fn room(name: &str, moderation: bool) -> DiscoInfoResult {
+    let mut features = vec![
+        ns::DISCO_INFO,
+        ns::MUC,
+        MUC_NONANONYMOUS,
+        "muc_persistent",
+        "muc_open",
+        ns::SID,
+        ns::MAM,
+        ns::PING,
+        ns::VCARD,
+    ];
+    if moderation {
+        features.push(crate::xep::NS_MODERATE);
+    }
+    info(Identity::new("conference", "text", "en", name.to_owned()), features)
 }
 
 /// A person on another network, named `name`: a contact or an occupant.
@@ -99,7 +101,7 @@ mod tests {
 
     #[test]
     fn caps_verify_against_the_same_info() {
-        let info = room("#chan%irc.example.org");
+        let info = room("#chan%irc.example.org", false);
         let payloads = caps_payloads(&info);
         let c = Caps::try_from(payloads[0].clone()).expect("caps");
         let again = caps::hash_caps(&caps::compute_disco(&info), Algo::Sha_1).expect("hash");
@@ -117,7 +119,9 @@ mod tests {
 
     #[test]
     fn each_entity_answers_what_it_is() {
-        assert!(room("r").features.iter().any(|f| f == MUC_NONANONYMOUS));
+        assert!(room("r", false).features.iter().any(|f| f == MUC_NONANONYMOUS));
+        assert!(room("r", true).features.iter().any(|f| f == crate::xep::NS_MODERATE));
+        assert!(!room("r", false).features.iter().any(|f| f == crate::xep::NS_MODERATE));
         assert!(gateway("IRC", true).features.iter().any(|f| f == ns::REGISTER));
         assert!(!gateway("IRC", false).features.iter().any(|f| f == ns::REGISTER));
         assert_eq!(person("bob").identities[0].category, "client");

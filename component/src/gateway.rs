@@ -122,6 +122,9 @@ pub(crate) struct RoomSession {
     pub(crate) people: HashMap<String, Person>,
     /// The account's join created the room on its network (status 201 on entering).
     created: bool,
+    /// The account's own role, as the network last reported it (moderators may
+    /// remove others' messages, XEP-0425).
+    pub(crate) own_role: Role,
 }
 
 /// Who an occupant is: their network, their id there, their real JID.
@@ -175,7 +178,7 @@ pub struct Gateway {
     pub(crate) router: OnceLock<Router>,
     rooms: Mutex<HashMap<RoomKey, RoomSession>>,
     id: NetworkId,
-    archive: Archive,
+    pub(crate) archive: Archive,
     /// Messages replayed on join when the client does not say how many.
     default_history: u32,
     /// Origin-ids of recent messages from XMPP users, to recognise resends.
@@ -808,7 +811,7 @@ impl Gateway {
     }
 
     /// What `network` renders natively, if it runs.
-    fn capabilities_of(&self, network: &NetworkId) -> Option<Capabilities> {
+    pub(crate) fn capabilities_of(&self, network: &NetworkId) -> Option<Capabilities> {
         Some(self.router.get()?.network(network)?.capabilities())
     }
 
@@ -1335,6 +1338,8 @@ impl Gateway {
             Iq::Set { from: Some(from), to: Some(to), id, payload } => {
                 let reply = if payload.is("query", ns::MAM) && to.node().is_some() && to.resource().is_none() {
                     self.mam_query(domain, &from, &to.to_bare(), &id, payload).await
+                } else if payload.is("moderate", crate::xep::NS_MODERATE) && to.node().is_some() {
+                    self.moderate(domain, &from, &to, id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
                     self.adhoc(domain, &from, &id, payload).await
                 } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
@@ -1455,7 +1460,7 @@ impl Gateway {
         Ok((out, entering))
     }
 
-    fn render_room(
+    pub(crate) fn render_room(
         &self,
         event: &Event,
         account: &BareJid,
@@ -1602,6 +1607,9 @@ impl Gateway {
                 if let Some(o) = session.occupants.get_mut(nick) {
                     o.role = *role;
                     o.affiliation = *affiliation;
+                }
+                if event.sender.is_self {
+                    session.own_role = *role;
                 }
                 let is_self = event.sender.is_self;
                 if let Some(from) = full(room, nick) {

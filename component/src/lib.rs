@@ -4,6 +4,7 @@
 //! - [`gateway`]: stanzas ↔ core events, the MUC service, the XMPP side as a network;
 //! - [`stanza`]: small helpers over xmpp-parsers;
 //! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
+//! - [`moderation`]: XEP-0425 moderation requests from room moderators;
 //! - [`commands`]: XEP-0050 ad-hoc commands and their chat equivalents;
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`server`]: the embedded XMPP server core (c2s, SASL, rosters, presence, carbons);
@@ -17,6 +18,7 @@ pub mod commands;
 pub mod disco;
 pub mod gateway;
 pub mod link;
+pub mod moderation;
 pub mod nesting;
 pub mod puppet;
 pub mod server;

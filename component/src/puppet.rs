@@ -353,7 +353,10 @@ impl Gateway {
                     .ok_or("there is no one with this nick in the room, as far as you can see")?;
                 Ok(crate::disco::person(nick.as_str()))
             }
-            (ChatKind::Room, None) => Ok(crate::disco::room(node.as_str())),
+            (ChatKind::Room, None) => {
+                let moderation = self.capabilities_of(&chat.network).is_some_and(|c| c.retractions);
+                Ok(crate::disco::room(node.as_str(), moderation))
+            }
             _ => Ok(crate::disco::person(&self.person_name(&chat, &from.to_bare()).await.0)),
         }
     }

@@ -250,7 +250,7 @@ pub fn rendered(event: &isthmus_core::model::Event, type_: MessageType, from: Ji
             m.payloads.push(Replace { id: Id(target.0.clone()) }.into());
             m
         }
-        EventKind::Retraction { target, .. } => {
+        EventKind::Retraction { target, moderator: None, .. } => {
             let mut m = message(
                 type_,
                 from,
@@ -258,8 +258,25 @@ pub fn rendered(event: &isthmus_core::model::Event, type_: MessageType, from: Ji
                 "This person retracted a previous message; your client does not show retractions.",
             );
             m.id = Some(Id(event.key.0.clone()));
-            m.payloads.push(crate::xep::Retract { id: target.0.clone() }.into());
+            m.payloads.push(crate::xep::Retract::own(target.0.clone()).into());
             m.payloads.push(crate::xep::Fallback { for_: Some(crate::xep::NS_RETRACT.into()), bodies: vec![] }.into());
+            m.payloads.push(empty("store", NS_HINTS));
+            m
+        }
+        EventKind::Retraction { target, moderator: Some(moderator), reason } => {
+            // XEP-0425: the room itself announces it, naming the moderator by occupant JID.
+            let room = from.to_bare();
+            let by = full(&room, moderator).map(|j| j.to_string());
+            let text = match reason {
+                Some(r) => format!("A moderator removed a previous message: {r}"),
+                None => "A moderator removed a previous message.".to_owned(),
+            };
+            let mut m = message(type_, Jid::from(room), to, &text);
+            m.id = Some(Id(event.key.0.clone()));
+            let moderated = Some(crate::xep::Moderated { by });
+            m.payloads.push(crate::xep::Retract { id: target.0.clone(), moderated, reason: reason.clone() }.into());
+            m.payloads.push(crate::xep::Fallback { for_: Some(crate::xep::NS_RETRACT.into()), bodies: vec![] }.into());
+            m.payloads.push(crate::xep::Fallback { for_: Some(crate::xep::NS_MODERATE.into()), bodies: vec![] }.into());
             m.payloads.push(empty("store", NS_HINTS));
             m
         }
@@ -325,4 +342,47 @@ fn content_stanza(msg: &isthmus_core::model::Message, type_: MessageType, from: 
         m.payloads.push(crate::xep::Reply { to: None, id: r.target.0.clone() }.into());
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_core::model::{ChatRef, Event, EventKind, MessageRef, NetworkId, Sender};
+
+    fn retraction(moderator: Option<&str>, reason: Option<&str>) -> Message {
+        let net = NetworkId::new("matrix");
+        let kind = EventKind::Retraction {
+            target: MessageRef("s1".into()),
+            moderator: moderator.map(str::to_owned),
+            reason: reason.map(str::to_owned),
+        };
+        let event = Event::new(net.clone(), ChatRef::room(net, "!r:hs"), Sender::new("@mod:hs", "mod"), kind);
+        let from = Jid::new("room@muc.example/mod").expect("valid");
+        let to = Jid::new("user@example/res").expect("valid");
+        rendered(&event, MessageType::Groupchat, from, to).expect("rendered")
+    }
+
+    fn retract_of(m: &Message) -> crate::xep::Retract {
+        let el = m.payloads.iter().find(|p| p.is("retract", crate::xep::NS_RETRACT)).expect("a retract");
+        crate::xep::Retract::try_from(el.clone()).expect("parses")
+    }
+
+    #[test]
+    fn moderation_comes_from_the_room_naming_the_moderator_and_reason() {
+        let m = retraction(Some("mod"), Some("spam"));
+        assert_eq!(m.from.as_ref().map(|j| j.to_string()).as_deref(), Some("room@muc.example"));
+        let r = retract_of(&m);
+        assert_eq!(r.id, "s1");
+        assert_eq!(r.moderated.and_then(|m| m.by).as_deref(), Some("room@muc.example/mod"));
+        assert_eq!(r.reason.as_deref(), Some("spam"));
+        assert!(body(&m).is_some_and(|b| b.contains("spam")), "the fallback body gives the reason");
+    }
+
+    #[test]
+    fn self_retraction_stays_xep_0424() {
+        let m = retraction(None, None);
+        assert_eq!(m.from.as_ref().map(|j| j.to_string()).as_deref(), Some("room@muc.example/mod"));
+        let r = retract_of(&m);
+        assert_eq!((r.id.as_str(), r.moderated, r.reason), ("s1", None, None));
+    }
 }

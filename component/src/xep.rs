@@ -1,11 +1,14 @@
 //! XEPs that xmpp-parsers does not cover yet, declared with `xso` in one place,
-//! each with its rejection tests: XEP-0424 message retraction, XEP-0461 replies,
+//! each with its rejection tests: XEP-0424 message retraction, XEP-0425 message
+//! moderation, XEP-0461 replies,
 //! the XEP-0428 fallback indication they rely on, and XEP-0050 ad-hoc commands.
 
 use xso::{AsXml, FromXml};
 
 /// XEP-0424 namespace.
 pub const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
+/// XEP-0425 namespace (version 0.3 and later).
+pub const NS_MODERATE: &str = "urn:xmpp:message-moderate:1";
 /// XEP-0428 namespace.
 pub const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
 /// XEP-0461 namespace.
@@ -43,6 +46,45 @@ pub struct Retract {
     /// The id of the message withdrawn.
     #[xml(attribute)]
     pub id: String,
+    /// Present when a moderator removed someone else's message (XEP-0425).
+    #[xml(child(default))]
+    pub moderated: Option<Moderated>,
+    /// Why the message was removed (XEP-0425 puts it in the retraction namespace).
+    #[xml(extract(default, fields(text(type_ = String))))]
+    pub reason: Option<String>,
+}
+
+impl Retract {
+    /// The author's own withdrawal of the message `id` (XEP-0424).
+    pub fn own(id: String) -> Retract {
+        Retract { id, moderated: None, reason: None }
+    }
+}
+
+/// `<moderated by='…'/>` in a retraction: a moderator, named by their occupant
+/// JID when known, removed the message.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_MODERATE, name = "moderated")]
+pub struct Moderated {
+    /// The moderator's occupant JID.
+    #[xml(attribute(default))]
+    pub by: Option<String>,
+}
+
+/// `<moderate id='…'><retract/><reason>…</reason></moderate>`: a moderator asks
+/// the room (by an IQ set) to remove the message with this stanza-id.
+#[derive(FromXml, AsXml, PartialEq, Debug, Clone)]
+#[xml(namespace = NS_MODERATE, name = "moderate")]
+pub struct Moderate {
+    /// The room's stanza-id of the message to remove.
+    #[xml(attribute)]
+    pub id: String,
+    /// Asks for a retraction (the only action XEP-0425 defines).
+    #[xml(flag(namespace = NS_RETRACT, name = "retract"))]
+    pub retract: bool,
+    /// Why, shown to the occupants.
+    #[xml(extract(default, fields(text(type_ = String))))]
+    pub reason: Option<String>,
 }
 
 /// `<fallback for='…'/>`: the body (or part of it) is only there for clients that
@@ -146,6 +188,40 @@ mod tests {
             .expect("unknown child");
         assert_eq!(r.id, "a");
         assert!(parse::<Retract>("<retract xmlns='urn:xmpp:message-retract:0' id='a'/>").is_err(), "other namespace");
+    }
+
+    #[test]
+    fn moderated_retraction_round_trip() {
+        let r: Retract = parse(
+            "<retract xmlns='urn:xmpp:message-retract:1' id='s1'><moderated xmlns='urn:xmpp:message-moderate:1' by='room@muc/mod'/><reason>spam</reason></retract>",
+        )
+        .expect("valid");
+        assert_eq!(r.moderated.as_ref().and_then(|m| m.by.as_deref()), Some("room@muc/mod"));
+        assert_eq!(r.reason.as_deref(), Some("spam"));
+        let el: Element = r.clone().into();
+        assert_eq!(Retract::try_from(el).expect("round trip"), r);
+        let own: Element = Retract::own("s2".into()).into();
+        assert!(own.children().next().is_none(), "a self-retraction has no moderation children");
+    }
+
+    #[test]
+    fn moderate_request_valid_and_rejections() {
+        let m: Moderate = parse(
+            "<moderate xmlns='urn:xmpp:message-moderate:1' id='s1'><retract xmlns='urn:xmpp:message-retract:1'/><reason>off topic</reason></moderate>",
+        )
+        .expect("valid");
+        assert_eq!((m.id.as_str(), m.retract, m.reason.as_deref()), ("s1", true, Some("off topic")));
+        let m: Moderate = parse("<moderate xmlns='urn:xmpp:message-moderate:1' id='s1'/>").expect("no action parsed");
+        assert!(!m.retract && m.reason.is_none());
+        let e = parse::<Moderate>(
+            "<moderate xmlns='urn:xmpp:message-moderate:1'><retract xmlns='urn:xmpp:message-retract:1'/></moderate>",
+        )
+        .expect_err("missing id");
+        assert!(e.contains("id"), "{e}");
+        assert!(
+            parse::<Moderate>("<moderate xmlns='urn:xmpp:message-moderate:0' id='a'/>").is_err(),
+            "other namespace"
+        );
     }
 
     #[test]

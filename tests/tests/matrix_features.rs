@@ -1,6 +1,7 @@
 //! Edits, replies, reactions and redactions between Matrix and XMPP, each both
 //! ways, asserting the native Matrix event on one side and the native XEP on the
-//! other (XEP-0308, XEP-0461, XEP-0444, XEP-0424); and a direct chat as a contact.
+//! other (XEP-0308, XEP-0461, XEP-0444, XEP-0424, XEP-0425 moderation); and a
+//! direct chat as a contact.
 
 use std::time::Duration;
 
@@ -204,6 +205,84 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
     .await?;
     let gone = s.bob.event(&room, &mine_id).await?;
     assert_eq!(gone["content"], json!({}), "the message is redacted on Matrix: {gone}");
+    Ok(())
+}
+
+/// The XEP-0425 moderation request for the message with stanza-id `target`.
+fn moderate_iq(room_jid: &str, id: &str, target: &str, reason: &str) -> String {
+    format!(
+        "<iq type='set' to='{room_jid}' id='{id}'><moderate xmlns='urn:xmpp:message-moderate:1' id='{target}'>\
+         <retract xmlns='urn:xmpp:message-retract:1'/><reason>{reason}</reason></moderate></iq>"
+    )
+}
+
+#[tokio::test]
+async fn moderation_both_ways() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+
+    // A room where bob (power 100) moderates and alice is a plain participant.
+    let room = s.bob.create_room(Some("Moderated"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room)?;
+    join(&mut alice, &room_jid).await?;
+    alice
+        .send_raw(&format!(
+            "<iq type='get' to='{room_jid}' id='info1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        ))
+        .await?;
+    let info = alice.expect(T, |m| m.kind == "iq" && m.id == "info1").await?;
+    assert!(info.xml.contains("urn:xmpp:message-moderate:1"), "a Matrix room advertises moderation: {}", info.xml);
+
+    // Matrix → XMPP: bob removes alice's message with a reason.
+    alice
+        .send_raw(&format!("<message type='groupchat' to='{room_jid}' id='m1'><body>off topic</body></message>"))
+        .await?;
+    let reflection =
+        alice.expect(T, |m| m.kind == "message" && m.id == "m1" && m.from == format!("{room_jid}/Alice")).await?;
+    let s1 = attr(&reflection.xml, "stanza-id", "id").context("no stanza-id on the reflection")?;
+    let mine = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "off topic").await?;
+    let mine_id = mine["event_id"].as_str().context("event id")?.to_owned();
+    s.bob.redact(&room, &mine_id, Some("please stay on topic")).await?;
+    let m = alice
+        .expect(T, |m| m.kind == "message" && m.from == room_jid && m.xml.contains("urn:xmpp:message-moderate:1"))
+        .await
+        .map_err(|e| e.context(s.log_tail()))?;
+    assert_eq!(attr(&m.xml, "retract", "id").as_deref(), Some(s1.as_str()), "{}", m.xml);
+    assert_eq!(attr(&m.xml, "moderated", "by"), Some(format!("{room_jid}/Bob Matrix")), "{}", m.xml);
+    assert!(m.xml.contains("<reason>please stay on topic</reason>"), "{}", m.xml);
+
+    // XMPP → Matrix: alice is no moderator here, so her request is refused.
+    let theirs = s.bob.send_text(&room, "bob's words").await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("bob's words")).await?;
+    alice.send_raw(&moderate_iq(&room_jid, "mod1", &m.id, "no")).await?;
+    let refused = alice.expect(T, |m| m.kind == "iq" && m.id == "mod1").await?;
+    assert_eq!(refused.type_, "error", "{}", refused.xml);
+    assert!(refused.xml.contains("<forbidden"), "{}", refused.xml);
+    assert_eq!(s.bob.event(&room, &theirs).await?["content"]["body"], "bob's words", "nothing was removed");
+
+    // A room where alice has power 50: a Matrix moderator, a MUC moderator.
+    // (bob created the room: newer room versions let no power level name its creator.)
+    let levels = json!({"users": {s.alice_mx.user_id.clone(): 50}});
+    let room = s
+        .bob
+        .create_room_with(json!({"preset": "private_chat", "name": "Moderated by alice",
+            "invite": [s.alice_mx.user_id], "power_level_content_override": levels}))
+        .await?;
+    let room_jid = jid(&room)?;
+    join(&mut alice, &room_jid).await?;
+    let theirs = s.bob.send_text(&room, "spam spam").await?;
+    let m = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("spam spam")).await?;
+    alice.send_raw(&moderate_iq(&room_jid, "mod2", "no-such-id", "spam")).await?;
+    let unknown = alice.expect(T, |m| m.kind == "iq" && m.id == "mod2").await?;
+    assert!(unknown.type_ == "error" && unknown.xml.contains("<item-not-found"), "{}", unknown.xml);
+    alice.send_raw(&moderate_iq(&room_jid, "mod3", &m.id, "spam")).await?;
+    let done = alice.expect(T, |m| m.kind == "iq" && m.id == "mod3").await.map_err(|e| e.context(s.log_tail()))?;
+    assert_eq!(done.type_, "result", "{}", done.xml);
+    let redaction = s.bob.wait_for(&room, T, |e| e["type"] == "m.room.redaction" && redacts(e) == theirs).await?;
+    assert_eq!(redaction["sender"], json!(s.alice_mx.user_id), "{redaction}");
+    assert_eq!(redaction["content"]["reason"], "spam", "{redaction}");
+    let gone = s.bob.event(&room, &theirs).await?;
+    assert_eq!(gone["content"], json!({}), "bob's message is redacted on Matrix: {gone}");
     Ok(())
 }
 

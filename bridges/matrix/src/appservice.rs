@@ -629,6 +629,20 @@ impl Portals {
         jid_of_localpart(local)
     }
 
+    /// `nick` when `redactor` removed someone else's event (a moderation, XEP-0425 on
+    /// XMPP); `None` for a self-redaction or when the event's author cannot be found.
+    async fn moderator_of(&self, room_id: &str, redacts: &str, redactor: &str, nick: &str) -> Option<String> {
+        let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room_id), enc(redacts));
+        let author = match self.hs.call(reqwest::Method::GET, &path, None, None).await {
+            Ok(event) => event["sender"].as_str().map(str::to_owned),
+            Err(e) => {
+                debug!(event_id = redacts, error = %e, "the redacted event's author is unknown");
+                None
+            }
+        }?;
+        (author != redactor).then(|| nick.to_owned())
+    }
+
     fn is_ours(&self, user: &str) -> bool {
         user == self.bot || self.is_puppet(user)
     }
@@ -1413,7 +1427,10 @@ impl Portals {
                         self.emit(event).await;
                         return;
                     }
-                    None => EventKind::Retraction { target: MessageRef(redacts), moderator: None, reason },
+                    None => {
+                        let moderator = self.moderator_of(room_id, &redacts, &env.sender, &sender.nick).await;
+                        EventKind::Retraction { target: MessageRef(redacts), moderator, reason }
+                    }
                 }
             }
             Incoming::Topic { text } => EventKind::Topic { text },

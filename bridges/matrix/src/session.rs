@@ -109,6 +109,18 @@ fn unavailable(e: impl std::fmt::Display) -> DeliveryError {
     DeliveryError::Unavailable(format!("the Matrix homeserver did not accept it: {e}"))
 }
 
+/// A homeserver's answer as a delivery error: its refusals (403: not allowed;
+/// other 4xx but rate limits: bad request) are final, the rest may pass later.
+fn refusal(e: matrix_sdk::HttpError) -> DeliveryError {
+    match e.as_client_api_error().map(|c| c.status_code.as_u16()) {
+        Some(403) => DeliveryError::Forbidden(format!("the Matrix homeserver refused it: {e}")),
+        Some(s) if (400..500).contains(&s) && s != 429 => {
+            DeliveryError::Rejected(format!("the Matrix homeserver refused it: {e}"))
+        }
+        _ => unavailable(e),
+    }
+}
+
 impl Session {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -419,7 +431,10 @@ impl Session {
                         self.emit_timeline(event).await;
                         return;
                     }
-                    None => EventKind::Retraction { target: MessageRef(redacts), moderator: None, reason },
+                    None => {
+                        let moderator = self.moderator_of(room, &redacts, &env.sender, &nick).await;
+                        EventKind::Retraction { target: MessageRef(redacts), moderator, reason }
+                    }
                 }
             }
             Incoming::Member { user, membership, previous, displayname, previous_displayname, reason } => {
@@ -662,23 +677,52 @@ impl Session {
         let members = room.members(RoomMemberships::JOIN).await.map_err(unavailable)?;
         let levels = room.power_levels().await.ok();
         let mut occupants = Vec::new();
-        for m in members.iter().filter(|m| m.user_id() != self.user_id) {
-            let level = levels.as_ref().map(|p| p.for_user(m.user_id()));
-            let level: i64 = match level {
+        let level_of = |user: &matrix_sdk::ruma::UserId| -> i64 {
+            match levels.as_ref().map(|p| p.for_user(user)) {
                 Some(matrix_sdk::ruma::events::room::power_levels::UserPowerLevel::Int(i)) => i.into(),
                 Some(_) => 100,
                 None => 0,
-            };
+            }
+        };
+        for m in members.iter().filter(|m| m.user_id() != self.user_id) {
             let nick = self.nick_of(&room, m.user_id().as_str()).await;
-            occupants.push(occupant_at_level(m.user_id().as_str(), nick, level));
+            occupants.push(occupant_at_level(m.user_id().as_str(), nick, level_of(m.user_id())));
         }
+        let own = Sender::own(self.user_id.to_string(), nick.to_owned());
         let event = self.emit_base(
             chat,
-            Sender::own(self.user_id.to_string(), nick.to_owned()),
+            own.clone(),
             EventKind::SelfJoined { nick: nick.to_owned(), occupants, topic: room.topic() },
         );
         self.sink.emit(event).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))?;
+        // The user's own standing, when above a participant's (a Matrix moderator is a
+        // MUC moderator, who may remove others' messages by XEP-0425).
+        let level = self.own_level(&room).await.unwrap_or(0).max(level_of(&self.user_id));
+        let me = occupant_at_level(self.user_id.as_str(), nick.to_owned(), level);
+        if me.role != Role::Participant {
+            let kind = EventKind::RoleChanged { role: me.role, affiliation: me.affiliation };
+            let event = self.emit_base(chat, own, kind);
+            self.sink.emit(event).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// The user's own power level in `room` as the homeserver has it now: right
+    /// after joining, the local store may not hold the room's state yet.
+    async fn own_level(&self, room: &Room) -> Option<i64> {
+        use matrix_sdk::ruma::api::client::state::get_state_event_for_key::v3::Request;
+        use matrix_sdk::ruma::events::StateEventType;
+        let request = Request::new(room.room_id().to_owned(), StateEventType::RoomPowerLevels, String::new());
+        let response = match self.client.send(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(room = %room.room_id(), error = %e, "cannot read the room's power levels");
+                return None;
+            }
+        };
+        let event: Value = serde_json::from_str(response.event_or_content.get()).ok()?;
+        let content = event.get("content").unwrap_or(&event);
+        content["users"][self.user_id.as_str()].as_i64().or_else(|| content["users_default"].as_i64())
     }
 
     /// Send one event. `txn` is the idempotency key: the homeserver answers a second
@@ -734,8 +778,22 @@ impl Session {
         let room = self.room_for(chat, false).await?;
         let id = matrix_sdk::ruma::EventId::parse(target)
             .map_err(|_| DeliveryError::Rejected(format!("`{target}` is no Matrix event: nothing to retract")))?;
-        let r = room.redact(&id, reason, Some(OwnedTransactionId::from(txn))).await.map_err(unavailable)?;
+        let r = room.redact(&id, reason, Some(OwnedTransactionId::from(txn))).await.map_err(refusal)?;
         Ok(vec![r.event_id.to_string()])
+    }
+
+    /// `nick` when `redactor` removed someone else's event (a moderation, XEP-0425 on
+    /// XMPP); `None` for a self-redaction or when the event's author cannot be found.
+    async fn moderator_of(&self, room: &Room, redacts: &str, redactor: &str, nick: &str) -> Option<String> {
+        let id = matrix_sdk::ruma::EventId::parse(redacts).ok()?;
+        let author = match room.load_or_fetch_event(&id, None).await {
+            Ok(event) => event.raw().get_field::<String>("sender").ok().flatten(),
+            Err(e) => {
+                debug!(event_id = redacts, error = %e, "the redacted event's author is unknown");
+                None
+            }
+        }?;
+        (author != redactor).then(|| nick.to_owned())
     }
 
     /// Make our reactions on `target` exactly `emojis`.
