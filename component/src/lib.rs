@@ -20,5 +20,6 @@ pub mod link;
 pub mod nesting;
 pub mod puppet;
 pub mod server;
+pub mod settings;
 pub mod stanza;
 pub mod xep;
