@@ -851,11 +851,51 @@ async fn configure_sets_the_nick_for_the_next_connection() -> Result<()> {
     alice.send_raw(&format!("<presence to='{room}/wonder' type='unavailable'/>")).await?;
     bob.expect_line(T, |l| l.starts_with(":wonder!") && (l.contains("PART") || l.contains("QUIT"))).await?;
     alice.join(&room, "alice").await?;
-    let own = alice
-        .expect(T, |st| st.kind == "presence" && st.from == format!("{room}/marvel") && st.has_status(110))
-        .await?;
+    let own =
+        alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/marvel") && st.has_status(110)).await;
+    let Ok(own) = own else {
+        let log = s.gateway.log();
+        panic!("{own:?}\n{}", &log[log.len().saturating_sub(6000)..]);
+    };
     assert!(own.has_status(210), "{}", own.xml);
     bob.expect_line(T, |l| l.starts_with(":marvel!") && l.contains("JOIN")).await?;
     assert!(!s.gateway.log().contains("pw-never-shown"), "a password reached the log");
+    Ok(())
+}
+
+/// SASL through `configure` (no SASL in the admin's configuration): the user's
+/// services account on InspIRCd with Atheme is logged in to at the next connection.
+#[tokio::test]
+async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let mut dave = IrcClient::connect(irc.port(), "dave").await?;
+    dave.privmsg("NickServ", "REGISTER davepass1 dave@example.org").await?;
+    dave.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains("registered")).await?;
+    dave.send_line("QUIT").await?;
+    let s = IrcSetup::start_on_running(irc, "", "").await?;
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    let server = server_jid();
+    alice
+        .send_raw(&format!(
+            "<message to='{server}' type='chat' id='m1'><body>configure sasl_user=dave sasl_password=davepass1</body></message>"
+        ))
+        .await?;
+    let changed = alice.expect(T, |st| st.from == server && st.body.is_some()).await?;
+    let text = changed.body.unwrap_or_default();
+    assert!(text.contains("sasl_user: dave") && text.contains("sasl_password: set"), "{text}");
+    assert!(!text.contains("davepass1"), "{text}");
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    alice.join(&room("#test"), "alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room("#test")) && st.has_status(110)).await?;
+    alice
+        .expect(T, |st| {
+            st.from == server && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as dave"))
+        })
+        .await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice dave "), "{account}");
+    assert!(!s.gateway.log().contains("davepass1"), "a password reached the log");
     Ok(())
 }
