@@ -73,7 +73,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         } else {
             in_process.push((net.domain.clone(), rx));
         }
-        networks.push(IrcNetwork::new(id, net.clone(), sink.clone()));
+        networks.push(IrcNetwork::new(id, net.clone(), Some(store.clone()), sink.clone()));
     }
     let mut matrix_networks = Vec::new();
     for net in &config.matrix {

@@ -9,6 +9,8 @@
 //! | `login` | link your account on networks that have accounts (Matrix): a form; as chat: `login HOMESERVER USER PASSWORD` |
 //! | `logout` | unlink it |
 //!
+//! Commands on a network's service addresses (an IRC server's) are in [`crate::settings`].
+//!
 //! disco#items on the domain without a node is the room directory: the rooms
 //! the network lists for the asking account. In-band registration (XEP-0077) on
 //! the domain is `login` as a form (and `<remove/>` is `logout`), for clients
@@ -65,7 +67,7 @@ pub fn command_items(domain: &Jid, query: &Element, with_login: bool) -> Element
 }
 
 /// An attribute name from a constant of this file.
-fn attr(name: &'static str) -> xso::exports::rxml::NcName {
+pub(crate) fn attr(name: &'static str) -> xso::exports::rxml::NcName {
     xso::exports::rxml::NcName::try_from(name).expect("constant attribute names are valid XML names")
 }
 
@@ -437,5 +439,11 @@ fn help_text(with_login: bool) -> String {
     for (name, desc) in COMMANDS.iter().chain(logins) {
         text.push_str(&format!("\n{name} — {desc}"));
     }
+    text.push_str(&format!(
+        "\nOn a server's address (IRC: server@this-domain), also as an ad-hoc command there:\n{} — {}\n  {}",
+        crate::settings::CONFIGURE.0,
+        crate::settings::CONFIGURE.1,
+        crate::settings::USAGE
+    ));
     text
 }

@@ -1004,6 +1004,11 @@ impl Gateway {
             // Messages to the gateway itself are commands (`help` lists them).
             return self.chat_command(domain, &m, &from).await;
         }
+        if to.node().is_some() && m.type_ != MessageType::Groupchat && self.chat_settings(domain, &m, &from, &to).await
+        {
+            // `configure …` on a service address (an IRC server's): settings, not a raw command.
+            return;
+        }
         if let Some(kind) = stanza::encryption(&m) {
             // Never relayed, not even the fallback body: the remote side could not read it,
             // and the gateway must not pretend it can.
@@ -1342,6 +1347,8 @@ impl Gateway {
                     self.moderate(domain, &from, &to, id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
                     self.adhoc(domain, &from, &id, payload).await
+                } else if payload.is("command", crate::xep::NS_COMMANDS) && to.resource().is_none() {
+                    self.adhoc_settings(domain, &from, &to, &id, payload).await
                 } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
                     self.register_submit(domain, &from, id, payload).await
                 } else if payload.is("query", NS_MUC_OWNER) && to.node().is_some() && to.resource().is_none() {
@@ -1381,6 +1388,11 @@ impl Gateway {
             Iq::empty_result(from.clone(), id)
         } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
             self.register_form(domain, &from, id).await
+        } else if let Some(items) = (payload.is("query", ns::DISCO_ITEMS) && to.node().is_some())
+            .then(|| self.settings_items(domain, &to, &payload))
+            .flatten()
+        {
+            Iq::Result { from: None, to: None, id, payload: Some(items) }
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
             let items = if payload.attr("node").is_some() {
                 crate::commands::command_items(&to, &payload, self.has_login(domain))

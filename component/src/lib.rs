@@ -22,5 +22,6 @@ pub mod moderation;
 pub mod nesting;
 pub mod puppet;
 pub mod server;
+pub mod settings;
 pub mod stanza;
 pub mod xep;

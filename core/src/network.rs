@@ -173,6 +173,52 @@ pub enum LoginError {
     NotSupported,
 }
 
+/// How a [`SettingField`] is entered and shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingKind {
+    /// One line of text.
+    Text,
+    /// One line never echoed back (a password): the form leaves it empty, and
+    /// an empty answer keeps what is stored.
+    Secret,
+    /// Several lines (one value each).
+    Lines,
+}
+
+/// One per-user setting a network keeps for one of its chats (an IRC server):
+/// a field of the `configure` ad-hoc form, a `name=value` word of the chat command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingField {
+    /// The field's name (`nick`, `sasl_password`).
+    pub var: &'static str,
+    /// What to show next to it.
+    pub label: &'static str,
+    pub kind: SettingKind,
+    /// The current value (one per line for [`SettingKind::Lines`]); always empty for secrets.
+    pub values: Vec<String>,
+    /// Whether a value is stored (for secrets, whose value is never shown).
+    pub is_set: bool,
+}
+
+/// Changed settings by `var`: a missing var is unchanged, an empty list (or a
+/// single empty value) clears the setting.
+pub type SettingValues = BTreeMap<String, Vec<String>>;
+
+/// Why settings could not be shown or changed; the text is for the user. Nothing
+/// is changed when this is returned.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum SettingsError {
+    /// A value cannot work (an invalid nick, a line break in a password, an unknown field).
+    #[error("{0}")]
+    Invalid(String),
+    /// The settings could not be read or written.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This chat has no settings.
+    #[error("there are no settings here")]
+    NotSupported,
+}
+
 /// A room a user can join, for the room directory (disco#items on the network's domain).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomListing {
@@ -260,6 +306,23 @@ pub trait Network: Send + Sync + 'static {
     /// Unlink `account`'s remote account; on success, a text for the user.
     async fn logout(&self, _account: &jid::BareJid) -> Result<String, LoginError> {
         Err(LoginError::NotSupported)
+    }
+
+    /// `account`'s own settings for the chat `id` (an IRC server), with their
+    /// current values, or [`SettingsError::NotSupported`] when it has none.
+    async fn settings(&self, _account: &jid::BareJid, _id: &str) -> Result<Vec<SettingField>, SettingsError> {
+        Err(SettingsError::NotSupported)
+    }
+
+    /// Change `account`'s settings for the chat `id`; on success, a text for the
+    /// user saying what changed. All or nothing: an invalid value changes nothing.
+    async fn configure(
+        &self,
+        _account: &jid::BareJid,
+        _id: &str,
+        _values: &SettingValues,
+    ) -> Result<String, SettingsError> {
+        Err(SettingsError::NotSupported)
     }
 
     /// The rooms `account` can join, for the room directory.

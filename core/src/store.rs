@@ -5,7 +5,8 @@
 //! `$1, $2, …`, which both accept. Times are microseconds since the Unix epoch.
 //!
 //! Tables: puppets, rooms, portals and their members, linked accounts, the
-//! many-to-many message id map, and the room archive (for XEP-0313).
+//! many-to-many message id map, the room archive (for XEP-0313), and per-user
+//! settings (an IRC user's nick and logins per server).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -491,6 +492,46 @@ impl Store {
         let r = sqlx::query("DELETE FROM accounts WHERE xmpp_jid = $1 AND network = $2")
             .bind(xmpp_jid)
             .bind(network)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // --- per-user settings ---------------------------------------------------------------
+
+    /// `account`'s settings (JSON) for `target` on `network` (an IRC server), if any.
+    pub async fn user_settings(&self, account: &str, network: &str, target: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT settings FROM user_settings WHERE account = $1 AND network = $2 AND target = $3")
+            .bind(account)
+            .bind(network)
+            .bind(target)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("settings")).transpose()?)
+    }
+
+    /// Store `account`'s settings (JSON) for `target` on `network`, replacing what was there.
+    pub async fn set_user_settings(&self, account: &str, network: &str, target: &str, settings: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO user_settings (account, network, target, settings, updated_us) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (account, network, target) DO UPDATE SET settings = excluded.settings, updated_us = excluded.updated_us",
+        )
+        .bind(account)
+        .bind(network)
+        .bind(target)
+        .bind(settings)
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forget `account`'s settings for `target`; false when there were none.
+    pub async fn delete_user_settings(&self, account: &str, network: &str, target: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM user_settings WHERE account = $1 AND network = $2 AND target = $3")
+            .bind(account)
+            .bind(network)
+            .bind(target)
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)

@@ -751,3 +751,151 @@ async fn reconnects_after_a_server_restart_stay_under_the_cap() -> Result<()> {
     println!("connection attempts (attempt, in flight): {attempts:?}; {waited} waited for a slot");
     Ok(())
 }
+
+/// The `configure` command on the server's JID: listed there, its form sets the
+/// nick the next connection uses (the IRC side sees the user arrive with it); the
+/// chat form changes it again; an invalid nick or a password with a line break
+/// is refused with the reason and changes nothing; passwords are never echoed.
+#[tokio::test]
+async fn configure_sets_the_nick_for_the_next_connection() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#conf").await?;
+    let room = room("#conf");
+    let server = server_jid();
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    let command = |id: &str, inner: &str| {
+        format!(
+            "<iq type='set' id='{id}' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure'{inner}</command></iq>"
+        )
+    };
+
+    // listed on the server's JID
+    alice
+        .send_raw(&format!("<iq type='get' id='l1' to='{server}'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>"))
+        .await?;
+    let list = alice.expect(T, |st| st.kind == "iq" && st.id == "l1").await?;
+    assert!(list.type_ == "result" && list.xml.contains("node=\"configure\""), "{}", list.xml);
+
+    // the form, then a nick and a SASL password through it
+    alice.send_raw(&command("c1", " action='execute'>")).await?;
+    let form = alice.expect(T, |st| st.kind == "iq" && st.id == "c1").await?;
+    assert!(form.xml.contains("status=\"executing\""), "{}", form.xml);
+    for var in ["nick", "sasl_user", "sasl_password", "password", "on_connect"] {
+        assert!(form.xml.contains(&format!("var=\"{var}\"")), "{var} in {}", form.xml);
+    }
+    assert!(form.xml.contains("text-private") && form.xml.contains("text-multi"), "{}", form.xml);
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned();
+    let submit = |id: &str, fields: &str| {
+        command(id, &format!(" sessionid='{session}'><x xmlns='jabber:x:data' type='submit'>{fields}</x>"))
+    };
+    alice
+        .send_raw(&submit(
+            "c2",
+            "<field var='nick'><value>wonder</value></field><field var='sasl_password'><value>pw-never-shown</value></field>",
+        ))
+        .await?;
+    let done = alice.expect(T, |st| st.kind == "iq" && st.id == "c2").await?;
+    assert!(done.xml.contains("status=\"completed\"") && done.xml.contains("nick: wonder"), "{}", done.xml);
+    assert!(done.xml.contains("sasl_password: set") && !done.xml.contains("pw-never-shown"), "{}", done.xml);
+
+    // the form shows the current values, never the password
+    alice.send_raw(&command("c3", " action='execute'>")).await?;
+    let form = alice.expect(T, |st| st.kind == "iq" && st.id == "c3").await?;
+    assert!(form.xml.contains("<value>wonder</value>") && !form.xml.contains("pw-never-shown"), "{}", form.xml);
+
+    // an invalid nick and a password with a line break: refused with the reason
+    alice.send_raw(&submit("c4", "<field var='nick'><value>9lives</value></field>")).await?;
+    let refused = alice.expect(T, |st| st.kind == "iq" && st.id == "c4").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("`9lives` is not a valid IRC nick"), "{}", refused.xml);
+    alice
+        .send_raw(&submit(
+            "c5",
+            "<field var='nick'><value>other</value></field><field var='password'><value>a&#13;&#10;QUIT</value></field>",
+        ))
+        .await?;
+    let refused = alice.expect(T, |st| st.kind == "iq" && st.id == "c5").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("cannot contain line breaks"), "{}", refused.xml);
+
+    // joining: IRC sees the configured nick, XMPP is told it was assigned (210)
+    alice.join(&room, "alice").await?;
+    let own = alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room) && st.has_status(110)).await?;
+    assert!(own.from.ends_with("/wonder") && own.has_status(210), "{}", own.xml);
+    bob.expect_line(T, |l| l.starts_with(":wonder!") && l.contains("JOIN")).await?;
+
+    // the chat form: an invalid nick changes nothing, a valid one is for the next connection
+    let chat =
+        |id: &str, body: &str| format!("<message to='{server}' type='chat' id='{id}'><body>{body}</body></message>");
+    let from_server = |text: &'static str| {
+        let server = server.clone();
+        move |st: &isthmus_tests::xmpp::Stanza| {
+            st.from == server && st.body.as_deref().is_some_and(|b| b.contains(text))
+        }
+    };
+    alice.send_raw(&chat("m1", "configure nick=marvel sasl_user=x colour=red")).await?;
+    alice.expect(T, from_server("Nothing changed: unknown setting `colour`")).await?;
+    alice.send_raw(&chat("m2", "configure nick=bad,nick")).await?;
+    alice.expect(T, from_server("Nothing changed: `bad,nick` is not a valid IRC nick")).await?;
+    alice.send_raw(&chat("m3", "configure")).await?;
+    let shown = alice.expect(T, from_server("Your settings here")).await?;
+    let shown = shown.body.unwrap_or_default();
+    assert!(shown.contains("nick: wonder") && shown.contains("sasl_user: (default)"), "{shown}");
+    alice.send_raw(&chat("m4", "configure nick=marvel")).await?;
+    alice.expect(T, from_server("nick: marvel")).await?;
+    alice.send_raw(&format!("<message to='{IRC_DOMAIN}' type='chat' id='h1'><body>help</body></message>")).await?;
+    let help = alice.expect(T, |st| st.from == IRC_DOMAIN && st.body.is_some()).await?;
+    assert!(help.body.as_deref().is_some_and(|b| b.contains("configure name=value")), "{}", help.xml);
+
+    // leave (the connection closes), join again: the new nick
+    alice.send_raw(&format!("<presence to='{room}/wonder' type='unavailable'/>")).await?;
+    bob.expect_line(T, |l| l.starts_with(":wonder!") && (l.contains("PART") || l.contains("QUIT"))).await?;
+    alice.join(&room, "alice").await?;
+    let own =
+        alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/marvel") && st.has_status(110)).await;
+    let Ok(own) = own else {
+        let log = s.gateway.log();
+        panic!("{own:?}\n{}", &log[log.len().saturating_sub(6000)..]);
+    };
+    assert!(own.has_status(210), "{}", own.xml);
+    bob.expect_line(T, |l| l.starts_with(":marvel!") && l.contains("JOIN")).await?;
+    assert!(!s.gateway.log().contains("pw-never-shown"), "a password reached the log");
+    Ok(())
+}
+
+/// SASL through `configure` (no SASL in the admin's configuration): the user's
+/// services account on InspIRCd with Atheme is logged in to at the next connection.
+#[tokio::test]
+async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let mut dave = IrcClient::connect(irc.port(), "dave").await?;
+    dave.privmsg("NickServ", "REGISTER davepass1 dave@example.org").await?;
+    dave.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains("registered")).await?;
+    dave.send_line("QUIT").await?;
+    let s = IrcSetup::start_on_running(irc, "", "").await?;
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    let server = server_jid();
+    alice
+        .send_raw(&format!(
+            "<message to='{server}' type='chat' id='m1'><body>configure sasl_user=dave sasl_password=davepass1</body></message>"
+        ))
+        .await?;
+    let changed = alice.expect(T, |st| st.from == server && st.body.is_some()).await?;
+    let text = changed.body.unwrap_or_default();
+    assert!(text.contains("sasl_user: dave") && text.contains("sasl_password: set"), "{text}");
+    assert!(!text.contains("davepass1"), "{text}");
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    alice.join(&room("#test"), "alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room("#test")) && st.has_status(110)).await?;
+    alice
+        .expect(T, |st| {
+            st.from == server && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as dave"))
+        })
+        .await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice dave "), "{account}");
+    assert!(!s.gateway.log().contains("davepass1"), "a password reached the log");
+    Ok(())
+}

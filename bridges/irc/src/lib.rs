@@ -11,6 +11,7 @@
 //! - [`format`]: IRC formatting codes ↔ XEP-0393 styling;
 //! - [`fallback`]: how corrections, retractions and reactions look on IRC;
 //! - [`wire`]: decoding lines that are not UTF-8 (the server's fallback encoding);
+//! - [`settings`]: each user's own nick and logins per server (`configure`);
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
 //! - `fuzzing`: that translation driven by hand, for the fuzz targets and unit tests;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
@@ -24,6 +25,7 @@ pub mod flood;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod settings;
 pub mod text;
 pub mod wire;
 
@@ -35,12 +37,17 @@ use async_trait::async_trait;
 use isthmus_config::IrcNetworkConfig;
 use isthmus_core::jid::BareJid;
 use isthmus_core::model::{ChatKind, Event, EventKind, NetworkId, RemoteId};
-use isthmus_core::network::{Capabilities, Confirmation, Delivered, DeliveryError, EventSink, Network, RoomListing};
+use isthmus_core::network::{
+    Capabilities, Confirmation, Delivered, DeliveryError, EventSink, Network, RoomListing, SettingField, SettingValues,
+    SettingsError,
+};
+use isthmus_core::store::Store;
 use tokio::sync::Mutex;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::address::IrcTarget;
 use crate::connection::{Connection, ConnectionKey, ReconnectPolicy};
+use crate::settings::UserSettings;
 
 /// A message handed to the connection: confirmed now, or by the server's echo.
 fn delivered((_, confirmation): (usize, Option<Confirmation>)) -> Delivered {
@@ -57,17 +64,50 @@ pub struct IrcNetwork {
     sink: EventSink,
     connections: Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
     policy: ReconnectPolicy,
+    /// Where each user's own settings per server are kept (none: `configure` is unavailable).
+    store: Option<Store>,
 }
 
 impl IrcNetwork {
-    pub fn new(id: NetworkId, config: IrcNetworkConfig, sink: EventSink) -> Arc<Self> {
+    pub fn new(id: NetworkId, config: IrcNetworkConfig, store: Option<Store>, sink: EventSink) -> Arc<Self> {
         let policy = ReconnectPolicy::with_limit(config.max_concurrent_connects);
-        Self::with_policy(id, config, sink, policy)
+        Self::with_policy(id, config, store, sink, policy)
     }
 
     /// Like [`IrcNetwork::new`] with explicit reconnect timing.
-    pub fn with_policy(id: NetworkId, config: IrcNetworkConfig, sink: EventSink, policy: ReconnectPolicy) -> Arc<Self> {
-        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections: Mutex::new(HashMap::new()), policy })
+    pub fn with_policy(
+        id: NetworkId,
+        config: IrcNetworkConfig,
+        store: Option<Store>,
+        sink: EventSink,
+        policy: ReconnectPolicy,
+    ) -> Arc<Self> {
+        let connections = Mutex::new(HashMap::new());
+        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections, policy, store })
+    }
+
+    /// `account`'s own settings for `server` (the defaults when none are stored).
+    async fn user_settings(&self, account: &BareJid, server: &str) -> Result<UserSettings, SettingsError> {
+        let store = self.store.as_ref().ok_or(SettingsError::NotSupported)?;
+        let unavailable = |e: String| SettingsError::Unavailable(format!("cannot read your settings: {e}"));
+        match store.user_settings(&account.to_string(), self.id.as_str(), server).await {
+            Ok(Some(json)) => serde_json::from_str(&json).map_err(|e| unavailable(e.to_string())),
+            Ok(None) => Ok(UserSettings::default()),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    /// The server a chat id names, when it names a server this gateway connects to.
+    fn settings_server(&self, id: &str) -> Result<String, SettingsError> {
+        let target = IrcTarget::parse(id, self.config.pinned_server.as_deref())
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        if !target.name.is_empty() {
+            return Err(SettingsError::NotSupported);
+        }
+        if !self.config.servers.contains_key(&target.server) && !self.config.allow_unlisted_servers {
+            return Err(SettingsError::Invalid(Self::unlisted(&target.server).to_string()));
+        }
+        Ok(target.server)
     }
 
     pub fn config(&self) -> &IrcNetworkConfig {
@@ -109,6 +149,17 @@ impl IrcNetwork {
             None if self.config.allow_unlisted_servers => Default::default(),
             None => return Err(Self::unlisted(server)),
         };
+        // The user's own settings win over the admin's defaults.
+        let user = match self.user_settings(account, server).await {
+            Ok(u) => u,
+            Err(SettingsError::NotSupported) => UserSettings::default(),
+            Err(e) => {
+                warn!(account = %account, server, error = %e, "connecting without the user's settings");
+                UserSettings::default()
+            }
+        };
+        let server_config = user.over(server_config);
+        let nick = user.nick.as_deref().unwrap_or(nick);
         info!(account = %account, server, nick, "opening IRC connection");
         let conn = Connection::open(
             self.id.clone(),
@@ -165,6 +216,27 @@ impl Network for IrcNetwork {
             .collect();
         lines.sort();
         lines
+    }
+
+    async fn settings(&self, account: &BareJid, id: &str) -> Result<Vec<SettingField>, SettingsError> {
+        let server = self.settings_server(id)?;
+        Ok(self.user_settings(account, &server).await?.fields())
+    }
+
+    async fn configure(&self, account: &BareJid, id: &str, values: &SettingValues) -> Result<String, SettingsError> {
+        let server = self.settings_server(id)?;
+        let current = self.user_settings(account, &server).await?;
+        let (next, changed) = current.apply(values)?;
+        if !changed.is_empty() {
+            let store = self.store.as_ref().ok_or(SettingsError::NotSupported)?;
+            let json = serde_json::to_string(&next).map_err(|e| SettingsError::Unavailable(e.to_string()))?;
+            store
+                .set_user_settings(&account.to_string(), self.id.as_str(), &server, &json)
+                .await
+                .map_err(|e| SettingsError::Unavailable(format!("cannot store your settings: {e}")))?;
+            info!(account = %account, server, changed = ?changed, "IRC settings changed");
+        }
+        Ok(next.describe(&changed))
     }
 
     /// The public channels of every server the account is connected to (IRC LIST).

@@ -18,6 +18,7 @@ pub async fn run_all(store: &Store) {
     local_users_and_rosters(store).await;
     outbox(store).await;
     room_sessions(store).await;
+    user_settings(store).await;
 }
 
 async fn outbox(store: &Store) {
@@ -162,6 +163,30 @@ async fn accounts(store: &Store) {
     assert!(store.delete_account("alice@localhost", "matrix").await.expect("delete"));
     assert!(!store.delete_account("alice@localhost", "matrix").await.expect("delete again"));
     assert_eq!(store.account("alice@localhost", "matrix").await.expect("get"), None);
+}
+
+async fn user_settings(store: &Store) {
+    let (alice, net) = ("alice@localhost", "irc.localhost");
+    assert_eq!(store.user_settings(alice, net, "srv").await.expect("get"), None);
+    store.set_user_settings(alice, net, "srv", "{\"nick\":\"al\"}").await.expect("set");
+    store.set_user_settings(alice, net, "other", "{}").await.expect("set other server");
+    store.set_user_settings("bob@localhost", net, "srv", "{\"nick\":\"b\"}").await.expect("set bob");
+    assert_eq!(store.user_settings(alice, net, "srv").await.expect("get").as_deref(), Some("{\"nick\":\"al\"}"));
+    store.set_user_settings(alice, net, "srv", "{\"nick\":\"al2\"}").await.expect("replace");
+    assert_eq!(store.user_settings(alice, net, "srv").await.expect("get").as_deref(), Some("{\"nick\":\"al2\"}"));
+    assert_eq!(store.user_settings(alice, net, "other").await.expect("get").as_deref(), Some("{}"));
+    assert_eq!(
+        store.user_settings("bob@localhost", net, "srv").await.expect("get").as_deref(),
+        Some("{\"nick\":\"b\"}")
+    );
+    assert_eq!(store.user_settings(alice, "matrix", "srv").await.expect("other network"), None);
+    assert!(store.delete_user_settings(alice, net, "srv").await.expect("delete"));
+    assert!(!store.delete_user_settings(alice, net, "srv").await.expect("delete again"));
+    assert_eq!(store.user_settings(alice, net, "srv").await.expect("get"), None);
+    assert_eq!(
+        store.user_settings("bob@localhost", net, "srv").await.expect("get").as_deref(),
+        Some("{\"nick\":\"b\"}")
+    );
 }
 
 async fn message_map(store: &Store) {
