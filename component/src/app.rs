@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             escaping: Escaping::CaseInsensitive,
             kind: "IRC",
             persistent: net.persistent_channels,
+            reconnect_grace: std::time::Duration::from_secs(net.reconnect_grace_secs),
             allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
             outgoing: tx,
         });
@@ -86,6 +87,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             escaping: Escaping::CaseSensitive,
             kind: "Matrix",
             persistent: true,
+            reconnect_grace: std::time::Duration::ZERO,
             allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
             outgoing: tx,
         });

@@ -55,6 +55,9 @@ pub struct Domain {
     pub kind: &'static str,
     /// Stay in remote rooms when the account's last device leaves (a bouncer).
     pub persistent: bool,
+    /// How long the account stays in a remote room after its last device vanished
+    /// without leaving (a bounce), waiting for a device to come back.
+    pub reconnect_grace: std::time::Duration,
     /// JIDs and domains allowed to use this network; empty = everyone.
     pub allow: Vec<String>,
     /// Unbounded: the gateway never waits on the link (see `link`).
@@ -125,6 +128,9 @@ pub(crate) struct RoomSession {
     /// The account's own role, as the network last reported it (moderators may
     /// remove others' messages, XEP-0425).
     pub(crate) own_role: Role,
+    /// When the last device vanished (a bounce): the account stays in the room for
+    /// the domain's reconnect grace, then leaves unless a device came back.
+    vanished_at: Option<std::time::Instant>,
 }
 
 /// Who an occupant is: their network, their id there, their real JID.
@@ -353,6 +359,15 @@ impl Gateway {
                 }
                 session.resources = resources;
             }
+            // It had no device left when the gateway stopped: it was waiting for one to
+            // come back, and waits again (persistent channels wait for good).
+            let vanished = r.resources.is_empty() && !domain.persistent;
+            let since = std::time::Instant::now();
+            if vanished {
+                if let Some(s) = self.rooms().get_mut(&(room.clone(), account.clone())) {
+                    s.vanished_at = Some(since);
+                }
+            }
             info!(account = %account, room = %room, nick = %r.nick, "rejoining room after restart");
             let event = self.user_event(
                 chat,
@@ -365,6 +380,9 @@ impl Gateway {
                 self.rooms().remove(&(room.clone(), account.clone()));
                 self.save_session(&room, &account);
                 continue;
+            }
+            if vanished {
+                self.leave_after_grace(&domain, room, account, since);
             }
             restored += 1;
         }
@@ -945,11 +963,12 @@ impl Gateway {
     }
 
     /// A device leaves a room: `tell` it so (its own unavailable presence), unless
-    /// it is gone already (a bounce).
+    /// it is gone already (a bounce). When the account's last device vanished
+    /// that way, the account stays in the room for the domain's reconnect grace.
     async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid, tell: bool) {
         let room = to.to_bare();
         let account = from.to_bare();
-        let (last, nick) = {
+        let (last, nick, lingering) = {
             let mut rooms = self.rooms();
             let key = (room.clone(), account.clone());
             let Some(session) = rooms.get_mut(&key) else { return };
@@ -959,14 +978,23 @@ impl Gateway {
             }
             let nick = session.nick.clone();
             let mut last = session.resources.is_empty() && session.pending.is_empty();
+            let mut lingering = None;
             if last && domain.persistent && session.joined {
                 // Persistent channels: the account stays in the channel while no device is
                 // in the room; messages keep being archived for history on the next join.
                 last = false;
+            } else if last && !tell && session.joined && !domain.reconnect_grace.is_zero() {
+                // Vanished without leaving: it may be back in a moment (its XMPP server
+                // restarted, its connection dropped). What is said meanwhile is archived
+                // for its history on the next join.
+                let now = std::time::Instant::now();
+                session.vanished_at = Some(now);
+                lingering = Some(now);
+                last = false;
             } else if last {
                 rooms.remove(&key);
             }
-            (last, nick)
+            (last, nick, lingering)
         };
         self.save_session(&room, &account);
         if let Some(own) = full(&room, if nick.is_empty() { "you" } else { &nick }).filter(|_| tell) {
@@ -974,13 +1002,45 @@ impl Gateway {
             let s = occupant_presence(Jid::from(own), from, item, vec![Status::SelfPresence], true);
             self.send(domain, s).await;
         }
-        if last {
-            if let Ok(chat) = self.chat_of(domain, to) {
-                let event =
-                    self.user_event(chat, &account, nick, EventKind::Left { kind: LeaveKind::Part, reason: None });
-                self.portal_fanout(domain, &room, &event, &account);
-                self.route(event).await;
-            }
+        if let Some(since) = lingering {
+            info!(account = %account, room = %room, grace = ?domain.reconnect_grace,
+                "the account's last device vanished; staying in the room in case it comes back");
+            self.leave_after_grace(domain, room, account, since);
+        } else if last {
+            self.part(domain, &room, &account, nick).await;
+        }
+    }
+
+    /// After the domain's reconnect grace, leave the remote room unless a device of
+    /// the account came back since it vanished at `since`.
+    fn leave_after_grace(&self, domain: &Domain, room: BareJid, account: BareJid, since: std::time::Instant) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let domain = domain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(domain.reconnect_grace).await;
+            let nick = {
+                let mut rooms = me.rooms();
+                let key = (room.clone(), account.clone());
+                let still_gone = rooms
+                    .get(&key)
+                    .is_some_and(|s| s.resources.is_empty() && s.pending.is_empty() && s.vanished_at == Some(since));
+                if !still_gone {
+                    return;
+                }
+                rooms.remove(&key).map(|s| s.nick).unwrap_or_default()
+            };
+            info!(account = %account, room = %room, "no device came back in time; leaving the room");
+            me.save_session(&room, &account);
+            me.part(&domain, &room, &account, nick).await;
+        });
+    }
+
+    /// The account leaves the room on its network (its session is gone).
+    async fn part(&self, domain: &Domain, room: &BareJid, account: &BareJid, nick: String) {
+        if let Ok(chat) = self.chat_of(domain, &Jid::from(room.clone())) {
+            let event = self.user_event(chat, account, nick, EventKind::Left { kind: LeaveKind::Part, reason: None });
+            self.portal_fanout(domain, room, &event, account);
+            self.route(event).await;
         }
     }
 

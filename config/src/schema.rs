@@ -315,6 +315,12 @@ pub struct IrcNetworkConfig {
     /// missed: what is said meanwhile comes as history on the next join.
     #[serde(default)]
     pub persistent_channels: bool,
+    /// When a user's last device in a channel vanishes without leaving (its XMPP
+    /// server bounced what the gateway sent: the server restarted, the client lost
+    /// its connection), stay in the channel this many seconds, archiving, so the
+    /// device that comes back gets what it missed as history. 0: leave at once.
+    #[serde(default = "default_reconnect_grace")]
+    pub reconnect_grace_secs: u64,
     /// How corrections, retractions and reactions, which IRC has no form for, are shown there.
     #[serde(default)]
     pub fallbacks: IrcFallbacks,
@@ -322,6 +328,10 @@ pub struct IrcNetworkConfig {
     /// server restart, every user reconnects).
     #[serde(default = "default_max_concurrent_connects")]
     pub max_concurrent_connects: usize,
+}
+
+fn default_reconnect_grace() -> u64 {
+    120
 }
 
 fn default_max_concurrent_connects() -> usize {

@@ -125,6 +125,15 @@ Component "muc.localhost" "muc"
         self.stop().await;
         self.launch().await
     }
+
+    /// `kill -9` and start again: no unavailable presences, no stream close; the
+    /// component link and every client connection just drop.
+    pub async fn crash_and_restart(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+        self.launch().await
+    }
 }
 
 /// An ejabberd on its own ports, with the same accounts and components as [`Prosody`].
