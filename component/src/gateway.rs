@@ -108,8 +108,8 @@ pub(crate) struct RoomSession {
     /// Resources in the room.
     pub(crate) resources: HashSet<FullJid>,
     /// Resources waiting for the network to confirm the join.
-    pending: HashSet<FullJid>,
-    occupants: BTreeMap<String, Occupant>,
+    pub(crate) pending: HashSet<FullJid>,
+    pub(crate) occupants: BTreeMap<String, Occupant>,
     topic: Option<String>,
     /// The history each entering resource asked for (MUC `<history/>`).
     history: HashMap<FullJid, Option<History>>,
@@ -295,7 +295,7 @@ impl Gateway {
     }
 
     /// Store where `account` stands in `room` now (or that it left).
-    fn save_session(&self, room: &BareJid, account: &BareJid) {
+    pub(crate) fn save_session(&self, room: &BareJid, account: &BareJid) {
         let record = self.rooms().get(&(room.clone(), account.clone())).map(|s| {
             let mut resources: Vec<String> =
                 s.resources.iter().chain(s.pending.iter()).map(|r| r.to_string()).collect();
@@ -1004,6 +1004,10 @@ impl Gateway {
             // Messages to the gateway itself are commands (`help` lists them).
             return self.chat_command(domain, &m, &from).await;
         }
+        if to.node().is_some() && self.chat_room_command(domain, &m, &from, &to).await {
+            // A chat message to a room's bare JID: a command on the room (`help` lists them).
+            return;
+        }
         if to.node().is_some() && m.type_ != MessageType::Groupchat && self.chat_settings(domain, &m, &from, &to).await
         {
             // `configure …` on a service address (an IRC server's): settings, not a raw command.
@@ -1347,6 +1351,8 @@ impl Gateway {
                     self.moderate(domain, &from, &to, id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
                     self.adhoc(domain, &from, &id, payload).await
+                } else if payload.is("command", crate::xep::NS_COMMANDS) && self.is_room_address(domain, &to) {
+                    self.adhoc_room(domain, &from, &to, &id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.resource().is_none() {
                     self.adhoc_settings(domain, &from, &to, &id, payload).await
                 } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
@@ -1391,6 +1397,12 @@ impl Gateway {
         } else if let Some(items) = (payload.is("query", ns::DISCO_ITEMS) && to.node().is_some())
             .then(|| self.settings_items(domain, &to, &payload))
             .flatten()
+        {
+            Iq::Result { from: None, to: None, id, payload: Some(items) }
+        } else if let Some(items) =
+            (payload.is("query", ns::DISCO_ITEMS) && to.node().is_some() && to.resource().is_none())
+                .then(|| self.room_items(domain, &to, &payload))
+                .flatten()
         {
             Iq::Result { from: None, to: None, id, payload: Some(items) }
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
