@@ -5,13 +5,14 @@
 //! | command | what it does |
 //! |---|---|
 //! | `status` | where you stand in this room: joined or not, your nick, your devices, and the connection it goes through (IRC: the server and whether the connection is up; a portal: the rooms it is linked to) |
-//! | `leave` | leave the room on its network, for all your devices (each gets its own unavailable presence) |
+//! | `leave` | leave the room on its network, for all your devices (each gets its own unavailable presence); as an ad-hoc command in two steps, a form to confirm then its submission |
 //!
 //! Only an account with a session in the room (joined, joining, or kept in it on a
 //! persistent network) may run them; others get `forbidden` (as chat: the reason).
 //! Groupchat messages to the room are what is said in it, never commands.
 
 use isthmus_core::model::{ChatKind, ChatRef, ChatState, Event, EventKind, NetworkId, Sender};
+use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Message, MessageType};
@@ -38,6 +39,27 @@ fn completed(node: &str, sessionid: Option<String>, text: String) -> AdHocComman
         form: None,
         notes: vec![Note { type_: Some("info".into()), text }],
     }
+}
+
+/// The field of the `leave` form that confirms it.
+const CONFIRM: &str = "confirm";
+
+/// The `leave` form: one boolean to confirm.
+fn confirm_form(room: &BareJid) -> DataForm {
+    let field = Field {
+        var: Some(CONFIRM.into()),
+        type_: FieldType::Boolean,
+        label: Some(format!("Leave {room} on all your devices?")),
+        required: true,
+        desc: None,
+        options: vec![],
+        values: vec!["1".into()],
+        media: vec![],
+        validate: None,
+    };
+    let mut form = DataForm::new(DataFormType::Form, "", vec![field]);
+    form.title = Some(format!("Leave {room}"));
+    form
 }
 
 fn help_text() -> String {
@@ -163,7 +185,33 @@ impl Gateway {
         }
         let answer = match cmd.node.as_str() {
             "status" => completed("status", cmd.sessionid, self.room_status_text(domain, &room, &account, &chat).await),
-            _ => completed("leave", cmd.sessionid, self.leave_text(domain, &account, &room).await),
+            _ => match cmd.form.as_ref().filter(|f| f.type_ == DataFormType::Submit) {
+                // First step: ask to confirm (a stray or repeated request leaves nothing).
+                None => AdHocCommand {
+                    node: "leave".into(),
+                    sessionid: Some(uuid::Uuid::new_v4().to_string()),
+                    action: None,
+                    status: Some("executing".into()),
+                    form: Some(confirm_form(&room)),
+                    notes: vec![],
+                },
+                Some(form) => {
+                    let value =
+                        form.fields.iter().find(|f| f.var.as_deref() == Some(CONFIRM)).and_then(|f| f.values.first());
+                    match value.map(String::as_str) {
+                        Some("1" | "true") => {
+                            completed("leave", cmd.sessionid, self.leave_text(domain, &account, &room).await)
+                        }
+                        Some("0" | "false") => {
+                            completed("leave", cmd.sessionid, "Nothing done: you stay in the room.".to_owned())
+                        }
+                        _ => {
+                            let text = format!("`{CONFIRM}` must be true or false");
+                            return error(ErrorType::Modify, DefinedCondition::BadRequest, &text);
+                        }
+                    }
+                }
+            },
         };
         Iq::Result { from: None, to: None, id: id.to_owned(), payload: Some(answer.into()) }
     }

@@ -330,8 +330,8 @@ async fn command(c: &mut XmppClient, to: &str, id: &str, node: &str) -> Result<S
 /// `leave`; `status` tells the nick, the devices and the IRC connection; someone
 /// not in the room is refused (`forbidden`, with a text, as IQ and as chat); a
 /// chat message to the room's bare JID is a command and never reaches IRC;
-/// `leave` parts on IRC and sends each of the account's devices its own
-/// unavailable self-presence.
+/// `leave` (a form to confirm, then its submission) parts on IRC and sends each
+/// of the account's devices its own unavailable self-presence.
 async fn commands_on_a_room_address(xmpp: XmppServerKind) -> Result<()> {
     let s = IrcSetup::start_xmpp(xmpp, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
@@ -409,8 +409,22 @@ async fn commands_on_a_room_address(xmpp: XmppServerKind) -> Result<()> {
         "a command to the room's address reached IRC"
     );
 
-    // leave: every device gets its own unavailable self-presence; IRC sees the PART
-    let left = command(&mut alice, &room, "lv1", "leave").await?;
+    // leave, in two steps: a form to confirm (nothing happens yet), then its submission;
+    // every device gets its own unavailable self-presence; IRC sees the PART
+    let form = command(&mut alice, &room, "lv0", "leave").await?;
+    assert!(form.xml.contains("status=\"executing\"") && form.xml.contains("var=\"confirm\""), "{}", form.xml);
+    assert!(
+        bob.expect_line(Duration::from_secs(1), |l| l.contains("PART #rc")).await.is_err(),
+        "the first step already left"
+    );
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned();
+    alice
+        .send_raw(&format!(
+            "<iq type='set' id='lv1' to='{room}'><command xmlns='http://jabber.org/protocol/commands' node='leave' sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='confirm'><value>1</value></field></x></command></iq>"
+        ))
+        .await?;
+    let left = alice.expect(T, |st| st.kind == "iq" && st.id == "lv1").await?;
     assert_eq!(left.type_, "result", "{}", left.xml);
     assert!(left.xml.contains("status=\"completed\"") && left.xml.contains(&format!("Left {room}.")), "{}", left.xml);
     for device in [&mut alice, &mut phone] {
