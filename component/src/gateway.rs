@@ -711,6 +711,8 @@ impl Gateway {
                 }
             }
             _ => {
+                // Shared: archived once for everyone, whoever is in the room now.
+                self.archive_event(&event, &room, None);
                 let mut receipt = event.receipt.clone();
                 for account in self.portal_accounts(&room, None) {
                     let mut copy = event.clone();
@@ -901,11 +903,12 @@ impl Gateway {
         entries.iter().filter_map(|e| archived_message(e, room, Jid::from(to.clone()))).collect()
     }
 
-    /// Record a room message in the archive of `account` (IRC rooms are personal).
+    /// Record a room message in the archive of `owner`: an account's own archive in
+    /// a personal (IRC) room, the room's shared archive (`None`) in a portal room.
     fn archive_message(
         &self,
         room: &BareJid,
-        account: &BareJid,
+        owner: Option<&BareJid>,
         key: &str,
         origin_id: Option<String>,
         nick: &str,
@@ -919,13 +922,34 @@ impl Gateway {
             stanza_id: key.to_owned(),
             origin_id,
             room: room.to_string(),
-            owner: Some(account.to_string()),
+            owner: owner.map(BareJid::to_string),
             sender_nick: nick.to_owned(),
             sender_jid,
             time_us,
             body: body.to_owned(),
             payload: None,
         });
+    }
+
+    /// Record a message from another network in `room`'s archive of `owner` (`None`:
+    /// the room's shared archive).
+    fn archive_event(&self, event: &Event, room: &BareJid, owner: Option<&BareJid>) {
+        let EventKind::Message(msg) = &event.kind else { return };
+        let body = stanza::rendered_body(msg);
+        let sender_jid = event.sender.id.as_str().to_owned();
+        // The sender's contact JID on the gateway (in a portal, on the network they came from).
+        let network = Self::people_network(&event.chat.network, &event.origin);
+        let puppet = self.chat_jid(&ChatRef::direct(network, sender_jid)).map(|(_, j)| j.to_string());
+        self.archive_message(
+            room,
+            owner,
+            &event.key.0,
+            event.origin_ids.first().cloned(),
+            &event.sender.nick,
+            puppet,
+            &body,
+            event.time,
+        );
     }
 
     /// The XMPP server bounced what the gateway sent to a device in a room. A
@@ -1144,9 +1168,11 @@ impl Gateway {
         }
         if chat.kind == ChatKind::Room {
             if is_message {
+                // A portal room's messages go to its shared archive, once.
+                let owner = (!self.is_portal(&room)).then_some(&account);
                 self.archive_message(
                     &room,
-                    &account,
+                    owner,
                     &key.0,
                     origin_id.clone(),
                     &nick,
@@ -1251,8 +1277,10 @@ impl Gateway {
         }
     }
 
-    /// XEP-0313 query on a room's archive: the requester's own archive of that room
-    /// (IRC rooms are personal), filtered by time and sender, paged with XEP-0059.
+    /// XEP-0313 query on a room's archive: the requester's own archive of an IRC room
+    /// (those rooms are personal) and the room's shared archive (a portal room's only
+    /// one: anyone allowed on the domain may join it and see it), filtered by time and
+    /// sender, paged with XEP-0059.
     async fn mam_query(&self, domain: &Domain, from: &Jid, room: &BareJid, id: &str, payload: Element) -> Iq {
         let bad = |text: &str| {
             Iq::from_error(id.to_owned(), StanzaError::new(ErrorType::Modify, DefinedCondition::BadRequest, "en", text))
@@ -1680,22 +1708,9 @@ impl Gateway {
                     let sid = m.id.as_ref().map(|i| i.0.clone()).unwrap_or_default();
                     out.push(Stanza::Message(stanza::with_stanza_id(m, &sid, room)));
                 }
-                if let EventKind::Message(msg) = &event.kind {
-                    let body = stanza::rendered_body(msg);
-                    let sender_jid = event.sender.id.as_str().to_owned();
-                    let puppet = self
-                        .chat_jid(&ChatRef::direct(event.chat.network.clone(), sender_jid))
-                        .map(|(_, j)| j.to_string());
-                    self.archive_message(
-                        room,
-                        account,
-                        &event.key.0,
-                        event.origin_ids.first().cloned(),
-                        nick,
-                        puppet,
-                        &body,
-                        event.time,
-                    );
+                if !self.is_portal(room) {
+                    // Portal rooms' messages are archived once, shared (see `archive_event`).
+                    self.archive_event(event, room, Some(account));
                 }
             }
             EventKind::Typing(state) => {
