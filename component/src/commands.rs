@@ -468,5 +468,10 @@ fn help_text(with_login: bool) -> String {
         crate::settings::CONFIGURE.1,
         crate::settings::USAGE
     ));
+    let room: Vec<&str> = crate::room_commands::ROOM_COMMANDS.iter().map(|(name, _)| *name).collect();
+    text.push_str(&format!(
+        "\nOn a room's address, as a chat message there or an ad-hoc command: {} (send `help` there)",
+        room.join(", ")
+    ));
     text
 }

@@ -5,7 +5,7 @@
 //! | command | what it does |
 //! |---|---|
 //! | `status` | where you stand in this room: joined or not, your nick, your devices, and the connection it goes through (IRC: the server and whether the connection is up; a portal: the rooms it is linked to) |
-//! | `leave` | leave the room on its network, for all your devices (each gets its own unavailable presence); as an ad-hoc command in two steps, a form to confirm then its submission |
+//! | `leave` | leave the room for all your devices (each gets its own unavailable presence), and on its network as when the last device leaves (IRC: PART; a portal: the puppet leaves; a personal Matrix room stays joined on Matrix); as an ad-hoc command in two steps, a form to confirm then its submission |
 //!
 //! Only an account with a session in the room (joined, joining, or kept in it on a
 //! persistent network) may run them; others get `forbidden` (as chat: the reason).
