@@ -46,17 +46,27 @@ pub const LOGIN_COMMANDS: &[(&str, &str)] = &[("login", "Link your account"), ("
 
 /// disco#items on the domain: the command list for the commands node, nothing otherwise.
 pub fn command_items(domain: &Jid, query: &Element, with_login: bool) -> Element {
+    let logins = if with_login { LOGIN_COMMANDS } else { &[] };
+    command_list(&domain.to_bare(), query, COMMANDS.iter().chain(logins))
+}
+
+/// The disco#items answer of `jid` to `query`: `commands` (node, description) for
+/// the XEP-0050 commands node, no items for any other node.
+pub(crate) fn command_list<'a>(
+    jid: &BareJid,
+    query: &Element,
+    commands: impl IntoIterator<Item = &'a (&'a str, &'a str)>,
+) -> Element {
     let node = query.attr("node");
     let mut out = Element::builder("query", ns::DISCO_ITEMS);
     if let Some(n) = node {
         out = out.attr(attr("node"), n);
     }
     if node == Some(NS_COMMANDS) {
-        let logins = if with_login { LOGIN_COMMANDS } else { &[] };
-        for (name, desc) in COMMANDS.iter().chain(logins) {
+        for (name, desc) in commands {
             out = out.append(
                 Element::builder("item", ns::DISCO_ITEMS)
-                    .attr(attr("jid"), domain.to_string())
+                    .attr(attr("jid"), jid.to_string())
                     .attr(attr("node"), *name)
                     .attr(attr("name"), *desc)
                     .build(),
@@ -257,9 +267,10 @@ impl Gateway {
     }
 
     /// Leave `room` on behalf of every resource of `account`; returns whether it was joined.
-    async fn leave_room(&self, domain: &Domain, account: &BareJid, room: &BareJid) -> bool {
+    pub(crate) async fn leave_room(&self, domain: &Domain, account: &BareJid, room: &BareJid) -> bool {
         let Some(session) = self.rooms().remove(&(room.clone(), account.clone())) else { return false };
-        for res in &session.resources {
+        self.save_session(room, account);
+        for res in session.resources.iter().chain(session.pending.iter()) {
             if let Ok(own) = format!("{room}/{}", session.nick).parse::<Jid>() {
                 let muc_user = MucUser::new()
                     .with_items(vec![Item::new(
@@ -337,8 +348,7 @@ impl Gateway {
                 Some(field) => {
                     let room = field.values.first().and_then(|v| v.parse::<BareJid>().ok());
                     let text = match room {
-                        Some(room) if self.leave_room(domain, &account, &room).await => format!("Left {room}."),
-                        Some(room) => format!("You are not in {room}."),
+                        Some(room) => self.leave_text(domain, &account, &room).await,
                         None => return error(DefinedCondition::BadRequest, "`room` must be a room address"),
                     };
                     AdHocCommand { sessionid: cmd.sessionid.clone(), ..completed("leave", text) }
@@ -398,8 +408,7 @@ impl Gateway {
                 Some("status") => self.status_text(domain, &account).await,
                 Some("rooms") => self.rooms_text(domain, &account),
                 Some("leave") => match words.next().and_then(|r| r.parse::<BareJid>().ok()) {
-                    Some(room) if self.leave_room(domain, &account, &room).await => format!("Left {room}."),
-                    Some(room) => format!("You are not in {room}."),
+                    Some(room) => self.leave_text(domain, &account, &room).await,
                     None => "Usage: leave ROOM-ADDRESS (see `rooms`)".to_owned(),
                 },
                 Some("login") if self.has_login(domain) => {
@@ -427,9 +436,23 @@ impl Gateway {
             }
         };
         let Some(to) = m.to.clone() else { return };
-        let mut answer = stanza::message(MessageType::Chat, to, from.clone(), &reply);
+        self.answer_chat(domain, to, from.clone(), &reply).await;
+    }
+
+    /// Answer a chat command: `text` from `entity` (the address the command went to) to `to`.
+    pub(crate) async fn answer_chat(&self, domain: &Domain, entity: Jid, to: Jid, text: &str) {
+        let mut answer = stanza::message(MessageType::Chat, entity, to, text);
         answer.id = Some(stanza::new_id());
         self.send(domain, Stanza::Message(answer)).await;
+    }
+
+    /// Leave `room` for `account` (see [`Gateway::leave_room`]), as a text for the user.
+    pub(crate) async fn leave_text(&self, domain: &Domain, account: &BareJid, room: &BareJid) -> String {
+        if self.leave_room(domain, account, room).await {
+            format!("Left {room}.")
+        } else {
+            format!("You are not in {room}.")
+        }
     }
 }
 
@@ -444,6 +467,11 @@ fn help_text(with_login: bool) -> String {
         crate::settings::CONFIGURE.0,
         crate::settings::CONFIGURE.1,
         crate::settings::USAGE
+    ));
+    let room: Vec<&str> = crate::room_commands::ROOM_COMMANDS.iter().map(|(name, _)| *name).collect();
+    text.push_str(&format!(
+        "\nOn a room's address, as a chat message there or an ad-hoc command: {} (send `help` there)",
+        room.join(", ")
     ));
     text
 }

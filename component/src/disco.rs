@@ -52,11 +52,21 @@ pub fn room(name: &str, moderation: bool) -> DiscoInfoResult {
         ns::MAM,
         ns::PING,
         ns::VCARD,
+        crate::xep::NS_COMMANDS,
     ];
     if moderation {
         features.push(crate::xep::NS_MODERATE);
     }
     info(Identity::new("conference", "text", "en", name.to_owned()), features)
+}
+
+/// A network's service address (an IRC server): raw commands as chat, and
+/// ad-hoc commands (`configure`).
+pub fn service(name: &str, kind: &str) -> DiscoInfoResult {
+    info(
+        Identity::new("gateway", kind.to_lowercase(), "en", name.to_owned()),
+        vec![ns::DISCO_INFO, crate::xep::NS_COMMANDS, ns::PING],
+    )
 }
 
 /// A person on another network, named `name`: a contact or an occupant.
@@ -125,5 +135,8 @@ mod tests {
         assert!(gateway("IRC", true).features.iter().any(|f| f == ns::REGISTER));
         assert!(!gateway("IRC", false).features.iter().any(|f| f == ns::REGISTER));
         assert_eq!(person("bob").identities[0].category, "client");
+        for entity in [gateway("IRC", false), room("r", false), service("irc.example.org", "IRC")] {
+            assert!(entity.features.iter().any(|f| f == crate::xep::NS_COMMANDS), "{entity:?}");
+        }
     }
 }

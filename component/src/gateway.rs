@@ -111,8 +111,8 @@ pub(crate) struct RoomSession {
     /// Resources in the room.
     pub(crate) resources: HashSet<FullJid>,
     /// Resources waiting for the network to confirm the join.
-    pending: HashSet<FullJid>,
-    occupants: BTreeMap<String, Occupant>,
+    pub(crate) pending: HashSet<FullJid>,
+    pub(crate) occupants: BTreeMap<String, Occupant>,
     topic: Option<String>,
     /// The history each entering resource asked for (MUC `<history/>`).
     history: HashMap<FullJid, Option<History>>,
@@ -301,7 +301,7 @@ impl Gateway {
     }
 
     /// Store where `account` stands in `room` now (or that it left).
-    fn save_session(&self, room: &BareJid, account: &BareJid) {
+    pub(crate) fn save_session(&self, room: &BareJid, account: &BareJid) {
         let record = self.rooms().get(&(room.clone(), account.clone())).map(|s| {
             let mut resources: Vec<String> =
                 s.resources.iter().chain(s.pending.iter()).map(|r| r.to_string()).collect();
@@ -729,6 +729,8 @@ impl Gateway {
                 }
             }
             _ => {
+                // Shared: archived once for everyone, whoever is in the room now.
+                self.archive_event(&event, &room, None);
                 let mut receipt = event.receipt.clone();
                 for account in self.portal_accounts(&room, None) {
                     let mut copy = event.clone();
@@ -919,11 +921,12 @@ impl Gateway {
         entries.iter().filter_map(|e| archived_message(e, room, Jid::from(to.clone()))).collect()
     }
 
-    /// Record a room message in the archive of `account` (IRC rooms are personal).
+    /// Record a room message in the archive of `owner`: an account's own archive in
+    /// a personal (IRC) room, the room's shared archive (`None`) in a portal room.
     fn archive_message(
         &self,
         room: &BareJid,
-        account: &BareJid,
+        owner: Option<&BareJid>,
         key: &str,
         origin_id: Option<String>,
         nick: &str,
@@ -937,13 +940,34 @@ impl Gateway {
             stanza_id: key.to_owned(),
             origin_id,
             room: room.to_string(),
-            owner: Some(account.to_string()),
+            owner: owner.map(BareJid::to_string),
             sender_nick: nick.to_owned(),
             sender_jid,
             time_us,
             body: body.to_owned(),
             payload: None,
         });
+    }
+
+    /// Record a message from another network in `room`'s archive of `owner` (`None`:
+    /// the room's shared archive).
+    fn archive_event(&self, event: &Event, room: &BareJid, owner: Option<&BareJid>) {
+        let EventKind::Message(msg) = &event.kind else { return };
+        let body = stanza::rendered_body(msg);
+        let sender_jid = event.sender.id.as_str().to_owned();
+        // The sender's contact JID on the gateway (in a portal, on the network they came from).
+        let network = Self::people_network(&event.chat.network, &event.origin);
+        let puppet = self.chat_jid(&ChatRef::direct(network, sender_jid)).map(|(_, j)| j.to_string());
+        self.archive_message(
+            room,
+            owner,
+            &event.key.0,
+            event.origin_ids.first().cloned(),
+            &event.sender.nick,
+            puppet,
+            &body,
+            event.time,
+        );
     }
 
     /// The XMPP server bounced what the gateway sent to a device in a room. A
@@ -1063,6 +1087,10 @@ impl Gateway {
         if to.node().is_none() && m.type_ != MessageType::Groupchat {
             // Messages to the gateway itself are commands (`help` lists them).
             return self.chat_command(domain, &m, &from).await;
+        }
+        if to.node().is_some() && self.chat_room_command(domain, &m, &from, &to).await {
+            // A chat message to a room's bare JID: a command on the room (`help` lists them).
+            return;
         }
         if to.node().is_some() && m.type_ != MessageType::Groupchat && self.chat_settings(domain, &m, &from, &to).await
         {
@@ -1200,9 +1228,11 @@ impl Gateway {
         }
         if chat.kind == ChatKind::Room {
             if is_message {
+                // A portal room's messages go to its shared archive, once.
+                let owner = (!self.is_portal(&room)).then_some(&account);
                 self.archive_message(
                     &room,
-                    &account,
+                    owner,
                     &key.0,
                     origin_id.clone(),
                     &nick,
@@ -1307,8 +1337,10 @@ impl Gateway {
         }
     }
 
-    /// XEP-0313 query on a room's archive: the requester's own archive of that room
-    /// (IRC rooms are personal), filtered by time and sender, paged with XEP-0059.
+    /// XEP-0313 query on a room's archive: the requester's own archive of an IRC room
+    /// (those rooms are personal) and the room's shared archive (a portal room's only
+    /// one: anyone allowed on the domain may join it and see it), filtered by time and
+    /// sender, paged with XEP-0059.
     async fn mam_query(&self, domain: &Domain, from: &Jid, room: &BareJid, id: &str, payload: Element) -> Iq {
         let bad = |text: &str| {
             Iq::from_error(id.to_owned(), StanzaError::new(ErrorType::Modify, DefinedCondition::BadRequest, "en", text))
@@ -1407,6 +1439,8 @@ impl Gateway {
                     self.moderate(domain, &from, &to, id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.node().is_none() {
                     self.adhoc(domain, &from, &id, payload).await
+                } else if payload.is("command", crate::xep::NS_COMMANDS) && self.is_room_address(domain, &to) {
+                    self.adhoc_room(domain, &from, &to, &id, payload).await
                 } else if payload.is("command", crate::xep::NS_COMMANDS) && to.resource().is_none() {
                     self.adhoc_settings(domain, &from, &to, &id, payload).await
                 } else if payload.is("query", ns::REGISTER) && to.node().is_none() {
@@ -1451,6 +1485,12 @@ impl Gateway {
         } else if let Some(items) = (payload.is("query", ns::DISCO_ITEMS) && to.node().is_some())
             .then(|| self.settings_items(domain, &to, &payload))
             .flatten()
+        {
+            Iq::Result { from: None, to: None, id, payload: Some(items) }
+        } else if let Some(items) =
+            (payload.is("query", ns::DISCO_ITEMS) && to.node().is_some() && to.resource().is_none())
+                .then(|| self.room_items(domain, &to, &payload))
+                .flatten()
         {
             Iq::Result { from: None, to: None, id, payload: Some(items) }
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
@@ -1728,22 +1768,9 @@ impl Gateway {
                     let sid = m.id.as_ref().map(|i| i.0.clone()).unwrap_or_default();
                     out.push(Stanza::Message(stanza::with_stanza_id(m, &sid, room)));
                 }
-                if let EventKind::Message(msg) = &event.kind {
-                    let body = stanza::rendered_body(msg);
-                    let sender_jid = event.sender.id.as_str().to_owned();
-                    let puppet = self
-                        .chat_jid(&ChatRef::direct(event.chat.network.clone(), sender_jid))
-                        .map(|(_, j)| j.to_string());
-                    self.archive_message(
-                        room,
-                        account,
-                        &event.key.0,
-                        event.origin_ids.first().cloned(),
-                        nick,
-                        puppet,
-                        &body,
-                        event.time,
-                    );
+                if !self.is_portal(room) {
+                    // Portal rooms' messages are archived once, shared (see `archive_event`).
+                    self.archive_event(event, room, Some(account));
                 }
             }
             EventKind::Typing(state) => {

@@ -6,6 +6,7 @@
 //! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
 //! - [`moderation`]: XEP-0425 moderation requests from room moderators;
 //! - [`commands`]: XEP-0050 ad-hoc commands and their chat equivalents;
+//! - [`room_commands`]: the same on each room's address (`status`, `leave`);
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`server`]: the embedded XMPP server core (c2s, SASL, rosters, presence, carbons);
 //! - [`app`]: wiring configuration, store, bridges, router and links together.
@@ -21,6 +22,7 @@ pub mod link;
 pub mod moderation;
 pub mod nesting;
 pub mod puppet;
+pub mod room_commands;
 pub mod server;
 pub mod settings;
 pub mod stanza;

@@ -357,6 +357,10 @@ impl Gateway {
                 let moderation = self.capabilities_of(&chat.network).is_some_and(|c| c.retractions);
                 Ok(crate::disco::room(node.as_str(), moderation))
             }
+            (ChatKind::Service, _) => {
+                let name = self.router.get().and_then(|r| r.network(&chat.network)).map(|n| n.display_name(&chat.id.0));
+                Ok(crate::disco::service(&name.unwrap_or_else(|| chat.id.0.clone()), domain.kind))
+            }
             _ => Ok(crate::disco::person(&self.person_name(&chat, &from.to_bare()).await.0)),
         }
     }

@@ -10,18 +10,16 @@ use std::sync::Arc;
 
 use isthmus_core::model::ChatKind;
 use isthmus_core::network::{Network, SettingField, SettingKind, SettingValues, SettingsError};
-use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
-use tokio_xmpp::parsers::message::{Message, MessageType};
+use tokio_xmpp::parsers::message::Message;
 use tokio_xmpp::parsers::minidom::Element;
-use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::gateway::{Domain, Gateway};
 use crate::stanza;
-use crate::xep::{AdHocCommand, NS_COMMANDS, Note};
+use crate::xep::{AdHocCommand, Note};
 
 /// The command's node and description.
 pub const CONFIGURE: (&str, &str) = ("configure", "Your settings for this server (nick, logins)");
@@ -128,19 +126,9 @@ impl Gateway {
 
     /// disco#items with the commands node on a service address: `configure`.
     pub(crate) fn settings_items(&self, domain: &Domain, to: &Jid, query: &Element) -> Option<Element> {
-        let node = query.attr("node")?;
+        query.attr("node")?;
         self.settings_target(domain, to)?;
-        let mut out = Element::builder("query", ns::DISCO_ITEMS).attr(crate::commands::attr("node"), node);
-        if node == NS_COMMANDS {
-            out = out.append(
-                Element::builder("item", ns::DISCO_ITEMS)
-                    .attr(crate::commands::attr("jid"), to.to_bare().to_string())
-                    .attr(crate::commands::attr("node"), CONFIGURE.0)
-                    .attr(crate::commands::attr("name"), CONFIGURE.1)
-                    .build(),
-            );
-        }
-        Some(out.build())
+        Some(crate::commands::command_list(&to.to_bare(), query, [&CONFIGURE]))
     }
 
     /// An XEP-0050 request on a service address: `configure`, a form then its submission.
@@ -227,9 +215,7 @@ impl Gateway {
                 },
             }
         };
-        let mut answer = stanza::message(MessageType::Chat, to.clone(), from.clone(), &reply);
-        answer.id = Some(stanza::new_id());
-        self.send(domain, Stanza::Message(answer)).await;
+        self.answer_chat(domain, to.clone(), from.clone(), &reply).await;
         true
     }
 }

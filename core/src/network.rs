@@ -291,6 +291,17 @@ pub trait Network: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// How `account` reaches the chat `id` through this network, one line per
+    /// connection involved (`None`: a portal room, reached by the gateway itself),
+    /// for a room's `status` command. By default the account's connections
+    /// ([`Network::account_status`]).
+    async fn chat_status(&self, account: Option<&jid::BareJid>, _id: &str) -> Vec<String> {
+        match account {
+            Some(account) => self.account_status(account).await,
+            None => Vec::new(),
+        }
+    }
+
     /// What a user gives to link their account (empty: this network needs no login,
     /// like IRC, where a connection opens at the first join).
     fn login_fields(&self) -> Vec<LoginField> {

@@ -93,37 +93,58 @@ async fn wait_member(bob: &MatrixClient, room: &str, user: &str, present: bool) 
     }
 }
 
+/// Synapse with the gateway's application service, bob on it with a public room
+/// made with `room` (createRoom options), Prosody with `users` (password
+/// `USERpass`), and the gateway serving that room as the portal `lobby`.
+struct PortalSetup {
+    _synapse: Synapse,
+    bob: MatrixClient,
+    room_id: String,
+    prosody: Prosody,
+    gateway: Isthmus,
+}
+
+impl PortalSetup {
+    async fn start(users: &[&str], room: Value) -> Result<PortalSetup> {
+        let as_port = free_port();
+        let synapse = Synapse::start(SynapseOptions { app_service: Some(registration(as_port)) }).await?;
+        let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
+        let bob = synapse.client(&bob_user)?;
+        bob.set_display_name("Bob Matrix").await?;
+        // A public room: the bot and the puppets join by themselves.
+        let room_id = bob.create_room_with(room).await?;
+        let prosody = Prosody::start(ProsodyOptions {
+            users: users.iter().map(|u| (u.to_string(), format!("{u}pass"))).collect(),
+            components: vec![(DOMAIN.into(), SECRET.into())],
+            ..Default::default()
+        })
+        .await?;
+        let config = format!(
+            "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
+            prosody.component_port(),
+            matrix_config(&synapse, as_port, &room_id)
+        );
+        let gateway = Isthmus::start(&config, &[]).await?;
+        gateway.wait_log("component link established", 1, T).await?;
+        if gateway.wait_log("Matrix portal room ready", 1, T).await.is_err() {
+            bail!(
+                "the gateway never made its Matrix bot join the portal room (is MatrixNetwork::start_portals called \
+                 after restore() in component/src/app.rs?); log:\n{}",
+                gateway.log()
+            );
+        }
+        wait_member(&bob, &room_id, BOT, true).await?;
+        Ok(PortalSetup { _synapse: synapse, bob, room_id, prosody, gateway })
+    }
+}
+
 #[tokio::test]
 async fn xmpp_users_appear_as_their_own_matrix_users_in_a_portal() -> Result<()> {
-    let as_port = free_port();
-    let synapse = Synapse::start(SynapseOptions { app_service: Some(registration(as_port)) }).await?;
-    let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
-    let bob = synapse.client(&bob_user)?;
-    bob.set_display_name("Bob Matrix").await?;
-    // A public room: the bot and the puppets join by themselves.
-    let room_id =
-        bob.create_room_with(json!({"preset": "public_chat", "name": "Lobby", "topic": "The portal's topic"})).await?;
-    let prosody = Prosody::start(ProsodyOptions {
-        users: vec![("alice".into(), "alicepass".into())],
-        components: vec![(DOMAIN.into(), SECRET.into())],
-        ..Default::default()
-    })
+    let PortalSetup { _synapse, bob, room_id, prosody, gateway } = PortalSetup::start(
+        &["alice"],
+        json!({"preset": "public_chat", "name": "Lobby", "topic": "The portal's topic"}),
+    )
     .await?;
-    let config = format!(
-        "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
-        prosody.component_port(),
-        matrix_config(&synapse, as_port, &room_id)
-    );
-    let gateway = Isthmus::start(&config, &[]).await?;
-    gateway.wait_log("component link established", 1, T).await?;
-    if gateway.wait_log("Matrix portal room ready", 1, T).await.is_err() {
-        bail!(
-            "the gateway never made its Matrix bot join the portal room (is MatrixNetwork::start_portals called after \
-             restore() in component/src/app.rs?); log:\n{}",
-            gateway.log()
-        );
-    }
-    wait_member(&bob, &room_id, BOT, true).await?;
 
     // Alice enters the portal from XMPP.
     let mut alice = XmppClient::connect(&prosody, "alice@localhost/phone", "alicepass").await?;
@@ -342,6 +363,123 @@ matrix:
     let uploaded = bob.download(event["content"]["url"].as_str().unwrap_or_default()).await?;
     assert!(uploaded == photo, "the homeserver holds {} other bytes", uploaded.len());
     server.abort();
+    Ok(())
+}
+
+/// Log `user` in and enter the portal as `nick`, asking for `history` messages of
+/// history; returns the client once its self-presence (110) arrived.
+async fn enter_portal(prosody: &Prosody, user: &str, nick: &str, history: u32) -> Result<XmppClient> {
+    let mut xmpp = XmppClient::connect(prosody, &format!("{user}@localhost/phone"), &format!("{user}pass")).await?;
+    let room_jid = format!("lobby@{DOMAIN}");
+    xmpp.join_with_history(&room_jid, nick, history).await?;
+    let joined = xmpp
+        .expect(Duration::from_secs(30), |s| {
+            s.kind == "presence" && s.from == format!("{room_jid}/{nick}") && (s.has_status(110) || s.type_ == "error")
+        })
+        .await?;
+    if joined.type_ == "error" {
+        bail!("the gateway refused {user}'s join of the portal: {}", joined.xml);
+    }
+    Ok(xmpp)
+}
+
+/// A portal room is one conversation for everyone, so it keeps one shared archive:
+/// what a Matrix user and an XMPP user said reaches the join history and a MAM
+/// query of an XMPP user who entered later, each message exactly once, stored
+/// once without an owner. The portal's `status` command says it is shared and
+/// what it is linked to.
+#[tokio::test]
+async fn a_portal_room_keeps_one_shared_archive() -> Result<()> {
+    let PortalSetup { _synapse, bob, room_id, prosody, gateway } =
+        PortalSetup::start(&["alice", "carol", "dave"], json!({"preset": "public_chat", "name": "Lobby"})).await?;
+    let room_jid = format!("lobby@{DOMAIN}");
+
+    let mut alice = enter_portal(&prosody, "alice", "Alice", 0).await?;
+    let mut carol = enter_portal(&prosody, "carol", "Carol", 0).await?;
+    wait_member(&bob, &room_id, "@_xmpp_carol=40localhost:localhost", true).await?;
+
+    // One message from Matrix, one from carol: both seen live by alice.
+    bob.send_text(&room_id, "shared from matrix").await?;
+    let from_bob = |s: &isthmus_tests::Stanza| {
+        s.type_ == "groupchat"
+            && s.from == format!("{room_jid}/Bob Matrix")
+            && s.body.as_deref() == Some("shared from matrix")
+    };
+    alice.expect(T, from_bob).await?;
+    carol.expect(T, from_bob).await?;
+    carol.send_groupchat(&room_jid, "shared from carol").await?;
+    let from_carol = |s: &isthmus_tests::Stanza| {
+        s.type_ == "groupchat"
+            && s.from == format!("{room_jid}/Carol")
+            && s.body.as_deref() == Some("shared from carol")
+    };
+    carol.expect(T, from_carol).await?;
+    alice.expect(T, from_carol).await?;
+    bob.wait_for(&room_id, T, |e| e["content"]["body"] == "shared from carol").await?;
+    // Anything coming back late (an echo) would show in the archive below.
+    alice.drain(Duration::from_secs(2)).await?;
+
+    // Dave enters later: the history on join has both, once each, oldest first.
+    let mut dave = enter_portal(&prosody, "dave", "Dave", 20).await?;
+    let mut history = Vec::new();
+    loop {
+        let m = dave.expect(T, |s| s.kind == "message" && s.from.starts_with(room_jid.as_str())).await?;
+        if m.xml.contains("<subject") {
+            break;
+        }
+        assert!(m.xml.contains("urn:xmpp:delay"), "history is delayed: {}", m.xml);
+        history.push((m.from.clone(), m.body.clone().unwrap_or_default()));
+    }
+    assert_eq!(
+        history,
+        vec![
+            (format!("{room_jid}/Bob Matrix"), "shared from matrix".to_owned()),
+            (format!("{room_jid}/Carol"), "shared from carol".to_owned()),
+        ],
+        "dave's history on join"
+    );
+
+    // Dave's MAM query of the room: the same two, once each.
+    dave.send_raw(&format!(
+        "<iq type='set' id='mam1' to='{room_jid}'><query xmlns='urn:xmpp:mam:2' queryid='q1'/></iq>"
+    ))
+    .await?;
+    let mut found = Vec::new();
+    loop {
+        let st = dave.expect(T, |s| (s.kind == "iq" && s.id == "mam1") || s.xml.contains("queryid=\"q1\"")).await?;
+        if st.kind == "iq" {
+            assert_eq!(st.type_, "result", "{}", st.xml);
+            assert!(st.xml.contains("complete=\"true\""), "{}", st.xml);
+            break;
+        }
+        let body = st.xml.split("<body>").nth(1).and_then(|b| b.split("</body>").next()).unwrap_or_default();
+        found.push(body.to_owned());
+    }
+    assert_eq!(found, ["shared from matrix", "shared from carol"], "dave's MAM query");
+
+    // Stored once each, in the room's shared archive (no owner).
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/isthmus.db", gateway.dir().display())).await?;
+    let rows: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT body, owner FROM archive WHERE room = ?1 ORDER BY archive_id")
+            .bind(&room_jid)
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        rows,
+        vec![("shared from matrix".to_owned(), None), ("shared from carol".to_owned(), None)],
+        "the archive rows of the portal"
+    );
+
+    // The portal's status: shared, linked to the Matrix room.
+    dave.send_raw(&format!(
+        "<iq type='set' id='st1' to='{room_jid}'><command xmlns='http://jabber.org/protocol/commands' node='status' action='execute'/></iq>"
+    ))
+    .await?;
+    let status = dave.expect(T, |s| s.kind == "iq" && s.id == "st1").await?;
+    assert_eq!(status.type_, "result", "{}", status.xml);
+    for part in ["joined as Dave", "A shared room", "Linked to"] {
+        assert!(status.xml.contains(part), "`{part}` missing: {}", status.xml);
+    }
     Ok(())
 }
 

@@ -316,6 +316,137 @@ async fn ad_hoc_and_chat_commands(xmpp: XmppServerKind) -> Result<()> {
 
 isthmus_tests::on_both_xmpp_servers!(ad_hoc_and_chat_commands);
 
+/// An ad-hoc command on `to`; returns the answer (any type).
+async fn command(c: &mut XmppClient, to: &str, id: &str, node: &str) -> Result<Stanza> {
+    c.send_raw(&format!(
+        "<iq type='set' id='{id}' to='{to}'><command xmlns='http://jabber.org/protocol/commands' node='{node}' action='execute'/></iq>"
+    ))
+    .await?;
+    c.expect(T, |st| st.kind == "iq" && st.id == id).await
+}
+
+/// Commands on a room's own address: the room, the gateway domain and the IRC
+/// server's address advertise XEP-0050 in disco#info; the room lists `status` and
+/// `leave`; `status` tells the nick, the devices and the IRC connection; someone
+/// not in the room is refused (`forbidden`, with a text, as IQ and as chat); a
+/// chat message to the room's bare JID is a command and never reaches IRC;
+/// `leave` (a form to confirm, then its submission) parts on IRC and sends each
+/// of the account's devices its own unavailable self-presence.
+async fn commands_on_a_room_address(xmpp: XmppServerKind) -> Result<()> {
+    let s = IrcSetup::start_xmpp(xmpp, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#rc").await?;
+    let room = room("#rc");
+    let server = format!("127.0.0.1@{IRC_DOMAIN}");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let mut phone = s.join("alice", "phone", &room, "alice").await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains("JOIN")).await?;
+
+    for (i, jid) in [IRC_DOMAIN, server.as_str(), room.as_str()].into_iter().enumerate() {
+        let id = format!("info{i}");
+        alice
+            .send_raw(&format!(
+                "<iq type='get' id='{id}' to='{jid}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+            ))
+            .await?;
+        let info = alice.expect(T, |st| st.kind == "iq" && st.id == id).await?;
+        assert_eq!(info.type_, "result", "{jid}: {}", info.xml);
+        assert!(info.xml.contains("var=\"http://jabber.org/protocol/commands\""), "{jid}: {}", info.xml);
+    }
+    alice
+        .send_raw(&format!(
+            "<iq type='get' id='items' to='{room}'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/commands'/></iq>"
+        ))
+        .await?;
+    let items = alice.expect(T, |st| st.kind == "iq" && st.id == "items").await?;
+    assert_eq!(items.type_, "result", "{}", items.xml);
+    for node in ["status", "leave"] {
+        let listed = items
+            .xml
+            .split("<item")
+            .any(|i| i.contains(&format!("node=\"{node}\"")) && i.contains(&format!("jid=\"{room}\"")));
+        assert!(listed, "{node} on the room: {}", items.xml);
+    }
+
+    // status: joined as alice, two devices, bob in the room, the IRC connection up
+    let status = command(&mut alice, &room, "st1", "status").await?;
+    assert_eq!(status.type_, "result", "{}", status.xml);
+    assert!(status.xml.contains("status=\"completed\""), "{}", status.xml);
+    for part in [
+        "joined as alice",
+        "2 of your devices in it",
+        "Others in the room: 1",
+        "IRC server 127.0.0.1: connected as alice, in #rc",
+    ] {
+        assert!(status.xml.contains(part), "`{part}` missing: {}", status.xml);
+    }
+
+    // carol is not in the room: refused, as a command and as chat
+    let mut carol = XmppClient::connect(&s.prosody, "carol@localhost/r", "carolpass").await?;
+    for (id, node) in [("cst", "status"), ("clv", "leave")] {
+        let refused = command(&mut carol, &room, id, node).await?;
+        assert_eq!(refused.type_, "error", "{}", refused.xml);
+        assert!(refused.xml.contains("<forbidden"), "{}", refused.xml);
+        assert!(refused.xml.contains("you are not in this room"), "{}", refused.xml);
+    }
+    carol.send_raw(&format!("<message to='{room}' type='chat' id='cl'><body>leave</body></message>")).await?;
+    let told = carol.expect(T, |st| st.kind == "message" && st.from == room).await?;
+    assert_eq!(told.type_, "chat", "{}", told.xml);
+    assert!(told.body.as_deref().is_some_and(|b| b.contains("you are not in this room")), "{}", told.xml);
+    let unknown = command(&mut alice, &room, "un1", "rooms").await?;
+    assert!(unknown.type_ == "error" && unknown.xml.contains("<item-not-found"), "{}", unknown.xml);
+
+    // the chat form: help and status answer in chat from the room's bare JID; nothing reaches IRC
+    alice.send_raw(&format!("<message to='{room}' type='chat' id='h1'><body>help</body></message>")).await?;
+    let help = alice.expect(T, |st| st.kind == "message" && st.type_ == "chat" && st.from == room).await?;
+    let help = help.body.unwrap_or_default();
+    assert!(help.contains("status") && help.contains("leave") && help.contains("groupchat"), "{help}");
+    alice.send_raw(&format!("<message to='{room}' type='chat' id='h2'><body>status</body></message>")).await?;
+    let status = alice.expect(T, |st| st.kind == "message" && st.type_ == "chat" && st.from == room).await?;
+    assert!(status.body.as_deref().is_some_and(|b| b.contains("connected as alice, in #rc")), "{}", status.xml);
+    assert!(
+        bob.expect_line(Duration::from_secs(2), |l| l.contains("PRIVMSG #rc")).await.is_err(),
+        "a command to the room's address reached IRC"
+    );
+
+    // leave, in two steps: a form to confirm (nothing happens yet), then its submission;
+    // every device gets its own unavailable self-presence; IRC sees the PART
+    let form = command(&mut alice, &room, "lv0", "leave").await?;
+    assert!(form.xml.contains("status=\"executing\"") && form.xml.contains("var=\"confirm\""), "{}", form.xml);
+    assert!(
+        bob.expect_line(Duration::from_secs(1), |l| l.contains("PART #rc")).await.is_err(),
+        "the first step already left"
+    );
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned();
+    alice
+        .send_raw(&format!(
+            "<iq type='set' id='lv1' to='{room}'><command xmlns='http://jabber.org/protocol/commands' node='leave' sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='confirm'><value>1</value></field></x></command></iq>"
+        ))
+        .await?;
+    let left = alice.expect(T, |st| st.kind == "iq" && st.id == "lv1").await?;
+    assert_eq!(left.type_, "result", "{}", left.xml);
+    assert!(left.xml.contains("status=\"completed\"") && left.xml.contains(&format!("Left {room}.")), "{}", left.xml);
+    for device in [&mut alice, &mut phone] {
+        let gone = device
+            .expect(T, |st| {
+                st.kind == "presence"
+                    && st.type_ == "unavailable"
+                    && st.from == format!("{room}/alice")
+                    && st.has_status(110)
+            })
+            .await?;
+        assert!(gone.to.starts_with(&device.jid), "{} got {}", device.jid, gone.xml);
+    }
+    bob.expect_line(T, |l| l.starts_with(":alice!") && (l.contains("PART #rc") || l.contains("QUIT"))).await?;
+    // out of the room now: commands are refused to alice too
+    let after = command(&mut alice, &room, "st2", "status").await?;
+    assert!(after.type_ == "error" && after.xml.contains("<forbidden"), "{}", after.xml);
+    Ok(())
+}
+
+isthmus_tests::on_both_xmpp_servers!(commands_on_a_room_address);
+
 async fn persistent_channels_keep_the_user_on_irc(xmpp: XmppServerKind) -> Result<()> {
     let s = IrcSetup::start_xmpp(xmpp, "    persistent_channels: true").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;

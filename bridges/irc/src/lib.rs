@@ -218,6 +218,26 @@ impl Network for IrcNetwork {
         lines
     }
 
+    async fn chat_status(&self, account: Option<&BareJid>, id: &str) -> Vec<String> {
+        let Ok(target) = IrcTarget::parse(id, self.config.pinned_server.as_deref()) else { return Vec::new() };
+        let Some(account) = account else { return Vec::new() };
+        let server = &target.server;
+        let line = match self.connection(account, server).await {
+            None => format!("IRC server {server}: not connected"),
+            Some(c) if !c.is_online() => format!("IRC server {server}: connection lost, reconnecting"),
+            Some(c) => {
+                let mut line = format!("IRC server {server}: connected as {}", c.nick());
+                if target.is_channel() {
+                    let folded = target.name.to_lowercase();
+                    let inside = c.channel_names().iter().any(|n| n.to_lowercase() == folded);
+                    line += &format!(", {} {}", if inside { "in" } else { "not in" }, target.name);
+                }
+                line
+            }
+        };
+        vec![line]
+    }
+
     async fn settings(&self, account: &BareJid, id: &str) -> Result<Vec<SettingField>, SettingsError> {
         let server = self.settings_server(id)?;
         Ok(self.user_settings(account, &server).await?.fields())
