@@ -1552,6 +1552,11 @@ impl Gateway {
                 let people = vec![(occupant.id.0.clone(), occupant.nick.clone())];
                 self.learn_profiles(people_net.clone(), viewer.clone(), room.clone(), account.clone(), people);
             }
+            EventKind::Left { .. } if event.sender.is_self && !session.joined && !session.pending.is_empty() => {
+                // Our own leave reported late (the network answering a leave made
+                // before this join): it must not end the join now under way.
+                debug!(room = %room, account = %account, "a late leave of an earlier stay; ignored");
+            }
             EventKind::Left { kind, reason } => {
                 let mut codes = match kind {
                     LeaveKind::Kick { .. } => vec![Status::Kicked],

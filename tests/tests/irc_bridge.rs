@@ -899,3 +899,46 @@ async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
     assert!(!s.gateway.log().contains("davepass1"), "a password reached the log");
     Ok(())
 }
+
+/// Leaving a room and joining it again at once, several times in a row: every
+/// join gets its self-presence (110) under the same nick, whether the leave
+/// closed the IRC connection (the last channel on the server) or not (another
+/// channel keeps it open). The server's late answers to the leave (PART, the old
+/// connection's QUIT) must not end the new stay.
+async fn leave_and_rejoin_at_once_gets_the_self_presence_every_time(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#race").await?;
+    let room = room("#race");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let own = |room: String| {
+        move |st: &isthmus_tests::xmpp::Stanza| {
+            st.kind == "presence"
+                && st.from == format!("{room}/alice")
+                && st.has_status(110)
+                && !st.xml.contains("unavailable")
+        }
+    };
+    let mut keeper = None;
+    for keep_open in [false, true] {
+        if keep_open {
+            // another device of alice's in another channel on the server keeps the connection open
+            keeper = Some(s.join("alice", "other", &isthmus_tests::scenario::room("#keep"), "alice").await?);
+        }
+        for round in 0..5 {
+            alice.send_raw(&format!("<presence to='{room}/alice' type='unavailable'/>")).await?;
+            alice.join(&room, "alice").await?;
+            let joined = alice.expect(T, own(room.clone())).await;
+            if let Err(e) = joined {
+                let log = s.gateway.log();
+                panic!("round {round} (keep_open: {keep_open}): {e}\n{}", &log[log.len().saturating_sub(6000)..]);
+            }
+            // the room works: a message from IRC arrives
+            bob.privmsg("#race", &format!("round {round} {keep_open}")).await?;
+            alice.expect(T, |st| st.body.as_deref() == Some(format!("round {round} {keep_open}").as_str())).await?;
+        }
+    }
+    drop(keeper);
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(leave_and_rejoin_at_once_gets_the_self_presence_every_time);

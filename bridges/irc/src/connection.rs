@@ -13,7 +13,7 @@
 //! A channel join is reported once the occupant list (NAMES) is complete, so
 //! the XMPP side can send the occupants, then the user's own presence, then the subject.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,6 +107,9 @@ struct State {
     echoes: VecDeque<PendingEcho>,
     /// The last IRCv3 label given to a line (labeled-response).
     last_label: u64,
+    /// Channels (case-folded) the user left whose PART the server has not
+    /// answered yet: that answer is about the old stay, not about a rejoin since.
+    parting: HashSet<String>,
 }
 
 /// A line written to a server that echoes messages, waiting for its echo.
@@ -235,6 +238,8 @@ pub struct Connection {
     /// Registered and rejoined: what the user sends goes out now.
     online: AtomicBool,
     close_signal: Notify,
+    /// The supervisor has stopped: the server has seen our QUIT (or the connection is gone).
+    finished: tokio::sync::watch::Sender<bool>,
 }
 
 /// IRC compares names case-insensitively (RFC 1459 casemapping).
@@ -299,6 +304,7 @@ impl Connection {
             closed: AtomicBool::new(false),
             online: AtomicBool::new(false),
             close_signal: Notify::new(),
+            finished: tokio::sync::watch::Sender::new(false),
         });
         (conn, rx)
     }
@@ -318,6 +324,18 @@ impl Connection {
         let _ = self.send(Command::QUIT(Some(one_line(reason))));
         self.closed.store(true, Ordering::Release);
         self.close_signal.notify_one();
+    }
+
+    /// Whether the connection has stopped for good.
+    pub fn has_finished(&self) -> bool {
+        *self.finished.borrow()
+    }
+
+    /// Wait until a closed connection has finished quitting, at most `timeout`;
+    /// returns whether it has.
+    pub async fn wait_finished(&self, timeout: Duration) -> bool {
+        let mut done = self.finished.subscribe();
+        matches!(tokio::time::timeout(timeout, done.wait_for(|d| *d)).await, Ok(Ok(_)))
     }
 
     /// Channels the user is in (or joining), sorted.
@@ -378,10 +396,13 @@ impl Connection {
     }
 
     /// Leave a channel; returns whether the user is still in any channel here.
+    /// The leave is done for the XMPP side now: the server's answer (our own
+    /// PART) is not reported, so that it cannot end a rejoin made meanwhile.
     pub fn part(&self, channel: &str, reason: Option<&str>) -> Result<bool, DeliveryError> {
         self.send(Command::PART(channel.to_owned(), reason.map(one_line)))?;
         let mut st = self.lock();
         st.channels.remove(&fold(channel));
+        st.parting.insert(fold(channel));
         Ok(!st.channels.is_empty())
     }
 
@@ -639,6 +660,7 @@ impl Supervisor {
             delay = (delay * 2).min(self.policy.max);
         }
         info!("IRC connection closed");
+        self.conn.finished.send_replace(true);
     }
 
     async fn connect(&self) -> Result<(Client, irc::client::ClientStream), String> {
@@ -957,6 +979,8 @@ impl Reader {
                 let Some(nick) = nick else { return };
                 if self.sender(&nick).is_self {
                     let mut st = self.conn.lock();
+                    // Our PART came back before this JOIN, if the server answered it at all.
+                    st.parting.remove(&fold(channel));
                     st.prefix = message.prefix.as_ref().map(|p| p.to_string());
                     let ch = st.channels.entry(fold(channel)).or_default();
                     if ch.name.is_empty() {
@@ -1163,6 +1187,12 @@ impl Reader {
                 let is_self = self.sender(&nick).is_self;
                 {
                     let mut st = self.conn.lock();
+                    if is_self && st.parting.remove(&fold(channel)) {
+                        // The answer to the user's own leave, already reported: the
+                        // channel entry, if any, is a rejoin's and stays.
+                        debug!(channel, "the server confirmed our PART");
+                        return;
+                    }
                     if is_self {
                         st.channels.remove(&fold(channel));
                     } else if let Some(ch) = st.channels.get_mut(&fold(channel)) {
