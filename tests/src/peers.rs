@@ -527,7 +527,12 @@ impl IrcServer {
         Self::start_configured(kind, port, "").await
     }
 
-    /// Start with `extra` appended to the configuration (InspIRCd only).
+    /// An ngIRCd that asks every client for `password` (PASS).
+    pub async fn start_ngircd_with_password(password: &str) -> Result<IrcServer> {
+        Self::start_configured(IrcServerKind::Ngircd, free_port(), &format!("\tPassword = {password}\n")).await
+    }
+
+    /// Start with `extra` appended to the configuration (ngIRCd: to its `[Global]` section).
     async fn start_configured(kind: IrcServerKind, port: u16, extra: &str) -> Result<IrcServer> {
         let dir = tempfile::Builder::new().prefix("isthmus-ircd-").tempdir()?;
         let tls_port = free_port();
@@ -538,7 +543,7 @@ impl IrcServer {
         let cfg = match kind {
             IrcServerKind::Ngircd => format!(
                 "[Global]\n\tName = irc.localhost\n\tInfo = Isthmus test server\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
-                 \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n\
+                 \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n{extra}\
                  [Limits]\n\tMaxConnections = 0\n\tMaxConnectionsIP = 0\n\tMaxJoins = 0\n\tMaxPenaltyTime = 0\n\tMaxNickLength = 31\n\
                  \tPingTimeout = 120\n\tPongTimeout = 20\n\
                  [Options]\n\tDNS = no\n\tIdent = no\n\tPAM = no\n\tMorePrivacy = no\n\tRequireAuthPing = no\n\tOperCanUseMode = yes\n\

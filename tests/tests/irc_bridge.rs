@@ -900,6 +900,48 @@ async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
     Ok(())
 }
 
+/// A server password (PASS) on ngIRCd: with the wrong one the join fails with
+/// the server's reason (the room join error and a message from the server's JID),
+/// once, without retrying; the user sets the right one with `configure` and the
+/// next join works, and what the user says reaches IRC.
+#[tokio::test]
+async fn server_password_wrong_then_right() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_ngircd_with_password("letmein").await?;
+    let s = IrcSetup::start_on_running(irc, "        password: wrong", "").await?;
+    let mut bob = IrcClient::connect_with_password(s.irc.port(), "bob", "letmein").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let server = server_jid();
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.join(&room, "alice").await?;
+    let refused =
+        alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room) && st.type_ == "error").await?;
+    assert!(refused.xml.contains("did not let us log in"), "{}", refused.xml);
+    assert!(refused.xml.to_lowercase().contains("password"), "the error names the password: {}", refused.xml);
+    let told = alice.expect(T, |st| st.from == server && st.body.is_some()).await?;
+    assert!(told.body.as_deref().is_some_and(|b| b.contains("did not let us log in")), "{}", told.xml);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.gateway.log().matches("connecting to the IRC server").count(),
+        1,
+        "no retries with a refused password"
+    );
+
+    alice
+        .send_raw(&format!(
+            "<message to='{server}' type='chat' id='p1'><body>configure password=letmein</body></message>"
+        ))
+        .await?;
+    alice.expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("password: set"))).await?;
+    alice.join(&room, "alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice") && st.has_status(110)).await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains(" JOIN ")).await?;
+    alice.send_groupchat(&room, "with the right password").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("with the right password")).await?;
+    assert!(!s.gateway.log().contains("letmein"), "a password reached the log");
+    Ok(())
+}
+
 /// Leaving a room and joining it again at once, several times in a row: every
 /// join gets its self-presence (110) under the same nick, whether the leave
 /// closed the IRC connection (the last channel on the server) or not (another

@@ -110,6 +110,9 @@ struct State {
     /// Channels (case-folded) the user left whose PART the server has not
     /// answered yet: that answer is about the old stay, not about a rejoin since.
     parting: HashSet<String>,
+    /// Why the server refused this connection (464 wrong password, 465 banned,
+    /// or its ERROR), for the user when it closes the connection.
+    refusal: Option<String>,
 }
 
 /// A line written to a server that echoes messages, waiting for its echo.
@@ -634,7 +637,22 @@ impl Supervisor {
                     if attempt > 1 {
                         info!("reconnected to IRC server");
                     }
-                    self.session(client, stream, &mut flood, slot).await
+                    self.conn.lock().refusal = None;
+                    let (reason, registered) = self.session(client, stream, &mut flood, slot).await;
+                    // What the server said when it refused us (a wrong password, a ban…).
+                    let reason = match self.conn.lock().refusal.take() {
+                        Some(refusal) if !registered => refusal,
+                        _ => reason,
+                    };
+                    if !registered && attempt == 1 && self.conn.is_alive() {
+                        // Never registered: the joins waiting on this connection fail
+                        // now with the server's reason, rather than retrying forever.
+                        let text = format!("{} did not let us log in: {reason}", self.conn.key.server);
+                        Reader::detached(self.conn.clone(), self.sink.clone()).notify_user(text.clone());
+                        Box::pin(self.fail_first_connect(&text)).await;
+                        break;
+                    }
+                    reason
                 }
                 Err(e) => {
                     drop(slot);
@@ -701,13 +719,27 @@ impl Supervisor {
         Ok((client, stream))
     }
 
-    /// Serve one TCP connection until it ends; returns why it ended.
+    /// Serve one TCP connection until it ends; returns why it ended, and whether
+    /// the server had registered us.
     async fn session(
+        &mut self,
+        client: Client,
+        stream: irc::client::ClientStream,
+        flood: &mut TokenBucket,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> (String, bool) {
+        let mut registered = false;
+        let reason = self.serve(client, stream, flood, slot, &mut registered).await;
+        (reason, registered)
+    }
+
+    async fn serve(
         &mut self,
         client: Client,
         mut stream: irc::client::ClientStream,
         flood: &mut TokenBucket,
         slot: tokio::sync::OwnedSemaphorePermit,
+        registered: &mut bool,
     ) -> String {
         let mut slot = Some(slot);
         let sender = client.sender();
@@ -791,6 +823,7 @@ impl Supervisor {
             if welcomed {
                 // Registered: the connection attempt is over.
                 drop(slot.take());
+                *registered = true;
             }
             if welcomed && !self.conn.is_online() {
                 rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
@@ -1356,12 +1389,25 @@ impl Reader {
                     self.emit_room(&room, &nick, EventKind::RoleChanged { role, affiliation }).await;
                 }
             }
+            Command::Response(code @ (Response::ERR_PASSWDMISMATCH | Response::ERR_YOUREBANNEDCREEP), ref args) => {
+                let text = args.last().cloned().unwrap_or_else(|| format!("{code:?}"));
+                warn!(text, "the IRC server refused the connection");
+                let refusal = if code == Response::ERR_PASSWDMISMATCH {
+                    format!("the server password was refused ({text}); check the server password")
+                } else {
+                    text
+                };
+                self.conn.lock().refusal = Some(refusal);
+            }
             Command::Response(code, ref args) if !SILENT_REPLIES.contains(&(code as u16)) && args.len() >= 2 => {
                 // Replies to the user's own commands (WHOIS, errors…) go to the server's JID.
                 let text = args[1..].join(" ");
                 self.relay_text(None, "*", &text, true, &Meta::default()).await;
             }
-            Command::ERROR(ref text) => warn!(text, "IRC server sent ERROR"),
+            Command::ERROR(ref text) => {
+                warn!(text, "IRC server sent ERROR");
+                self.conn.lock().refusal.get_or_insert_with(|| text.clone());
+            }
             _ => {}
         }
     }
