@@ -657,7 +657,7 @@ async fn sasl_failure_reaches_the_user(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on_running(irc, sasl, "").await?;
     let mut alice = s.join("alice", "r", &room("#test"), "alice").await?;
     let expected = match kind {
-        IrcServerKind::Inspircd => "SASL login as carol failed on 127.0.0.1",
+        IrcServerKind::Inspircd => "SASL PLAIN login as carol failed on 127.0.0.1",
         IrcServerKind::Ngircd => "127.0.0.1 does not offer SASL: not logged in as carol",
     };
     let m = alice
@@ -897,6 +897,91 @@ async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
     let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
     assert!(account.contains(" alice dave "), "{account}");
     assert!(!s.gateway.log().contains("davepass1"), "a password reached the log");
+    Ok(())
+}
+
+/// The server's JID of the test IRC server's TLS port.
+fn tls_server_jid() -> String {
+    format!("localhost@{IRC_DOMAIN}")
+}
+
+/// The SASL EXTERNAL settings for a certificate, as server YAML (indented 8).
+fn sasl_external(cert: &isthmus_tests::peers::ClientCertificate) -> String {
+    format!(
+        "        sasl: {{ mechanism: external, client_cert: \"{}\", client_key: \"{}\" }}",
+        cert.cert.display(),
+        cert.key.display()
+    )
+}
+
+/// SASL EXTERNAL against InspIRCd (TLS, gnutls) with Atheme: the fingerprint of
+/// a client certificate is added to a NickServ account; the gateway presents the
+/// certificate on its TLS connection and logs in to that account with it (900
+/// to the user, 330 in WHOIS).
+#[tokio::test]
+async fn sasl_external_logs_in_with_the_client_certificate() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let cert = isthmus_tests::peers::client_certificate(certs.path(), "gateway")?;
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let mut erin = IrcClient::connect(irc.port(), "erin").await?;
+    erin.privmsg("NickServ", "REGISTER erinpass1 erin@example.org").await?;
+    erin.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains("registered")).await?;
+    erin.privmsg("NickServ", &format!("CERT ADD {}", cert.fingerprint)).await?;
+    let added = erin.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains(&cert.fingerprint)).await?;
+    assert!(added.contains("Added"), "{added}");
+    erin.send_line("QUIT").await?;
+
+    let s = IrcSetup::start_on_running_tls(irc, &sasl_external(&cert)).await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test").replace("%127.0.0.1@", "%localhost@");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .expect(T, |st| {
+            st.from == tls_server_jid()
+                && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as erin"))
+        })
+        .await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice erin "), "{account}");
+    alice.send_groupchat(&room, "logged in by certificate").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("logged in by certificate")).await?;
+    let log = s.gateway.log();
+    assert!(log.contains("logged in with SASL") && log.contains("EXTERNAL"), "{log}");
+    Ok(())
+}
+
+/// SASL EXTERNAL with a certificate no account knows: the user is told on the
+/// server's JID what failed and what to check, stays connected and in the room
+/// without the account, and the gateway does not retry in a loop.
+#[tokio::test]
+async fn sasl_external_with_an_unknown_certificate_says_so() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let cert = isthmus_tests::peers::client_certificate(certs.path(), "stranger")?;
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let s = IrcSetup::start_on_running_tls(irc, &sasl_external(&cert)).await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test").replace("%127.0.0.1@", "%localhost@");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let failed = alice
+        .expect(T, |st| {
+            st.from == tls_server_jid()
+                && st.body.as_deref().is_some_and(|b| {
+                    b.contains("SASL EXTERNAL login as the client certificate's account failed on localhost")
+                })
+        })
+        .await?;
+    let text = failed.body.unwrap_or_default();
+    assert!(text.contains("without logging in") && text.contains("NickServ CERT ADD"), "{text}");
+    bob.send_line("WHOIS alice").await?;
+    let end = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("318")).await?;
+    assert!(!bob.seen().iter().any(|l| l.split(' ').nth(1) == Some("330")), "no account: {end}");
+    alice.send_groupchat(&room, "still here").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("still here")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.gateway.log().matches("connecting to the IRC server").count(), 1, "one connection, no retries");
     Ok(())
 }
 

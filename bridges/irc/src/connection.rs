@@ -684,6 +684,7 @@ impl Supervisor {
     async fn connect(&self) -> Result<(Client, irc::client::ClientStream), String> {
         let key = &self.conn.key;
         let nick = self.conn.nick();
+        let (client_cert_path, client_cert_pass) = self.client_certificate().await?;
         let config = IrcClientConfig {
             nickname: Some(nick.clone()),
             alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
@@ -694,6 +695,8 @@ impl Supervisor {
             use_tls: Some(self.server.tls),
             dangerously_accept_invalid_certs: Some(!self.server.tls_verify),
             cert_path: self.server.tls_ca_file.as_ref().map(|p| p.display().to_string()),
+            client_cert_path,
+            client_cert_pass,
             password: self.server.password.as_ref().map(|p| p.expose().to_owned()),
             encoding: Some(crate::wire::LIBRARY_ENCODING.to_owned()),
             ping_time: Some(60),
@@ -717,6 +720,21 @@ impl Supervisor {
         register().map_err(|e| format!("cannot register on {}: {e}", key.server))?;
         let stream = client.stream().map_err(|e| format!("connection to {} failed: {e}", key.server))?;
         Ok((client, stream))
+    }
+
+    /// The TLS client certificate (SASL EXTERNAL), as the IRC library takes it
+    /// with rustls: the certificate's PEM file, and the private key's PEM text
+    /// (from `client_key`, else from the certificate's file).
+    async fn client_certificate(&self) -> Result<(Option<String>, Option<String>), String> {
+        let Some(sasl) = self.server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::External) else {
+            return Ok((None, None));
+        };
+        let Some(cert) = &sasl.client_cert else { return Ok((None, None)) };
+        let key_file = sasl.client_key.as_ref().unwrap_or(cert);
+        let key = tokio::fs::read_to_string(key_file)
+            .await
+            .map_err(|e| format!("cannot read the client certificate's key {}: {e}", key_file.display()))?;
+        Ok((Some(cert.display().to_string()), Some(key)))
     }
 
     /// Serve one TCP connection until it ends; returns why it ended, and whether
@@ -888,26 +906,67 @@ pub(crate) struct Reader {
     sasl: Option<SaslLogin>,
 }
 
-/// SASL PLAIN credentials for one server.
+/// How to log in with SASL on one server.
 #[derive(Clone)]
-pub(crate) struct SaslLogin {
-    username: String,
-    password: String,
+pub(crate) enum SaslLogin {
+    /// PLAIN: an account's name and password.
+    Plain { username: String, password: String },
+    /// EXTERNAL: the TLS client certificate names the account; `authzid`, if
+    /// given, is the account asked for.
+    External { authzid: Option<String> },
 }
 
 impl SaslLogin {
     fn of(server: &IrcServerConfig) -> Option<SaslLogin> {
-        let sasl = server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::Plain)?;
-        Some(SaslLogin { username: sasl.username.clone()?, password: sasl.password.as_ref()?.expose().to_owned() })
+        let sasl = server.sasl.as_ref()?;
+        match sasl.mechanism {
+            SaslMechanism::Plain => Some(SaslLogin::Plain {
+                username: sasl.username.clone()?,
+                password: sasl.password.as_ref()?.expose().to_owned(),
+            }),
+            SaslMechanism::External => Some(SaslLogin::External { authzid: sasl.username.clone() }),
+        }
+    }
+
+    fn mechanism(&self) -> &'static str {
+        match self {
+            SaslLogin::Plain { .. } => "PLAIN",
+            SaslLogin::External { .. } => "EXTERNAL",
+        }
+    }
+
+    /// Whom the login is for, as the user knows it.
+    fn who(&self) -> String {
+        match self {
+            SaslLogin::Plain { username, .. } => username.clone(),
+            SaslLogin::External { authzid: Some(account) } => format!("{account} (client certificate)"),
+            SaslLogin::External { authzid: None } => "the client certificate's account".to_owned(),
+        }
+    }
+
+    /// What to check when the login failed.
+    fn hint(&self) -> &'static str {
+        match self {
+            SaslLogin::Plain { .. } => "check the SASL username and password",
+            SaslLogin::External { .. } => {
+                "check that the client certificate's fingerprint is registered with the services account (e.g. NickServ CERT ADD)"
+            }
+        }
     }
 
     /// The `AUTHENTICATE` payloads: base64 in pieces of at most 400 bytes, a `+`
-    /// after a last piece of exactly 400 (IRCv3 SASL).
+    /// after a last piece of exactly 400, or alone for an empty response (IRCv3 SASL).
     fn payloads(&self) -> Vec<String> {
         use base64::Engine as _;
         use sasl::client::Mechanism as _;
-        let mut plain = sasl::client::mechanisms::Plain::new(self.username.clone(), self.password.clone());
-        let encoded = base64::engine::general_purpose::STANDARD.encode(plain.initial());
+        let initial = match self {
+            SaslLogin::Plain { username, password } => {
+                sasl::client::mechanisms::Plain::new(username.clone(), password.clone()).initial()
+            }
+            // EXTERNAL's only message is the authorization identity (empty: the certificate's).
+            SaslLogin::External { authzid } => authzid.clone().unwrap_or_default().into_bytes(),
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(initial);
         let mut pieces: Vec<String> =
             encoded.as_bytes().chunks(400).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
         if pieces.last().is_none_or(|p| p.len() == 400) {
@@ -1307,7 +1366,7 @@ impl Reader {
                 }
             }
             Command::Response(Response::RPL_SASLSUCCESS, _) => {
-                info!("logged in with SASL");
+                info!(mechanism = self.sasl.as_ref().map(SaslLogin::mechanism), "logged in with SASL");
                 self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
             }
             Command::Response(
@@ -1319,10 +1378,13 @@ impl Reader {
                 ref args,
             ) => {
                 let reason = args.last().cloned().unwrap_or_else(|| format!("{code:?}"));
-                let user = self.sasl.as_ref().map(|l| l.username.clone()).unwrap_or_default();
-                warn!(user, reason, "SASL login failed");
+                let (user, mechanism, hint) = match &self.sasl {
+                    Some(l) => (l.who(), l.mechanism(), l.hint()),
+                    None => (String::new(), "", "check the SASL settings"),
+                };
+                warn!(user, mechanism, reason, "SASL login failed");
                 self.notify_user(format!(
-                    "SASL login as {user} failed on {}: {reason}. Connecting without logging in; check the SASL username and password.",
+                    "SASL {mechanism} login as {user} failed on {}: {reason}. Connecting without logging in; {hint}.",
                     self.conn.key.server
                 ));
                 self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
@@ -1479,7 +1541,8 @@ impl Reader {
                 if let (Some(login), false) = (&self.sasl, sasl_offered) {
                     let text = format!(
                         "{} does not offer SASL: not logged in as {}; connecting without logging in.",
-                        self.conn.key.server, login.username
+                        self.conn.key.server,
+                        login.who()
                     );
                     self.notify_user(text);
                 }
@@ -1493,9 +1556,9 @@ impl Reader {
                 let caps = b.or(a).unwrap_or_default();
                 info!(caps, "IRCv3 capabilities enabled");
                 self.conn.lock().enabled.extend(caps.split_whitespace().map(str::to_owned));
-                if self.sasl.is_some() && caps.split_whitespace().any(|c| c == "sasl") {
+                if let Some(login) = self.sasl.as_ref().filter(|_| caps.split_whitespace().any(|c| c == "sasl")) {
                     // Registration ends (CAP END) once the SASL exchange has.
-                    self.send_now(Command::AUTHENTICATE("PLAIN".to_owned()));
+                    self.send_now(Command::AUTHENTICATE(login.mechanism().to_owned()));
                 } else {
                     self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
                 }
