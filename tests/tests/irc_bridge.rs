@@ -1069,3 +1069,45 @@ async fn leave_and_rejoin_at_once_gets_the_self_presence_every_time(kind: IrcSer
     Ok(())
 }
 isthmus_tests::on_both_irc_servers!(leave_and_rejoin_at_once_gets_the_self_presence_every_time);
+
+/// A room message the IRC server refuses (InspIRCd with echo-message and labels:
+/// 404 on a moderated channel) comes back to the sender as an error instead of
+/// a reflection, never reaches IRC, and stays out of the room's history, while
+/// what was said stays in it.
+#[tokio::test]
+async fn a_refused_room_message_is_an_error_and_stays_out_of_the_history() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Inspircd, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#mod").await?;
+    bob.send_line("MODE #mod +m").await?;
+    bob.expect_line(T, |l| l.contains(" MODE #mod ") && l.contains("+m")).await?;
+    let room = room("#mod");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!("<message to='{room}' type='groupchat' id='x1'><body>not allowed</body></message>"))
+        .await?;
+    let error = alice.expect(T, |st| st.id == "x1").await?;
+    assert_eq!(error.type_, "error", "{}", error.xml);
+    assert!(error.xml.contains("#mod"), "the server's reason: {}", error.xml);
+    bob.send_line("MODE #mod +v alice").await?;
+    alice
+        .expect(T, |st| {
+            st.kind == "presence" && st.from == format!("{room}/alice") && st.xml.contains("affiliation=\"member\"")
+        })
+        .await?;
+    alice
+        .send_raw(&format!("<message to='{room}' type='groupchat' id='x2'><body>allowed now</body></message>"))
+        .await?;
+    alice.expect(T, |st| st.id == "x2" && st.type_ == "groupchat").await?;
+    bob.privmsg("#mod", "from bob").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("from bob")).await?;
+    assert!(!bob.seen().iter().any(|l| l.contains("not allowed")), "the refused message reached IRC");
+
+    let mut phone = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/phone", "alicepass").await?;
+    phone.join_with_history(&room, "alice", 20).await?;
+    phone.expect(T, |st| st.body.as_deref() == Some("from bob")).await?;
+    let history: Vec<String> = phone.seen().iter().filter(|x| x.contains("<body>")).cloned().collect();
+    assert!(history.iter().any(|x| x.contains("allowed now")), "{history:#?}");
+    assert!(!history.iter().any(|x| x.contains("not allowed")), "the refused message is in the history: {history:#?}");
+    Ok(())
+}
