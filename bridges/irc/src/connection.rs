@@ -1770,4 +1770,36 @@ mod tests {
         assert_eq!(e.kind, EventKind::Left { kind: LeaveKind::Quit, reason: Some("bye".into()) });
         assert!(line(&mut h, ":bob!b@h QUIT :again").is_empty(), "bob is in no room any more");
     }
+
+    #[test]
+    fn the_answer_to_our_own_part_does_not_end_a_rejoin() {
+        let mut h = harness();
+        joined(&mut h);
+        assert!(!h.connection().part("#Test", None).expect("the queue is open"), "no channel left");
+        h.connection().join("#Test", Some("key")).expect("the queue is open");
+        assert!(line(&mut h, ":me!~me@host PART #test :bye").is_empty(), "the leave was reported already");
+        let events = joined(&mut h);
+        assert!(matches!(events.as_slice(), [e] if matches!(e.kind, EventKind::SelfJoined { .. })), "{events:?}");
+        // A PART the user did not ask for (e.g. sent as a raw command) is still reported.
+        let e = one(&mut h, ":me!~me@host PART #test");
+        assert!(e.sender.is_self && matches!(e.kind, EventKind::Left { kind: LeaveKind::Part, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn the_servers_refusal_before_registration_is_kept_for_the_user() {
+        let mut h = harness();
+        assert!(line(&mut h, ":irc.example.org 464 me :Password incorrect").is_empty());
+        let refusal = h.connection().lock().refusal.clone().unwrap_or_default();
+        assert!(refusal.contains("server password was refused (Password incorrect)"), "{refusal}");
+        line(&mut h, "ERROR :Closing link: (Bad password)");
+        assert_eq!(h.connection().lock().refusal.as_deref(), Some(refusal.as_str()), "the first reason is kept");
+    }
+
+    #[test]
+    fn sasl_external_sends_the_authorization_identity() {
+        assert_eq!(SaslLogin::External { authzid: None }.payloads(), ["+"]);
+        assert_eq!(SaslLogin::External { authzid: Some("erin".into()) }.payloads(), ["ZXJpbg=="]);
+        let plain = SaslLogin::Plain { username: "u".into(), password: "p".into() };
+        assert_eq!((plain.mechanism(), plain.payloads()), ("PLAIN", vec!["AHUAcA==".to_owned()]));
+    }
 }
