@@ -934,19 +934,7 @@ impl Gateway {
         body: &str,
         time: std::time::SystemTime,
     ) {
-        let time_us = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-        self.archive.record(ArchiveEntry {
-            archive_id: next_archive_id(),
-            stanza_id: key.to_owned(),
-            origin_id,
-            room: room.to_string(),
-            owner: owner.map(BareJid::to_string),
-            sender_nick: nick.to_owned(),
-            sender_jid,
-            time_us,
-            body: body.to_owned(),
-            payload: None,
-        });
+        self.archive.record(archive_entry(room, owner, key, origin_id, nick, sender_jid, body, time));
     }
 
     /// Record a message from another network in `room`'s archive of `owner` (`None`:
@@ -1226,20 +1214,15 @@ impl Gateway {
                 accepted.push(Stanza::Message(receipt));
             }
         }
+        let mut archived = None;
         if chat.kind == ChatKind::Room {
             if is_message {
                 // A portal room's messages go to its shared archive, once.
                 let owner = (!self.is_portal(&room)).then_some(&account);
-                self.archive_message(
-                    &room,
-                    owner,
-                    &key.0,
-                    origin_id.clone(),
-                    &nick,
-                    Some(account.to_string()),
-                    &body,
-                    std::time::SystemTime::now(),
-                );
+                let account_jid = Some(account.to_string());
+                let now = std::time::SystemTime::now();
+                let entry = archive_entry(&room, owner, &key.0, origin_id.clone(), &nick, account_jid, &body, now);
+                archived = Some((self.archive.clone(), entry));
             }
             accepted.extend(self.reflections(&m, &room, &account, &nick, &body, &key.0));
         }
@@ -1247,19 +1230,26 @@ impl Gateway {
         // here on), and where the network confirms later (IRC echo-message), once it did.
         let confirmation =
             report.deliveries.iter_mut().find_map(|(_, r)| r.as_mut().ok().and_then(|d| d.confirmation.take()));
-        Self::send_accepted(domain, &m, accepted, report.persisted.clone(), confirmation);
+        Self::send_accepted(domain, &m, accepted, report.persisted.clone(), confirmation, archived);
     }
 
     /// Tell the sender their message was accepted (`stanzas`, the first one held
-    /// until `persisted` opens). With a `confirmation` they wait for the network's
-    /// word; a refusal reaches the sender as an error instead.
+    /// until `persisted` opens), and keep it in the room's archive (`archived`).
+    /// With a `confirmation` both wait for the network's word; a refusal reaches
+    /// the sender as an error instead, and the message is not archived.
     fn send_accepted(
         domain: &Domain,
         m: &Message,
         stanzas: Vec<Stanza>,
         mut persisted: Option<Receipt>,
         confirmation: Option<Confirmation>,
+        archived: Option<(Archive, ArchiveEntry)>,
     ) {
+        let archive = move || {
+            if let Some((archive, entry)) = archived {
+                archive.record(entry);
+            }
+        };
         let mut send = move |domain: &Domain, stanzas: Vec<Stanza>| {
             for stanza in stanzas {
                 if domain.outgoing.send(Outgoing { stanza, receipt: persisted.take() }).is_err() {
@@ -1267,18 +1257,27 @@ impl Gateway {
                 }
             }
         };
-        let Some(confirmation) = confirmation else { return send(domain, stanzas) };
+        let Some(confirmation) = confirmation else {
+            archive();
+            return send(domain, stanzas);
+        };
         let (domain, m) = (domain.clone(), m.clone());
         tokio::spawn(async move {
             let stanzas = match tokio::time::timeout(CONFIRMATION_WAIT, confirmation.wait()).await {
-                Ok(Ok(_)) => stanzas,
+                Ok(Ok(_)) => {
+                    archive();
+                    stanzas
+                }
                 Ok(Err(e)) => {
+                    // Refused: it was never said, so it stays out of the room's history.
+                    debug!(id = ?m.id, error = %e, "the network refused the message; not archived");
                     stanza::message_error(&m, ErrorType::Cancel, DefinedCondition::NotAcceptable, &e.to_string())
                         .into_iter()
                         .collect()
                 }
                 Err(_) => {
                     warn!(id = ?m.id, "the network did not confirm the message in time; reported as accepted");
+                    archive();
                     stanzas
                 }
             };
@@ -1652,6 +1651,11 @@ impl Gateway {
                 let people = vec![(occupant.id.0.clone(), occupant.nick.clone())];
                 self.learn_profiles(people_net.clone(), viewer.clone(), room.clone(), account.clone(), people);
             }
+            EventKind::Left { .. } if event.sender.is_self && !session.joined && !session.pending.is_empty() => {
+                // Our own leave reported late (the network answering a leave made
+                // before this join): it must not end the join now under way.
+                debug!(room = %room, account = %account, "a late leave of an earlier stay; ignored");
+            }
             EventKind::Left { kind, reason } => {
                 let mut codes = match kind {
                     LeaveKind::Kick { .. } => vec![Status::Kicked],
@@ -1856,4 +1860,32 @@ fn archived_message(e: &ArchiveEntry, room: &BareJid, to: Jid) -> Option<Message
     m.id = Some(stanza::new_id());
     m.payloads.push(stanza::delay(time, room)?.into());
     Some(stanza::with_stanza_id(m, &e.stanza_id, room))
+}
+
+/// An archive entry for a room message: in the archive of `owner` (an account's own, in IRC
+/// rooms), or in the room's shared archive (`None`, portal rooms).
+#[allow(clippy::too_many_arguments)]
+fn archive_entry(
+    room: &BareJid,
+    owner: Option<&BareJid>,
+    key: &str,
+    origin_id: Option<String>,
+    nick: &str,
+    sender_jid: Option<String>,
+    body: &str,
+    time: std::time::SystemTime,
+) -> ArchiveEntry {
+    let time_us = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    ArchiveEntry {
+        archive_id: next_archive_id(),
+        stanza_id: key.to_owned(),
+        origin_id,
+        room: room.to_string(),
+        owner: owner.map(BareJid::to_string),
+        sender_nick: nick.to_owned(),
+        sender_jid,
+        time_us,
+        body: body.to_owned(),
+        payload: None,
+    }
 }

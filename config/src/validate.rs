@@ -39,8 +39,16 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
             if let Some(s) = server.password.as_mut() {
                 resolve(s, &base, file)?;
             }
-            if let Some(s) = server.sasl.as_mut().and_then(|s| s.password.as_mut()) {
-                resolve(s, &base, file)?;
+            if let Some(sasl) = server.sasl.as_mut() {
+                if let Some(s) = sasl.password.as_mut() {
+                    resolve(s, &base, file)?;
+                }
+                // Certificate and key paths are relative to the configuration file.
+                for path in [&mut sasl.client_cert, &mut sasl.client_key].into_iter().flatten() {
+                    if path.is_relative() {
+                        *path = base.join(&*path);
+                    }
+                }
             }
         }
     }
@@ -55,6 +63,22 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
         if let Some(b) = net.bot.as_mut() {
             resolve(&mut b.password, &base, file)?;
         }
+    }
+    Ok(())
+}
+
+/// Whether the file at `path` (`what` in the configuration) is readable and holds
+/// a PEM block whose label ends with `label` (e.g. `PRIVATE KEY`).
+fn check_pem(path: &Path, label: &str, what: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{what}` {}: {e}", path.display()))?;
+    if !text.lines().any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----"))) {
+        return Err(format!("`{what}` {} holds no PEM `{label}`", path.display()));
+    }
+    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "`{what}` {}: the key is encrypted; give it unencrypted (`openssl pkey -in KEY -out PLAIN`) and protect the file",
+            path.display()
+        ));
     }
     Ok(())
 }
@@ -180,14 +204,25 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                     SaslMechanism::Plain if sasl.username.is_none() || sasl.password.is_none() => {
                         return err(format!("server `{name}`: SASL PLAIN needs `username` and `password`"));
                     }
-                    SaslMechanism::External if sasl.client_cert.is_none() => {
-                        return err(format!("server `{name}`: SASL EXTERNAL needs `client_cert`"));
-                    }
-                    // Refused rather than silently ignored until the IRC bridge presents client certificates.
                     SaslMechanism::External => {
-                        return err(format!(
-                            "server `{name}`: SASL EXTERNAL (client certificates) is not supported yet; use `mechanism: plain`"
-                        ));
+                        let Some(cert) = &sasl.client_cert else {
+                            return err(format!("server `{name}`: SASL EXTERNAL needs `client_cert`"));
+                        };
+                        if !server.tls {
+                            return err(format!(
+                                "server `{name}`: SASL EXTERNAL presents a TLS client certificate: it needs `tls: true`"
+                            ));
+                        }
+                        if let Err(m) = check_pem(cert, "CERTIFICATE", "client_cert") {
+                            return err(format!("server `{name}`: {m}"));
+                        }
+                        let (key, what) = match &sasl.client_key {
+                            Some(key) => (key, "client_key"),
+                            None => (cert, "client_cert (no client_key given: the key must be in it)"),
+                        };
+                        if let Err(m) = check_pem(key, "PRIVATE KEY", what) {
+                            return err(format!("server `{name}`: {m}"));
+                        }
                     }
                     SaslMechanism::Plain => {}
                 }
@@ -395,9 +430,13 @@ mod tests {
         ));
         assert!(e.message().contains("client_cert"), "{e}");
         let e = err(&format!(
-            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external, client_cert: c.pem }} }}\n"
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ tls: false, sasl: {{ mechanism: external, client_cert: c.pem }} }}\n"
         ));
-        assert!(e.message().contains("SASL EXTERNAL (client certificates) is not supported yet"), "{e}");
+        assert!(e.message().contains("needs `tls: true`"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {{ mechanism: external, client_cert: missing.pem }} }}\n"
+        ));
+        assert!(e.message().contains("cannot read `client_cert`"), "{e}");
         let e = err(&format!(
             "{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ encoding_fallback: klingon }}\n"
         ));
@@ -491,5 +530,36 @@ mod tests {
             "{BASE}matrix:\n  - domain: m.localhost\n    bot: {{ homeserver: h.org, user_id: \"@i:h\", password: p }}\n"
         ));
         assert!(e.message().contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn sasl_external_paths_are_relative_to_the_file_and_checked() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        std::fs::write(dir.path().join("c.pem"), cert).expect("write");
+        std::fs::write(dir.path().join("k.pem"), key).expect("write");
+        std::fs::write(dir.path().join("both.pem"), format!("{cert}{key}")).expect("write");
+        let yaml =
+            |sasl: &str| format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {sasl} }}\n");
+        let c = from_str(
+            &yaml("{ mechanism: external, client_cert: c.pem, client_key: k.pem }"),
+            &dir.path().join("i.yaml"),
+        )
+        .expect("valid");
+        let sasl = c.irc[0].servers["x"].sasl.clone().expect("sasl");
+        assert_eq!(sasl.client_cert.as_deref(), Some(dir.path().join("c.pem").as_path()));
+        assert_eq!(sasl.client_key.as_deref(), Some(dir.path().join("k.pem").as_path()));
+        from_str(&yaml("{ mechanism: external, client_cert: both.pem }"), &dir.path().join("i.yaml"))
+            .expect("key in the cert file");
+        let e = from_str(&yaml("{ mechanism: external, client_cert: c.pem }"), &dir.path().join("i.yaml"))
+            .expect_err("no key");
+        assert!(e.message().contains("no PEM `PRIVATE KEY`"), "{e}");
+        let e = from_str(
+            &yaml("{ mechanism: external, client_cert: k.pem, client_key: k.pem }"),
+            &dir.path().join("i.yaml"),
+        )
+        .expect_err("no certificate");
+        assert!(e.message().contains("no PEM `CERTIFICATE`"), "{e}");
     }
 }

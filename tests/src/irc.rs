@@ -30,6 +30,15 @@ impl IrcClient {
     /// Connect and register as `nick`, asking for IRCv3 capabilities `caps` first
     /// (registration completes whether the server grants them or not).
     pub async fn connect_with_caps(port: u16, nick: &str, caps: &[&str]) -> Result<IrcClient> {
+        Self::register(port, nick, caps, None).await
+    }
+
+    /// Connect and register as `nick` on a server asking for `password` (PASS).
+    pub async fn connect_with_password(port: u16, nick: &str, password: &str) -> Result<IrcClient> {
+        Self::register(port, nick, &[], Some(password)).await
+    }
+
+    async fn register(port: u16, nick: &str, caps: &[&str], password: Option<&str>) -> Result<IrcClient> {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.context("connect to the IRC server")?;
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
@@ -44,6 +53,9 @@ impl IrcClient {
         };
         if !caps.is_empty() {
             c.send_line(&format!("CAP REQ :{}", caps.join(" "))).await?;
+        }
+        if let Some(password) = password {
+            c.send_line(&format!("PASS {password}")).await?;
         }
         c.send_line(&format!("NICK {nick}")).await?;
         c.send_line(&format!("USER {nick} 0 * :test client {nick}")).await?;

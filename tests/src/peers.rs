@@ -430,7 +430,8 @@ pub struct IrcServer {
 const SERVICES_LINK_PASSWORD: &str = "isthmus-link";
 
 /// Atheme's configuration: Debian's example with the protocol module for
-/// InspIRCd, the link to it, and SASL EXTERNAL loaded next to PLAIN.
+/// InspIRCd, the link to it, and SASL EXTERNAL loaded next to PLAIN (with
+/// NickServ CERT, which adds certificate fingerprints to accounts).
 fn atheme_config(link_port: u16) -> Result<String> {
     let example = "/usr/share/doc/atheme-services/examples/atheme.conf.example";
     let mut conf = std::fs::read_to_string(example)
@@ -441,6 +442,7 @@ fn atheme_config(link_port: u16) -> Result<String> {
             "loadmodule \"modules/saslserv/plain\";",
             "loadmodule \"modules/saslserv/plain\";\nloadmodule \"modules/saslserv/external\";".to_owned(),
         ),
+        ("#loadmodule \"modules/nickserv/cert\";", "loadmodule \"modules/nickserv/cert\";".to_owned()),
         ("name = \"services.int\";", "name = \"services.localhost\";".to_owned()),
         ("netname = \"misconfigured network\";", "netname = \"LocalNet\";".to_owned()),
         ("adminname = \"misconfigured admin\";", "adminname = \"test\";".to_owned()),
@@ -456,6 +458,43 @@ fn atheme_config(link_port: u16) -> Result<String> {
         conf = conf.replacen(from, &to, 1);
     }
     Ok(conf)
+}
+
+/// A TLS client certificate made for a test: its PEM files and its SHA-256
+/// fingerprint as IRC servers and services show it (lower-case hex, no colons).
+pub struct ClientCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub fingerprint: String,
+}
+
+/// A self-signed client certificate `name.crt` / `name.key` in `dir`.
+pub fn client_certificate(dir: &Path, name: &str) -> Result<ClientCertificate> {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = std::process::Command::new(find_program("openssl", &[])?)
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj"])
+        .arg(format!("/CN={name}"))
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=clientAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("run openssl")?;
+    if !out.status.success() {
+        bail!("openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = std::process::Command::new(find_program("openssl", &[])?)
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .context("run openssl x509")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fingerprint = text.trim().rsplit('=').next().unwrap_or_default().replace(':', "").to_lowercase();
+    if !out.status.success() || fingerprint.len() != 64 {
+        bail!("openssl x509 -fingerprint failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(ClientCertificate { cert, key, fingerprint })
 }
 
 /// Ngircd is the IRC server most tests use.
@@ -502,6 +541,7 @@ impl IrcServer {
 <module name="spanningtree">
 <module name="sasl">
 <module name="services_account">
+<module name="sslinfo">
 <module name="hidechans">
 <module name="chghost">
 <module name="chgident">
@@ -512,6 +552,7 @@ impl IrcServer {
 <sasl target="services.localhost">
 "#
         );
+        // Client certificates are asked for, and their fingerprints passed on (sslinfo), for SASL EXTERNAL.
         let mut irc = Self::start_configured(IrcServerKind::Inspircd, free_port(), &services).await?;
         let data = irc.dir.path().join("atheme");
         std::fs::create_dir_all(&data)?;
@@ -536,7 +577,13 @@ impl IrcServer {
         Self::start_configured(kind, port, "").await
     }
 
-    /// Start with `extra` appended to the configuration (InspIRCd only).
+    /// An ngIRCd that asks every client for `password` (PASS).
+    pub async fn start_ngircd_with_password(password: &str) -> Result<IrcServer> {
+        Self::start_configured(IrcServerKind::Ngircd, free_port(), &format!("\tPassword = {password}\n")).await
+    }
+
+    /// Start with `extra` appended to the configuration (ngIRCd: to its `[Global]` section).
+    /// An InspIRCd with extra configuration (services) asks TLS clients for a certificate.
     async fn start_configured(kind: IrcServerKind, port: u16, extra: &str) -> Result<IrcServer> {
         let dir = tempfile::Builder::new().prefix("isthmus-ircd-").tempdir()?;
         let tls_port = free_port();
@@ -547,7 +594,7 @@ impl IrcServer {
         let cfg = match kind {
             IrcServerKind::Ngircd => format!(
                 "[Global]\n\tName = irc.localhost\n\tInfo = Isthmus test server\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
-                 \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n\
+                 \tMotdPhrase = \"test\"\n\tPidFile = {d}/ngircd.pid\n\tAdminInfo1 = test\n\tAdminInfo2 = test\n\tAdminEMail = test@localhost\n{extra}\
                  [Limits]\n\tMaxConnections = 0\n\tMaxConnectionsIP = 0\n\tMaxJoins = 0\n\tMaxPenaltyTime = 0\n\tMaxNickLength = 31\n\
                  \tPingTimeout = 120\n\tPongTimeout = 20\n\
                  [Options]\n\tDNS = no\n\tIdent = no\n\tPAM = no\n\tMorePrivacy = no\n\tRequireAuthPing = no\n\tOperCanUseMode = yes\n\
@@ -591,6 +638,12 @@ impl IrcServer {
         let file = match kind {
             IrcServerKind::Ngircd => "ngircd.conf",
             IrcServerKind::Inspircd => "inspircd.conf",
+        };
+        let cfg = match kind {
+            IrcServerKind::Inspircd if !extra.is_empty() => {
+                cfg.replace(r#"requestclientcert="no""#, r#"requestclientcert="yes""#)
+            }
+            _ => cfg,
         };
         std::fs::write(dir.path().join(file), cfg)?;
         let mut n = IrcServer { kind, dir, port, tls_port, child: None, services: None };

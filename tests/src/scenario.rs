@@ -28,6 +28,8 @@ pub struct IrcSetup {
 struct Extra<'a> {
     irc: &'a str,
     server: &'a str,
+    /// Added to the settings of the server `localhost` (the TLS port).
+    tls_server: &'a str,
 }
 
 /// The room JID of `channel` on the test ngIRCd.
@@ -63,8 +65,13 @@ impl IrcSetup {
         irc_extra: &str,
         store_url: &str,
     ) -> Result<IrcSetup> {
-        Self::start_full(xmpp, IrcServer::start_kind(kind).await?, Extra { irc: irc_extra, server: "" }, store_url)
-            .await
+        Self::start_full(
+            xmpp,
+            IrcServer::start_kind(kind).await?,
+            Extra { irc: irc_extra, server: "", tls_server: "" },
+            store_url,
+        )
+        .await
     }
 
     /// Start everything on the given IRC server; `server_extra` is YAML appended to
@@ -75,7 +82,14 @@ impl IrcSetup {
 
     /// Like [`IrcSetup::start_on_server`] on an IRC server already started (e.g. with services).
     pub async fn start_on_running(irc: IrcServer, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
-        let extra = Extra { irc: irc_extra, server: server_extra };
+        let extra = Extra { irc: irc_extra, server: server_extra, tls_server: "" };
+        Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
+    }
+
+    /// Like [`IrcSetup::start_on_running`], with `tls_server_extra` appended to the
+    /// settings of the server `localhost` (the IRC server's TLS port, verified), indented 8.
+    pub async fn start_on_running_tls(irc: IrcServer, tls_server_extra: &str) -> Result<IrcSetup> {
+        let extra = Extra { irc: "", server: "", tls_server: tls_server_extra };
         Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
     }
 
@@ -90,7 +104,7 @@ impl IrcSetup {
     /// going through a [`Relay`] the test can cut.
     pub async fn start_behind_relay(irc_extra: &str) -> Result<(IrcSetup, Relay)> {
         let irc = IrcServer::start_kind(IrcServerKind::Ngircd).await?;
-        let extra = Extra { irc: irc_extra, server: "" };
+        let extra = Extra { irc: irc_extra, server: "", tls_server: "" };
         let (setup, relay) =
             Self::start_attached(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db", true).await?;
         Ok((setup, relay.ok_or_else(|| anyhow::anyhow!("no relay started"))?))
@@ -162,6 +176,7 @@ irc:
         port: {tls_port}
         tls: true
         tls_ca_file: {ca}
+{tls_server_extra}
       unverified.localhost:
         host: localhost
         port: {tls_port}
@@ -171,6 +186,7 @@ irc:
             irc_port = irc.port(),
             irc_extra = extra.irc,
             server_extra = extra.server,
+            tls_server_extra = extra.tls_server,
             tls_port = irc.tls_port(),
             ca = irc.ca_file().display()
         )

@@ -657,7 +657,7 @@ async fn sasl_failure_reaches_the_user(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on_running(irc, sasl, "").await?;
     let mut alice = s.join("alice", "r", &room("#test"), "alice").await?;
     let expected = match kind {
-        IrcServerKind::Inspircd => "SASL login as carol failed on 127.0.0.1",
+        IrcServerKind::Inspircd => "SASL PLAIN login as carol failed on 127.0.0.1",
         IrcServerKind::Ngircd => "127.0.0.1 does not offer SASL: not logged in as carol",
     };
     let m = alice
@@ -897,5 +897,217 @@ async fn configure_sasl_logs_in_to_the_users_services_account() -> Result<()> {
     let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
     assert!(account.contains(" alice dave "), "{account}");
     assert!(!s.gateway.log().contains("davepass1"), "a password reached the log");
+    Ok(())
+}
+
+/// The server's JID of the test IRC server's TLS port.
+fn tls_server_jid() -> String {
+    format!("localhost@{IRC_DOMAIN}")
+}
+
+/// The SASL EXTERNAL settings for a certificate, as server YAML (indented 8).
+fn sasl_external(cert: &isthmus_tests::peers::ClientCertificate) -> String {
+    format!(
+        "        sasl: {{ mechanism: external, client_cert: \"{}\", client_key: \"{}\" }}",
+        cert.cert.display(),
+        cert.key.display()
+    )
+}
+
+/// SASL EXTERNAL against InspIRCd (TLS, gnutls) with Atheme: the fingerprint of
+/// a client certificate is added to a NickServ account; the gateway presents the
+/// certificate on its TLS connection and logs in to that account with it (900
+/// to the user, 330 in WHOIS).
+#[tokio::test]
+async fn sasl_external_logs_in_with_the_client_certificate() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let cert = isthmus_tests::peers::client_certificate(certs.path(), "gateway")?;
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let mut erin = IrcClient::connect(irc.port(), "erin").await?;
+    erin.privmsg("NickServ", "REGISTER erinpass1 erin@example.org").await?;
+    erin.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains("registered")).await?;
+    erin.privmsg("NickServ", &format!("CERT ADD {}", cert.fingerprint)).await?;
+    let added = erin.expect_line(T, |l| l.starts_with(":NickServ!") && l.contains(&cert.fingerprint)).await?;
+    assert!(added.contains("Added"), "{added}");
+    erin.send_line("QUIT").await?;
+
+    let s = IrcSetup::start_on_running_tls(irc, &sasl_external(&cert)).await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test").replace("%127.0.0.1@", "%localhost@");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .expect(T, |st| {
+            st.from == tls_server_jid()
+                && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as erin"))
+        })
+        .await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice erin "), "{account}");
+    alice.send_groupchat(&room, "logged in by certificate").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("logged in by certificate")).await?;
+    let log = s.gateway.log();
+    assert!(log.contains("logged in with SASL") && log.contains("EXTERNAL"), "{log}");
+    Ok(())
+}
+
+/// SASL EXTERNAL with a certificate no account knows: the user is told on the
+/// server's JID what failed and what to check, stays connected and in the room
+/// without the account, and the gateway does not retry in a loop.
+#[tokio::test]
+async fn sasl_external_with_an_unknown_certificate_says_so() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let cert = isthmus_tests::peers::client_certificate(certs.path(), "stranger")?;
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let s = IrcSetup::start_on_running_tls(irc, &sasl_external(&cert)).await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test").replace("%127.0.0.1@", "%localhost@");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let failed = alice
+        .expect(T, |st| {
+            st.from == tls_server_jid()
+                && st.body.as_deref().is_some_and(|b| {
+                    b.contains("SASL EXTERNAL login as the client certificate's account failed on localhost")
+                })
+        })
+        .await?;
+    let text = failed.body.unwrap_or_default();
+    assert!(text.contains("without logging in") && text.contains("NickServ CERT ADD"), "{text}");
+    bob.send_line("WHOIS alice").await?;
+    let end = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("318")).await?;
+    assert!(!bob.seen().iter().any(|l| l.split(' ').nth(1) == Some("330")), "no account: {end}");
+    alice.send_groupchat(&room, "still here").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("still here")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.gateway.log().matches("connecting to the IRC server").count(), 1, "one connection, no retries");
+    Ok(())
+}
+
+/// A server password (PASS) on ngIRCd: with the wrong one the join fails with
+/// the server's reason (the room join error and a message from the server's JID),
+/// once, without retrying; the user sets the right one with `configure` and the
+/// next join works, and what the user says reaches IRC.
+#[tokio::test]
+async fn server_password_wrong_then_right() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_ngircd_with_password("letmein").await?;
+    let s = IrcSetup::start_on_running(irc, "        password: wrong", "").await?;
+    let mut bob = IrcClient::connect_with_password(s.irc.port(), "bob", "letmein").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let server = server_jid();
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.join(&room, "alice").await?;
+    let refused =
+        alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room) && st.type_ == "error").await?;
+    assert!(refused.xml.contains("did not let us log in"), "{}", refused.xml);
+    assert!(refused.xml.to_lowercase().contains("password"), "the error names the password: {}", refused.xml);
+    let told = alice.expect(T, |st| st.from == server && st.body.is_some()).await?;
+    assert!(told.body.as_deref().is_some_and(|b| b.contains("did not let us log in")), "{}", told.xml);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.gateway.log().matches("connecting to the IRC server").count(),
+        1,
+        "no retries with a refused password"
+    );
+
+    alice
+        .send_raw(&format!(
+            "<message to='{server}' type='chat' id='p1'><body>configure password=letmein</body></message>"
+        ))
+        .await?;
+    alice.expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("password: set"))).await?;
+    alice.join(&room, "alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice") && st.has_status(110)).await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains(" JOIN ")).await?;
+    alice.send_groupchat(&room, "with the right password").await?;
+    bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("with the right password")).await?;
+    assert!(!s.gateway.log().contains("letmein"), "a password reached the log");
+    Ok(())
+}
+
+/// Leaving a room and joining it again at once, several times in a row: every
+/// join gets its self-presence (110) under the same nick, whether the leave
+/// closed the IRC connection (the last channel on the server) or not (another
+/// channel keeps it open). The server's late answers to the leave (PART, the old
+/// connection's QUIT) must not end the new stay.
+async fn leave_and_rejoin_at_once_gets_the_self_presence_every_time(kind: IrcServerKind) -> Result<()> {
+    let s = IrcSetup::start_on(kind, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#race").await?;
+    let room = room("#race");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let own = |room: String| {
+        move |st: &isthmus_tests::xmpp::Stanza| {
+            st.kind == "presence"
+                && st.from == format!("{room}/alice")
+                && st.has_status(110)
+                && !st.xml.contains("unavailable")
+        }
+    };
+    let mut keeper = None;
+    for keep_open in [false, true] {
+        if keep_open {
+            // another device of alice's in another channel on the server keeps the connection open
+            keeper = Some(s.join("alice", "other", &isthmus_tests::scenario::room("#keep"), "alice").await?);
+        }
+        for round in 0..5 {
+            alice.send_raw(&format!("<presence to='{room}/alice' type='unavailable'/>")).await?;
+            alice.join(&room, "alice").await?;
+            let joined = alice.expect(T, own(room.clone())).await;
+            if let Err(e) = joined {
+                let log = s.gateway.log();
+                panic!("round {round} (keep_open: {keep_open}): {e}\n{}", &log[log.len().saturating_sub(6000)..]);
+            }
+            // the room works: a message from IRC arrives
+            bob.privmsg("#race", &format!("round {round} {keep_open}")).await?;
+            alice.expect(T, |st| st.body.as_deref() == Some(format!("round {round} {keep_open}").as_str())).await?;
+        }
+    }
+    drop(keeper);
+    Ok(())
+}
+isthmus_tests::on_both_irc_servers!(leave_and_rejoin_at_once_gets_the_self_presence_every_time);
+
+/// A room message the IRC server refuses (InspIRCd with echo-message and labels:
+/// 404 on a moderated channel) comes back to the sender as an error instead of
+/// a reflection, never reaches IRC, and stays out of the room's history, while
+/// what was said stays in it.
+#[tokio::test]
+async fn a_refused_room_message_is_an_error_and_stays_out_of_the_history() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Inspircd, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#mod").await?;
+    bob.send_line("MODE #mod +m").await?;
+    bob.expect_line(T, |l| l.contains(" MODE #mod ") && l.contains("+m")).await?;
+    let room = room("#mod");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!("<message to='{room}' type='groupchat' id='x1'><body>not allowed</body></message>"))
+        .await?;
+    let error = alice.expect(T, |st| st.id == "x1").await?;
+    assert_eq!(error.type_, "error", "{}", error.xml);
+    assert!(error.xml.contains("#mod"), "the server's reason: {}", error.xml);
+    bob.send_line("MODE #mod +v alice").await?;
+    alice
+        .expect(T, |st| {
+            st.kind == "presence" && st.from == format!("{room}/alice") && st.xml.contains("affiliation=\"member\"")
+        })
+        .await?;
+    alice
+        .send_raw(&format!("<message to='{room}' type='groupchat' id='x2'><body>allowed now</body></message>"))
+        .await?;
+    alice.expect(T, |st| st.id == "x2" && st.type_ == "groupchat").await?;
+    bob.privmsg("#mod", "from bob").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("from bob")).await?;
+    assert!(!bob.seen().iter().any(|l| l.contains("not allowed")), "the refused message reached IRC");
+
+    let mut phone = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/phone", "alicepass").await?;
+    phone.join_with_history(&room, "alice", 20).await?;
+    phone.expect(T, |st| st.body.as_deref() == Some("from bob")).await?;
+    let history: Vec<String> = phone.seen().iter().filter(|x| x.contains("<body>")).cloned().collect();
+    assert!(history.iter().any(|x| x.contains("allowed now")), "{history:#?}");
+    assert!(!history.iter().any(|x| x.contains("not allowed")), "the refused message is in the history: {history:#?}");
     Ok(())
 }

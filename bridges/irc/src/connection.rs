@@ -13,7 +13,7 @@
 //! A channel join is reported once the occupant list (NAMES) is complete, so
 //! the XMPP side can send the occupants, then the user's own presence, then the subject.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,6 +107,12 @@ struct State {
     echoes: VecDeque<PendingEcho>,
     /// The last IRCv3 label given to a line (labeled-response).
     last_label: u64,
+    /// Channels (case-folded) the user left whose PART the server has not
+    /// answered yet: that answer is about the old stay, not about a rejoin since.
+    parting: HashSet<String>,
+    /// Why the server refused this connection (464 wrong password, 465 banned,
+    /// or its ERROR), for the user when it closes the connection.
+    refusal: Option<String>,
 }
 
 /// A line written to a server that echoes messages, waiting for its echo.
@@ -235,6 +241,8 @@ pub struct Connection {
     /// Registered and rejoined: what the user sends goes out now.
     online: AtomicBool,
     close_signal: Notify,
+    /// The supervisor has stopped: the server has seen our QUIT (or the connection is gone).
+    finished: tokio::sync::watch::Sender<bool>,
 }
 
 /// IRC compares names case-insensitively (RFC 1459 casemapping).
@@ -299,6 +307,7 @@ impl Connection {
             closed: AtomicBool::new(false),
             online: AtomicBool::new(false),
             close_signal: Notify::new(),
+            finished: tokio::sync::watch::Sender::new(false),
         });
         (conn, rx)
     }
@@ -318,6 +327,18 @@ impl Connection {
         let _ = self.send(Command::QUIT(Some(one_line(reason))));
         self.closed.store(true, Ordering::Release);
         self.close_signal.notify_one();
+    }
+
+    /// Whether the connection has stopped for good.
+    pub fn has_finished(&self) -> bool {
+        *self.finished.borrow()
+    }
+
+    /// Wait until a closed connection has finished quitting, at most `timeout`;
+    /// returns whether it has.
+    pub async fn wait_finished(&self, timeout: Duration) -> bool {
+        let mut done = self.finished.subscribe();
+        matches!(tokio::time::timeout(timeout, done.wait_for(|d| *d)).await, Ok(Ok(_)))
     }
 
     /// Channels the user is in (or joining), sorted.
@@ -378,10 +399,13 @@ impl Connection {
     }
 
     /// Leave a channel; returns whether the user is still in any channel here.
+    /// The leave is done for the XMPP side now: the server's answer (our own
+    /// PART) is not reported, so that it cannot end a rejoin made meanwhile.
     pub fn part(&self, channel: &str, reason: Option<&str>) -> Result<bool, DeliveryError> {
         self.send(Command::PART(channel.to_owned(), reason.map(one_line)))?;
         let mut st = self.lock();
         st.channels.remove(&fold(channel));
+        st.parting.insert(fold(channel));
         Ok(!st.channels.is_empty())
     }
 
@@ -613,7 +637,22 @@ impl Supervisor {
                     if attempt > 1 {
                         info!("reconnected to IRC server");
                     }
-                    self.session(client, stream, &mut flood, slot).await
+                    self.conn.lock().refusal = None;
+                    let (reason, registered) = self.session(client, stream, &mut flood, slot).await;
+                    // What the server said when it refused us (a wrong password, a ban…).
+                    let reason = match self.conn.lock().refusal.take() {
+                        Some(refusal) if !registered => refusal,
+                        _ => reason,
+                    };
+                    if !registered && attempt == 1 && self.conn.is_alive() {
+                        // Never registered: the joins waiting on this connection fail
+                        // now with the server's reason, rather than retrying forever.
+                        let text = format!("{} did not let us log in: {reason}", self.conn.key.server);
+                        Reader::detached(self.conn.clone(), self.sink.clone()).notify_user(text.clone());
+                        Box::pin(self.fail_first_connect(&text)).await;
+                        break;
+                    }
+                    reason
                 }
                 Err(e) => {
                     drop(slot);
@@ -639,11 +678,13 @@ impl Supervisor {
             delay = (delay * 2).min(self.policy.max);
         }
         info!("IRC connection closed");
+        self.conn.finished.send_replace(true);
     }
 
     async fn connect(&self) -> Result<(Client, irc::client::ClientStream), String> {
         let key = &self.conn.key;
         let nick = self.conn.nick();
+        let (client_cert_path, client_cert_pass) = self.client_certificate().await?;
         let config = IrcClientConfig {
             nickname: Some(nick.clone()),
             alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
@@ -654,6 +695,8 @@ impl Supervisor {
             use_tls: Some(self.server.tls),
             dangerously_accept_invalid_certs: Some(!self.server.tls_verify),
             cert_path: self.server.tls_ca_file.as_ref().map(|p| p.display().to_string()),
+            client_cert_path,
+            client_cert_pass,
             password: self.server.password.as_ref().map(|p| p.expose().to_owned()),
             encoding: Some(crate::wire::LIBRARY_ENCODING.to_owned()),
             ping_time: Some(60),
@@ -679,13 +722,42 @@ impl Supervisor {
         Ok((client, stream))
     }
 
-    /// Serve one TCP connection until it ends; returns why it ended.
+    /// The TLS client certificate (SASL EXTERNAL), as the IRC library takes it
+    /// with rustls: the certificate's PEM file, and the private key's PEM text
+    /// (from `client_key`, else from the certificate's file).
+    async fn client_certificate(&self) -> Result<(Option<String>, Option<String>), String> {
+        let Some(sasl) = self.server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::External) else {
+            return Ok((None, None));
+        };
+        let Some(cert) = &sasl.client_cert else { return Ok((None, None)) };
+        let key_file = sasl.client_key.as_ref().unwrap_or(cert);
+        let key = tokio::fs::read_to_string(key_file)
+            .await
+            .map_err(|e| format!("cannot read the client certificate's key {}: {e}", key_file.display()))?;
+        Ok((Some(cert.display().to_string()), Some(key)))
+    }
+
+    /// Serve one TCP connection until it ends; returns why it ended, and whether
+    /// the server had registered us.
     async fn session(
+        &mut self,
+        client: Client,
+        stream: irc::client::ClientStream,
+        flood: &mut TokenBucket,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> (String, bool) {
+        let mut registered = false;
+        let reason = self.serve(client, stream, flood, slot, &mut registered).await;
+        (reason, registered)
+    }
+
+    async fn serve(
         &mut self,
         client: Client,
         mut stream: irc::client::ClientStream,
         flood: &mut TokenBucket,
         slot: tokio::sync::OwnedSemaphorePermit,
+        registered: &mut bool,
     ) -> String {
         let mut slot = Some(slot);
         let sender = client.sender();
@@ -769,6 +841,7 @@ impl Supervisor {
             if welcomed {
                 // Registered: the connection attempt is over.
                 drop(slot.take());
+                *registered = true;
             }
             if welcomed && !self.conn.is_online() {
                 rejoin_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
@@ -833,26 +906,67 @@ pub(crate) struct Reader {
     sasl: Option<SaslLogin>,
 }
 
-/// SASL PLAIN credentials for one server.
+/// How to log in with SASL on one server.
 #[derive(Clone)]
-pub(crate) struct SaslLogin {
-    username: String,
-    password: String,
+pub(crate) enum SaslLogin {
+    /// PLAIN: an account's name and password.
+    Plain { username: String, password: String },
+    /// EXTERNAL: the TLS client certificate names the account; `authzid`, if
+    /// given, is the account asked for.
+    External { authzid: Option<String> },
 }
 
 impl SaslLogin {
     fn of(server: &IrcServerConfig) -> Option<SaslLogin> {
-        let sasl = server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::Plain)?;
-        Some(SaslLogin { username: sasl.username.clone()?, password: sasl.password.as_ref()?.expose().to_owned() })
+        let sasl = server.sasl.as_ref()?;
+        match sasl.mechanism {
+            SaslMechanism::Plain => Some(SaslLogin::Plain {
+                username: sasl.username.clone()?,
+                password: sasl.password.as_ref()?.expose().to_owned(),
+            }),
+            SaslMechanism::External => Some(SaslLogin::External { authzid: sasl.username.clone() }),
+        }
+    }
+
+    fn mechanism(&self) -> &'static str {
+        match self {
+            SaslLogin::Plain { .. } => "PLAIN",
+            SaslLogin::External { .. } => "EXTERNAL",
+        }
+    }
+
+    /// Whom the login is for, as the user knows it.
+    fn who(&self) -> String {
+        match self {
+            SaslLogin::Plain { username, .. } => username.clone(),
+            SaslLogin::External { authzid: Some(account) } => format!("{account} (client certificate)"),
+            SaslLogin::External { authzid: None } => "the client certificate's account".to_owned(),
+        }
+    }
+
+    /// What to check when the login failed.
+    fn hint(&self) -> &'static str {
+        match self {
+            SaslLogin::Plain { .. } => "check the SASL username and password",
+            SaslLogin::External { .. } => {
+                "check that the client certificate's fingerprint is registered with the services account (e.g. NickServ CERT ADD)"
+            }
+        }
     }
 
     /// The `AUTHENTICATE` payloads: base64 in pieces of at most 400 bytes, a `+`
-    /// after a last piece of exactly 400 (IRCv3 SASL).
+    /// after a last piece of exactly 400, or alone for an empty response (IRCv3 SASL).
     fn payloads(&self) -> Vec<String> {
         use base64::Engine as _;
         use sasl::client::Mechanism as _;
-        let mut plain = sasl::client::mechanisms::Plain::new(self.username.clone(), self.password.clone());
-        let encoded = base64::engine::general_purpose::STANDARD.encode(plain.initial());
+        let initial = match self {
+            SaslLogin::Plain { username, password } => {
+                sasl::client::mechanisms::Plain::new(username.clone(), password.clone()).initial()
+            }
+            // EXTERNAL's only message is the authorization identity (empty: the certificate's).
+            SaslLogin::External { authzid } => authzid.clone().unwrap_or_default().into_bytes(),
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(initial);
         let mut pieces: Vec<String> =
             encoded.as_bytes().chunks(400).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
         if pieces.last().is_none_or(|p| p.len() == 400) {
@@ -957,6 +1071,8 @@ impl Reader {
                 let Some(nick) = nick else { return };
                 if self.sender(&nick).is_self {
                     let mut st = self.conn.lock();
+                    // Our PART came back before this JOIN, if the server answered it at all.
+                    st.parting.remove(&fold(channel));
                     st.prefix = message.prefix.as_ref().map(|p| p.to_string());
                     let ch = st.channels.entry(fold(channel)).or_default();
                     if ch.name.is_empty() {
@@ -1163,6 +1279,12 @@ impl Reader {
                 let is_self = self.sender(&nick).is_self;
                 {
                     let mut st = self.conn.lock();
+                    if is_self && st.parting.remove(&fold(channel)) {
+                        // The answer to the user's own leave, already reported: the
+                        // channel entry, if any, is a rejoin's and stays.
+                        debug!(channel, "the server confirmed our PART");
+                        return;
+                    }
                     if is_self {
                         st.channels.remove(&fold(channel));
                     } else if let Some(ch) = st.channels.get_mut(&fold(channel)) {
@@ -1244,7 +1366,7 @@ impl Reader {
                 }
             }
             Command::Response(Response::RPL_SASLSUCCESS, _) => {
-                info!("logged in with SASL");
+                info!(mechanism = self.sasl.as_ref().map(SaslLogin::mechanism), "logged in with SASL");
                 self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
             }
             Command::Response(
@@ -1256,10 +1378,13 @@ impl Reader {
                 ref args,
             ) => {
                 let reason = args.last().cloned().unwrap_or_else(|| format!("{code:?}"));
-                let user = self.sasl.as_ref().map(|l| l.username.clone()).unwrap_or_default();
-                warn!(user, reason, "SASL login failed");
+                let (user, mechanism, hint) = match &self.sasl {
+                    Some(l) => (l.who(), l.mechanism(), l.hint()),
+                    None => (String::new(), "", "check the SASL settings"),
+                };
+                warn!(user, mechanism, reason, "SASL login failed");
                 self.notify_user(format!(
-                    "SASL login as {user} failed on {}: {reason}. Connecting without logging in; check the SASL username and password.",
+                    "SASL {mechanism} login as {user} failed on {}: {reason}. Connecting without logging in; {hint}.",
                     self.conn.key.server
                 ));
                 self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
@@ -1326,12 +1451,25 @@ impl Reader {
                     self.emit_room(&room, &nick, EventKind::RoleChanged { role, affiliation }).await;
                 }
             }
+            Command::Response(code @ (Response::ERR_PASSWDMISMATCH | Response::ERR_YOUREBANNEDCREEP), ref args) => {
+                let text = args.last().cloned().unwrap_or_else(|| format!("{code:?}"));
+                warn!(text, "the IRC server refused the connection");
+                let refusal = if code == Response::ERR_PASSWDMISMATCH {
+                    format!("the server password was refused ({text}); check the server password")
+                } else {
+                    text
+                };
+                self.conn.lock().refusal = Some(refusal);
+            }
             Command::Response(code, ref args) if !SILENT_REPLIES.contains(&(code as u16)) && args.len() >= 2 => {
                 // Replies to the user's own commands (WHOIS, errors…) go to the server's JID.
                 let text = args[1..].join(" ");
                 self.relay_text(None, "*", &text, true, &Meta::default()).await;
             }
-            Command::ERROR(ref text) => warn!(text, "IRC server sent ERROR"),
+            Command::ERROR(ref text) => {
+                warn!(text, "IRC server sent ERROR");
+                self.conn.lock().refusal.get_or_insert_with(|| text.clone());
+            }
             _ => {}
         }
     }
@@ -1403,7 +1541,8 @@ impl Reader {
                 if let (Some(login), false) = (&self.sasl, sasl_offered) {
                     let text = format!(
                         "{} does not offer SASL: not logged in as {}; connecting without logging in.",
-                        self.conn.key.server, login.username
+                        self.conn.key.server,
+                        login.who()
                     );
                     self.notify_user(text);
                 }
@@ -1417,9 +1556,9 @@ impl Reader {
                 let caps = b.or(a).unwrap_or_default();
                 info!(caps, "IRCv3 capabilities enabled");
                 self.conn.lock().enabled.extend(caps.split_whitespace().map(str::to_owned));
-                if self.sasl.is_some() && caps.split_whitespace().any(|c| c == "sasl") {
+                if let Some(login) = self.sasl.as_ref().filter(|_| caps.split_whitespace().any(|c| c == "sasl")) {
                     // Registration ends (CAP END) once the SASL exchange has.
-                    self.send_now(Command::AUTHENTICATE("PLAIN".to_owned()));
+                    self.send_now(Command::AUTHENTICATE(login.mechanism().to_owned()));
                 } else {
                     self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
                 }
@@ -1630,5 +1769,37 @@ mod tests {
         assert_eq!(e.sender.nick, "bob");
         assert_eq!(e.kind, EventKind::Left { kind: LeaveKind::Quit, reason: Some("bye".into()) });
         assert!(line(&mut h, ":bob!b@h QUIT :again").is_empty(), "bob is in no room any more");
+    }
+
+    #[test]
+    fn the_answer_to_our_own_part_does_not_end_a_rejoin() {
+        let mut h = harness();
+        joined(&mut h);
+        assert!(!h.connection().part("#Test", None).expect("the queue is open"), "no channel left");
+        h.connection().join("#Test", Some("key")).expect("the queue is open");
+        assert!(line(&mut h, ":me!~me@host PART #test :bye").is_empty(), "the leave was reported already");
+        let events = joined(&mut h);
+        assert!(matches!(events.as_slice(), [e] if matches!(e.kind, EventKind::SelfJoined { .. })), "{events:?}");
+        // A PART the user did not ask for (e.g. sent as a raw command) is still reported.
+        let e = one(&mut h, ":me!~me@host PART #test");
+        assert!(e.sender.is_self && matches!(e.kind, EventKind::Left { kind: LeaveKind::Part, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn the_servers_refusal_before_registration_is_kept_for_the_user() {
+        let mut h = harness();
+        assert!(line(&mut h, ":irc.example.org 464 me :Password incorrect").is_empty());
+        let refusal = h.connection().lock().refusal.clone().unwrap_or_default();
+        assert!(refusal.contains("server password was refused (Password incorrect)"), "{refusal}");
+        line(&mut h, "ERROR :Closing link: (Bad password)");
+        assert_eq!(h.connection().lock().refusal.as_deref(), Some(refusal.as_str()), "the first reason is kept");
+    }
+
+    #[test]
+    fn sasl_external_sends_the_authorization_identity() {
+        assert_eq!(SaslLogin::External { authzid: None }.payloads(), ["+"]);
+        assert_eq!(SaslLogin::External { authzid: Some("erin".into()) }.payloads(), ["ZXJpbg=="]);
+        let plain = SaslLogin::Plain { username: "u".into(), password: "p".into() };
+        assert_eq!((plain.mechanism(), plain.payloads()), ("PLAIN", vec!["AHUAcA==".to_owned()]));
     }
 }

@@ -63,6 +63,10 @@ pub struct IrcNetwork {
     config: Arc<IrcNetworkConfig>,
     sink: EventSink,
     connections: Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
+    /// Connections closed because their user left every channel, until they have
+    /// quit: a new connection of the same user to the same server waits for that,
+    /// so that the old one's nick is free again and its last lines come first.
+    closing: std::sync::Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
     policy: ReconnectPolicy,
     /// Where each user's own settings per server are kept (none: `configure` is unavailable).
     store: Option<Store>,
@@ -83,7 +87,8 @@ impl IrcNetwork {
         policy: ReconnectPolicy,
     ) -> Arc<Self> {
         let connections = Mutex::new(HashMap::new());
-        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections, policy, store })
+        let closing = std::sync::Mutex::new(HashMap::new());
+        Arc::new(IrcNetwork { id, config: Arc::new(config), sink, connections, closing, policy, store })
     }
 
     /// `account`'s own settings for `server` (the defaults when none are stored).
@@ -137,9 +142,23 @@ impl IrcNetwork {
             .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {server}: join a room on it first")))
     }
 
+    /// How long a new connection waits for the same user's previous one to quit.
+    const QUIT_WAIT: Duration = Duration::from_secs(5);
+
+    fn closing(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Arc<Connection>>> {
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The connection of `account` to `server`, opened with `nick` when there is none.
     async fn connect(&self, account: &BareJid, server: &str, nick: &str) -> Result<Arc<Connection>, DeliveryError> {
         let key = ConnectionKey { account: account.clone(), server: server.to_owned() };
+        // Left and joined again at once: the previous connection quits first.
+        let previous = self.closing().remove(&key);
+        if let Some(previous) = previous {
+            if !previous.wait_finished(Self::QUIT_WAIT).await {
+                debug!(account = %account, server, "the previous IRC connection did not finish quitting in time");
+            }
+        }
         let mut map = self.connections.lock().await;
         if let Some(conn) = map.get(&key).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
@@ -324,7 +343,11 @@ impl Network for IrcNetwork {
                     if !conn.part(&target.name, reason.as_deref())? {
                         // Left every channel on this server: the connection is no longer needed.
                         conn.close("left all channels");
-                        self.connections.lock().await.remove(&ConnectionKey { account, server: target.server });
+                        let key = ConnectionKey { account, server: target.server };
+                        self.connections.lock().await.remove(&key);
+                        let mut closing = self.closing();
+                        closing.retain(|_, c| !c.has_finished());
+                        closing.insert(key, conn);
                     }
                 }
                 Ok(Delivered::default())
