@@ -10,15 +10,22 @@
 //! destination's ids under one [`MessageKey`], and rewrites references (reply,
 //! correction, retraction, reaction, marker targets) from the origin's id space
 //! into each destination's before delivery.
+//!
+//! A destination that cannot be reached for a while (a homeserver restarting) does
+//! not lose what was accepted for it: a message-like copy it refuses as
+//! temporarily unavailable waits in a per-chat backlog, and one task per backlog
+//! delivers it and everything queued behind it, in order, retrying with backoff.
+//! The copies keep their outbox rows meanwhile, so a restart replays them.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tracing::{Instrument, debug, info, warn};
 
 use crate::idmap::IdMap;
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
-use crate::network::{Confirmation, Delivered, DeliveryError, EventStream, Network};
+use crate::network::{Confirmation, Confirmer, Delivered, DeliveryError, EventStream, Network};
 use crate::outbox::{Outbox, Receipt};
 use crate::store::Store;
 
@@ -59,7 +66,19 @@ struct Inner {
     store: Store,
     ids: IdMap,
     outbox: Outbox,
+    /// Copies waiting for a destination chat that was unreachable, in order.
+    backlogs: Mutex<HashMap<(NetworkId, ChatRef), VecDeque<Waiting>>>,
 }
+
+/// A copy in a backlog, and how its sender hears how it went.
+struct Waiting {
+    copy: Event,
+    confirmer: Confirmer,
+}
+
+/// The first retry of a backlog comes after this long; later ones back off to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Builds a [`Router`].
 pub struct RouterBuilder {
@@ -89,7 +108,14 @@ impl RouterBuilder {
         let ids = IdMap::spawn(self.store.clone());
         let outbox = Outbox::spawn(self.store.clone());
         Router {
-            inner: Arc::new(Inner { networks: self.networks, portals: self.portals, store: self.store, ids, outbox }),
+            inner: Arc::new(Inner {
+                networks: self.networks,
+                portals: self.portals,
+                store: self.store,
+                ids,
+                outbox,
+                backlogs: Mutex::new(HashMap::new()),
+            }),
         }
     }
 }
@@ -180,11 +206,93 @@ impl Router {
                     Err(e) => warn!(error = %e, "event cannot be stored in the outbox; delivered without it"),
                 }
             }
-            let result = self.deliver_copy(network.as_ref(), copy).await;
+            let result = self.deliver_or_keep(network, copy).await;
             report.deliveries.push((dest, result));
         }
         report.persisted = Receipt::gate_for(&stored);
         report
+    }
+
+    fn backlogs(&self) -> std::sync::MutexGuard<'_, HashMap<(NetworkId, ChatRef), VecDeque<Waiting>>> {
+        self.inner.backlogs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deliver one copy; a message-like copy kept in the outbox that the destination
+    /// cannot take now (or that would overtake copies still waiting for the same
+    /// chat) goes into the chat's backlog, and is confirmed once delivered from there.
+    async fn deliver_or_keep(&self, network: Arc<dyn Network>, copy: Event) -> Result<Delivered, DeliveryError> {
+        let keepable = copy.kind.is_message_like() && copy.receipt.is_some();
+        if !keepable {
+            return self.deliver_copy(network.as_ref(), copy).await;
+        }
+        let key = (network.id().clone(), copy.chat.clone());
+        if let Some(queue) = self.backlogs().get_mut(&key) {
+            let (confirmer, confirmation) = Confirmation::channel();
+            queue.push_back(Waiting { copy, confirmer });
+            debug!(network = %key.0, waiting = queue.len(), "queued behind copies waiting for the same chat");
+            return Ok(Delivered::later(confirmation));
+        }
+        let kept = copy.clone();
+        match self.deliver_copy(network.as_ref(), copy).await {
+            Err(e) if e.is_temporary() => {
+                let (confirmer, confirmation) = Confirmation::channel();
+                let mut backlogs = self.backlogs();
+                let fresh = !backlogs.contains_key(&key);
+                backlogs.entry(key.clone()).or_default().push_back(Waiting { copy: kept, confirmer });
+                drop(backlogs);
+                if fresh {
+                    info!(network = %key.0, error = %e, "destination unreachable; the message is kept and retried");
+                    let router = self.clone();
+                    tokio::spawn(async move { router.drain_backlog(network, key).await }.in_current_span());
+                }
+                Ok(Delivered::later(confirmation))
+            }
+            other => other,
+        }
+    }
+
+    /// Deliver a chat's backlog in order, backing off while the destination is
+    /// unreachable; done when the backlog is empty.
+    async fn drain_backlog(&self, network: Arc<dyn Network>, key: (NetworkId, ChatRef)) {
+        let mut wait = RETRY_FIRST;
+        loop {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let front = {
+                let mut backlogs = self.backlogs();
+                match backlogs.get(&key).and_then(|q| q.front()) {
+                    Some(w) => w.copy.clone(),
+                    None => {
+                        backlogs.remove(&key);
+                        return;
+                    }
+                }
+            };
+            let result = self.deliver_copy(network.as_ref(), front).await;
+            if matches!(&result, Err(e) if e.is_temporary()) {
+                wait = if wait.is_zero() { RETRY_FIRST } else { (wait * 2).min(RETRY_MAX) };
+                debug!(network = %key.0, retry_in = ?wait, "destination still unreachable");
+                continue;
+            }
+            let Some(done) = self.backlogs().get_mut(&key).and_then(VecDeque::pop_front) else { return };
+            wait = Duration::ZERO;
+            match result {
+                Ok(mut delivered) => match delivered.confirmation.take() {
+                    Some(later) => {
+                        tokio::spawn(async move {
+                            match later.wait().await {
+                                Ok(ids) => done.confirmer.confirm(ids),
+                                Err(e) => done.confirmer.refuse(e),
+                            }
+                        });
+                    }
+                    None => done.confirmer.confirm(delivered.remote_ids),
+                },
+                Err(e) => done.confirmer.refuse(e),
+            }
+            info!(network = %key.0, "a kept message left the backlog");
+        }
     }
 
     /// Hand one copy to its destination and record the ids it got there.
@@ -264,7 +372,7 @@ impl Router {
             let span = tracing::info_span!("replay", key = %event.key, network = %dest, kind = event.kind.name());
             // Handing over is enough: a destination keeps what it holds across its own
             // reconnects. What it refuses now (the account left the room) it would refuse later too.
-            match self.deliver_copy(network.as_ref(), event).instrument(span.clone()).await {
+            match self.deliver_or_keep(network, event).instrument(span.clone()).await {
                 Ok(_) => delivered += 1,
                 Err(e) => {
                     warn!(parent: &span, error = %e, "an event accepted before the restart could not be delivered")

@@ -306,3 +306,71 @@ async fn a_kill_during_a_matrix_burst_duplicates_nothing_and_loses_nothing_store
     }
     Ok(())
 }
+
+/// The homeserver goes away while alice is in a room: the room hears of it, what
+/// alice sends meanwhile reaches Matrix once the homeserver is back (once each, in
+/// order), the room hears that it is back, and what was said on Matrix after that
+/// reaches alice.
+#[tokio::test]
+async fn a_homeserver_outage_is_announced_and_loses_nothing() -> Result<()> {
+    const MEANWHILE: usize = 3;
+    let mut s = MatrixSetup::start().await?;
+    let mut alice = s.alice_linked("phone").await?;
+    let room_id = s.bob.create_room(Some("Outage"), &[&s.alice_mx.user_id], false).await?;
+    let room_jid = jid(&room_id)?;
+    alice
+        .expect(T, |m| {
+            m.kind == "message" && m.from == DOMAIN && m.body.as_deref().is_some_and(|b| b.contains("invited"))
+        })
+        .await?;
+    let joined = join_room(&mut alice, &room_jid, "Alice").await?;
+    assert!(joined.has_status(110), "{}", joined.xml);
+
+    s.synapse.stop().await;
+    let lost = alice
+        .expect(Duration::from_secs(60), |m| {
+            m.kind == "message"
+                && m.from == room_jid
+                && m.body.as_deref().is_some_and(|b| b.starts_with("Lost the connection to the Matrix homeserver"))
+        })
+        .await?;
+    println!("while the homeserver is away the room says: {:?}", lost.body);
+    for i in 0..MEANWHILE {
+        alice.send_groupchat(&room_jid, &format!("meanwhile {i}")).await?;
+    }
+    s.synapse.restart().await?;
+    let back = alice
+        .expect(Duration::from_secs(90), |m| {
+            m.kind == "message"
+                && m.from == room_jid
+                && m.body.as_deref().is_some_and(|b| b.contains("can be reached again"))
+        })
+        .await?;
+    println!("and once it is back: {:?}", back.body);
+    // Everything alice sent meanwhile reached Matrix, in order, once each.
+    s.bob
+        .wait_for(&room_id, Duration::from_secs(60), |e| e["content"]["body"] == format!("meanwhile {}", MEANWHILE - 1))
+        .await
+        .with_context(|| s.log_tail())?;
+    // Alice's client hears each was accepted (the room's reflection), none refused.
+    for i in 0..MEANWHILE {
+        let body = format!("meanwhile {i}");
+        let st = alice.expect(T, |m| m.kind == "message" && m.body.as_deref() == Some(body.as_str())).await?;
+        assert!(st.type_ == "groupchat" && st.from == format!("{room_jid}/Alice"), "{}", st.xml);
+    }
+    s.bob.send_text(&room_id, "after the outage").await?;
+    alice.expect(T, |m| is_groupchat_from(m, &format!("{room_jid}/Bob Matrix"), "after the outage")).await?;
+    let meanwhile: Vec<String> = s
+        .bob
+        .history(&room_id)
+        .await?
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .filter(|b| b.starts_with("meanwhile "))
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = (0..MEANWHILE).map(|i| format!("meanwhile {i}")).collect();
+    println!("on Matrix, from what alice sent during the outage: {meanwhile:?}");
+    assert_eq!(meanwhile, expected, "once each and in order");
+    Ok(())
+}

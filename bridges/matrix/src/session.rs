@@ -201,11 +201,20 @@ impl Session {
             }
         }
         let mut failures: u32 = 0;
+        // When the rooms were told the homeserver cannot be reached (the outage lasts).
+        let mut announced: Option<std::time::SystemTime> = None;
         loop {
             match self.client.sync_once(next.clone()).await {
                 Ok(response) => {
                     if failures > 0 {
                         info!("Matrix sync is back");
+                    }
+                    if let Some(since) = announced.take() {
+                        let secs = std::time::SystemTime::now().duration_since(since).unwrap_or_default().as_secs();
+                        self.tell_rooms(&format!(
+                            "The Matrix homeserver can be reached again (after {secs} s): what was said meanwhile follows, and what you sent is on its way."
+                        ))
+                        .await;
                     }
                     failures = 0;
                     next = settings.clone();
@@ -232,10 +241,39 @@ impl Session {
                     let wait = base.min(Duration::from_secs(60));
                     let jitter = rand::rng().random_range(0..=wait.as_millis() as u64 / 4);
                     warn!(error = %e, failures, "Matrix sync failed; retrying");
+                    if failures == OUTAGE_AFTER_FAILURES && announced.is_none() {
+                        // Not a passing hiccup: the rooms hear of it once, and of its end.
+                        announced = Some(std::time::SystemTime::now());
+                        let server = self.client.homeserver();
+                        let server = server.host_str().map(|h| match server.port() {
+                            Some(p) => format!("{h}:{p}"),
+                            None => h.to_owned(),
+                        });
+                        self.tell_rooms(&format!(
+                            "Lost the connection to the Matrix homeserver {}. Retrying; what you send meanwhile is kept and sent when it is back.",
+                            server.unwrap_or_default()
+                        ))
+                        .await;
+                    }
                     tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
                 }
             }
         }
+    }
+
+    /// A notice in every room the account is in (not direct chats), from the room.
+    async fn tell_rooms(&self, text: &str) {
+        let mut told = 0;
+        for room in self.client.joined_rooms() {
+            let chat = self.chat_of(&room).await;
+            if chat.kind != ChatKind::Room {
+                continue;
+            }
+            let event = self.emit_base(&chat, Sender::new("", ""), EventKind::Status { text: text.to_owned() });
+            let _ = self.sink.emit(event).await;
+            told += 1;
+        }
+        info!(rooms = told, "connection notice sent to the rooms");
     }
 
     /// A notice to the user from the network's own address.
@@ -940,6 +978,10 @@ pub fn occupant_at_level(user: &str, nick: String, level: i64) -> Occupant {
         },
     }
 }
+
+/// Consecutive failed syncs (about 1.5 s of trying) before the rooms are told the
+/// homeserver cannot be reached.
+const OUTAGE_AFTER_FAILURES: u32 = 2;
 
 /// The most events fetched to fill one sync gap.
 const BACKFILL_MAX: usize = 5000;
