@@ -451,3 +451,73 @@ pub fn id_scope(account: Option<&jid::BareJid>, chat: &ChatRef) -> String {
 fn scope(event: &Event, chat: &ChatRef) -> String {
     id_scope(event.account.as_ref(), chat)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::model::{ChatKind, Message, Sender};
+    use crate::network::Capabilities;
+
+    /// A destination unreachable for its first `down` deliveries; records what it got.
+    struct Flaky {
+        id: NetworkId,
+        down: AtomicUsize,
+        got: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Network for Flaky {
+        fn id(&self) -> &NetworkId {
+            &self.id
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::all()
+        }
+        fn chat_kind(&self, _id: &str) -> Option<ChatKind> {
+            Some(ChatKind::Room)
+        }
+        async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+            if self.down.load(Ordering::SeqCst) > 0 {
+                self.down.fetch_sub(1, Ordering::SeqCst);
+                return Err(DeliveryError::Unavailable("down for now".into()));
+            }
+            if let EventKind::Message(m) = &event.kind {
+                self.got.lock().unwrap_or_else(|p| p.into_inner()).push(m.body.clone());
+            }
+            Ok(Delivered::ids(vec![format!("remote-{}", event.key)]))
+        }
+    }
+
+    fn message(to: &NetworkId, body: &str) -> Event {
+        let account = jid::BareJid::new("alice@example.org").expect("a valid JID");
+        let chat = ChatRef::room(to.clone(), "#room");
+        Event::new(NetworkId::xmpp(), chat, Sender::new("alice", "alice"), EventKind::Message(Message::text(body)))
+            .with_account(account)
+    }
+
+    #[tokio::test]
+    async fn a_temporarily_unreachable_destination_gets_everything_once_in_order() {
+        let store = Store::connect("sqlite::memory:", 1).await.expect("an in-memory store");
+        let flaky = Arc::new(Flaky { id: NetworkId::new("flaky"), down: AtomicUsize::new(2), got: Mutex::default() });
+        let router = Router::builder(store).network(flaky.clone()).build();
+        let mut confirmations = Vec::new();
+        for i in 0..3 {
+            let mut report = router.route(message(&flaky.id, &format!("m{i}"))).await;
+            let (_, result) = report.deliveries.pop().expect("one destination");
+            let delivered = result.expect("kept, not refused");
+            confirmations.push(delivered.confirmation.expect("confirmed once delivered from the backlog"));
+        }
+        for c in confirmations {
+            let ids = c.wait().await.expect("delivered in the end");
+            assert_eq!(ids.len(), 1);
+        }
+        assert_eq!(*flaky.got.lock().unwrap_or_else(|p| p.into_inner()), ["m0", "m1", "m2"]);
+        // The backlog is gone: the next message is delivered at once.
+        let mut report = router.route(message(&flaky.id, "m3")).await;
+        let (_, result) = report.deliveries.pop().expect("one destination");
+        assert!(result.expect("delivered").confirmation.is_none());
+        assert_eq!(flaky.got.lock().unwrap_or_else(|p| p.into_inner()).len(), 4);
+    }
+}
