@@ -235,9 +235,9 @@ impl StylingWriter<'_> {
                 collapsed.push(c);
             }
         }
-        if space && !collapsed.is_empty() {
-            collapsed.push(' ');
-        } else if space && collapsed.is_empty() && !self.at_line_start && !self.out.ends_with(' ') {
+        // A trailing space stays; a text that is only space keeps one unless the
+        // output already ends a line or a word.
+        if space && (!collapsed.is_empty() || (!self.at_line_start && !self.out.ends_with(' '))) {
             collapsed.push(' ');
         }
         self.push_text(&collapsed);

@@ -237,10 +237,10 @@ impl Receipt {
 impl Drop for ReceiptInner {
     fn drop(&mut self) {
         // Finished without being written (refused, or its room was left): the row goes.
-        if let Some(seq) = self.seq {
-            if !self.removed.swap(true, Ordering::AcqRel) {
-                self.outbox.remove(seq);
-            }
+        if let Some(seq) = self.seq
+            && !self.removed.swap(true, Ordering::AcqRel)
+        {
+            self.outbox.remove(seq);
         }
     }
 }
