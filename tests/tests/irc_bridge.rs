@@ -985,6 +985,145 @@ async fn sasl_external_with_an_unknown_certificate_says_so() -> Result<()> {
     Ok(())
 }
 
+/// The SHA-256 fingerprint in the gateway's answer to `configure certfp=…`.
+fn sha256_fingerprint(answer: &str) -> String {
+    let line = answer.lines().find_map(|l| l.strip_prefix("SHA-256 fingerprint: ")).unwrap_or_default();
+    line.trim().to_owned()
+}
+
+/// Per-user SASL EXTERNAL on InspIRCd (TLS, gnutls, `hash="sha256"`) with Atheme,
+/// no SASL in the admin's configuration: the user registers a services account
+/// from XMPP through the server's JID, has the gateway make a client certificate
+/// (`configure certfp=generate`), adds its fingerprint with NickServ CERT ADD, and
+/// the next connection presents the certificate and logs in with it (900 on the
+/// server's JID, 330 in WHOIS). Asking again shows the same fingerprint; the
+/// private key is never shown nor logged.
+#[tokio::test]
+async fn configure_certfp_logs_in_with_a_generated_certificate() -> Result<()> {
+    let irc = isthmus_tests::peers::IrcServer::start_with_services().await?;
+    let s = IrcSetup::start_on_running_tls(irc, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test").replace("%127.0.0.1@", "%localhost@");
+    let server = tls_server_jid();
+    let chat =
+        |id: &str, body: &str| format!("<message to='{server}' type='chat' id='{id}'><body>{body}</body></message>");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains(" JOIN ")).await?;
+
+    // a services account, from XMPP through the server's JID
+    alice.send_raw(&chat("r1", "PRIVMSG NickServ :REGISTER alicepw1 alice@example.org")).await?;
+    alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.contains("registered"))).await?;
+    // (registering logs this connection in: that is not the certificate's doing)
+    alice
+        .expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("logged in as alice")))
+        .await?;
+
+    // the certificate: its fingerprint and what to do with it, never the key
+    alice.send_raw(&chat("c1", "configure certfp=generate")).await?;
+    let answer =
+        alice.expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("certfp"))).await?;
+    let text = answer.body.unwrap_or_default();
+    let fingerprint = sha256_fingerprint(&text);
+    assert!(fingerprint.len() == 64 && fingerprint.chars().all(|c| c.is_ascii_hexdigit()), "{text}");
+    assert!(text.contains(&format!("PRIVMSG NickServ :CERT ADD {fingerprint}")), "{text}");
+    assert!(text.contains("SHA-512 fingerprint: "), "{text}");
+    assert!(text.find("SHA-256") < text.find("SHA-512"), "SHA-256 first: {text}");
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+
+    // asked again: the same certificate; `configure` shows it too
+    alice.send_raw(&chat("c2", "configure certfp=generate")).await?;
+    let again =
+        alice.expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("certfp"))).await?;
+    let again = again.body.unwrap_or_default();
+    assert!(again.starts_with("Nothing changed") && sha256_fingerprint(&again) == fingerprint, "{again}");
+    alice.send_raw(&chat("c3", "configure")).await?;
+    let shown = alice
+        .expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("Your settings")))
+        .await?;
+    let shown = shown.body.unwrap_or_default();
+    assert!(shown.contains(&format!("certfp: {fingerprint}")), "{shown}");
+
+    // registered with the account, from XMPP
+    alice.send_raw(&chat("r2", &format!("PRIVMSG NickServ :CERT ADD {fingerprint}"))).await?;
+    let added =
+        alice.expect(T, |st| st.from != server && st.body.as_deref().is_some_and(|b| b.contains(&fingerprint))).await?;
+    assert!(added.body.as_deref().is_some_and(|b| b.contains("Added")), "{}", added.xml);
+
+    // leave (the connection closes), join again: logged in by the certificate
+    alice.send_raw(&format!("<presence to='{room}/alice' type='unavailable'/>")).await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && (l.contains("PART") || l.contains("QUIT"))).await?;
+    alice.clear_buffer();
+    alice.join(&room, "alice").await?;
+    let joined =
+        alice.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/alice") && st.has_status(110)).await;
+    if let Err(e) = joined {
+        let log = s.gateway.log();
+        panic!("{e}\n{}", &log[log.len().saturating_sub(8000)..]);
+    }
+    alice
+        .expect(T, |st| {
+            st.from == server && st.body.as_deref().is_some_and(|b| b.contains("You are now logged in as alice"))
+        })
+        .await?;
+    bob.expect_line(T, |l| l.starts_with(":alice!") && l.contains(" JOIN ")).await?;
+    bob.send_line("WHOIS alice").await?;
+    let account = bob.expect_line(T, |l| l.split(' ').nth(1) == Some("330")).await?;
+    assert!(account.contains(" alice alice "), "{account}");
+    let log = s.gateway.log();
+    assert!(log.contains("logged in with SASL") && log.contains("EXTERNAL"), "{log}");
+    assert!(!log.contains("PRIVATE KEY"), "the private key reached the log");
+    Ok(())
+}
+
+/// A client certificate on a server the gateway reaches without TLS is refused
+/// with the reason, through the chat command and the ad-hoc form, and nothing
+/// changes.
+#[tokio::test]
+async fn configure_certfp_without_tls_is_refused() -> Result<()> {
+    let s = IrcSetup::start("").await?;
+    let server = server_jid();
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice
+        .send_raw(&format!(
+            "<message to='{server}' type='chat' id='m1'><body>configure certfp=generate</body></message>"
+        ))
+        .await?;
+    let refused = alice.expect(T, |st| st.from == server && st.body.is_some()).await?;
+    let text = refused.body.unwrap_or_default();
+    assert!(text.starts_with("Nothing changed: a client certificate needs TLS"), "{text}");
+    assert!(text.contains("127.0.0.1 without TLS") && text.contains("sasl_user"), "{text}");
+
+    let command = |id: &str, inner: &str| {
+        format!(
+            "<iq type='set' id='{id}' to='{server}'><command xmlns='http://jabber.org/protocol/commands' node='configure'{inner}</command></iq>"
+        )
+    };
+    alice.send_raw(&command("c1", " action='execute'>")).await?;
+    let form = alice.expect(T, |st| st.kind == "iq" && st.id == "c1").await?;
+    assert!(form.xml.contains("var=\"certfp\""), "{}", form.xml);
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|t| t.split('"').next()).unwrap_or_default().to_owned();
+    alice
+        .send_raw(&command(
+            "c2",
+            &format!(
+                " sessionid='{session}'><x xmlns='jabber:x:data' type='submit'><field var='certfp'><value>generate</value></field></x>"
+            ),
+        ))
+        .await?;
+    let refused = alice.expect(T, |st| st.kind == "iq" && st.id == "c2").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("needs TLS"), "{}", refused.xml);
+
+    alice.send_raw(&format!("<message to='{server}' type='chat' id='m2'><body>configure</body></message>")).await?;
+    let shown = alice
+        .expect(T, |st| st.from == server && st.body.as_deref().is_some_and(|b| b.contains("Your settings")))
+        .await?;
+    let shown = shown.body.unwrap_or_default();
+    assert!(shown.contains("certfp: (default)"), "nothing changed: {shown}");
+    Ok(())
+}
+
 /// A server password (PASS) on ngIRCd: with the wrong one the join fails with
 /// the server's reason (the room join error and a message from the server's JID),
 /// once, without retrying; the user sets the right one with `configure` and the

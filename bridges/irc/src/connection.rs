@@ -34,6 +34,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::address::chat_id;
+use crate::certfp::ClientIdentity;
 use crate::flood::TokenBucket;
 use crate::text::{one_line, split_lines, text_budget};
 use crate::wire::Wire;
@@ -278,6 +279,7 @@ impl Connection {
         key: ConnectionKey,
         nick: String,
         server: IrcServerConfig,
+        identity: Option<ClientIdentity>,
         net_config: Arc<IrcNetworkConfig>,
         sink: EventSink,
         policy: ReconnectPolicy,
@@ -285,7 +287,7 @@ impl Connection {
         let (conn, rx) = Connection::unconnected(network, key.clone(), &nick);
         let span = tracing::info_span!("irc", account = %key.account, server = %key.server);
         let wire = server.fallback_encoding().map(Wire::new).unwrap_or_default();
-        let supervisor = Supervisor { conn: conn.clone(), sink, server, net_config, policy, queue: rx, wire };
+        let supervisor = Supervisor { conn: conn.clone(), sink, server, identity, net_config, policy, queue: rx, wire };
         tokio::spawn(supervisor.run().instrument(span));
         conn
     }
@@ -572,6 +574,8 @@ struct Supervisor {
     conn: Arc<Connection>,
     sink: EventSink,
     server: IrcServerConfig,
+    /// The client certificate the gateway made for the user here, if any.
+    identity: Option<ClientIdentity>,
     net_config: Arc<IrcNetworkConfig>,
     policy: ReconnectPolicy,
     queue: mpsc::UnboundedReceiver<Box<Queued>>,
@@ -684,7 +688,8 @@ impl Supervisor {
     async fn connect(&self) -> Result<(Client, irc::client::ClientStream), String> {
         let key = &self.conn.key;
         let nick = self.conn.nick();
-        let (client_cert_path, client_cert_pass) = self.client_certificate().await?;
+        // The user's certificate file lives until the connection is made.
+        let (client_cert_path, client_cert_pass, _cert_file) = self.client_certificate().await?;
         let config = IrcClientConfig {
             nickname: Some(nick.clone()),
             alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
@@ -723,18 +728,27 @@ impl Supervisor {
     }
 
     /// The TLS client certificate (SASL EXTERNAL), as the IRC library takes it
-    /// with rustls: the certificate's PEM file, and the private key's PEM text
-    /// (from `client_key`, else from the certificate's file).
-    async fn client_certificate(&self) -> Result<(Option<String>, Option<String>), String> {
+    /// with rustls: the certificate's PEM file, and the private key's PEM text.
+    /// The user's own certificate goes first, written to a temporary file (returned
+    /// to be kept until the connection is made); else the admin's `client_cert`,
+    /// with the key from `client_key` or from the certificate's file.
+    async fn client_certificate(
+        &self,
+    ) -> Result<(Option<String>, Option<String>, Option<tempfile::NamedTempFile>), String> {
+        if let Some(identity) = &self.identity {
+            let file = identity.cert_file().map_err(|e| e.to_string())?;
+            let path = file.path().display().to_string();
+            return Ok((Some(path), Some(identity.key_pem.clone()), Some(file)));
+        }
         let Some(sasl) = self.server.sasl.as_ref().filter(|s| s.mechanism == SaslMechanism::External) else {
-            return Ok((None, None));
+            return Ok((None, None, None));
         };
-        let Some(cert) = &sasl.client_cert else { return Ok((None, None)) };
+        let Some(cert) = &sasl.client_cert else { return Ok((None, None, None)) };
         let key_file = sasl.client_key.as_ref().unwrap_or(cert);
         let key = tokio::fs::read_to_string(key_file)
             .await
             .map_err(|e| format!("cannot read the client certificate's key {}: {e}", key_file.display()))?;
-        Ok((Some(cert.display().to_string()), Some(key)))
+        Ok((Some(cert.display().to_string()), Some(key), None))
     }
 
     /// Serve one TCP connection until it ends; returns why it ended, and whether

@@ -12,6 +12,7 @@
 //! - [`fallback`]: how corrections, retractions and reactions look on IRC;
 //! - [`wire`]: decoding lines that are not UTF-8 (the server's fallback encoding);
 //! - [`settings`]: each user's own nick and logins per server (`configure`);
+//! - [`certfp`]: the client certificates the gateway makes for users (SASL EXTERNAL);
 //! - [`connection`]: one IRC connection and the task that translates its traffic;
 //! - `fuzzing`: that translation driven by hand, for the fuzz targets and unit tests;
 //! - this file: [`IrcNetwork`], the [`Network`] the router talks to.
@@ -19,6 +20,7 @@
 //! Depends on `isthmus-core` and `isthmus-config` only.
 
 pub mod address;
+pub mod certfp;
 pub mod connection;
 pub mod fallback;
 pub mod flood;
@@ -177,7 +179,7 @@ impl IrcNetwork {
                 UserSettings::default()
             }
         };
-        let server_config = user.over(server_config);
+        let (server_config, identity) = user.over(server_config);
         let nick = user.nick.as_deref().unwrap_or(nick);
         info!(account = %account, server, nick, "opening IRC connection");
         let conn = Connection::open(
@@ -185,6 +187,7 @@ impl IrcNetwork {
             key.clone(),
             nick.to_owned(),
             server_config,
+            identity,
             self.config.clone(),
             self.sink.clone(),
             self.policy.clone(),
@@ -265,7 +268,8 @@ impl Network for IrcNetwork {
     async fn configure(&self, account: &BareJid, id: &str, values: &SettingValues) -> Result<String, SettingsError> {
         let server = self.settings_server(id)?;
         let current = self.user_settings(account, &server).await?;
-        let (next, changed) = current.apply(values)?;
+        let config = self.config.servers.get(&server).cloned().unwrap_or_default();
+        let (next, changed) = current.apply(values, &server, &config)?;
         if !changed.is_empty() {
             let store = self.store.as_ref().ok_or(SettingsError::NotSupported)?;
             let json = serde_json::to_string(&next).map_err(|e| SettingsError::Unavailable(e.to_string()))?;
@@ -275,7 +279,7 @@ impl Network for IrcNetwork {
                 .map_err(|e| SettingsError::Unavailable(format!("cannot store your settings: {e}")))?;
             info!(account = %account, server, changed = ?changed, "IRC settings changed");
         }
-        Ok(next.describe(&changed))
+        Ok(next.describe(&changed, values.contains_key("certfp")))
     }
 
     /// The public channels of every server the account is connected to (IRC LIST).
