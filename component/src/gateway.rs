@@ -1724,6 +1724,9 @@ impl Gateway {
                     session.own_role = *role;
                 }
                 let is_self = event.sender.is_self;
+                // The account's own occupant is its nick in the room, whatever name the
+                // network gave the change (a Matrix display name).
+                let nick = if is_self { &session.nick } else { nick };
                 if let Some(from) = full(room, nick) {
                     for res in &session.resources {
                         let mut item = Item::new(muc_affiliation(*affiliation), muc_role(*role));
