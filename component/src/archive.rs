@@ -79,6 +79,12 @@ impl Archive {
         self.store.archive_get(stanza_id).await
     }
 
+    /// Remove a message from `room`'s archive as `account` sees it (moderation), after a flush.
+    pub async fn remove(&self, room: &str, account: &str, stanza_id: &str) -> Result<u64, StoreError> {
+        self.flush().await;
+        self.store.archive_remove(room, account, stanza_id).await
+    }
+
     /// Query, after a flush; expired messages are left out even before they are removed.
     pub async fn query(&self, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
         self.flush().await;

@@ -2,7 +2,10 @@
 //! `<moderate id='STANZA-ID'><retract/><reason/></moderate>` to the room; the
 //! gateway finds the message by its stanza-id, routes a retraction naming the
 //! moderator to the room's network (where the router maps the id to the remote
-//! message) and answers the IQ with the network's verdict.
+//! message) and answers the IQ with the network's verdict. The message leaves the
+//! room's archive as the moderator's account sees it. A network that cannot remove
+//! messages (IRC) shows the removal by its retraction fallback, as for a user's own
+//! retraction.
 
 use isthmus_core::model::{ChatKind, EventKind, MessageRef, Quote, Role};
 use isthmus_core::network::DeliveryError;
@@ -10,7 +13,7 @@ use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::minidom::Element;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tracing::{Instrument, info};
+use tracing::{Instrument, info, warn};
 
 use crate::gateway::{Domain, Gateway};
 use crate::xep::Moderate;
@@ -70,9 +73,14 @@ impl Gateway {
             let text = "only the room's moderators may remove other people's messages";
             return refused(id, ErrorType::Auth, DefinedCondition::Forbidden, text);
         }
+        // Only a message of this room that the account's archive holds (its own entries,
+        // or the room's shared ones) can be named.
+        let visible = |e: &isthmus_core::store::ArchiveEntry| {
+            e.room == room.as_str() && e.owner.as_deref().is_none_or(|o| o == account.as_str())
+        };
         let target = match self.archive.get(&request.id).await {
-            Ok(Some(entry)) => entry,
-            Ok(None) => {
+            Ok(Some(entry)) if visible(&entry) => entry,
+            Ok(_) => {
                 let text = "no message with this stanza-id in the room's archive";
                 return refused(id, ErrorType::Cancel, DefinedCondition::ItemNotFound, text);
             }
@@ -100,6 +108,10 @@ impl Gateway {
             return delivery_refusal(id, e);
         }
         info!(room = %room, target = %request.id, by = %from, "message moderated");
+        // Gone from the archive too: history on join and MAM no longer return it.
+        if let Err(e) = self.archive.remove(room.as_str(), account.as_str(), &request.id).await {
+            warn!(room = %room, target = %request.id, error = %e, "the moderated message stays in the archive");
+        }
         // The moderator's own devices see the removal as every occupant does.
         let mut out = Vec::new();
         let mut entering = Vec::new();

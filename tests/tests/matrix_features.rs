@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use isthmus_core::address::Escaping;
 use isthmus_tests::matrix_scenario::{MATRIX_DOMAIN, MatrixSetup, matrix_jid};
-use isthmus_tests::scenario::T;
+use isthmus_tests::scenario::{T, moderate_iq};
 use isthmus_tests::{MatrixClient, Stanza, XmppClient};
 use serde_json::{Value, json};
 
@@ -206,14 +206,6 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
     let gone = s.bob.event(&room, &mine_id).await?;
     assert_eq!(gone["content"], json!({}), "the message is redacted on Matrix: {gone}");
     Ok(())
-}
-
-/// The XEP-0425 moderation request for the message with stanza-id `target`.
-fn moderate_iq(room_jid: &str, id: &str, target: &str, reason: &str) -> String {
-    format!(
-        "<iq type='set' to='{room_jid}' id='{id}'><moderate xmlns='urn:xmpp:message-moderate:1' id='{target}'>\
-         <retract xmlns='urn:xmpp:message-retract:1'/><reason>{reason}</reason></moderate></iq>"
-    )
 }
 
 #[tokio::test]
