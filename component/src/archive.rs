@@ -29,6 +29,12 @@ pub struct Archive {
     keep_us: Option<i64>,
 }
 
+/// Whether `entry` is part of `room`'s archive as `account` sees it: the account's
+/// own entries and the room's shared ones.
+pub(crate) fn visible(entry: &ArchiveEntry, room: &str, account: &str) -> bool {
+    entry.room == room && entry.owner.as_deref().is_none_or(|o| o == account)
+}
+
 /// How often expired messages are removed.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 

@@ -1173,9 +1173,18 @@ impl Gateway {
         } else {
             event = event.with_origin_id(key_id);
         }
+        // Only this room's archive as the account sees it is quoted; the account's own
+        // message it retracts leaves that archive once the retraction is accepted.
+        let mut retracted = None;
         if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. })) {
             if let Ok(Some(e)) = self.archive.get(&target.0).await {
-                event.context = Some(Quote { author: e.sender_nick, text: e.body });
+                if crate::archive::visible(&e, room.as_str(), account.as_str()) {
+                    let own = e.sender_jid.as_deref() == Some(account.as_str());
+                    if own && matches!(event.kind, EventKind::Retraction { .. }) {
+                        retracted = Some(target.0.clone());
+                    }
+                    event.context = Some(Quote { author: e.sender_nick, text: e.body });
+                }
             }
         }
         // A resend (same origin-id from the same account, e.g. after a failed stream
@@ -1209,6 +1218,11 @@ impl Gateway {
         }
         if let Some(id) = &origin_id {
             self.recent_origins.remember(&account, id, &key.0);
+        }
+        if let Some(target) = retracted {
+            if let Err(e) = self.archive.remove(room.as_str(), account.as_str(), &target).await {
+                warn!(room = %room, target = %target, error = %e, "the retracted message stays in the archive");
+            }
         }
         // What tells the sender the message was accepted: a XEP-0184 receipt (the
         // remote network accepted it) in a direct chat, the reflection in a room.

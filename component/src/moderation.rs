@@ -75,11 +75,8 @@ impl Gateway {
         }
         // Only a message of this room that the account's archive holds (its own entries,
         // or the room's shared ones) can be named.
-        let visible = |e: &isthmus_core::store::ArchiveEntry| {
-            e.room == room.as_str() && e.owner.as_deref().is_none_or(|o| o == account.as_str())
-        };
         let target = match self.archive.get(&request.id).await {
-            Ok(Some(entry)) if visible(&entry) => entry,
+            Ok(Some(entry)) if crate::archive::visible(&entry, room.as_str(), account.as_str()) => entry,
             Ok(_) => {
                 let text = "no message with this stanza-id in the room's archive";
                 return refused(id, ErrorType::Cancel, DefinedCondition::ItemNotFound, text);

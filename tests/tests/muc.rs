@@ -238,6 +238,9 @@ async fn corrections_reactions_and_retractions_reach_irc_by_policy(xmpp: XmppSer
         Some("\u{1}ACTION deleted a message: \"first version\"\u{1}"),
         "policy notice, no fallback body"
     );
+    // the retracted message leaves alice's archive of the room
+    let bodies = mam_bodies(&mut alice, &room, "after-retraction").await?;
+    assert!(!bodies.iter().any(|b| b == "first version") && bodies.iter().any(|b| b == "nice"), "{bodies:?}");
 
     // the id map: the original and both corrections share one key; reaction and retraction are recorded
     let db = format!("sqlite://{}/isthmus.db", s.gateway.dir().display());
