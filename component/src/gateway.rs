@@ -950,8 +950,13 @@ impl Gateway {
     }
 
     /// Record a message from another network in `room`'s archive of `owner` (`None`:
-    /// the room's shared archive).
+    /// the room's shared archive); a retraction removes its target from it.
     fn archive_event(&self, event: &Event, room: &BareJid, owner: Option<&BareJid>) {
+        if let EventKind::Retraction { target, .. } = &event.kind {
+            // Withdrawn or removed on its network: the archive forgets it too.
+            self.archive.forget(room.as_str(), owner.map(|o| o.as_str()), &target.0);
+            return;
+        }
         let EventKind::Message(msg) = &event.kind else { return };
         let body = stanza::rendered_body(msg);
         let sender_jid = event.sender.id.as_str().to_owned();
@@ -1220,9 +1225,7 @@ impl Gateway {
             self.recent_origins.remember(&account, id, &key.0);
         }
         if let Some(target) = retracted {
-            if let Err(e) = self.archive.remove(room.as_str(), account.as_str(), &target).await {
-                warn!(room = %room, target = %target, error = %e, "the retracted message stays in the archive");
-            }
+            self.archive.forget(room.as_str(), Some(account.as_str()), &target);
         }
         // What tells the sender the message was accepted: a XEP-0184 receipt (the
         // remote network accepted it) in a direct chat, the reflection in a room.

@@ -13,7 +13,7 @@ use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::minidom::Element;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, info};
 
 use crate::gateway::{Domain, Gateway};
 use crate::xep::Moderate;
@@ -106,9 +106,7 @@ impl Gateway {
         }
         info!(room = %room, target = %request.id, by = %from, "message moderated");
         // Gone from the archive too: history on join and MAM no longer return it.
-        if let Err(e) = self.archive.remove(room.as_str(), account.as_str(), &request.id).await {
-            warn!(room = %room, target = %request.id, error = %e, "the moderated message stays in the archive");
-        }
+        self.archive.forget(room.as_str(), Some(account.as_str()), &request.id);
         // The moderator's own devices see the removal as every occupant does.
         let mut out = Vec::new();
         let mut entering = Vec::new();

@@ -208,6 +208,23 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
     Ok(())
 }
 
+/// Wait until the gateway's archive holds `n` entries with `body`.
+async fn archived_until(s: &MatrixSetup, body: &str, n: i64) -> Result<()> {
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}/isthmus.db", s.gateway.dir().display())).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM archive WHERE body = ?1").bind(body).fetch_one(&db).await?;
+        if count == n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{count} archive entries with {body:?}, expected {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn moderation_both_ways() -> Result<()> {
     let s = MatrixSetup::start().await?;
@@ -234,6 +251,7 @@ async fn moderation_both_ways() -> Result<()> {
     let s1 = attr(&reflection.xml, "stanza-id", "id").context("no stanza-id on the reflection")?;
     let mine = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "off topic").await?;
     let mine_id = mine["event_id"].as_str().context("event id")?.to_owned();
+    archived_until(&s, "off topic", 1).await?;
     s.bob.redact(&room, &mine_id, Some("please stay on topic")).await?;
     let m = alice
         .expect(T, |m| m.kind == "message" && m.from == room_jid && m.xml.contains("urn:xmpp:message-moderate:1"))
@@ -242,6 +260,8 @@ async fn moderation_both_ways() -> Result<()> {
     assert_eq!(attr(&m.xml, "retract", "id").as_deref(), Some(s1.as_str()), "{}", m.xml);
     assert_eq!(attr(&m.xml, "moderated", "by"), Some(format!("{room_jid}/Bob Matrix")), "{}", m.xml);
     assert!(m.xml.contains("<reason>please stay on topic</reason>"), "{}", m.xml);
+    // Alice's archive of the room forgets it (MAM, history on join).
+    archived_until(&s, "off topic", 0).await?;
 
     // XMPP → Matrix: alice is no moderator here, so her request is refused.
     let theirs = s.bob.send_text(&room, "bob's words").await?;
