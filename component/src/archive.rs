@@ -2,7 +2,8 @@
 //! retention, history on join and XEP-0313 queries.
 //!
 //! Messages are handed to a writer task that stores them in batches (one
-//! transaction per batch), so relaying never waits on the database. Queries
+//! transaction per batch), so relaying never waits on the database; removals
+//! (retracted and moderated messages) go the same way, in order. Queries
 //! first ask the writer to flush, so a query sees every message relayed before it.
 //!
 //! Retention: with `retention_days` > 0, a task removes expired messages at start
@@ -17,6 +18,8 @@ use tracing::{info, warn};
 
 enum Command {
     Record(ArchiveEntry),
+    /// Remove a message (room, account or `None` for the shared entries only, stanza-id).
+    Forget(String, Option<String>, String),
     Flush(oneshot::Sender<()>),
 }
 
@@ -27,6 +30,12 @@ pub struct Archive {
     store: Store,
     /// How long messages are kept, in microseconds; `None`: forever.
     keep_us: Option<i64>,
+}
+
+/// Whether `entry` is part of `room`'s archive as `account` sees it: the account's
+/// own entries and the room's shared ones.
+pub(crate) fn visible(entry: &ArchiveEntry, room: &str, account: &str) -> bool {
+    entry.room == room && entry.owner.as_deref().is_none_or(|o| o == account)
 }
 
 /// How often expired messages are removed.
@@ -79,6 +88,16 @@ impl Archive {
         self.store.archive_get(stanza_id).await
     }
 
+    /// Queue the removal of a message (retracted, moderated) from `room`'s archive as
+    /// `account` sees it (its own entries and the shared ones; `None`: the shared
+    /// ones only). Applied after everything recorded before it; queries see it.
+    pub fn forget(&self, room: &str, account: Option<&str>, stanza_id: &str) {
+        let cmd = Command::Forget(room.to_owned(), account.map(str::to_owned), stanza_id.to_owned());
+        if self.tx.send(cmd).is_err() {
+            warn!("archive writer gone; message not removed from the archive");
+        }
+    }
+
     /// Query, after a flush; expired messages are left out even before they are removed.
     pub async fn query(&self, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
         self.flush().await;
@@ -96,15 +115,18 @@ impl Archive {
 
 async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut forget = Vec::new();
     let mut waiting = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Record(e) => batch.push(e),
+                Command::Forget(room, account, id) => forget.push((room, account, id)),
                 Command::Flush(done) => waiting.push(done),
             }
-            if batch.len() < BATCH {
+            // A removal is applied after the batch holding what came before it.
+            if batch.len() < BATCH && forget.is_empty() {
                 next = rx.try_recv().ok();
             }
         }
@@ -117,6 +139,14 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             batch.clear();
+        }
+        for (room, account, id) in forget.drain(..) {
+            let mut delay = Duration::from_millis(50);
+            while let Err(e) = store.archive_remove(&room, account.as_deref(), &id).await {
+                warn!(error = %e, room, stanza_id = id, retry_in = ?delay, "archive removal failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
         for done in waiting.drain(..) {
             let _ = done.send(());

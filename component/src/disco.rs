@@ -39,10 +39,11 @@ pub fn gateway(kind: &str, register: bool) -> DiscoInfoResult {
     info(Identity::new("gateway", kind.to_lowercase(), "en", format!("Isthmus {kind} gateway")), features)
 }
 
-/// A room named `name`; `moderation`: its network removes messages natively, so
-/// moderators may do it by XEP-0425.
-pub fn room(name: &str, moderation: bool) -> DiscoInfoResult {
-    let mut features = vec![
+/// A room named `name`. Its moderators may remove messages by XEP-0425 on every
+/// network: natively where it has removal (Matrix), else as its retraction fallback
+/// shows a user's own retraction (IRC); the room's archive forgets the message.
+pub fn room(name: &str) -> DiscoInfoResult {
+    let features = vec![
         ns::DISCO_INFO,
         ns::MUC,
         MUC_NONANONYMOUS,
@@ -53,10 +54,8 @@ pub fn room(name: &str, moderation: bool) -> DiscoInfoResult {
         ns::PING,
         ns::VCARD,
         crate::xep::NS_COMMANDS,
+        crate::xep::NS_MODERATE,
     ];
-    if moderation {
-        features.push(crate::xep::NS_MODERATE);
-    }
     info(Identity::new("conference", "text", "en", name.to_owned()), features)
 }
 
@@ -111,7 +110,7 @@ mod tests {
 
     #[test]
     fn caps_verify_against_the_same_info() {
-        let info = room("#chan%irc.example.org", false);
+        let info = room("#chan%irc.example.org");
         let payloads = caps_payloads(&info);
         let c = Caps::try_from(payloads[0].clone()).expect("caps");
         let again = caps::hash_caps(&caps::compute_disco(&info), Algo::Sha_1).expect("hash");
@@ -129,13 +128,12 @@ mod tests {
 
     #[test]
     fn each_entity_answers_what_it_is() {
-        assert!(room("r", false).features.iter().any(|f| f == MUC_NONANONYMOUS));
-        assert!(room("r", true).features.iter().any(|f| f == crate::xep::NS_MODERATE));
-        assert!(!room("r", false).features.iter().any(|f| f == crate::xep::NS_MODERATE));
+        assert!(room("r").features.iter().any(|f| f == MUC_NONANONYMOUS));
+        assert!(room("r").features.iter().any(|f| f == crate::xep::NS_MODERATE));
         assert!(gateway("IRC", true).features.iter().any(|f| f == ns::REGISTER));
         assert!(!gateway("IRC", false).features.iter().any(|f| f == ns::REGISTER));
         assert_eq!(person("bob").identities[0].category, "client");
-        for entity in [gateway("IRC", false), room("r", false), service("irc.example.org", "IRC")] {
+        for entity in [gateway("IRC", false), room("r"), service("irc.example.org", "IRC")] {
             assert!(entity.features.iter().any(|f| f == crate::xep::NS_COMMANDS), "{entity:?}");
         }
     }

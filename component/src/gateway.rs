@@ -938,8 +938,13 @@ impl Gateway {
     }
 
     /// Record a message from another network in `room`'s archive of `owner` (`None`:
-    /// the room's shared archive).
+    /// the room's shared archive); a retraction removes its target from it.
     fn archive_event(&self, event: &Event, room: &BareJid, owner: Option<&BareJid>) {
+        if let EventKind::Retraction { target, .. } = &event.kind {
+            // Withdrawn or removed on its network: the archive forgets it too.
+            self.archive.forget(room.as_str(), owner.map(|o| o.as_str()), &target.0);
+            return;
+        }
         let EventKind::Message(msg) = &event.kind else { return };
         let body = stanza::rendered_body(msg);
         let sender_jid = event.sender.id.as_str().to_owned();
@@ -1161,9 +1166,18 @@ impl Gateway {
         } else {
             event = event.with_origin_id(key_id);
         }
+        // Only this room's archive as the account sees it is quoted; the account's own
+        // message it retracts leaves that archive once the retraction is accepted.
+        let mut retracted = None;
         if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. })) {
             if let Ok(Some(e)) = self.archive.get(&target.0).await {
-                event.context = Some(Quote { author: e.sender_nick, text: e.body });
+                if crate::archive::visible(&e, room.as_str(), account.as_str()) {
+                    let own = e.sender_jid.as_deref() == Some(account.as_str());
+                    if own && matches!(event.kind, EventKind::Retraction { .. }) {
+                        retracted = Some(target.0.clone());
+                    }
+                    event.context = Some(Quote { author: e.sender_nick, text: e.body });
+                }
             }
         }
         // A resend (same origin-id from the same account, e.g. after a failed stream
@@ -1197,6 +1211,9 @@ impl Gateway {
         }
         if let Some(id) = &origin_id {
             self.recent_origins.remember(&account, id, &key.0);
+        }
+        if let Some(target) = retracted {
+            self.archive.forget(room.as_str(), Some(account.as_str()), &target);
         }
         // What tells the sender the message was accepted: a XEP-0184 receipt (the
         // remote network accepted it) in a direct chat, the reflection in a room.
@@ -1728,6 +1745,9 @@ impl Gateway {
                     session.own_role = *role;
                 }
                 let is_self = event.sender.is_self;
+                // The account's own occupant is its nick in the room, whatever name the
+                // network gave the change (a Matrix display name).
+                let nick = if is_self { &session.nick } else { nick };
                 if let Some(from) = full(room, nick) {
                     for res in &session.resources {
                         let mut item = Item::new(muc_affiliation(*affiliation), muc_role(*role));

@@ -2,7 +2,10 @@
 //! `<moderate id='STANZA-ID'><retract/><reason/></moderate>` to the room; the
 //! gateway finds the message by its stanza-id, routes a retraction naming the
 //! moderator to the room's network (where the router maps the id to the remote
-//! message) and answers the IQ with the network's verdict.
+//! message) and answers the IQ with the network's verdict. The message leaves the
+//! room's archive as the moderator's account sees it. A network that cannot remove
+//! messages (IRC) shows the removal by its retraction fallback, as for a user's own
+//! retraction.
 
 use isthmus_core::model::{ChatKind, EventKind, MessageRef, Quote, Role};
 use isthmus_core::network::DeliveryError;
@@ -70,9 +73,11 @@ impl Gateway {
             let text = "only the room's moderators may remove other people's messages";
             return refused(id, ErrorType::Auth, DefinedCondition::Forbidden, text);
         }
+        // Only a message of this room that the account's archive holds (its own entries,
+        // or the room's shared ones) can be named.
         let target = match self.archive.get(&request.id).await {
-            Ok(Some(entry)) => entry,
-            Ok(None) => {
+            Ok(Some(entry)) if crate::archive::visible(&entry, room.as_str(), account.as_str()) => entry,
+            Ok(_) => {
                 let text = "no message with this stanza-id in the room's archive";
                 return refused(id, ErrorType::Cancel, DefinedCondition::ItemNotFound, text);
             }
@@ -100,6 +105,8 @@ impl Gateway {
             return delivery_refusal(id, e);
         }
         info!(room = %room, target = %request.id, by = %from, "message moderated");
+        // Gone from the archive too: history on join and MAM no longer return it.
+        self.archive.forget(room.as_str(), Some(account.as_str()), &request.id);
         // The moderator's own devices see the removal as every occupant does.
         let mut out = Vec::new();
         let mut entering = Vec::new();

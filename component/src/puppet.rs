@@ -353,10 +353,7 @@ impl Gateway {
                     .ok_or("there is no one with this nick in the room, as far as you can see")?;
                 Ok(crate::disco::person(nick.as_str()))
             }
-            (ChatKind::Room, None) => {
-                let moderation = self.capabilities_of(&chat.network).is_some_and(|c| c.retractions);
-                Ok(crate::disco::room(node.as_str(), moderation))
-            }
+            (ChatKind::Room, None) => Ok(crate::disco::room(node.as_str())),
             (ChatKind::Service, _) => {
                 let name = self.router.get().and_then(|r| r.network(&chat.network)).map(|n| n.display_name(&chat.id.0));
                 Ok(crate::disco::service(&name.unwrap_or_else(|| chat.id.0.clone()), domain.kind))

@@ -361,14 +361,15 @@ pub enum CorrectionFallback {
     Ignore,
 }
 
-/// A retraction on IRC.
+/// A retraction on IRC (also a moderator's removal of someone else's message).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RetractionFallback {
     /// Send nothing: the line cannot be taken back on IRC.
     #[default]
     Ignore,
-    /// Say that a message was deleted (`/me deleted a message: "…"`).
+    /// Say that a message was deleted (`/me deleted a message: "…"`; a moderator's
+    /// removal: `/me removed a message by bob: "…" (reason: …)`).
     Notice,
 }
 

@@ -724,6 +724,19 @@ impl Store {
             .transpose()
     }
 
+    /// Remove the message with `stanza_id` from `room`'s archive as `account` sees it
+    /// (its own entries and the shared ones; `None`: the shared ones only); returns
+    /// how many entries went.
+    pub async fn archive_remove(&self, room: &str, account: Option<&str>, stanza_id: &str) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM archive WHERE stanza_id = $1 AND room = $2 AND (owner IS NULL OR owner = $3)")
+            .bind(stanza_id)
+            .bind(room)
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     async fn archive_id_of(&self, stanza_id: &str) -> Result<Option<i64>> {
         Ok(self.archive_get(stanza_id).await?.map(|e| e.archive_id))
     }

@@ -37,6 +37,14 @@ pub fn room(channel: &str) -> String {
     format!("{channel}%127.0.0.1@{IRC_DOMAIN}")
 }
 
+/// The XEP-0425 moderation request to `room` for the message with stanza-id `target`.
+pub fn moderate_iq(room: &str, id: &str, target: &str, reason: &str) -> String {
+    format!(
+        "<iq type='set' to='{room}' id='{id}'><moderate xmlns='urn:xmpp:message-moderate:1' id='{target}'>\
+         <retract xmlns='urn:xmpp:message-retract:1'/><reason>{reason}</reason></moderate></iq>"
+    )
+}
+
 impl IrcSetup {
     /// Start everything on ngIRCd; `irc_extra` is YAML appended to the IRC network entry (indented 4).
     pub async fn start(irc_extra: &str) -> Result<IrcSetup> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use isthmus_core::address::Escaping;
 use isthmus_tests::matrix_scenario::{MATRIX_DOMAIN, MatrixSetup, matrix_jid};
-use isthmus_tests::scenario::T;
+use isthmus_tests::scenario::{T, moderate_iq};
 use isthmus_tests::{MatrixClient, Stanza, XmppClient};
 use serde_json::{Value, json};
 
@@ -208,12 +208,21 @@ async fn edits_replies_reactions_and_redactions_both_ways() -> Result<()> {
     Ok(())
 }
 
-/// The XEP-0425 moderation request for the message with stanza-id `target`.
-fn moderate_iq(room_jid: &str, id: &str, target: &str, reason: &str) -> String {
-    format!(
-        "<iq type='set' to='{room_jid}' id='{id}'><moderate xmlns='urn:xmpp:message-moderate:1' id='{target}'>\
-         <retract xmlns='urn:xmpp:message-retract:1'/><reason>{reason}</reason></moderate></iq>"
-    )
+/// Wait until the gateway's archive holds `n` entries with `body`.
+async fn archived_until(s: &MatrixSetup, body: &str, n: i64) -> Result<()> {
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}/isthmus.db", s.gateway.dir().display())).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM archive WHERE body = ?1").bind(body).fetch_one(&db).await?;
+        if count == n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{count} archive entries with {body:?}, expected {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -242,6 +251,7 @@ async fn moderation_both_ways() -> Result<()> {
     let s1 = attr(&reflection.xml, "stanza-id", "id").context("no stanza-id on the reflection")?;
     let mine = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "off topic").await?;
     let mine_id = mine["event_id"].as_str().context("event id")?.to_owned();
+    archived_until(&s, "off topic", 1).await?;
     s.bob.redact(&room, &mine_id, Some("please stay on topic")).await?;
     let m = alice
         .expect(T, |m| m.kind == "message" && m.from == room_jid && m.xml.contains("urn:xmpp:message-moderate:1"))
@@ -250,6 +260,8 @@ async fn moderation_both_ways() -> Result<()> {
     assert_eq!(attr(&m.xml, "retract", "id").as_deref(), Some(s1.as_str()), "{}", m.xml);
     assert_eq!(attr(&m.xml, "moderated", "by"), Some(format!("{room_jid}/Bob Matrix")), "{}", m.xml);
     assert!(m.xml.contains("<reason>please stay on topic</reason>"), "{}", m.xml);
+    // Alice's archive of the room forgets it (MAM, history on join).
+    archived_until(&s, "off topic", 0).await?;
 
     // XMPP → Matrix: alice is no moderator here, so her request is refused.
     let theirs = s.bob.send_text(&room, "bob's words").await?;
@@ -283,6 +295,77 @@ async fn moderation_both_ways() -> Result<()> {
     assert_eq!(redaction["content"]["reason"], "spam", "{redaction}");
     let gone = s.bob.event(&room, &theirs).await?;
     assert_eq!(gone["content"], json!({}), "bob's message is redacted on Matrix: {gone}");
+    Ok(())
+}
+
+/// The occupant presence from `room_jid/nick` (not an unavailable one) with this role.
+fn role_presence<'a>(room_jid: &'a str, nick: &'a str, role: &'a str) -> impl Fn(&Stanza) -> bool + 'a {
+    move |m: &Stanza| {
+        m.kind == "presence"
+            && m.type_ != "unavailable"
+            && m.from == format!("{room_jid}/{nick}")
+            && attr(&m.xml, "item", "role").as_deref() == Some(role)
+    }
+}
+
+/// Bob sets `user`'s power level in `room`, keeping the rest of the room's power levels.
+async fn set_level(bob: &MatrixClient, room: &str, user: &str, level: i64) -> Result<()> {
+    let mut levels = bob.state(room, "m.room.power_levels", "").await?;
+    levels["users"][user] = json!(level);
+    bob.send_state(room, "m.room.power_levels", "", levels).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn power_level_changes_are_role_changes() -> Result<()> {
+    let s = MatrixSetup::start().await?;
+    let carol_user = s.synapse.register("carol", "carol-mx-pass", false).await?;
+    let carol = s.synapse.client(&carol_user)?;
+    carol.set_display_name("Carol Matrix").await?;
+    let mut alice = s.alice_linked("phone").await?;
+
+    // bob (power 100) made the room; carol and alice are plain members.
+    let room = s.bob.create_room(Some("Levels"), &[&s.alice_mx.user_id, carol.user_id()], false).await?;
+    carol.join(&room).await?;
+    let room_jid = jid(&room)?;
+    join(&mut alice, &room_jid).await?;
+    let p = alice.expect(T, role_presence(&room_jid, "Carol Matrix", "participant")).await?;
+    assert_eq!(attr(&p.xml, "item", "affiliation").as_deref(), Some("member"), "{}", p.xml);
+
+    // Alice, no moderator yet, may not remove bob's message.
+    s.bob.send_text(&room, "spam spam").await?;
+    let spam = alice.expect(T, |m| from_bob(&room_jid)(m) && m.body.as_deref() == Some("spam spam")).await?;
+    let theirs = s.bob.wait_for(&room, T, |e| e["content"]["body"] == "spam spam").await?;
+    let theirs = theirs["event_id"].as_str().context("event id")?.to_owned();
+    alice.send_raw(&moderate_iq(&room_jid, "mod1", &spam.id, "spam")).await?;
+    let refused = alice.expect(T, |m| m.kind == "iq" && m.id == "mod1").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("<forbidden"), "{}", refused.xml);
+
+    // bob raises carol to 50: alice sees carol become a moderator (an admin).
+    set_level(&s.bob, &room, carol.user_id(), 50).await?;
+    let p = alice
+        .expect(T, role_presence(&room_jid, "Carol Matrix", "moderator"))
+        .await
+        .map_err(|e| e.context(s.log_tail()))?;
+    assert_eq!(attr(&p.xml, "item", "affiliation").as_deref(), Some("admin"), "{}", p.xml);
+    assert!(!p.has_status(110), "carol's presence is no self-presence: {}", p.xml);
+
+    // bob raises alice: her own self-presence says so, and now she may moderate.
+    set_level(&s.bob, &room, &s.alice_mx.user_id, 50).await?;
+    let me =
+        alice.expect(T, role_presence(&room_jid, "Alice", "moderator")).await.map_err(|e| e.context(s.log_tail()))?;
+    assert!(me.has_status(110), "alice's own role change is her self-presence: {}", me.xml);
+    assert_eq!(attr(&me.xml, "item", "affiliation").as_deref(), Some("admin"), "{}", me.xml);
+    alice.send_raw(&moderate_iq(&room_jid, "mod2", &spam.id, "spam")).await?;
+    let done = alice.expect(T, |m| m.kind == "iq" && m.id == "mod2").await.map_err(|e| e.context(s.log_tail()))?;
+    assert_eq!(done.type_, "result", "{}", done.xml);
+    let redaction = s.bob.wait_for(&room, T, |e| e["type"] == "m.room.redaction" && redacts(e) == theirs).await?;
+    assert_eq!(redaction["sender"], json!(s.alice_mx.user_id), "{redaction}");
+
+    // bob demotes carol again: back to a participant.
+    set_level(&s.bob, &room, carol.user_id(), 0).await?;
+    let p = alice.expect(T, role_presence(&room_jid, "Carol Matrix", "participant")).await?;
+    assert_eq!(attr(&p.xml, "item", "affiliation").as_deref(), Some("member"), "{}", p.xml);
     Ok(())
 }
 

@@ -7,6 +7,8 @@
 //!   `matrix.localhost`, slixmpp joining `lobby@matrix.localhost`.
 //! - `a_bot_account_speaks_for_xmpp_users_in_a_portal`: the same without an
 //!   application service: one bot account speaks for everyone (`<nick> text`).
+//! - `power_level_changes_reach_portal_occupants`: a Matrix member's power level
+//!   change is their new MUC role and affiliation for the XMPP occupants.
 //! - `portal_puppets_on_synapse`: the Matrix bridge alone (no XMPP), driven
 //!   through the `Network` trait as the router drives it, every Matrix-side
 //!   effect checked on Synapse and every event for XMPP read from its sink.
@@ -388,6 +390,43 @@ async fn enter_portal(prosody: &Prosody, user: &str, nick: &str, history: u32) -
 /// query of an XMPP user who entered later, each message exactly once, stored
 /// once without an owner. The portal's `status` command says it is shared and
 /// what it is linked to.
+/// Power levels in a portal: a Matrix member raised to 50 becomes a moderator (an
+/// admin) for the XMPP occupants, and a participant again when lowered.
+#[tokio::test]
+async fn power_level_changes_reach_portal_occupants() -> Result<()> {
+    let PortalSetup { _synapse, bob, room_id, prosody, gateway } =
+        PortalSetup::start(&["alice"], json!({"preset": "public_chat", "name": "Lobby"})).await?;
+    let dave_user = _synapse.register("dave", "dave-mx-pass", false).await?;
+    let dave = _synapse.client(&dave_user)?;
+    dave.set_display_name("Dave Matrix").await?;
+    dave.join(&room_id).await?;
+    let room_jid = format!("lobby@{DOMAIN}");
+    let dave_nick = format!("{room_jid}/Dave Matrix");
+    let dave_as = |role: &'static str, affiliation: &'static str| {
+        let from = dave_nick.clone();
+        move |s: &isthmus_tests::Stanza| {
+            s.kind == "presence"
+                && s.type_ != "unavailable"
+                && s.from == from
+                && s.xml.contains(&format!("role=\"{role}\""))
+                && s.xml.contains(&format!("affiliation=\"{affiliation}\""))
+        }
+    };
+    let mut alice = enter_portal(&prosody, "alice", "Alice", 0).await?;
+    alice.expect(T, dave_as("participant", "member")).await?;
+
+    for (level, role, affiliation) in [(50, "moderator", "admin"), (0, "participant", "member")] {
+        let mut levels = bob.state(&room_id, "m.room.power_levels", "").await?;
+        levels["users"][dave.user_id()] = json!(level);
+        bob.send_state(&room_id, "m.room.power_levels", "", levels).await?;
+        alice
+            .expect(T, dave_as(role, affiliation))
+            .await
+            .with_context(|| format!("dave at level {level}; log:\n{}", gateway.log()))?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_portal_room_keeps_one_shared_archive() -> Result<()> {
     let PortalSetup { _synapse, bob, room_id, prosody, gateway } =

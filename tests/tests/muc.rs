@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use isthmus_tests::scenario::{IRC_DOMAIN, IrcSetup, T, room};
+use isthmus_tests::scenario::{IRC_DOMAIN, IrcSetup, T, moderate_iq, room};
 use isthmus_tests::{IrcClient, Stanza, XmppClient, XmppServerKind};
 
 /// The text between `<tag ...>` and `</tag>` in some XML.
@@ -238,6 +238,9 @@ async fn corrections_reactions_and_retractions_reach_irc_by_policy(xmpp: XmppSer
         Some("\u{1}ACTION deleted a message: \"first version\"\u{1}"),
         "policy notice, no fallback body"
     );
+    // the retracted message leaves alice's archive of the room
+    let bodies = mam_bodies(&mut alice, &room, "after-retraction").await?;
+    assert!(!bodies.iter().any(|b| b == "first version") && bodies.iter().any(|b| b == "nice"), "{bodies:?}");
 
     // the id map: the original and both corrections share one key; reaction and retraction are recorded
     let db = format!("sqlite://{}/isthmus.db", s.gateway.dir().display());
@@ -252,6 +255,74 @@ async fn corrections_reactions_and_retractions_reach_irc_by_policy(xmpp: XmppSer
     assert_eq!(key_of("m2"), key_of("m1"), "a correction joins the original");
     assert_eq!(key_of("m3"), key_of("m1"), "a correction of a correction targets the original");
     assert!(key_of("r1").is_some() && key_of("x1").is_some(), "reaction and retraction are in the id map: {keys:?}");
+    Ok(())
+}
+
+/// XEP-0425 in an IRC room. IRC cannot take a line back: a channel operator's
+/// moderation is shown on IRC as the retraction policy shows a user's own
+/// retraction (here `notice`), the moderator's devices get the XEP-0425 removal,
+/// and the message leaves the account's archive; the room advertises moderation.
+#[tokio::test]
+async fn moderation_in_an_irc_room_follows_the_retraction_policy() -> Result<()> {
+    let s = IrcSetup::start("    fallbacks: { retractions: notice }").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#mod").await?; // first in: bob is operator
+    let room = room("#mod");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!(
+            "<iq type='get' to='{room}' id='info1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        ))
+        .await?;
+    let info = alice.expect(T, |st| st.kind == "iq" && st.id == "info1").await?;
+    assert!(info.xml.contains("urn:xmpp:message-moderate:1"), "an IRC room advertises moderation: {}", info.xml);
+
+    let mut dave = IrcClient::connect(s.irc.port(), "dave").await?;
+    dave.join("#mod").await?;
+    dave.privmsg("#mod", "hello all").await?;
+    dave.privmsg("#mod", "buy cheap stuff").await?;
+    alice.expect(T, |st| st.body.as_deref() == Some("hello all")).await?;
+    let spam = alice.expect(T, |st| st.body.as_deref() == Some("buy cheap stuff")).await?;
+    let sid = stanza_id(&spam.xml);
+    assert!(!sid.is_empty(), "{}", spam.xml);
+
+    // No operator yet: refused, and nothing reaches IRC.
+    alice.send_raw(&moderate_iq(&room, "mod1", &sid, "spam")).await?;
+    let refused = alice.expect(T, |st| st.kind == "iq" && st.id == "mod1").await?;
+    assert!(refused.type_ == "error" && refused.xml.contains("<forbidden"), "{}", refused.xml);
+
+    // bob makes alice an operator: a moderator.
+    bob.send_line("MODE #mod +o alice").await?;
+    let own = format!("{room}/alice");
+    alice.expect(T, |st| st.kind == "presence" && st.from == own && st.xml.contains("role=\"moderator\"")).await?;
+
+    // A stanza-id the room's archive does not hold.
+    alice.send_raw(&moderate_iq(&room, "mod2", "no-such-id", "spam")).await?;
+    let unknown = alice.expect(T, |st| st.kind == "iq" && st.id == "mod2").await?;
+    assert!(unknown.type_ == "error" && unknown.xml.contains("<item-not-found"), "{}", unknown.xml);
+
+    alice.send_raw(&moderate_iq(&room, "mod3", &sid, "spam")).await?;
+    let done = alice.expect(T, |st| st.kind == "iq" && st.id == "mod3").await?;
+    assert_eq!(done.type_, "result", "{}", done.xml);
+    let removal = alice
+        .expect(T, |st| st.kind == "message" && st.from == room && st.xml.contains("urn:xmpp:message-moderate:1"))
+        .await?;
+    let retract = removal.xml.split("<retract ").nth(1).and_then(|t| t.split('>').next()).unwrap_or_default();
+    assert!(retract.contains(&format!("id=\"{sid}\"")), "the removal names the message: {}", removal.xml);
+    assert!(removal.xml.contains(&format!("by=\"{own}\"")), "{}", removal.xml);
+    assert!(removal.xml.contains("<reason>spam</reason>"), "{}", removal.xml);
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#mod").is_some_and(|t| t.contains("removed a message"))).await?;
+    assert!(line.starts_with(":alice!"), "{line}");
+    assert_eq!(
+        privmsg_text(&line, "#mod"),
+        Some("\u{1}ACTION removed a message by dave: \"buy cheap stuff\" (reason: spam)\u{1}"),
+        "the retraction policy's notice, naming whose message"
+    );
+    let later = bob.drain(Duration::from_millis(500)).await?;
+    assert!(!later.iter().any(|l| l.contains("removed a message")), "one notice only: {later:?}");
+
+    // The archive forgets it: MAM returns the rest only.
+    assert_eq!(mam_bodies(&mut alice, &room, "q1").await?, ["hello all"]);
     Ok(())
 }
 

@@ -7,6 +7,8 @@
 //! | correction | `mark` (default) | `[edit] the corrected text` |
 //! | retraction | `notice` | `/me deleted a message: "quote…"` |
 //! | retraction | `ignore` (default) | nothing |
+//! | moderation (someone else's message removed) | `notice` | `/me removed a message by bob: "quote…" (reason: spam)` |
+//! | moderation | `ignore` (default) | nothing |
 //! | reaction | `action` (default) | `/me reacted 👍 to bob: "quote…"`, or `/me removed their reaction to …` |
 
 use isthmus_config::{CorrectionFallback, IrcFallbacks, ReactionFallback, RetractionFallback};
@@ -15,14 +17,18 @@ use isthmus_core::model::{Event, EventKind, Message, Quote};
 /// Longest quote of the target message.
 const QUOTE_CHARS: usize = 60;
 
-fn about(context: Option<&Quote>, with_author: bool) -> String {
+/// The quoted target, after `: `, with its author after `author_word` (` to bob`) when given.
+fn about(context: Option<&Quote>, author_word: Option<&str>) -> String {
     let Some(q) = context else { return String::new() };
     let mut text: String = q.text.chars().take(QUOTE_CHARS).collect();
     if q.text.chars().count() > QUOTE_CHARS {
         text.push('…');
     }
     let text = text.replace(['\r', '\n'], " ");
-    if with_author { format!(" to {}: \"{text}\"", q.author) } else { format!(": \"{text}\"") }
+    match author_word {
+        Some(word) => format!(" {word} {}: \"{text}\"", q.author),
+        None => format!(": \"{text}\""),
+    }
 }
 
 /// The IRC message standing for `event`, or `None` when the policy says nothing is sent.
@@ -35,22 +41,33 @@ pub fn render(event: &Event, policy: &IrcFallbacks) -> Option<Message> {
             }
             CorrectionFallback::Ignore => None,
         },
-        EventKind::Retraction { .. } => match policy.retractions {
+        EventKind::Retraction { moderator: None, .. } => match policy.retractions {
             RetractionFallback::Notice => Some(Message {
-                body: format!("deleted a message{}", about(context, false)),
+                body: format!("deleted a message{}", about(context, None)),
                 action: true,
                 ..Message::default()
             }),
             RetractionFallback::Ignore => None,
         },
+        EventKind::Retraction { moderator: Some(_), reason, .. } => match policy.retractions {
+            RetractionFallback::Notice => {
+                let reason = reason.as_deref().map(|r| format!(" (reason: {})", r.replace(['\r', '\n'], " ")));
+                Some(Message {
+                    body: format!("removed a message{}{}", about(context, Some("by")), reason.unwrap_or_default()),
+                    action: true,
+                    ..Message::default()
+                })
+            }
+            RetractionFallback::Ignore => None,
+        },
         EventKind::Reactions { emojis, .. } => match policy.reactions {
             ReactionFallback::Action if emojis.is_empty() => Some(Message {
-                body: format!("removed their reaction{}", about(context, true)),
+                body: format!("removed their reaction{}", about(context, Some("to"))),
                 action: true,
                 ..Message::default()
             }),
             ReactionFallback::Action => Some(Message {
-                body: format!("reacted {}{}", emojis.join(" "), about(context, true)),
+                body: format!("reacted {}{}", emojis.join(" "), about(context, Some("to"))),
                 action: true,
                 ..Message::default()
             }),
@@ -110,5 +127,15 @@ mod tests {
         assert_eq!(render(&event(retract, q), &p).map(|m| m.body), Some("deleted a message: \"oops\\nline\"".into()));
         let react = EventKind::Reactions { target: MessageRef("m1".into()), emojis: vec!["👍".into()] };
         assert_eq!(render(&event(react, None), &p), None);
+        let moderated = EventKind::Retraction {
+            target: MessageRef("m1".into()),
+            moderator: Some("alice".into()),
+            reason: Some("spam\nagain".into()),
+        };
+        let q = Some(Quote { author: "bob".into(), text: "buy now".into() });
+        let m = render(&event(moderated.clone(), q), &p).expect("a line");
+        assert!(m.action);
+        assert_eq!(m.body, "removed a message by bob: \"buy now\" (reason: spam again)");
+        assert_eq!(render(&event(moderated, None), &IrcFallbacks::default()), None);
     }
 }

@@ -52,7 +52,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::incoming::{self, Incoming};
+use crate::incoming::{self, Incoming, UserLevels};
 use crate::outgoing::{self, UploadedFile};
 use crate::session::ReactionBook;
 
@@ -304,14 +304,6 @@ pub struct Powers {
     creators: HashSet<String>,
 }
 
-fn as_level(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 impl Powers {
     /// From a room's state events (as `GET /rooms/{roomId}/state` gives them).
     pub fn from_state(state: &[Value]) -> Powers {
@@ -333,10 +325,9 @@ impl Powers {
         }
         match find("m.room.power_levels") {
             Some(pl) => {
-                p.default = pl["content"].get("users_default").and_then(as_level).unwrap_or(0);
-                if let Some(users) = pl["content"]["users"].as_object() {
-                    p.users = users.iter().filter_map(|(u, l)| Some((u.clone(), as_level(l)?))).collect();
-                }
+                let levels = UserLevels::from_content(&pl["content"]);
+                p.default = levels.users_default;
+                p.users = levels.users.into_iter().collect();
             }
             // Without power levels the creator may do everything.
             None => p.users.extend(creator.map(|c| (c, 100))),
@@ -1385,6 +1376,10 @@ impl Portals {
             self.member(&chat, room_id, &env, user, membership, previous, displayname, reason).await;
             return;
         }
+        if let Incoming::PowerLevels { now, before } = &incoming {
+            self.levels_changed(&chat, room_id, &env, now, before.as_ref()).await;
+            return;
+        }
         if self.is_ours(&env.sender) {
             // Our own puppets' reactions are kept to remove them later.
             match &incoming {
@@ -1434,11 +1429,37 @@ impl Portals {
                 }
             }
             Incoming::Topic { text } => EventKind::Topic { text },
-            Incoming::Member { .. } | Incoming::Other => return,
+            Incoming::Member { .. } | Incoming::PowerLevels { .. } | Incoming::Other => return,
         };
         let kind = crate::media::proxied(&self.network, kind);
         let event = Event::new(self.network.clone(), chat, sender, kind).with_origin_id(env.event_id).at(env.time);
         self.emit(event).await;
+    }
+
+    /// The portal room's power levels changed: its Matrix members whose MUC role or
+    /// affiliation follows a new level get a role change on XMPP.
+    async fn levels_changed(
+        &self,
+        chat: &ChatRef,
+        room_id: &str,
+        env: &incoming::Envelope,
+        now: &UserLevels,
+        before: Option<&UserLevels>,
+    ) {
+        let members = self.state().members.get(room_id).cloned().unwrap_or_default();
+        let others = members.keys().map(String::as_str).filter(|u| !self.is_ours(u));
+        for (user, role, affiliation) in crate::session::role_changes(now, before, others) {
+            let nick = nick_in(&members, &user);
+            let event = Event::new(
+                self.network.clone(),
+                chat.clone(),
+                Sender::new(user, nick),
+                EventKind::RoleChanged { role, affiliation },
+            )
+            .with_origin_id(env.event_id.clone())
+            .at(env.time);
+            self.emit(event).await;
+        }
     }
 
     /// A membership change: someone (not ours) entered, left or changed name; a puppet removed by someone.

@@ -5,6 +5,7 @@
 //! reaction, a redaction, a membership change or a topic. Resolving names and
 //! reaction sets needs the session's state and happens in `session`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use isthmus_core::markup::html_to_styling_with;
@@ -54,8 +55,47 @@ pub enum Incoming {
     Topic {
         text: String,
     },
+    /// The room's power levels changed (`m.room.power_levels`): the users' levels now
+    /// and, when the homeserver gave it, before.
+    PowerLevels {
+        now: UserLevels,
+        before: Option<UserLevels>,
+    },
     /// Anything else (state the bridge does not show, unknown types, redacted leftovers).
     Other,
+}
+
+/// The users' part of an `m.room.power_levels` content: who has which level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserLevels {
+    pub users: BTreeMap<String, i64>,
+    /// The level of everyone not listed.
+    pub users_default: i64,
+}
+
+impl UserLevels {
+    /// From an `m.room.power_levels` content (levels may be strings in old room versions).
+    pub fn from_content(content: &Value) -> UserLevels {
+        let users = content
+            .get("users")
+            .and_then(Value::as_object)
+            .map(|u| u.iter().filter_map(|(user, l)| Some((user.clone(), level(l)?))).collect())
+            .unwrap_or_default();
+        UserLevels { users, users_default: content.get("users_default").and_then(level).unwrap_or(0) }
+    }
+
+    pub fn level(&self, user: &str) -> i64 {
+        self.users.get(user).copied().unwrap_or(self.users_default)
+    }
+}
+
+/// A power level as a state event spells it: a number, or a string in old room versions.
+pub fn level(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 /// The envelope every timeline event has.
@@ -150,6 +190,10 @@ pub fn parse(ev: &Value) -> Result<(Envelope, Incoming), ParseError> {
             }
         }
         "m.room.topic" => Incoming::Topic { text: opt_str(content, "topic").unwrap_or_default() },
+        "m.room.power_levels" if ev.get("state_key").and_then(Value::as_str) == Some("") => Incoming::PowerLevels {
+            now: UserLevels::from_content(content),
+            before: ev.get("unsigned").and_then(|u| u.get("prev_content")).map(UserLevels::from_content),
+        },
         _ => Incoming::Other,
     };
     Ok((envelope, incoming))
@@ -408,5 +452,23 @@ mod tests {
         assert_eq!(parse(&e), Err(ParseError::Missing("redacts")));
         let e = ev("m.room.member", json!({"membership": "join"}));
         assert_eq!(parse(&e), Err(ParseError::Missing("state_key")));
+    }
+
+    #[test]
+    fn power_levels_now_and_before() {
+        let mut e = ev(
+            "m.room.power_levels",
+            json!({"users": {"@bob:l": 100, "@carol:l": 50, "@dan:l": "50"}, "users_default": 0}),
+        );
+        e["state_key"] = json!("");
+        e["unsigned"] = json!({"prev_content": {"users": {"@bob:l": 100, "@dan:l": 50, "@eve:l": 50}}});
+        let (_, inc) = parse(&e).unwrap();
+        let Incoming::PowerLevels { now, before: Some(before) } = inc else { panic!("not power levels: {inc:?}") };
+        assert_eq!(now.level("@dan:l"), 50);
+        assert_eq!(now.level("@nobody:l"), 0);
+        assert_eq!((before.level("@carol:l"), before.level("@eve:l")), (0, 50));
+        // Only the room's own power levels (empty state key) count.
+        e["state_key"] = json!("x");
+        assert_eq!(parse(&e).unwrap().1, Incoming::Other);
     }
 }

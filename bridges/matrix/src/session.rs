@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::address::MatrixTarget;
-use crate::incoming::{self, Incoming};
+use crate::incoming::{self, Incoming, UserLevels};
 use crate::outgoing;
 
 /// Reactions per (room, target, sender): emoji → the reaction event carrying it.
@@ -490,14 +490,12 @@ impl Session {
                     Sender::new(user.clone(), subject_nick.clone())
                 };
                 match membership.as_str() {
-                    "join" if !was_in => EventKind::Joined {
-                        occupant: Occupant {
-                            id: isthmus_core::model::RemoteId::new(user.clone()),
-                            nick: subject_nick,
-                            role: Role::Participant,
-                            affiliation: Affiliation::Member,
-                        },
-                    },
+                    "join" if !was_in => {
+                        // Someone may enter with a level already (set before, or by default).
+                        let levels = room.power_levels().await.ok();
+                        let level = UserId::parse(&user).map_or(0, |u| level_for(levels.as_ref(), &u));
+                        EventKind::Joined { occupant: occupant_at_level(&user, subject_nick, level) }
+                    }
                     "join" if displayname != previous_displayname => {
                         let old = previous_displayname.unwrap_or_else(|| user.clone());
                         let event = self
@@ -530,11 +528,47 @@ impl Session {
                 }
             }
             Incoming::Topic { text } => EventKind::Topic { text },
+            Incoming::PowerLevels { now, before } => {
+                if chat.kind == ChatKind::Room {
+                    self.levels_changed(room, chat, &env, &now, before.as_ref()).await;
+                }
+                return;
+            }
             Incoming::Other => return,
         };
         let kind = crate::media::proxied(&self.network, kind);
         let event = self.emit_base(chat, sender, kind).with_origin_id(env.event_id.clone()).at(env.time);
         self.emit_timeline(event).await;
+    }
+
+    /// The room's power levels changed: every member whose MUC role or affiliation
+    /// follows a new level gets a role change, the user's own included (their own
+    /// role decides whether the XMPP side lets them moderate).
+    async fn levels_changed(
+        &self,
+        room: &Room,
+        chat: &ChatRef,
+        env: &incoming::Envelope,
+        now: &UserLevels,
+        before: Option<&UserLevels>,
+    ) {
+        let members = match room.members(RoomMemberships::JOIN).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(room = %room.room_id(), error = %e, "cannot read the room's members; role changes not bridged");
+                return;
+            }
+        };
+        let users: Vec<String> = members.iter().map(|m| m.user_id().to_string()).collect();
+        for (user, role, affiliation) in role_changes(now, before, users.iter().map(String::as_str)) {
+            let nick = self.nick_of(room, &user).await;
+            let sender = if user == self.user_id.as_str() { Sender::own(user, nick) } else { Sender::new(user, nick) };
+            let event = self
+                .emit_base(chat, sender, EventKind::RoleChanged { role, affiliation })
+                .with_origin_id(env.event_id.clone())
+                .at(env.time);
+            self.emit_timeline(event).await;
+        }
     }
 
     /// The events before a gappy sync's timeline, oldest first, back to the newest
@@ -715,13 +749,7 @@ impl Session {
         let members = room.members(RoomMemberships::JOIN).await.map_err(unavailable)?;
         let levels = room.power_levels().await.ok();
         let mut occupants = Vec::new();
-        let level_of = |user: &matrix_sdk::ruma::UserId| -> i64 {
-            match levels.as_ref().map(|p| p.for_user(user)) {
-                Some(matrix_sdk::ruma::events::room::power_levels::UserPowerLevel::Int(i)) => i.into(),
-                Some(_) => 100,
-                None => 0,
-            }
-        };
+        let level_of = |user: &UserId| level_for(levels.as_ref(), user);
         for m in members.iter().filter(|m| m.user_id() != self.user_id) {
             let nick = self.nick_of(&room, m.user_id().as_str()).await;
             occupants.push(occupant_at_level(m.user_id().as_str(), nick, level_of(m.user_id())));
@@ -963,6 +991,16 @@ async fn checkpoint_writer(
     }
 }
 
+/// `user`'s power level at `levels` (a creator outranking everyone counts as 100;
+/// unknown levels as 0).
+fn level_for(levels: Option<&matrix_sdk::ruma::events::room::power_levels::RoomPowerLevels>, user: &UserId) -> i64 {
+    match levels.map(|p| p.for_user(user)) {
+        Some(matrix_sdk::ruma::events::room::power_levels::UserPowerLevel::Int(i)) => i.into(),
+        Some(_) => 100,
+        None => 0,
+    }
+}
+
 /// A room member as a MUC occupant: power level 50 and above moderate, 100 own.
 pub fn occupant_at_level(user: &str, nick: String, level: i64) -> Occupant {
     Occupant {
@@ -982,6 +1020,24 @@ pub fn occupant_at_level(user: &str, nick: String, level: i64) -> Occupant {
 /// Consecutive failed syncs (about 1.5 s of trying) before the rooms are told the
 /// homeserver cannot be reached.
 const OUTAGE_AFTER_FAILURES: u32 = 2;
+
+/// The members (of `members`) whose MUC role or affiliation differs at the levels
+/// `now` from `before` (unknown before: everyone's is told), with their new standing.
+pub fn role_changes<'a>(
+    now: &UserLevels,
+    before: Option<&UserLevels>,
+    members: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, Role, Affiliation)> {
+    members
+        .into_iter()
+        .filter_map(|user| {
+            let new = occupant_at_level(user, String::new(), now.level(user));
+            let old = before.map(|b| occupant_at_level(user, String::new(), b.level(user)));
+            let changed = old.is_none_or(|o| (o.role, o.affiliation) != (new.role, new.affiliation));
+            changed.then(|| (user.to_owned(), new.role, new.affiliation))
+        })
+        .collect()
+}
 
 /// The most events fetched to fill one sync gap.
 const BACKFILL_MAX: usize = 5000;
@@ -1005,5 +1061,35 @@ mod tests {
         assert_eq!(b.remove("$1"), None);
         assert_eq!(b.of("!r", "$t", "@a"), vec![("🎉".to_owned(), "$2".to_owned())]);
         assert_eq!(b.remove("$9"), None);
+    }
+
+    #[test]
+    fn role_changes_follow_the_levels_that_change_a_standing() {
+        use super::role_changes;
+        use crate::incoming::UserLevels;
+        use isthmus_core::model::{Affiliation, Role};
+        let levels = |pairs: &[(&str, i64)], default| UserLevels {
+            users: pairs.iter().map(|(u, l)| (u.to_string(), *l)).collect(),
+            users_default: default,
+        };
+        let before = levels(&[("@bob:l", 100), ("@dan:l", 50)], 0);
+        let now = levels(&[("@bob:l", 100), ("@carol:l", 50), ("@dan:l", 75), ("@me:l", 100)], 0);
+        let members = ["@bob:l", "@carol:l", "@dan:l", "@me:l", "@eve:l"];
+        assert_eq!(
+            role_changes(&now, Some(&before), members),
+            vec![
+                ("@carol:l".to_owned(), Role::Moderator, Affiliation::Admin),
+                ("@me:l".to_owned(), Role::Moderator, Affiliation::Owner),
+            ]
+        );
+        // Demoted back; a new default reaches everyone not listed.
+        let demoted = levels(&[("@bob:l", 100)], 0);
+        assert_eq!(
+            role_changes(&demoted, Some(&now), ["@carol:l"]),
+            vec![("@carol:l".to_owned(), Role::Participant, Affiliation::Member)]
+        );
+        let raised = levels(&[("@bob:l", 100)], 50);
+        assert_eq!(role_changes(&raised, Some(&demoted), ["@bob:l", "@eve:l"]).len(), 1);
+        assert_eq!(role_changes(&now, None, ["@eve:l"]).len(), 1);
     }
 }

@@ -236,6 +236,15 @@ async fn archive_visibility(store: &Store) {
     let q = ArchiveQuery { owner: None, ..q };
     assert_eq!(store.archive_query(&q).await.expect("query").entries.len(), 1, "anonymous sees shared only");
     assert_eq!(store.archive_get(&batch[0].stanza_id).await.expect("get"), Some(batch[0].clone()));
+    // Removing (moderation) reaches only what the account sees, in that room.
+    let alice = Some("alice@localhost");
+    assert_eq!(store.archive_remove(room, alice, &batch[1].stanza_id).await.expect("remove"), 0, "carol's own");
+    assert_eq!(store.archive_remove("#elsewhere", alice, &batch[0].stanza_id).await.expect("remove"), 0);
+    assert_eq!(store.archive_remove(room, alice, &batch[0].stanza_id).await.expect("remove"), 1);
+    assert_eq!(store.archive_remove(room, None, &batch[1].stanza_id).await.expect("remove"), 0, "shared only");
+    assert_eq!(store.archive_remove(room, None, &batch[2].stanza_id).await.expect("remove"), 1, "shared");
+    assert_eq!(store.archive_get(&batch[0].stanza_id).await.expect("get"), None);
+    assert_eq!(store.archive_get(&batch[1].stanza_id).await.expect("get"), Some(batch[1].clone()));
 }
 
 async fn archive_paging(store: &Store) {
