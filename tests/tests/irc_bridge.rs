@@ -549,8 +549,8 @@ async fn echo_message_confirms_what_xmpp_sends(kind: IrcServerKind) -> Result<()
     alice.expect(T, |st| st.body.as_deref() == Some("fence")).await?;
     bob.privmsg("#test", "fence from irc").await?;
     alice.expect(T, |st| st.body.as_deref() == Some("fence from irc")).await?;
-    let reflections = alice.seen().iter().filter(|x| x.contains("echoed once")).count();
-    assert_eq!(reflections, 1, "the XMPP sender saw the message {reflections} times");
+    let seen: Vec<&String> = alice.seen().iter().filter(|x| x.contains("echoed once")).collect();
+    assert_eq!(seen.len(), 1, "the XMPP sender saw the message {} times: {seen:#?}", seen.len());
     let lines = bob.seen().iter().filter(|l| privmsg_text(l, "#test") == Some("echoed once")).count();
     assert_eq!(lines, 1, "IRC saw the message {lines} times");
     let key = stanza_id(&reflection.xml).ok_or_else(|| anyhow::anyhow!("no stanza-id in {}", reflection.xml))?;
