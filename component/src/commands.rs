@@ -105,15 +105,15 @@ impl Gateway {
     /// disco#items on the domain: the rooms its network lists for `from`.
     pub(crate) async fn room_directory(&self, domain: &Domain, from: &Jid) -> Element {
         let mut out = Element::builder("query", ns::DISCO_ITEMS);
-        if Gateway::allowed(domain, from) {
-            if let Some(network) = self.network_of(domain) {
-                for room in network.rooms(&from.to_bare()).await {
-                    let Ok(local) = domain.escaping.to_localpart(room.id.as_str()) else { continue };
-                    let Some(jid) = crate::stanza::bare(&local, &domain.name) else { continue };
-                    let mut item = Element::builder("item", ns::DISCO_ITEMS).attr(attr("jid"), jid.to_string());
-                    item = item.attr(attr("name"), room.name.unwrap_or_else(|| room.id.0.clone()));
-                    out = out.append(item.build());
-                }
+        if Gateway::allowed(domain, from)
+            && let Some(network) = self.network_of(domain)
+        {
+            for room in network.rooms(&from.to_bare()).await {
+                let Ok(local) = domain.escaping.to_localpart(room.id.as_str()) else { continue };
+                let Some(jid) = crate::stanza::bare(&local, &domain.name) else { continue };
+                let mut item = Element::builder("item", ns::DISCO_ITEMS).attr(attr("jid"), jid.to_string());
+                item = item.attr(attr("name"), room.name.unwrap_or_else(|| room.id.0.clone()));
+                out = out.append(item.build());
             }
         }
         out.build()

@@ -145,9 +145,13 @@ pub(crate) type RoomKey = (BareJid, BareJid); // (room, account)
 
 /// The origin-ids (XEP-0359) of the last messages XMPP users sent, with the key
 /// each got, so a resend is recognised. Bounded: the oldest are forgotten first.
+/// (account, origin-id) → the message key it got.
+type OriginKey = (BareJid, String);
+
 #[derive(Default)]
 struct RecentOrigins {
-    inner: Mutex<(HashMap<(BareJid, String), String>, std::collections::VecDeque<(BareJid, String)>)>,
+    /// The keys by origin-id, and the origin-ids oldest first (to forget the oldest).
+    inner: Mutex<(HashMap<OriginKey, String>, std::collections::VecDeque<OriginKey>)>,
 }
 
 impl RecentOrigins {
@@ -169,10 +173,10 @@ impl RecentOrigins {
             return;
         }
         order.push_back(id);
-        if order.len() > Self::CAPACITY {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
+        if order.len() > Self::CAPACITY
+            && let Some(old) = order.pop_front()
+        {
+            map.remove(&old);
         }
     }
 }
@@ -363,10 +367,8 @@ impl Gateway {
             // come back, and waits again (persistent channels wait for good).
             let vanished = r.resources.is_empty() && !domain.persistent;
             let since = std::time::Instant::now();
-            if vanished {
-                if let Some(s) = self.rooms().get_mut(&(room.clone(), account.clone())) {
-                    s.vanished_at = Some(since);
-                }
+            if vanished && let Some(s) = self.rooms().get_mut(&(room.clone(), account.clone())) {
+                s.vanished_at = Some(since);
             }
             info!(account = %account, room = %room, nick = %r.nick, "rejoining room after restart");
             let event = self.user_event(
@@ -671,7 +673,7 @@ impl Gateway {
         self.rooms()
             .iter()
             .filter(|((r, _), s)| r == room && s.joined)
-            .any(|((_, a), s)| (a != account && s.nick == nick) || (a != account && s.occupants.contains_key(nick)))
+            .any(|((_, a), s)| a != account && (s.nick == nick || s.occupants.contains_key(nick)))
     }
 
     /// An event of a portal room from another network (no account: the room is
@@ -923,6 +925,7 @@ impl Gateway {
 
     /// Record a room message in the archive of `owner`: an account's own archive in
     /// a personal (IRC) room, the room's shared archive (`None`) in a portal room.
+    #[allow(clippy::too_many_arguments)]
     fn archive_message(
         &self,
         room: &BareJid,
@@ -1101,10 +1104,11 @@ impl Gateway {
             }
             return;
         }
-        if m.type_ == MessageType::Groupchat && stanza::body(&m).is_none() {
-            if let Some((_, subject)) = m.get_best_subject_cloned(vec!["en"]) {
-                return self.set_subject(domain, &m, &account, &to, subject).await;
-            }
+        if m.type_ == MessageType::Groupchat
+            && stanza::body(&m).is_none()
+            && let Some((_, subject)) = m.get_best_subject_cloned(vec!["en"])
+        {
+            return self.set_subject(domain, &m, &account, &to, subject).await;
         }
         let body = stanza::body(&m).unwrap_or_default();
         let Some(kind) = stanza::event_kind(&m, &body) else { return };
@@ -1169,16 +1173,15 @@ impl Gateway {
         // Only this room's archive as the account sees it is quoted; the account's own
         // message it retracts leaves that archive once the retraction is accepted.
         let mut retracted = None;
-        if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. })) {
-            if let Ok(Some(e)) = self.archive.get(&target.0).await {
-                if crate::archive::visible(&e, room.as_str(), account.as_str()) {
-                    let own = e.sender_jid.as_deref() == Some(account.as_str());
-                    if own && matches!(event.kind, EventKind::Retraction { .. }) {
-                        retracted = Some(target.0.clone());
-                    }
-                    event.context = Some(Quote { author: e.sender_nick, text: e.body });
-                }
+        if let Some(target) = event.kind.target().filter(|_| !matches!(event.kind, EventKind::Correction { .. }))
+            && let Ok(Some(e)) = self.archive.get(&target.0).await
+            && crate::archive::visible(&e, room.as_str(), account.as_str())
+        {
+            let own = e.sender_jid.as_deref() == Some(account.as_str());
+            if own && matches!(event.kind, EventKind::Retraction { .. }) {
+                retracted = Some(target.0.clone());
             }
+            event.context = Some(Quote { author: e.sender_nick, text: e.body });
         }
         // A resend (same origin-id from the same account, e.g. after a failed stream
         // resumption) is not bridged again; in a room it is reflected again, with the
@@ -1218,18 +1221,19 @@ impl Gateway {
         // What tells the sender the message was accepted: a XEP-0184 receipt (the
         // remote network accepted it) in a direct chat, the reflection in a room.
         let mut accepted = Vec::new();
-        if chat.kind != ChatKind::Room && m.payloads.iter().any(|p| p.is("request", ns::RECEIPTS)) {
-            if let Some(id) = &m.id {
-                let mut receipt = Message::new_with_type(MessageType::Chat, Some(from.clone()));
-                receipt.from = Some(to.clone());
-                receipt.id = Some(stanza::new_id());
-                receipt.payloads.push(
-                    Element::builder("received", ns::RECEIPTS)
-                        .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), id.0.clone())
-                        .build(),
-                );
-                accepted.push(Stanza::Message(receipt));
-            }
+        if chat.kind != ChatKind::Room
+            && m.payloads.iter().any(|p| p.is("request", ns::RECEIPTS))
+            && let Some(id) = &m.id
+        {
+            let mut receipt = Message::new_with_type(MessageType::Chat, Some(from.clone()));
+            receipt.from = Some(to.clone());
+            receipt.id = Some(stanza::new_id());
+            receipt.payloads.push(
+                Element::builder("received", ns::RECEIPTS)
+                    .attr(xso::exports::rxml::NcName::try_from("id").expect("a constant valid name"), id.0.clone())
+                    .build(),
+            );
+            accepted.push(Stanza::Message(receipt));
         }
         let mut archived = None;
         if chat.kind == ChatKind::Room {
@@ -1344,12 +1348,11 @@ impl Gateway {
             }
             return;
         };
-        let event = self.user_event(chat, &account, nick, EventKind::Topic { text: subject });
-        if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
-            if let Some(err) = stanza::message_error(m, ErrorType::Cancel, DefinedCondition::Forbidden, &e.to_string())
-            {
-                self.send(domain, err).await;
-            }
+        let event = self.user_event(chat, account, nick, EventKind::Topic { text: subject });
+        if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned())
+            && let Some(err) = stanza::message_error(m, ErrorType::Cancel, DefinedCondition::Forbidden, &e.to_string())
+        {
+            self.send(domain, err).await;
         }
     }
 

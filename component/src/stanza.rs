@@ -142,21 +142,21 @@ pub fn event_kind(m: &Message, body: &str) -> Option<isthmus_core::model::EventK
     use tokio_xmpp::parsers::reactions::Reactions;
 
     for p in &m.payloads {
-        if p.is("replace", tokio_xmpp::parsers::ns::MESSAGE_CORRECT) {
-            if let Ok(r) = Replace::try_from(p.clone()) {
-                return Some(EventKind::Correction { target: MessageRef(r.id.0), message: content(m, body) });
-            }
+        if p.is("replace", tokio_xmpp::parsers::ns::MESSAGE_CORRECT)
+            && let Ok(r) = Replace::try_from(p.clone())
+        {
+            return Some(EventKind::Correction { target: MessageRef(r.id.0), message: content(m, body) });
         }
-        if p.is("retract", crate::xep::NS_RETRACT) {
-            if let Ok(r) = crate::xep::Retract::try_from(p.clone()) {
-                return Some(EventKind::Retraction { target: MessageRef(r.id), moderator: None, reason: None });
-            }
+        if p.is("retract", crate::xep::NS_RETRACT)
+            && let Ok(r) = crate::xep::Retract::try_from(p.clone())
+        {
+            return Some(EventKind::Retraction { target: MessageRef(r.id), moderator: None, reason: None });
         }
-        if p.is("reactions", tokio_xmpp::parsers::ns::REACTIONS) {
-            if let Ok(r) = Reactions::try_from(p.clone()) {
-                let emojis = r.reactions.into_iter().map(|e| e.emoji).collect();
-                return Some(EventKind::Reactions { target: MessageRef(r.id), emojis });
-            }
+        if p.is("reactions", tokio_xmpp::parsers::ns::REACTIONS)
+            && let Ok(r) = Reactions::try_from(p.clone())
+        {
+            let emojis = r.reactions.into_iter().map(|e| e.emoji).collect();
+            return Some(EventKind::Reactions { target: MessageRef(r.id), emojis });
         }
     }
     if body.is_empty() {
@@ -300,10 +300,11 @@ pub fn rendered(event: &isthmus_core::model::Event, type_: MessageType, from: Ji
         }
         _ => return None,
     };
-    if event.delayed && matches!(event.kind, EventKind::Message(_)) {
-        if let Some(d) = m.from.as_ref().and_then(|f| delay(event.time, &f.to_bare())) {
-            m.payloads.push(d.into());
-        }
+    if event.delayed
+        && matches!(event.kind, EventKind::Message(_))
+        && let Some(d) = m.from.as_ref().and_then(|f| delay(event.time, &f.to_bare()))
+    {
+        m.payloads.push(d.into());
     }
     Some(m)
 }

@@ -39,11 +39,11 @@ impl ConfigError {
         let position = e.location().filter(|l| l.line() > 0).map(|l| (l.line(), l.column()));
         let mut message = strip_location(&rendered);
         // "invalid u16" → "expected u16, found `abc`": say what was there too.
-        if let (Some(ty), Some((line, column))) = (message.strip_prefix("invalid "), position) {
-            if !ty.contains(' ') {
-                let found = token_at(src, line, column);
-                message = format!("expected {ty}, found `{found}`");
-            }
+        if let (Some(ty), Some((line, column))) = (message.strip_prefix("invalid "), position)
+            && !ty.contains(' ')
+        {
+            let found = token_at(src, line, column);
+            message = format!("expected {ty}, found `{found}`");
         }
         ConfigError { file: file.to_path_buf(), position, message }
     }

@@ -154,10 +154,10 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
     }
-    if let Some(c) = &config.xmpp.component {
-        if c.port == 0 {
-            return Err(ConfigError::at(file, &top, "`xmpp.component.port` must not be 0"));
-        }
+    if let Some(c) = &config.xmpp.component
+        && c.port == 0
+    {
+        return Err(ConfigError::at(file, &top, "`xmpp.component.port` must not be 0"));
     }
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, net) in config.irc.iter().enumerate() {
@@ -175,13 +175,14 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
         if config.xmpp.mode == XmppMode::Component && config.component_secret_for(net).is_none() {
             return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
         }
-        if let Some(p) = &net.pinned_server {
-            if !net.servers.contains_key(p) {
-                let known: Vec<&str> = net.servers.keys().map(String::as_str).collect();
-                return err(format!("`pinned_server: {p}` is not one of the listed servers ({})", known.join(", ")));
-            }
+        if let Some(p) = &net.pinned_server
+            && !net.servers.contains_key(p)
+        {
+            let known: Vec<&str> = net.servers.keys().map(String::as_str).collect();
+            return err(format!("`pinned_server: {p}` is not one of the listed servers ({})", known.join(", ")));
         }
-        if net.flood.enabled && (net.flood.burst < 1 || !(net.flood.lines_per_second > 0.0)) {
+        let rate = net.flood.lines_per_second;
+        if net.flood.enabled && (net.flood.burst < 1 || !(rate.is_finite() && rate > 0.0)) {
             return err(
                 "`flood` needs `burst` of at least 1 and `lines_per_second` above 0 (or `enabled: false`)".into()
             );
@@ -302,10 +303,10 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 return err(format!("appservice `homeserver: {}` is not a URL", a.homeserver));
             }
         }
-        if let Some(d) = &net.default_homeserver {
-            if !net.allows_homeserver(d) {
-                return err(format!("`default_homeserver: {d}` is not in `allowed_homeservers`"));
-            }
+        if let Some(d) = &net.default_homeserver
+            && !net.allows_homeserver(d)
+        {
+            return err(format!("`default_homeserver: {d}` is not in `allowed_homeservers`"));
         }
         if let Some(media) = &net.media {
             if media.listen.parse::<std::net::SocketAddr>().is_err() {

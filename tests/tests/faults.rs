@@ -85,13 +85,13 @@ impl Tally {
                 if let Some(n) = number(body, "x2i ").filter(|n| s.id == format!("x2i-{n}")) {
                     self.accepted.insert(n);
                 }
-            } else if s.from == format!("{room}/peer") {
-                if let Some(n) = number(body, "i2x ") {
-                    if s.xml.contains("urn:xmpp:delay") {
-                        self.i2x_history.insert(n);
-                    } else {
-                        self.i2x.push(n);
-                    }
+            } else if s.from == format!("{room}/peer")
+                && let Some(n) = number(body, "i2x ")
+            {
+                if s.xml.contains("urn:xmpp:delay") {
+                    self.i2x_history.insert(n);
+                } else {
+                    self.i2x.push(n);
                 }
             }
         }

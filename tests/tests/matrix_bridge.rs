@@ -279,10 +279,12 @@ async fn a_kill_during_a_matrix_burst_duplicates_nothing_and_loses_nothing_store
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline && got.iter().filter(|&&i| i >= KILL_AT).count() < N - KILL_AT {
         for m in alice.drain(Duration::from_secs(2)).await? {
-            if m.kind == "message" && m.type_ == "groupchat" && m.from == format!("{room_jid}/Bob Matrix") {
-                if let Some(i) = m.body.as_deref().and_then(|b| b.strip_prefix("burst-")).and_then(|n| n.parse().ok()) {
-                    got.push(i);
-                }
+            if m.kind == "message"
+                && m.type_ == "groupchat"
+                && m.from == format!("{room_jid}/Bob Matrix")
+                && let Some(i) = m.body.as_deref().and_then(|b| b.strip_prefix("burst-")).and_then(|n| n.parse().ok())
+            {
+                got.push(i);
             }
         }
     }

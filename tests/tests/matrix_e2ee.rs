@@ -255,7 +255,7 @@ async fn encrypted_room_with_alice(
         .context("the invitation to the encrypted room was not announced")?;
     let joined = join_room(&mut alice, &room_jid, "Alice").await?;
     if !joined.has_status(110) {
-        bail!("alice could not enter the encrypted room: {}\n{}", joined.xml, gateway_crypto_log(&s));
+        bail!("alice could not enter the encrypted room: {}\n{}", joined.xml, gateway_crypto_log(s));
     }
     alice.expect(T, |m| m.kind == "presence" && m.from == format!("{room_jid}/Bob Matrix")).await?;
     wait_joined(&room, &alice_uid, T).await?;

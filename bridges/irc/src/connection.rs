@@ -140,10 +140,10 @@ impl EchoWait {
     fn line_done(&mut self, id: Option<String>) {
         self.ids.extend(id);
         self.remaining = self.remaining.saturating_sub(1);
-        if self.remaining == 0 {
-            if let Some(c) = self.confirmer.take() {
-                c.confirm(std::mem::take(&mut self.ids));
-            }
+        if self.remaining == 0
+            && let Some(c) = self.confirmer.take()
+        {
+            c.confirm(std::mem::take(&mut self.ids));
         }
     }
 
@@ -274,6 +274,7 @@ fn ident_for(account: &BareJid) -> String {
 
 impl Connection {
     /// Start a connection; it connects in the background and keeps reconnecting until closed.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         network: NetworkId,
         key: ConnectionKey,
@@ -997,10 +998,10 @@ impl Reader {
 
     /// Send a line now, ahead of the user's queue (registration, rejoins).
     fn send_now(&self, command: Command) {
-        if let Some(s) = &self.sender {
-            if let Err(e) = s.send(self.wire.encode(command.into())) {
-                warn!(error = %e, "IRC write failed");
-            }
+        if let Some(s) = &self.sender
+            && let Err(e) = s.send(self.wire.encode(command.into()))
+        {
+            warn!(error = %e, "IRC write failed");
         }
     }
 

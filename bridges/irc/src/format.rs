@@ -100,21 +100,22 @@ pub fn styling_to_irc(text: &str) -> String {
     while i < chars.len() {
         let c = chars[i];
         let at_start = i == 0 || chars[i - 1].is_whitespace();
-        if let Some(&(code, marker)) = STYLES.iter().find(|(_, m)| *m == c) {
-            if at_start && chars.get(i + 1).is_some_and(|n| !n.is_whitespace() && *n != marker) {
-                // find the closing marker on the same line
-                let close = (i + 2..chars.len()).take_while(|&j| chars[j] != '\n').find(|&j| {
-                    chars[j] == marker
-                        && !chars[j - 1].is_whitespace()
-                        && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
-                });
-                if let Some(j) = close {
-                    out.push(code);
-                    out.extend(&chars[i + 1..j]);
-                    out.push(code);
-                    i = j + 1;
-                    continue;
-                }
+        if let Some(&(code, marker)) = STYLES.iter().find(|(_, m)| *m == c)
+            && at_start
+            && chars.get(i + 1).is_some_and(|n| !n.is_whitespace() && *n != marker)
+        {
+            // find the closing marker on the same line
+            let close = (i + 2..chars.len()).take_while(|&j| chars[j] != '\n').find(|&j| {
+                chars[j] == marker
+                    && !chars[j - 1].is_whitespace()
+                    && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
+            });
+            if let Some(j) = close {
+                out.push(code);
+                out.extend(&chars[i + 1..j]);
+                out.push(code);
+                i = j + 1;
+                continue;
             }
         }
         out.push(c);

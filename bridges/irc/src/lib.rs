@@ -156,10 +156,10 @@ impl IrcNetwork {
         let key = ConnectionKey { account: account.clone(), server: server.to_owned() };
         // Left and joined again at once: the previous connection quits first.
         let previous = self.closing().remove(&key);
-        if let Some(previous) = previous {
-            if !previous.wait_finished(Self::QUIT_WAIT).await {
-                debug!(account = %account, server, "the previous IRC connection did not finish quitting in time");
-            }
+        if let Some(previous) = previous
+            && !previous.wait_finished(Self::QUIT_WAIT).await
+        {
+            debug!(account = %account, server, "the previous IRC connection did not finish quitting in time");
         }
         let mut map = self.connections.lock().await;
         if let Some(conn) = map.get(&key).filter(|c| c.is_alive()) {
@@ -343,16 +343,16 @@ impl Network for IrcNetwork {
                 Ok(Delivered::default())
             }
             (EventKind::Left { reason, .. }, ChatKind::Room) if event.sender.is_self => {
-                if let Some(conn) = self.connection(&account, &target.server).await {
-                    if !conn.part(&target.name, reason.as_deref())? {
-                        // Left every channel on this server: the connection is no longer needed.
-                        conn.close("left all channels");
-                        let key = ConnectionKey { account, server: target.server };
-                        self.connections.lock().await.remove(&key);
-                        let mut closing = self.closing();
-                        closing.retain(|_, c| !c.has_finished());
-                        closing.insert(key, conn);
-                    }
+                if let Some(conn) = self.connection(&account, &target.server).await
+                    && !conn.part(&target.name, reason.as_deref())?
+                {
+                    // Left every channel on this server: the connection is no longer needed.
+                    conn.close("left all channels");
+                    let key = ConnectionKey { account, server: target.server };
+                    self.connections.lock().await.remove(&key);
+                    let mut closing = self.closing();
+                    closing.retain(|_, c| !c.has_finished());
+                    closing.insert(key, conn);
                 }
                 Ok(Delivered::default())
             }

@@ -223,10 +223,10 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         .and_then(|r| opt_str(r, "event_id"))
         .map(MessageRef);
     let mut formatted = None;
-    if content.get("format").and_then(Value::as_str) == Some("org.matrix.custom.html") {
-        if let Some(html) = opt_str(content, "formatted_body") {
-            formatted = Some(FormattedBody { format: TextFormat::Html, text: strip_html_reply_fallback(&html) });
-        }
+    if content.get("format").and_then(Value::as_str) == Some("org.matrix.custom.html")
+        && let Some(html) = opt_str(content, "formatted_body")
+    {
+        formatted = Some(FormattedBody { format: TextFormat::Html, text: strip_html_reply_fallback(&html) });
     }
     // A reply inside a thread that only falls back to a reply is a thread message.
     let falling_back = relates.and_then(|r| r.get("is_falling_back")).and_then(Value::as_bool).unwrap_or(false);

@@ -318,7 +318,7 @@ impl Network for MatrixNetwork {
             .send()
             .await
             .map_err(|e| match e.client_api_error_kind() {
-                Some(matrix_sdk::ruma::api::error::ErrorKind::Forbidden { .. }) => {
+                Some(matrix_sdk::ruma::api::error::ErrorKind::Forbidden) => {
                     LoginError::Refused("the homeserver refused the login: wrong user name or password".into())
                 }
                 Some(kind) => LoginError::Refused(format!("the homeserver refused the login: {}", kind.errcode())),

@@ -737,10 +737,10 @@ impl Fetcher {
             // The same check the connection makes, for a clear answer rather than a connect error.
             if let Some(url::Host::Domain(host)) = parsed.host() {
                 let port = parsed.port_or_known_default().unwrap_or(443);
-                if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
-                    if let Some(bad) = addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
-                        return Err(refusal(host, bad));
-                    }
+                if let Ok(addrs) = tokio::net::lookup_host((host, port)).await
+                    && let Some(bad) = addrs.map(|a| a.ip()).find(|ip| !is_public(*ip))
+                {
+                    return Err(refusal(host, bad));
                 }
             }
         }
@@ -832,7 +832,7 @@ pub async fn upload_attachment(
             .map_err(|e| DeliveryError::Unavailable(format!("cannot describe the encrypted file: {e}")))?;
         return Ok(UploadedFile { url: file.url.to_string(), name, mime: mime_text, size, encrypted: Some(json) });
     }
-    let response = client.media().upload(&mime, bytes, None).await.map_err(|e| upload_error(e.into()))?;
+    let response = client.media().upload(&mime, bytes, None).await.map_err(upload_error)?;
     Ok(UploadedFile { url: response.content_uri.to_string(), name, mime: mime_text, size, encrypted: None })
 }
 

@@ -37,6 +37,9 @@ use crate::address::MatrixTarget;
 use crate::incoming::{self, Incoming, UserLevels};
 use crate::outgoing;
 
+/// A sync batch's acknowledgements and the token to store once they are all safe.
+type Checkpoint = (Vec<Routed>, String);
+
 /// Reactions per (room, target, sender): emoji → the reaction event carrying it.
 #[derive(Debug, Default)]
 pub struct ReactionBook {
@@ -100,7 +103,7 @@ pub struct Session {
     /// Acknowledgements of the current sync batch's events.
     batch: StdMutex<Vec<Routed>>,
     /// Resume points to store, in order, each once its batch is safe.
-    checkpoints: StdMutex<Option<mpsc::UnboundedSender<(Vec<Routed>, String)>>>,
+    checkpoints: StdMutex<Option<mpsc::UnboundedSender<Checkpoint>>>,
     /// Fetches the files the user sends.
     fetcher: Arc<crate::media::Fetcher>,
 }
@@ -701,10 +704,10 @@ impl Session {
                     let aliases = self.aliases.lock().unwrap_or_else(|e| e.into_inner());
                     aliases.iter().find(|(_, a)| **a == alias).map(|(id, _)| id.clone())
                 };
-                if let Some(room) = known.and_then(|id| self.client.get_room(&id)) {
-                    if room.state() == RoomState::Joined {
-                        return Ok(room);
-                    }
+                if let Some(room) = known.and_then(|id| self.client.get_room(&id))
+                    && room.state() == RoomState::Joined
+                {
+                    return Ok(room);
                 }
                 if !create {
                     return Err(DeliveryError::Rejected(format!(
@@ -723,14 +726,14 @@ impl Session {
             }
             MatrixTarget::User(user) => {
                 let uid = UserId::parse(&user).map_err(|e| DeliveryError::Rejected(format!("`{user}`: {e}")))?;
-                if let Some(room) = self.client.get_dm_room(&uid) {
-                    if room.state() == RoomState::Joined {
-                        self.directs
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(room.room_id().to_owned(), Some(user));
-                        return Ok(room);
-                    }
+                if let Some(room) = self.client.get_dm_room(&uid)
+                    && room.state() == RoomState::Joined
+                {
+                    self.directs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(room.room_id().to_owned(), Some(user));
+                    return Ok(room);
                 }
                 let room = self
                     .client

@@ -493,7 +493,7 @@ async fn session(server: &Arc<Server>, mut stream: Stream, full: String, read: &
                         if stream.send(&reply).await.is_err() { break "write failed"; }
                         continue;
                     }
-                    server.from_client(&full, el).await;
+                    server.handle_from_client(&full, el).await;
                 }
                 Next::TooLarge => {
                     warn!(jid = %full, "stanza over the size limit; closing the stream");

@@ -264,7 +264,7 @@ impl Server {
     // --- routing -----------------------------------------------------------------------
 
     /// A stanza from a bound client: stamp its sender, then handle or route it.
-    async fn from_client(&self, full: &str, mut el: Element) {
+    async fn handle_from_client(&self, full: &str, mut el: Element) {
         if !matches!(el.name(), "message" | "presence" | "iq") || el.ns() != CLIENT {
             debug!(jid = %full, name = el.name(), "ignoring a non-stanza element");
             return;

@@ -788,7 +788,9 @@ fn chart(rows: &[(&str, Row)]) -> Result<String> {
     use plotters::prelude::*;
     let get = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, r)| r.clone()).unwrap_or_default();
     let (i, b) = (get("Isthmus"), get("Biboumi"));
-    let panels: [(&str, Vec<(&str, f64, f64)>); 2] = [
+    // (panel title, bars: (label, Isthmus, Biboumi))
+    type Panel<'a> = (&'a str, Vec<(&'a str, f64, f64)>);
+    let panels: [Panel; 2] = [
         ("Throughput, msg/s (higher is better)", vec![("T1 XMPP→IRC", i.t1, b.t1), ("T2 IRC→XMPP", i.t2, b.t2)]),
         (
             "Milliseconds (lower is better)",
