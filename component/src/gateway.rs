@@ -815,8 +815,11 @@ impl Gateway {
                 }
                 (out, session.history.remove(res).flatten(), session.topic.clone())
             };
+            // History is what was said before the device entered: a message it sends
+            // right after its self-presence is already live, not history too.
+            let entered_us = isthmus_core::store::now_us();
             self.send_all(domain, presences).await;
-            for m in self.history(room, account, res, history).await {
+            for m in self.history(room, account, res, history, entered_us).await {
                 self.send(domain, Stanza::Message(m)).await;
             }
             let mut subject = Message::groupchat(Some(Jid::from(res.clone())));
@@ -866,8 +869,16 @@ impl Gateway {
         Some(p)
     }
 
-    /// The history a resource asked for on join, as delayed groupchat messages.
-    async fn history(&self, room: &BareJid, account: &BareJid, to: &FullJid, asked: Option<History>) -> Vec<Message> {
+    /// The history a resource asked for on join, as delayed groupchat messages:
+    /// what the archive holds from before `until_us`.
+    async fn history(
+        &self,
+        room: &BareJid,
+        account: &BareJid,
+        to: &FullJid,
+        asked: Option<History>,
+        until_us: i64,
+    ) -> Vec<Message> {
         let asked = asked.unwrap_or_default();
         let max = asked.maxstanzas.unwrap_or(self.default_history);
         if max == 0 || asked.maxchars == Some(0) {
@@ -886,6 +897,7 @@ impl Gateway {
                 room: room.to_string(),
                 owner: Some(account.to_string()),
                 start_us,
+                end_us: Some(until_us),
                 last_page: before.is_none(),
                 before: before.clone(),
                 max: max - entries.len() as u32,
