@@ -370,6 +370,12 @@ impl EventSink {
     }
 
     /// Hand one event to the router, waiting when it is busy.
+    /// Hand an event over without waiting; `Err` gives it back when the sink is full
+    /// or closed.
+    pub fn try_emit(&self, event: Event) -> Result<(), Box<Event>> {
+        self.tx.try_send(event).map_err(|e| Box::new(e.into_inner()))
+    }
+
     pub async fn emit(&self, event: Event) -> Result<(), SinkClosed> {
         self.tx.send(event).await.map_err(|_| SinkClosed)
     }

@@ -1497,11 +1497,19 @@ impl Reader {
         let message = Message { body: text, notice: true, ..Default::default() };
         let event = Event::new(network, chat, Sender::new(server.clone(), server), EventKind::Message(message))
             .with_account(self.conn.key.account.clone());
+        // Not awaited: negotiation runs inside the handling of one line. Handed over
+        // at once when the sink has room; otherwise a task waits for room.
+        let Err(event) = self.sink.try_emit(event) else { return };
         let sink = self.sink.clone();
-        // Not awaited: negotiation runs inside the handling of one line.
-        tokio::spawn(async move {
-            let _ = sink.emit(event).await;
-        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = sink.emit(*event).await;
+                });
+            }
+            // No runtime: only the line-by-line harness (fuzzing) runs the reader so.
+            Err(_) => warn!("event sink full outside a runtime; notice to the user dropped"),
+        }
     }
 
     /// Whether `message` (ours) is the echo of a line waiting for it; confirms that line.
@@ -1680,6 +1688,19 @@ mod tests {
 
     fn line(h: &mut Harness, text: &str) -> Vec<Event> {
         h.handle(format!("{text}\r\n").parse().expect("a valid IRC line"))
+    }
+
+    /// A SASL failure the server reports is told to the user from the server's
+    /// address; handling the line needs no runtime (found by fuzzing: it panicked).
+    #[test]
+    fn a_sasl_failure_reaches_the_user_without_a_runtime() {
+        let mut h = harness();
+        let events = line(&mut h, ":irc.example.org 905 me :SASL message too long");
+        let told = events.iter().any(|e| {
+            e.chat.id.as_str() == SERVER
+                && matches!(&e.kind, EventKind::Message(m) if m.notice && m.body.contains("login") && m.body.contains("too long"))
+        });
+        assert!(told, "{events:?}");
     }
 
     /// The one event a line produced.
