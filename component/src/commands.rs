@@ -81,6 +81,23 @@ pub(crate) fn attr(name: &'static str) -> xso::exports::rxml::NcName {
     xso::exports::rxml::NcName::try_from(name).expect("constant attribute names are valid XML names")
 }
 
+/// The error answer to the XEP-0050 request `id`.
+pub(crate) fn adhoc_error(id: &str, type_: ErrorType, condition: DefinedCondition, text: &str) -> Iq {
+    Iq::from_error(id.to_owned(), StanzaError::new(type_, condition, "en", text))
+}
+
+/// What every XEP-0050 request goes through first: the sender must be allowed on
+/// the domain, and the payload must be a command. `Err` is the answer to send.
+pub(crate) fn adhoc_request(domain: &Domain, from: &Jid, id: &str, payload: Element) -> Result<AdHocCommand, Box<Iq>> {
+    if !Gateway::allowed(domain, from) {
+        return Err(Box::new(adhoc_error(id, ErrorType::Auth, DefinedCondition::Forbidden, Gateway::NOT_ALLOWED)));
+    }
+    AdHocCommand::try_from(payload).map_err(|e| {
+        let text = format!("invalid command request: {e}");
+        Box::new(adhoc_error(id, ErrorType::Modify, DefinedCondition::BadRequest, &text))
+    })
+}
+
 fn completed(node: &str, text: String) -> AdHocCommand {
     AdHocCommand {
         node: node.to_owned(),
@@ -297,15 +314,10 @@ impl Gateway {
 
     /// An XEP-0050 request on the domain.
     pub(crate) async fn adhoc(&self, domain: &Domain, from: &Jid, id: &str, payload: Element) -> Iq {
-        let error =
-            |cond, text: &str| Iq::from_error(id.to_owned(), StanzaError::new(ErrorType::Modify, cond, "en", text));
-        if !Gateway::allowed(domain, from) {
-            let err = StanzaError::new(ErrorType::Auth, DefinedCondition::Forbidden, "en", Gateway::NOT_ALLOWED);
-            return Iq::from_error(id.to_owned(), err);
-        }
-        let cmd = match AdHocCommand::try_from(payload) {
+        let error = |cond, text: &str| adhoc_error(id, ErrorType::Modify, cond, text);
+        let cmd = match adhoc_request(domain, from, id, payload) {
             Ok(c) => c,
-            Err(e) => return error(DefinedCondition::BadRequest, &format!("invalid command request: {e}")),
+            Err(answer) => return *answer,
         };
         if cmd.action.as_deref() == Some("cancel") {
             let answer = AdHocCommand { status: Some("canceled".into()), notes: vec![], form: None, ..cmd };

@@ -935,23 +935,6 @@ impl Gateway {
         entries.iter().filter_map(|e| archived_message(e, room, Jid::from(to.clone()))).collect()
     }
 
-    /// Record a room message in the archive of `owner`: an account's own archive in
-    /// a personal (IRC) room, the room's shared archive (`None`) in a portal room.
-    #[allow(clippy::too_many_arguments)]
-    fn archive_message(
-        &self,
-        room: &BareJid,
-        owner: Option<&BareJid>,
-        key: &str,
-        origin_id: Option<String>,
-        nick: &str,
-        sender_jid: Option<String>,
-        body: &str,
-        time: std::time::SystemTime,
-    ) {
-        self.archive.record(archive_entry(room, owner, key, origin_id, nick, sender_jid, body, time));
-    }
-
     /// Record a message from another network in `room`'s archive of `owner` (`None`:
     /// the room's shared archive); a retraction removes its target from it.
     fn archive_event(&self, event: &Event, room: &BareJid, owner: Option<&BareJid>) {
@@ -966,16 +949,9 @@ impl Gateway {
         // The sender's contact JID on the gateway (in a portal, on the network they came from).
         let network = Self::people_network(&event.chat.network, &event.origin);
         let puppet = self.chat_jid(&ChatRef::direct(network, sender_jid)).map(|(_, j)| j.to_string());
-        self.archive_message(
-            room,
-            owner,
-            &event.key.0,
-            event.origin_ids.first().cloned(),
-            &event.sender.nick,
-            puppet,
-            &body,
-            event.time,
-        );
+        let origin_id = event.origin_ids.first().cloned();
+        let entry = archive_entry(room, owner, &event.key.0, origin_id, &event.sender.nick, puppet, &body, event.time);
+        self.archive.record(entry);
     }
 
     /// The XMPP server bounced what the gateway sent to a device in a room. A

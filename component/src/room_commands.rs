@@ -17,7 +17,7 @@ use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Message, MessageType};
 use tokio_xmpp::parsers::minidom::Element;
-use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType};
 
 use crate::gateway::{Domain, Gateway};
 use crate::stanza;
@@ -157,16 +157,10 @@ impl Gateway {
 
     /// An XEP-0050 request on a room's address.
     pub(crate) async fn adhoc_room(&self, domain: &Domain, from: &Jid, to: &Jid, id: &str, payload: Element) -> Iq {
-        let error = |type_, cond, text: &str| Iq::from_error(id.to_owned(), StanzaError::new(type_, cond, "en", text));
-        if !Gateway::allowed(domain, from) {
-            return error(ErrorType::Auth, DefinedCondition::Forbidden, Gateway::NOT_ALLOWED);
-        }
-        let cmd = match AdHocCommand::try_from(payload) {
+        let error = |type_, cond, text: &str| crate::commands::adhoc_error(id, type_, cond, text);
+        let cmd = match crate::commands::adhoc_request(domain, from, id, payload) {
             Ok(c) => c,
-            Err(e) => {
-                let text = format!("invalid command request: {e}");
-                return error(ErrorType::Modify, DefinedCondition::BadRequest, &text);
-            }
+            Err(answer) => return *answer,
         };
         let (room, account) = (to.to_bare(), from.to_bare());
         let Some(chat) = self.room_target(domain, to) else {

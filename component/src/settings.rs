@@ -15,7 +15,7 @@ use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::Message;
 use tokio_xmpp::parsers::minidom::Element;
-use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType};
 
 use crate::gateway::{Domain, Gateway};
 use crate::stanza;
@@ -133,19 +133,10 @@ impl Gateway {
 
     /// An XEP-0050 request on a service address: `configure`, a form then its submission.
     pub(crate) async fn adhoc_settings(&self, domain: &Domain, from: &Jid, to: &Jid, id: &str, payload: Element) -> Iq {
-        let error = |type_, cond, text: &str| Iq::from_error(id.to_owned(), StanzaError::new(type_, cond, "en", text));
-        if !Gateway::allowed(domain, from) {
-            return error(ErrorType::Auth, DefinedCondition::Forbidden, Gateway::NOT_ALLOWED);
-        }
-        let cmd = match AdHocCommand::try_from(payload) {
+        let error = |type_, cond, text: &str| crate::commands::adhoc_error(id, type_, cond, text);
+        let cmd = match crate::commands::adhoc_request(domain, from, id, payload) {
             Ok(c) => c,
-            Err(e) => {
-                return error(
-                    ErrorType::Modify,
-                    DefinedCondition::BadRequest,
-                    &format!("invalid command request: {e}"),
-                );
-            }
+            Err(answer) => return *answer,
         };
         let Some((network, chat)) = self.settings_target(domain, to).filter(|_| cmd.node == CONFIGURE.0) else {
             let text = format!("no command `{}` here; see the command list", cmd.node);
