@@ -7,12 +7,17 @@
 //! until everything queued before them is stored, so they always see the ids of
 //! every message relayed earlier. A failed write is retried with backoff, never
 //! dropped.
+//!
+//! The origin ids of events that travel with the outbox (see
+//! [`crate::outbox`]) are written by the outbox's writer instead; lookups wait
+//! for it too.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use crate::outbox::Outbox;
 use crate::store::{IdMapEntry, Result, Store};
 
 enum Command {
@@ -28,14 +33,21 @@ const BATCH: usize = 512;
 pub struct IdMap {
     tx: mpsc::UnboundedSender<Command>,
     store: Store,
+    /// Writes some ids too (with its rows): lookups wait for it as well.
+    outbox: Option<Outbox>,
 }
 
 impl IdMap {
     /// Start the writer task on the current runtime.
     pub fn spawn(store: Store) -> IdMap {
+        Self::spawn_with(store, None)
+    }
+
+    /// Start the writer task; lookups also wait for what `outbox` has queued.
+    pub fn spawn_with(store: Store, outbox: Option<Outbox>) -> IdMap {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(store.clone(), rx));
-        IdMap { tx, store }
+        IdMap { tx, store, outbox }
     }
 
     /// Queue the ids of one message on one network.
@@ -43,12 +55,11 @@ impl IdMap {
         if remote_ids.is_empty() {
             return;
         }
-        let entry = IdMapEntry {
-            key: key.to_owned(),
-            network: network.to_owned(),
-            scope: scope.to_owned(),
-            remote_ids: remote_ids.to_vec(),
-        };
+        self.record_entry(entry(key, network, scope, remote_ids));
+    }
+
+    /// Queue one entry (see [`entry`]).
+    pub fn record_entry(&self, entry: IdMapEntry) {
         if self.tx.send(Command::Record(entry)).is_err() {
             warn!("id map writer gone; ids not recorded");
         }
@@ -56,6 +67,9 @@ impl IdMap {
 
     /// Wait until everything recorded so far is stored.
     pub async fn flush(&self) {
+        if let Some(outbox) = &self.outbox {
+            outbox.settled().await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Flush(tx)).is_ok() {
             let _ = rx.await;
@@ -72,6 +86,16 @@ impl IdMap {
     /// [`IdMap::key_for_remote`], which flushed).
     pub async fn remote_ids_for(&self, key: &str, network: &str) -> Result<Vec<String>> {
         self.store.remote_ids_for(key, network).await
+    }
+}
+
+/// The ids of one message on one network, in one scope.
+pub fn entry(key: &str, network: &str, scope: &str, remote_ids: &[String]) -> IdMapEntry {
+    IdMapEntry {
+        key: key.to_owned(),
+        network: network.to_owned(),
+        scope: scope.to_owned(),
+        remote_ids: remote_ids.to_vec(),
     }
 }
 

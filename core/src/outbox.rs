@@ -19,6 +19,15 @@
 //! The window this cannot close: between the removal's commit and the write,
 //! a crash loses the event (it is not written twice). IRC gives no
 //! acknowledgement that would let the gateway do better.
+//!
+//! An event from an origin that sends it again after a restart (a Matrix sync
+//! resumes from its last safe point) carries its origin ids into the outbox
+//! ([`Outbox::insert_with_ids`]): they are written in the same transaction as
+//! its first copy's row, even when the row itself is cancelled, and none of its
+//! copies leaves the process before they are durable. So the origin's ids are
+//! in the id map exactly when the event is safe here (stored or written out):
+//! the origin skips what it finds there and sends again what it does not, and
+//! the event is neither written twice nor lost.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +37,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::warn;
 
-use crate::store::{OutboxRow, Store, next_archive_id, now_us};
+use crate::store::{IdMapEntry, OutboxRow, Store, next_archive_id, now_us};
 
 /// Largest number of changes in one transaction.
 const BATCH: usize = 1024;
@@ -37,7 +46,8 @@ const BATCH: usize = 1024;
 const COALESCE: Duration = Duration::from_millis(2);
 
 enum Change {
-    Insert(OutboxRow),
+    /// A row, and message ids that become durable with it (even if it is cancelled).
+    Insert(OutboxRow, Vec<IdMapEntry>),
     Remove(i64),
 }
 
@@ -90,15 +100,40 @@ impl Outbox {
     /// Queue one copy of an event for `destination`; returns its receipt. The row
     /// is durable once [`Receipt::persisted`] returns.
     pub fn insert(&self, destination: &str, event_json: String) -> Receipt {
+        self.insert_tied(destination, event_json, Vec::new(), None)
+    }
+
+    /// Like [`Outbox::insert`], and the event's origin ids are written in the same
+    /// transaction as the row, or without it when the row is cancelled; the copy
+    /// does not leave the process before they are durable.
+    pub fn insert_with_ids(&self, destination: &str, event_json: String, ids: Vec<IdMapEntry>) -> Receipt {
+        self.insert_tied(destination, event_json, ids, None)
+    }
+
+    /// Another copy of the event whose first copy is `first`: it does not leave
+    /// the process before `first`'s ids are durable either.
+    pub fn insert_after(&self, destination: &str, event_json: String, first: &Receipt) -> Receipt {
+        self.insert_tied(destination, event_json, Vec::new(), Some(first))
+    }
+
+    fn insert_tied(
+        &self,
+        destination: &str,
+        event_json: String,
+        ids: Vec<IdMapEntry>,
+        first: Option<&Receipt>,
+    ) -> Receipt {
         let seq = next_archive_id();
         self.queued().insert(seq);
-        let ticket = self.submit(Change::Insert(OutboxRow {
-            seq,
-            destination: destination.to_owned(),
-            event: event_json,
-            created_us: now_us(),
-        }));
-        Receipt::new(self.clone(), Some(seq), ticket)
+        let carries_ids = !ids.is_empty();
+        let row = OutboxRow { seq, destination: destination.to_owned(), event: event_json, created_us: now_us() };
+        let ticket = self.submit(Change::Insert(row, ids));
+        let requires = match first {
+            Some(first) => first.inner.requires,
+            None if carries_ids => ticket,
+            None => 0,
+        };
+        Receipt::with_copies(self.clone(), Some(seq), ticket, requires, Vec::new())
     }
 
     fn queued(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
@@ -116,7 +151,7 @@ impl Outbox {
 
     /// A receipt for a row stored by an earlier run (replay).
     pub fn existing(&self, seq: i64) -> Receipt {
-        Receipt::new(self.clone(), Some(seq), 0)
+        Receipt::with_copies(self.clone(), Some(seq), 0, 0, Vec::new())
     }
 
     /// Wait until every change submitted so far is durable.
@@ -147,6 +182,9 @@ struct ReceiptInner {
     seq: Option<i64>,
     /// The ticket of the insert (0: stored by an earlier run).
     ticket: u64,
+    /// A ticket that must be durable before the copy leaves (0: none): the one
+    /// that writes the event's origin ids.
+    requires: u64,
     removed: AtomicBool,
     /// Confirmed: the copy is leaving the process (or, for a gate, the gate opened).
     left: AtomicBool,
@@ -156,16 +194,19 @@ struct ReceiptInner {
 }
 
 impl Receipt {
-    fn new(outbox: Outbox, seq: Option<i64>, ticket: u64) -> Receipt {
-        Self::with_copies(outbox, seq, ticket, Vec::new())
-    }
-
-    fn with_copies(outbox: Outbox, seq: Option<i64>, ticket: u64, copies: Vec<Weak<ReceiptInner>>) -> Receipt {
+    fn with_copies(
+        outbox: Outbox,
+        seq: Option<i64>,
+        ticket: u64,
+        requires: u64,
+        copies: Vec<Weak<ReceiptInner>>,
+    ) -> Receipt {
         Receipt {
             inner: Arc::new(ReceiptInner {
                 outbox,
                 seq,
                 ticket,
+                requires,
                 removed: AtomicBool::new(false),
                 left: AtomicBool::new(false),
                 left_signal: Notify::new(),
@@ -185,7 +226,7 @@ impl Receipt {
         let first = copies.first()?;
         let ticket = copies.iter().map(|c| c.inner.ticket).max().unwrap_or(0);
         let weak = copies.iter().map(|c| Arc::downgrade(&c.inner)).collect();
-        Some(Self::with_copies(first.inner.outbox.clone(), None, ticket, weak))
+        Some(Self::with_copies(first.inner.outbox.clone(), None, ticket, 0, weak))
     }
 
     /// Wait until the row is stored.
@@ -206,7 +247,9 @@ impl Receipt {
             // Confirmed before, or a plain gate: wait for the insert.
             Some(_) | None => Some(self.inner.ticket),
         };
-        if let Some(ticket) = ticket {
+        // The origin's ids go out before the copy does (tickets commit in order).
+        let ticket = ticket.unwrap_or(0).max(self.inner.requires);
+        if ticket > 0 {
             self.inner.outbox.durable(ticket).await;
         }
         self.inner.left.store(true, Ordering::Release);
@@ -266,8 +309,9 @@ async fn writer(
 ) {
     let mut inserts: Vec<OutboxRow> = Vec::new();
     let mut removals: Vec<i64> = Vec::new();
+    let mut ids: Vec<IdMapEntry> = Vec::new();
     while let Some(first) = rx.recv().await {
-        if matches!(first.1, Change::Insert(_)) {
+        if matches!(first.1, Change::Insert(..)) {
             // Give the copy a moment to be delivered: confirmed before the writer takes
             // it, it never reaches the disk (the usual case when the destination is idle).
             tokio::time::sleep(COALESCE).await;
@@ -279,12 +323,13 @@ async fn writer(
             last = ticket;
             n += 1;
             match change {
-                Change::Insert(row) => {
+                Change::Insert(row, origin_ids) => {
                     // Taken now: from here on a confirmation waits for the removal.
                     let still_wanted = shared.queued.lock().unwrap_or_else(|p| p.into_inner()).remove(&row.seq);
                     if still_wanted {
                         inserts.push(row);
                     }
+                    ids.extend(origin_ids);
                 }
                 Change::Remove(seq) => {
                     // Inserted and removed in the same batch: the row never needs to exist.
@@ -300,10 +345,10 @@ async fn writer(
         // Insert order does not matter inside one transaction; replay orders by seq.
         let mut delay = Duration::from_millis(50);
         loop {
-            match store.outbox_apply(&inserts, &removals).await {
+            match store.outbox_apply(&inserts, &removals, &ids).await {
                 Ok(()) => break,
                 Err(e) => {
-                    warn!(error = %e, pending = inserts.len() + removals.len(), retry_in = ?delay,
+                    warn!(error = %e, pending = inserts.len() + removals.len() + ids.len(), retry_in = ?delay,
                         "could not store the outbox; delivery waits until the database is back");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -312,6 +357,7 @@ async fn writer(
         }
         inserts.clear();
         removals.clear();
+        ids.clear();
         committed.send_replace(last);
     }
 }
@@ -354,6 +400,40 @@ mod tests {
         quick.confirm().await;
         outbox.settled().await;
         assert_eq!(store.outbox_pending().await.expect("pending").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn origin_ids_are_durable_before_any_copy_leaves() {
+        let (_dir, store) = store().await;
+        let outbox = Outbox::spawn(store.clone());
+        let lookup = |id: &'static str| {
+            let store = store.clone();
+            async move { store.key_for_remote("matrix", "room", id).await.expect("lookup") }
+        };
+        // Confirmed before the writer took it: the row is never written, its ids are.
+        let quick = outbox.insert_with_ids(
+            "xmpp",
+            "{}".into(),
+            vec![crate::idmap::entry("k1", "matrix", "room", &["$a".into()])],
+        );
+        assert_eq!(lookup("$a").await, None);
+        quick.confirm().await;
+        assert_eq!(lookup("$a").await, Some("k1".into()));
+        // A second copy of the same event waits for the first copy's ids too.
+        let first = outbox.insert_with_ids(
+            "xmpp",
+            "{}".into(),
+            vec![crate::idmap::entry("k2", "matrix", "room", &["$b".into()])],
+        );
+        let second = outbox.insert_after("irc", "{}".into(), &first);
+        second.confirm().await;
+        assert_eq!(lookup("$b").await, Some("k2".into()));
+        // The first copy is still unconfirmed: its row is stored, in the same transaction as the ids.
+        first.persisted().await;
+        assert_eq!(store.outbox_pending().await.expect("pending").len(), 1);
+        first.confirm().await;
+        outbox.settled().await;
+        assert!(store.outbox_pending().await.expect("pending").is_empty());
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tracing::{Instrument, debug, info, warn};
 
-use crate::idmap::IdMap;
+use crate::idmap::{self, IdMap};
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
 use crate::network::{Confirmation, Confirmer, Delivered, DeliveryError, EventStream, Network};
 use crate::outbox::{Outbox, Receipt};
@@ -105,8 +105,8 @@ impl RouterBuilder {
 
     /// Build the router; starts the id map writer, so call it inside the runtime.
     pub fn build(self) -> Router {
-        let ids = IdMap::spawn(self.store.clone());
         let outbox = Outbox::spawn(self.store.clone());
+        let ids = IdMap::spawn_with(self.store.clone(), Some(outbox.clone()));
         Router {
             inner: Arc::new(Inner {
                 networks: self.networks,
@@ -160,6 +160,14 @@ impl Router {
 
     /// Route one event to every destination and wait for each delivery.
     pub async fn route(&self, event: Event) -> RouteReport {
+        let replayable = event.routed.is_some();
+        self.route_traced(event, replayable).await
+    }
+
+    /// `replayable`: the origin sends the event again after a restart unless its ids
+    /// are in the id map (it asked to hear when the event is safe), so its ids must
+    /// be durable exactly when the event is.
+    async fn route_traced(&self, event: Event, replayable: bool) -> RouteReport {
         let span = tracing::info_span!(
             "route",
             key = %event.key,
@@ -168,10 +176,10 @@ impl Router {
             chat = %event.chat.id,
             kind = event.kind.name(),
         );
-        self.route_inner(event).instrument(span).await
+        self.route_inner(event, replayable).instrument(span).await
     }
 
-    async fn route_inner(&self, mut event: Event) -> RouteReport {
+    async fn route_inner(&self, mut event: Event, replayable: bool) -> RouteReport {
         event.clean_text();
         let origin_scope = scope(&event, &event.chat);
         // A correction belongs to the message it corrects: its ids join the original's
@@ -183,9 +191,18 @@ impl Router {
                 Err(e) => warn!(error = %e, "id map lookup failed"),
             }
         }
-        if event.kind.is_message_like() {
-            self.inner.ids.record(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids);
-        }
+        let origin_ids = (event.kind.is_message_like() && !event.origin_ids.is_empty())
+            .then(|| idmap::entry(&event.key.0, event.origin.as_str(), &origin_scope, &event.origin_ids));
+        // A replaying origin's ids travel with the first stored copy (see `outbox`).
+        let mut untied_ids = match origin_ids {
+            Some(entry) if replayable => Some(entry),
+            Some(entry) => {
+                self.inner.ids.record_entry(entry);
+                None
+            }
+            None => None,
+        };
+        let mut first_copy: Option<Receipt> = None;
         let mut report = RouteReport::default();
         let mut stored = Vec::new();
         for (dest, chat) in self.destinations(&event) {
@@ -199,7 +216,15 @@ impl Router {
             if copy.kind.is_message_like() {
                 match serde_json::to_string(&copy) {
                     Ok(json) => {
-                        let receipt = self.inner.outbox.insert(dest.as_str(), json);
+                        let outbox = &self.inner.outbox;
+                        let receipt = match (&first_copy, untied_ids.take()) {
+                            (Some(first), _) => outbox.insert_after(dest.as_str(), json, first),
+                            (None, Some(ids)) => outbox.insert_with_ids(dest.as_str(), json, vec![ids]),
+                            (None, None) => outbox.insert(dest.as_str(), json),
+                        };
+                        if replayable && first_copy.is_none() {
+                            first_copy = Some(receipt.clone());
+                        }
                         stored.push(receipt.clone());
                         copy.receipt = Some(receipt);
                     }
@@ -208,6 +233,10 @@ impl Router {
             }
             let result = self.deliver_or_keep(network, copy).await;
             report.deliveries.push((dest, result));
+        }
+        if let Some(entry) = untied_ids {
+            // Nothing was stored to carry them.
+            self.inner.ids.record_entry(entry);
         }
         report.persisted = Receipt::gate_for(&stored);
         report
@@ -422,7 +451,7 @@ impl Router {
     pub async fn run(self, mut events: EventStream) {
         while let Some(mut event) = events.recv().await {
             let routed = event.routed.take();
-            let report = self.route(event).await;
+            let report = self.route_traced(event, routed.is_some()).await;
             if let Some(signal) = routed {
                 // Safe once every copy is stored (or delivered) and the ids are written;
                 // waited for aside, so routing goes on meanwhile.
@@ -458,17 +487,33 @@ mod tests {
 
     use super::*;
     use crate::model::{ChatKind, Message, Sender};
-    use crate::network::Capabilities;
+    use crate::network::{Capabilities, EventSink};
 
-    /// A destination unreachable for its first `down` deliveries; records what it got.
-    struct Flaky {
+    /// A destination unreachable for its first `down` deliveries; writes at once
+    /// (confirming the copy's receipt), and records what it got and, with a
+    /// `store`, whether the origin's ids were durable at the moment of the write.
+    struct Fake {
         id: NetworkId,
         down: AtomicUsize,
         got: Mutex<Vec<String>>,
+        store: Option<Store>,
+        origin_known_at_write: Mutex<Vec<bool>>,
+    }
+
+    impl Fake {
+        fn new(id: &str, down: usize, store: Option<Store>) -> Arc<Fake> {
+            Arc::new(Fake {
+                id: NetworkId::new(id),
+                down: AtomicUsize::new(down),
+                got: Mutex::default(),
+                store,
+                origin_known_at_write: Mutex::default(),
+            })
+        }
     }
 
     #[async_trait::async_trait]
-    impl Network for Flaky {
+    impl Network for Fake {
         fn id(&self) -> &NetworkId {
             &self.id
         }
@@ -483,11 +528,25 @@ mod tests {
                 self.down.fetch_sub(1, Ordering::SeqCst);
                 return Err(DeliveryError::Unavailable("down for now".into()));
             }
+            if let Some(r) = &event.receipt {
+                r.confirm().await;
+            }
+            if let (Some(store), Some(origin_id)) = (&self.store, event.origin_ids.first()) {
+                let known = store.key_for_remote("xmpp", &scope(&event, &event.chat), origin_id).await.expect("lookup");
+                self.origin_known_at_write.lock().unwrap_or_else(|p| p.into_inner()).push(known.is_some());
+            }
             if let EventKind::Message(m) = &event.kind {
                 self.got.lock().unwrap_or_else(|p| p.into_inner()).push(m.body.clone());
             }
             Ok(Delivered::ids(vec![format!("remote-{}", event.key)]))
         }
+    }
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/r.db", dir.path().display()), 2).await.expect("store");
+        store.migrate().await.expect("migrate");
+        (dir, store)
     }
 
     fn message(to: &NetworkId, body: &str) -> Event {
@@ -499,8 +558,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_temporarily_unreachable_destination_gets_everything_once_in_order() {
-        let store = Store::connect("sqlite::memory:", 1).await.expect("an in-memory store");
-        let flaky = Arc::new(Flaky { id: NetworkId::new("flaky"), down: AtomicUsize::new(2), got: Mutex::default() });
+        let (_dir, store) = store().await;
+        let flaky = Fake::new("flaky", 2, None);
         let router = Router::builder(store).network(flaky.clone()).build();
         let mut confirmations = Vec::new();
         for i in 0..3 {
@@ -519,5 +578,30 @@ mod tests {
         let (_, result) = report.deliveries.pop().expect("one destination");
         assert!(result.expect("delivered").confirmation.is_none());
         assert_eq!(flaky.got.lock().unwrap_or_else(|p| p.into_inner()).len(), 4);
+    }
+
+    /// An origin that sends again after a restart what the id map does not have
+    /// (it asked for the routed signal): nothing of its reaches a destination
+    /// before its ids are durable, so a crash right after the write cannot make it
+    /// come twice.
+    #[tokio::test]
+    async fn a_replaying_origins_ids_are_durable_before_the_write() {
+        let (_dir, store) = store().await;
+        let writer = Fake::new("w", 0, Some(store.clone()));
+        let router = Router::builder(store).network(writer.clone()).build();
+        let (sink, stream) = EventSink::channel(64);
+        let running = tokio::spawn(router.clone().run(stream));
+        let mut signals = Vec::new();
+        for i in 0..50 {
+            let event = message(&writer.id, &format!("m{i}")).with_origin_id(format!("origin-{i}"));
+            signals.push(sink.emit_routed(event).await.expect("router running"));
+        }
+        for s in signals {
+            assert!(s.wait().await, "routed");
+        }
+        let seen = writer.origin_known_at_write.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(seen.len(), 50);
+        assert!(seen.iter().all(|&k| k), "written before its origin ids were stored: {seen:?}");
+        running.abort();
     }
 }

@@ -208,6 +208,26 @@ pub fn next_archive_id() -> i64 {
     }
 }
 
+/// Write message ids inside a transaction (recording the same ids again is not an error).
+async fn map_messages_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[IdMapEntry]) -> Result<()> {
+    for e in entries {
+        for (part, id) in e.remote_ids.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (network, scope, remote_id) DO NOTHING",
+            )
+            .bind(&e.key)
+            .bind(&e.network)
+            .bind(&e.scope)
+            .bind(id)
+            .bind(part as i64)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 fn outbox_row(row: &AnyRow) -> Result<OutboxRow> {
     Ok(OutboxRow {
         seq: row.try_get("seq")?,
@@ -557,21 +577,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for e in entries {
-            for (part, id) in e.remote_ids.iter().enumerate() {
-                sqlx::query(
-                    "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (network, scope, remote_id) DO NOTHING",
-                )
-                .bind(&e.key)
-                .bind(&e.network)
-                .bind(&e.scope)
-                .bind(id)
-                .bind(part as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
+        map_messages_in(&mut tx, entries).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -599,12 +605,14 @@ impl Store {
 
     // --- outbox --------------------------------------------------------------------------
 
-    /// Apply one batch of outbox changes in one transaction: new rows, then removals.
-    pub async fn outbox_apply(&self, inserts: &[OutboxRow], removals: &[i64]) -> Result<()> {
-        if inserts.is_empty() && removals.is_empty() {
+    /// Apply one batch of outbox changes in one transaction: message ids that must be
+    /// durable with them, new rows, then removals.
+    pub async fn outbox_apply(&self, inserts: &[OutboxRow], removals: &[i64], ids: &[IdMapEntry]) -> Result<()> {
+        if inserts.is_empty() && removals.is_empty() && ids.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        map_messages_in(&mut tx, ids).await?;
         for r in inserts {
             sqlx::query(
                 "INSERT INTO outbox (seq, destination, event, created_us) VALUES ($1, $2, $3, $4)

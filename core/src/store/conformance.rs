@@ -28,18 +28,23 @@ async fn outbox(store: &Store) {
         event: format!("{{\"n\":{seq}}}"),
         created_us: 1,
     };
-    store.outbox_apply(&[row(30, "irc"), row(10, "xmpp"), row(20, "irc")], &[]).await.expect("insert");
+    store.outbox_apply(&[row(30, "irc"), row(10, "xmpp"), row(20, "irc")], &[], &[]).await.expect("insert");
     // Inserting a row again changes nothing; removing an absent row is fine.
-    store.outbox_apply(&[row(10, "other")], &[99]).await.expect("idempotent");
+    store.outbox_apply(&[row(10, "other")], &[99], &[]).await.expect("idempotent");
     let seqs: Vec<(i64, String)> =
         store.outbox_pending().await.expect("pending").into_iter().map(|r| (r.seq, r.destination)).collect();
     assert_eq!(seqs, vec![(10, "xmpp".into()), (20, "irc".into()), (30, "irc".into())], "oldest first");
     let removals: Vec<i64> = (100..700).chain([10, 30]).collect(); // more than one statement's worth
-    store.outbox_apply(&[row(40, "irc")], &removals).await.expect("remove");
+    store.outbox_apply(&[row(40, "irc")], &removals, &[]).await.expect("remove");
     let left: Vec<i64> = store.outbox_pending().await.expect("pending").into_iter().map(|r| r.seq).collect();
     assert_eq!(left, vec![20, 40]);
-    store.outbox_apply(&[], &[20, 40]).await.expect("remove the rest");
+    // Message ids written with the outbox's changes, also alone and again.
+    let ids =
+        IdMapEntry { key: "k".into(), network: "matrix".into(), scope: "r".into(), remote_ids: vec!["$e".into()] };
+    store.outbox_apply(&[], &[20, 40], std::slice::from_ref(&ids)).await.expect("remove the rest");
     assert!(store.outbox_pending().await.expect("pending").is_empty());
+    store.outbox_apply(&[], &[], &[ids]).await.expect("ids again");
+    assert_eq!(store.key_for_remote("matrix", "r", "$e").await.expect("lookup"), Some("k".into()));
 }
 
 async fn room_sessions(store: &Store) {
