@@ -39,6 +39,12 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
             if let Some(s) = server.password.as_mut() {
                 resolve(s, &base, file)?;
             }
+            // Like the certificate paths below: relative to the configuration file.
+            if let Some(path) = server.tls_ca_file.as_mut()
+                && path.is_relative()
+            {
+                *path = base.join(&*path);
+            }
             if let Some(sasl) = server.sasl.as_mut() {
                 if let Some(s) = sasl.password.as_mut() {
                     resolve(s, &base, file)?;
@@ -199,6 +205,14 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                     "server `{name}`: `encoding_fallback: {}` is not an encoding name (e.g. latin-1, windows-1251, iso-8859-15, shift_jis)",
                     server.encoding_fallback
                 ));
+            }
+            if let Some(ca) = &server.tls_ca_file {
+                if !server.tls {
+                    return err(format!("server `{name}`: `tls_ca_file` is for TLS connections: it needs `tls: true`"));
+                }
+                if let Err(m) = check_pem(ca, "CERTIFICATE", "tls_ca_file") {
+                    return err(format!("server `{name}`: {m}"));
+                }
             }
             if let Some(sasl) = &server.sasl {
                 match sasl.mechanism {
@@ -562,5 +576,23 @@ mod tests {
         )
         .expect_err("no certificate");
         assert!(e.message().contains("no PEM `CERTIFICATE`"), "{e}");
+    }
+
+    #[test]
+    fn tls_ca_file_is_relative_to_the_file_and_checked() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("ca.pem"), "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+            .expect("write");
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").expect("write");
+        let yaml = |server: &str| format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {server}\n");
+        let file = dir.path().join("i.yaml");
+        let c = from_str(&yaml("{ tls_ca_file: ca.pem }"), &file).expect("valid");
+        assert_eq!(c.irc[0].servers["x"].tls_ca_file.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        let e = from_str(&yaml("{ tls_ca_file: missing.pem }"), &file).expect_err("missing");
+        assert!(e.message().contains("cannot read `tls_ca_file`"), "{e}");
+        let e = from_str(&yaml("{ tls_ca_file: junk.pem }"), &file).expect_err("no certificate");
+        assert!(e.message().contains("no PEM `CERTIFICATE`"), "{e}");
+        let e = from_str(&yaml("{ tls: false, tls_ca_file: ca.pem }"), &file).expect_err("without TLS");
+        assert!(e.message().contains("needs `tls: true`"), "{e}");
     }
 }
