@@ -1494,7 +1494,9 @@ impl Reader {
         let server = self.conn.key.server.clone();
         let network = self.conn.network.clone();
         let chat = ChatRef::service(network.clone(), server.clone());
-        let message = Message { body: text, notice: true, ..Default::default() };
+        // The text quotes the server (a refusal's reason): its formatting codes become
+        // styling like every other line from IRC, never raw control characters.
+        let message = Message { body: crate::format::irc_to_styling(&text), notice: true, ..Default::default() };
         let event = Event::new(network, chat, Sender::new(server.clone(), server), EventKind::Message(message))
             .with_account(self.conn.key.account.clone());
         // Not awaited: negotiation runs inside the handling of one line. Handed over
@@ -1701,6 +1703,23 @@ mod tests {
                 && matches!(&e.kind, EventKind::Message(m) if m.notice && m.body.contains("login") && m.body.contains("too long"))
         });
         assert!(told, "{events:?}");
+    }
+
+    /// A refusal's reason quoted to the user keeps no IRC formatting codes: they
+    /// become styling (found by fuzzing: a 905 whose text held `\x11`).
+    #[test]
+    fn a_quoted_server_reason_carries_no_formatting_codes() {
+        let mut h = harness();
+        let events = line(&mut h, ":irc.example.org 905 me :\x02bad\x02 \x11mono\x11 \x0304red");
+        let body = events
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::Message(m) if e.chat.id.as_str() == SERVER => Some(m.body.clone()),
+                _ => None,
+            })
+            .expect("the user is told");
+        assert!(body.contains("*bad* `mono` red"), "{body:?}");
+        assert!(!body.chars().any(|c| c.is_control()), "{body:?}");
     }
 
     /// The one event a line produced.
