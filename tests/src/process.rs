@@ -93,10 +93,13 @@ pub fn find_program(name: &str, extra_dirs: &[&str]) -> Result<std::path::PathBu
 
 /// Resident memory of process `pid` in kB (0 when it cannot be read).
 pub fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// One `kB` field of `/proc/PID/status` (`VmRSS:`, `RssAnon:`, `RssFile:`…), 0 if absent.
+pub fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
