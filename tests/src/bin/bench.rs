@@ -867,7 +867,7 @@ async fn main() -> Result<()> {
     if !quick {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
         std::fs::write(docs.join("benchmarks.svg"), chart(&rows)?)?;
-        std::fs::write(docs.join("benchmarks.md"), document(&table))?;
+        std::fs::write(docs.join("benchmarks.md"), document(&table, t0.elapsed()))?;
         eprintln!("wrote {}", docs.join("benchmarks.md").display());
     }
     drop(irc);
@@ -1057,7 +1057,8 @@ fn chart(rows: &[(&str, Row)]) -> Result<String> {
     Ok(svg)
 }
 
-fn document(table: &str) -> String {
+fn document(table: &str, took: Duration) -> String {
+    let took = format!("{} min {} s", took.as_secs() / 60, took.as_secs() % 60);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -1069,10 +1070,12 @@ fn document(table: &str) -> String {
         "# Benchmarks: Isthmus and Biboumi side by side\n\n\
 Measured in one run, on the same Prosody and ngIRCd, on this machine: {cores} cores ({cpu}), shared and noisy, \
 so compare the ratios rather than the absolute figures.\n\n\
-Command (builds, starts Prosody, ngIRCd and both gateways on 127.0.0.1, prints the table, rewrites this page \
-and `benchmarks.svg`; about two minutes):\n\n\
+Commands: the first builds both programs (about 20 minutes from nothing on this machine, seconds when only the \
+benchmark changed); the second starts Prosody, ngIRCd and both gateways on 127.0.0.1, measures, prints the \
+table and rewrites this page and `benchmarks.svg` (this run took {took}; `--quick` is a smaller run that writes \
+nothing):\n\n\
 ```\ncargo build --release -p isthmus -p isthmus-tests --bin isthmus --bin bench\n\
-$CARGO_TARGET_DIR/release/bench          # or target/release/bench; --quick for a smaller run that writes nothing\n```\n\n\
+$CARGO_TARGET_DIR/release/bench          # or target/release/bench\n```\n\n\
 ## What is measured\n\n\
 - **T1** one XMPP client sends N groupchat messages as fast as it can to a channel through the gateway; a raw \
 IRC client in the channel counts them. **T2** the same from a raw IRC client to the XMPP client. Latency: 400 \
