@@ -210,22 +210,48 @@ pub fn next_archive_id() -> i64 {
 
 /// Write message ids inside a transaction (recording the same ids again is not an error).
 async fn map_messages_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[IdMapEntry]) -> Result<()> {
-    for e in entries {
-        for (part, id) in e.remote_ids.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (network, scope, remote_id) DO NOTHING",
-            )
-            .bind(&e.key)
-            .bind(&e.network)
-            .bind(&e.scope)
-            .bind(id)
-            .bind(part as i64)
-            .execute(&mut **tx)
-            .await?;
+    let rows: Vec<(&IdMapEntry, i64, &String)> = entries
+        .iter()
+        .flat_map(|e| e.remote_ids.iter().enumerate().map(move |(part, id)| (e, part as i64, id)))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO message_map (msg_key, network, scope, remote_id, part) VALUES {}
+             ON CONFLICT (network, scope, remote_id) DO NOTHING",
+            values_placeholders(chunk.len(), 5)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (e, part, id) in chunk {
+            query = query.bind(&e.key).bind(&e.network).bind(&e.scope).bind(*id).bind(*part);
         }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// Rows written by one multi-row INSERT: each statement is one round trip to the
+/// database (for SQLite, to its worker thread), so a batch goes in a few of them.
+const ROWS_PER_INSERT: usize = 100;
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `columns` values: only numbers are
+/// interpolated into the statement.
+fn values_placeholders(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * columns + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
 }
 
 fn outbox_row(row: &AnyRow) -> Result<OutboxRow> {
@@ -613,17 +639,16 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         map_messages_in(&mut tx, ids).await?;
-        for r in inserts {
-            sqlx::query(
-                "INSERT INTO outbox (seq, destination, event, created_us) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (seq) DO NOTHING",
-            )
-            .bind(r.seq)
-            .bind(&r.destination)
-            .bind(&r.event)
-            .bind(r.created_us)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in inserts.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO outbox (seq, destination, event, created_us) VALUES {} ON CONFLICT (seq) DO NOTHING",
+                values_placeholders(chunk.len(), 4)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                query = query.bind(r.seq).bind(&r.destination).bind(&r.event).bind(r.created_us);
+            }
+            query.execute(&mut *tx).await?;
         }
         for chunk in removals.chunks(256) {
             let list = chunk.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
@@ -700,23 +725,27 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for e in entries {
-            sqlx::query(
+        for chunk in entries.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO archive (archive_id, stanza_id, origin_id, room, owner, sender_nick, sender_jid, time_us, body, payload)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (stanza_id) DO NOTHING",
-            )
-            .bind(e.archive_id)
-            .bind(&e.stanza_id)
-            .bind(&e.origin_id)
-            .bind(&e.room)
-            .bind(&e.owner)
-            .bind(&e.sender_nick)
-            .bind(&e.sender_jid)
-            .bind(e.time_us)
-            .bind(&e.body)
-            .bind(&e.payload)
-            .execute(&mut *tx)
-            .await?;
+                 VALUES {} ON CONFLICT (stanza_id) DO NOTHING",
+                values_placeholders(chunk.len(), 10)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for e in chunk {
+                query = query
+                    .bind(e.archive_id)
+                    .bind(&e.stanza_id)
+                    .bind(&e.origin_id)
+                    .bind(&e.room)
+                    .bind(&e.owner)
+                    .bind(&e.sender_nick)
+                    .bind(&e.sender_jid)
+                    .bind(e.time_us)
+                    .bind(&e.body)
+                    .bind(&e.payload);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -979,6 +1008,12 @@ mod tests {
     fn archive_ids_strictly_increase() {
         let ids: Vec<i64> = (0..10_000).map(|_| next_archive_id()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn placeholders_number_every_value_in_order() {
+        assert_eq!(values_placeholders(1, 2), "($1, $2)");
+        assert_eq!(values_placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
     }
 
     #[test]

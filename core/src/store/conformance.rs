@@ -45,6 +45,24 @@ async fn outbox(store: &Store) {
     assert!(store.outbox_pending().await.expect("pending").is_empty());
     store.outbox_apply(&[], &[], &[ids]).await.expect("ids again");
     assert_eq!(store.key_for_remote("matrix", "r", "$e").await.expect("lookup"), Some("k".into()));
+    // Batches larger than one statement's rows, with an id repeated inside the batch.
+    let many: Vec<OutboxRow> = (1000..1250).map(|s| row(s, "irc")).collect();
+    let mut entries: Vec<IdMapEntry> = (0..250)
+        .map(|i| IdMapEntry {
+            key: format!("m{i}"),
+            network: "irc".into(),
+            scope: "#c".into(),
+            remote_ids: vec![format!("a{i}"), format!("b{i}")],
+        })
+        .collect();
+    entries.push(entries[7].clone());
+    store.outbox_apply(&many, &[], &entries).await.expect("large batch");
+    assert_eq!(store.outbox_pending().await.expect("pending").len(), 250);
+    assert_eq!(store.key_for_remote("irc", "#c", "b249").await.expect("lookup"), Some("m249".into()));
+    assert_eq!(store.remote_ids_for("m7", "irc").await.expect("ids"), vec!["a7".to_owned(), "b7".to_owned()]);
+    let seqs: Vec<i64> = (1000..1250).collect();
+    store.outbox_apply(&[], &seqs, &[]).await.expect("remove the batch");
+    assert!(store.outbox_pending().await.expect("pending").is_empty());
 }
 
 async fn room_sessions(store: &Store) {
@@ -255,7 +273,7 @@ async fn archive_visibility(store: &Store) {
 async fn archive_paging(store: &Store) {
     let room = "#page%srv@irc.localhost";
     let all: Vec<ArchiveEntry> = (0..500).map(|n| entry(room, None, n, 1_000 + n as i64, "bob")).collect();
-    for chunk in all.chunks(100) {
+    for chunk in all.chunks(250) {
         store.archive_append(chunk).await.expect("append");
     }
     // forward

@@ -12,8 +12,8 @@
 //! off in both (Biboumi's `throttle_limit=-1` set by ad-hoc command, Isthmus's
 //! `flood.enabled: false`).
 //!
-//! `--memory-only` runs M1 alone and `--embedded-only` the embedded-mode T1
-//! alone, for profiling (point `ISTHMUS_BIN` at a wrapper that starts the
+//! `--memory-only` runs M1 alone, `--embedded-only` the embedded-mode T1 alone
+//! and `--t2-only` Isthmus's T2 alone, for profiling (point `ISTHMUS_BIN` at a wrapper that starts the
 //! gateway under the profiler).
 
 use std::collections::HashMap;
@@ -819,6 +819,25 @@ async fn main() -> Result<()> {
                 "{which}: idle {idle} kB ({idle_file} kB mapped from files), {per_user:.1} kB per user with an IRC connection ({users} users)"
             );
         }
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--t2-only") {
+        // Isthmus's T2 alone, for profiling the gateway's IRC → XMPP path through Prosody:
+        // BENCH_WAIT_SECS gives time to attach a profiler to the printed process id.
+        let (g, _) = start_isthmus(comp, irc.port()).await?;
+        let mut reader = IrcClient::connect(irc.port(), "ireader").await?;
+        reader.join("#bench").await?;
+        let mut receiver = Bot::login(c2s, "iu0").await?;
+        receiver.join(&format!("#bench%127.0.0.1@{}", g.domain), "iu0").await?;
+        let wait = std::env::var("BENCH_WAIT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        eprintln!("Isthmus pid {}; T2 in {wait} s", g.pid);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let before = cpu_ms(g.pid);
+        let (rate, (p50, p99)) = t2(&mut reader, &mut receiver, n, t0).await?;
+        let cpu = (cpu_ms(g.pid) - before) / ((n + 400) as f64 / 1000.0);
+        println!(
+            "Isthmus T2, {n} messages: {rate:.0} msg/s; latency at 200 msg/s p50 / p99 {p50:.2} / {p99:.2} ms; gateway CPU per 1,000 messages {cpu:.0} ms"
+        );
         return Ok(());
     }
     let mut s1: HashMap<&str, Vec<f64>> = HashMap::new();
