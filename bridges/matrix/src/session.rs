@@ -689,15 +689,19 @@ impl Session {
         match target {
             MatrixTarget::Room(id) => {
                 let room_id = RoomId::parse(&id).map_err(|e| DeliveryError::Rejected(format!("`{id}`: {e}")))?;
-                match self.client.get_room(&room_id) {
-                    Some(r) if r.state() == RoomState::Joined => Ok(r),
-                    _ if create => self
-                        .client
-                        .join_room_by_id(&room_id)
-                        .await
-                        .map_err(|e| DeliveryError::Rejected(format!("cannot join the Matrix room {id}: {e}"))),
-                    _ => Err(DeliveryError::Rejected(format!("you are not in the Matrix room {id}: join it first"))),
+                let known = self.client.get_room(&room_id);
+                if let Some(r) = known
+                    && (r.state() == RoomState::Joined || (!create && joined_soon(&r).await))
+                {
+                    return Ok(r);
                 }
+                if !create {
+                    return Err(DeliveryError::Rejected(format!("you are not in the Matrix room {id}: join it first")));
+                }
+                self.client
+                    .join_room_by_id(&room_id)
+                    .await
+                    .map_err(|e| DeliveryError::Rejected(format!("cannot join the Matrix room {id}: {e}")))
             }
             MatrixTarget::Alias(alias) => {
                 let known = {
@@ -705,7 +709,7 @@ impl Session {
                     aliases.iter().find(|(_, a)| **a == alias).map(|(id, _)| id.clone())
                 };
                 if let Some(room) = known.and_then(|id| self.client.get_room(&id))
-                    && room.state() == RoomState::Joined
+                    && (room.state() == RoomState::Joined || (!create && joined_soon(&room).await))
                 {
                     return Ok(room);
                 }
@@ -962,6 +966,24 @@ impl Session {
         out.sort();
         out
     }
+}
+
+/// Whether a room the account was invited to shows as joined within a few seconds.
+/// Right after a join, a sync response computed before it can still list the room
+/// as an invitation until the next one arrives; a message sent in that moment
+/// waits for it instead of being refused.
+async fn joined_soon(room: &Room) -> bool {
+    if room.state() != RoomState::Invited {
+        return false;
+    }
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if room.state() == RoomState::Joined {
+            debug!(room = %room.room_id(), "the join showed after a stale sync");
+            return true;
+        }
+    }
+    false
 }
 
 /// Store each sync batch's token once all of its events are safe, in order.
