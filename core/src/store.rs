@@ -231,7 +231,9 @@ async fn map_messages_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[I
 
 /// Rows written by one multi-row INSERT: each statement is one round trip to the
 /// database (for SQLite, to its worker thread), so a batch goes in a few of them.
-const ROWS_PER_INSERT: usize = 100;
+/// Not more: SQLite looks each numbered parameter up by a linear scan, so binding
+/// costs grow with the square of a statement's parameter count.
+const ROWS_PER_INSERT: usize = 32;
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` values: only numbers are
 /// interpolated into the statement.

@@ -1136,8 +1136,13 @@ gateway's CPU per message (the CPU rows). Prosody is one single-threaded process
 gateway and the load generators: on this machine it does not reach 10,000 msg/s on this path by itself, so \
 no gateway behind it can. The target needs a faster machine or a faster XMPP server, not a faster gateway.\n\
 - T2 through Prosody (target 10,000 msg/s): here Prosody alone delivers faster than Isthmus does, so the \
-gateway's own cost per message is the limit: the CPU row says how much it is, and the embedded-mode profile \
-below where it goes (the same work per message: the router, the XML a message becomes, the database writers).\n\
+gateway's own cost per message is the limit (the CPU row). A CPU profile of the gateway during T2 (`bench \
+--t2-only` with `BENCH_MESSAGES=30000`, the gateway sampled with `perf record -g`) had about 40% of its samples \
+in thread switches around SQLite's worker thread: the database writers sent one statement per row, and each \
+statement is a round trip to that thread. They now insert up to 32 rows a statement, which took that run from \
+229 to 100 ms of gateway CPU per 1,000 messages and from about 3,300 to 5,400–6,100 msg/s (the T2 row here is \
+lower: 5,000 messages instead of 30,000, and its CPU figure includes the 400 paced ones, each written on its \
+own). What remains in that profile: memory allocation and copying, thread switches, SQLite's own work.\n\
 - T3 (target 10 ms for 50 users): each of the K users has their own IRC connection, so one IRC line is K \
 messages, and Prosody needs its CPU time per delivered stanza (measured during T2) K times over; the targets \
 table gives that floor next to the figure. Isthmus's fan-out ends within a few milliseconds of it.\n\
