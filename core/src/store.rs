@@ -729,8 +729,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for chunk in entries.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO archive (archive_id, stanza_id, origin_id, room, owner, sender_nick, sender_jid, time_us, body, payload)
-                 VALUES {} ON CONFLICT (stanza_id) DO NOTHING",
+                "INSERT INTO archive ({ARCHIVE_COLUMNS}) VALUES {} ON CONFLICT (stanza_id) DO NOTHING",
                 values_placeholders(chunk.len(), 10)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
