@@ -27,7 +27,7 @@ use tokio_xmpp::parsers::forwarding::Forwarded;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, FullJid, Jid};
 use tokio_xmpp::parsers::mam::{Fin, Query as MamQuery, Result_ as MamResult};
-use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
 use tokio_xmpp::parsers::minidom::Element;
 use tokio_xmpp::parsers::muc::muc::History;
 use tokio_xmpp::parsers::muc::user::{Item, MucUser, Status};
@@ -36,14 +36,11 @@ use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::rsm::{First, SetResult};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_id::OriginId;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::archive::Archive;
 use crate::stanza::{self, bare, full};
-
-/// How long the sender's acknowledgement waits for a network that confirms what it
-/// accepted (IRC echo-message) before reporting it accepted anyway.
-const CONFIRMATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One component domain and the network it serves.
 #[derive(Debug, Clone)]
@@ -1270,24 +1267,25 @@ impl Gateway {
             archive();
             return send(domain, stanzas);
         };
+        // As long as it takes: a message kept while the network is unreachable is
+        // confirmed once it reconnects and the message arrived.
         let (domain, m) = (domain.clone(), m.clone());
         tokio::spawn(async move {
-            let stanzas = match tokio::time::timeout(CONFIRMATION_WAIT, confirmation.wait()).await {
-                Ok(Ok(_)) => {
+            let stanzas = match confirmation.wait().await {
+                Ok(_) => {
                     archive();
                     stanzas
                 }
-                Ok(Err(e)) => {
-                    // Refused: it was never said, so it stays out of the room's history.
-                    debug!(id = ?m.id, error = %e, "the network refused the message; not archived");
-                    stanza::message_error(&m, ErrorType::Cancel, DefinedCondition::NotAcceptable, &e.to_string())
-                        .into_iter()
-                        .collect()
-                }
-                Err(_) => {
-                    warn!(id = ?m.id, "the network did not confirm the message in time; reported as accepted");
-                    archive();
-                    stanzas
+                Err(e) => {
+                    // Refused, or in doubt: it was never said for sure, so it stays out of
+                    // the room's history.
+                    debug!(id = ?m.id, error = %e, "the network did not confirm the message; not archived");
+                    // Not `wait`: a client that sends it again may make it arrive twice.
+                    let condition = match e {
+                        DeliveryError::Unavailable(_) => DefinedCondition::RecipientUnavailable,
+                        _ => DefinedCondition::NotAcceptable,
+                    };
+                    stanza::message_error(&m, ErrorType::Cancel, condition, &e.to_string()).into_iter().collect()
                 }
             };
             send(&domain, stanzas);
@@ -1845,6 +1843,80 @@ impl Network for Gateway {
             self.enter(&domain, &chat_jid, account, &entering).await;
         }
         Ok(Delivered::ids(vec![event.key.0.clone()]))
+    }
+
+    /// An XMPP user's message accepted before a restart: delivered now (the room
+    /// reflects it, as it would have), or in doubt or refused (an error names the
+    /// message, so the client marks it). In a direct chat only a failure is said, as
+    /// a message from the contact.
+    async fn replayed(&self, event: &Event, destination: &NetworkId, outcome: Result<(), DeliveryError>) {
+        let Some(account) = &event.account else {
+            debug!(key = %event.key, "the outcome of a portal message sent before the restart is not reported");
+            return;
+        };
+        let Some((domain, chat_jid)) = self.chat_jid(&event.chat) else { return };
+        // The room's stanza-id is the key; the client's own id is the other one.
+        let id = event.origin_ids.iter().find(|id| **id != event.key.0).cloned();
+        if event.chat.kind != ChatKind::Room {
+            if let Err(e) = outcome {
+                let quote = match &event.kind {
+                    EventKind::Message(m) => format!(" («{}»)", m.body.chars().take(80).collect::<String>()),
+                    _ => String::new(),
+                };
+                let text = format!("Your message{quote} to {destination}: {e}");
+                let notice = stanza::message(MessageType::Chat, Jid::from(chat_jid), Jid::from(account.clone()), &text);
+                self.send(&domain, Stanza::Message(notice)).await;
+            }
+            return;
+        }
+        let (nick, resources): (String, Vec<FullJid>) = match self.rooms().get(&(chat_jid.clone(), account.clone())) {
+            Some(s) => (s.nick.clone(), s.resources.iter().cloned().collect()),
+            None => return,
+        };
+        match outcome {
+            Ok(()) => {
+                let EventKind::Message(msg) = &event.kind else { return };
+                let Some(from_occupant) = full(&chat_jid, &nick) else { return };
+                let body = stanza::rendered_body(msg);
+                for res in resources {
+                    let mut echo = stanza::message(
+                        MessageType::Groupchat,
+                        Jid::from(from_occupant.clone()),
+                        Jid::from(res),
+                        &body,
+                    );
+                    echo.id = id.clone().map(Id);
+                    if let Some(id) = &id {
+                        echo.payloads.push(OriginId { id: id.clone() }.into());
+                    }
+                    self.send(&domain, Stanza::Message(stanza::with_stanza_id(echo, &event.key.0, &chat_jid))).await;
+                }
+                let owner = (!self.is_portal(&chat_jid)).then_some(account);
+                let entry = archive_entry(
+                    &chat_jid,
+                    owner,
+                    &event.key.0,
+                    id,
+                    &nick,
+                    Some(account.to_string()),
+                    &body,
+                    event.time,
+                );
+                self.archive.record(entry);
+            }
+            Err(e) => {
+                info!(key = %event.key, room = %chat_jid, error = %e, "a message sent before the restart is reported failed");
+                for res in resources {
+                    let mut error = Message::error(Jid::from(res));
+                    error.from = Some(Jid::from(chat_jid.clone()));
+                    error.id = id.clone().map(Id);
+                    error.payloads.push(
+                        stanza::error(ErrorType::Cancel, DefinedCondition::RecipientUnavailable, &e.to_string()).into(),
+                    );
+                    self.send(&domain, Stanza::Message(error)).await;
+                }
+            }
+        }
     }
 }
 

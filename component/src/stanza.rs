@@ -69,7 +69,7 @@ pub fn body(m: &Message) -> Option<String> {
     m.get_best_body_cloned(vec!["en"]).map(|(_, b)| b)
 }
 
-fn error(type_: ErrorType, condition: DefinedCondition, text: &str) -> StanzaError {
+pub fn error(type_: ErrorType, condition: DefinedCondition, text: &str) -> StanzaError {
     StanzaError::new(type_, condition, "en", text)
 }
 

@@ -345,6 +345,13 @@ pub trait Network: Send + Sync + 'static {
     /// ([`crate::model::MessageRef`]) are already in this network's id space
     /// where the id map knew them.
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError>;
+
+    /// What became of an event from this network that an earlier run accepted and
+    /// had not yet delivered to `destination` when it stopped: delivered after the
+    /// restart, or not (it was being written when the gateway stopped and may not
+    /// have arrived, or it is refused now). The network tells the sender; by
+    /// default nothing is said.
+    async fn replayed(&self, _event: &Event, _destination: &NetworkId, _outcome: Result<(), DeliveryError>) {}
 }
 
 /// Where a bridge sends what happens on its network. Cheap to clone.

@@ -2,12 +2,20 @@
 //!
 //! When the router accepts a message-like event, it stores each destination's
 //! copy here before anyone is told the event was accepted (the MUC reflection,
-//! a receipt). Each copy carries a [`Receipt`]. Right before the destination
-//! writes the event out of the process (an IRC line onto the socket, a stanza
-//! onto the XMPP stream) it calls [`Receipt::confirm`], which removes the row
-//! durably first. A copy that is finished without being written (refused, its
-//! room left) removes its row when its last receipt handle is dropped. Rows
-//! left after a crash are replayed on the next start, in order.
+//! a receipt). Each copy carries a [`Receipt`]. A destination that gets no
+//! acknowledgement calls [`Receipt::confirm`] right before the event leaves the
+//! process, which removes the row durably first. A destination whose remote side
+//! acknowledges later (an IRC server answers a PING sent after the lines, or
+//! echoes them) calls [`Receipt::sending`] instead, which durably marks the row
+//! written, and the router removes it with [`Receipt::delivered`] once the
+//! acknowledgement came; only then is the sender told. A copy that is finished
+//! without being written (refused, its room left) removes its row when its last
+//! receipt handle is dropped.
+//!
+//! Rows left after a crash are replayed on the next start, in order, except
+//! those marked written: such a copy may or may not have arrived (the kernel can
+//! drop what was written when the process dies), and sending it again could
+//! deliver it twice, so its sender is told instead.
 //!
 //! Writes are group-committed by one writer task: every change queued while a
 //! transaction runs goes into the next one. A copy confirmed before the writer
@@ -15,10 +23,6 @@
 //! (the common case: the destination was idle). Waiting for durability never
 //! blocks the writer; a failed transaction is retried with backoff (the
 //! database may be restarting), never dropped, so delivery pauses and then resumes.
-//!
-//! The window this cannot close: between the removal's commit and the write,
-//! a crash loses the event (it is not written twice). IRC gives no
-//! acknowledgement that would let the gateway do better.
 //!
 //! An event from an origin that sends it again after a restart (a Matrix sync
 //! resumes from its last safe point) carries its origin ids into the outbox
@@ -48,6 +52,8 @@ const COALESCE: Duration = Duration::from_millis(2);
 enum Change {
     /// A row, and message ids that become durable with it (even if it is cancelled).
     Insert(OutboxRow, Vec<IdMapEntry>),
+    /// The copy is being written; its acknowledgement comes later.
+    Written(i64),
     Remove(i64),
 }
 
@@ -59,6 +65,9 @@ struct Shared {
     queued: Mutex<std::collections::HashSet<i64>>,
     /// The highest ticket whose change is durable.
     committed: watch::Receiver<u64>,
+    /// Someone waits for a change to be durable (a copy being written): the writer
+    /// stops waiting for more changes to coalesce.
+    hurry: Notify,
 }
 
 /// Handle to the outbox. Cheap to clone.
@@ -82,6 +91,7 @@ impl Outbox {
             tx: Mutex::new((0, tx)),
             queued: Mutex::new(std::collections::HashSet::new()),
             committed: done_rx,
+            hurry: Notify::new(),
         });
         tokio::spawn(writer(store, rx, done_tx, shared.clone()));
         Outbox { shared }
@@ -126,7 +136,13 @@ impl Outbox {
         let seq = next_archive_id();
         self.queued().insert(seq);
         let carries_ids = !ids.is_empty();
-        let row = OutboxRow { seq, destination: destination.to_owned(), event: event_json, created_us: now_us() };
+        let row = OutboxRow {
+            seq,
+            destination: destination.to_owned(),
+            event: event_json,
+            created_us: now_us(),
+            written_us: 0,
+        };
         let ticket = self.submit(Change::Insert(row, ids));
         let requires = match first {
             Some(first) => first.inner.requires,
@@ -186,6 +202,8 @@ struct ReceiptInner {
     /// that writes the event's origin ids.
     requires: u64,
     removed: AtomicBool,
+    /// Marked written, waiting for the destination's acknowledgement.
+    written: AtomicBool,
     /// Confirmed: the copy is leaving the process (or, for a gate, the gate opened).
     left: AtomicBool,
     left_signal: Notify,
@@ -208,6 +226,7 @@ impl Receipt {
                 ticket,
                 requires,
                 removed: AtomicBool::new(false),
+                written: AtomicBool::new(false),
                 left: AtomicBool::new(false),
                 left_signal: Notify::new(),
                 copies,
@@ -250,6 +269,37 @@ impl Receipt {
         // The origin's ids go out before the copy does (tickets commit in order).
         let ticket = ticket.unwrap_or(0).max(self.inner.requires);
         if ticket > 0 {
+            self.inner.outbox.durable(ticket).await;
+        }
+        self.inner.left.store(true, Ordering::Release);
+        self.inner.left_signal.notify_waiters();
+    }
+
+    /// The event is about to leave the process and its destination acknowledges it
+    /// later: mark the row written durably first, so after a crash the copy is
+    /// known to be in doubt and is not sent twice. [`Receipt::delivered`] removes
+    /// it once acknowledged. Idempotent.
+    pub async fn sending(&self) {
+        let Some(seq) = self.inner.seq else { return self.confirm().await };
+        let ticket = if self.inner.removed.load(Ordering::Acquire) || self.inner.written.swap(true, Ordering::AcqRel) {
+            self.inner.ticket
+        } else {
+            let ticket = self.inner.outbox.submit(Change::Written(seq));
+            self.inner.outbox.shared.hurry.notify_one();
+            ticket
+        };
+        self.inner.outbox.durable(ticket.max(self.inner.requires)).await;
+        self.inner.left.store(true, Ordering::Release);
+        self.inner.left_signal.notify_waiters();
+    }
+
+    /// The destination acknowledged the copy: remove its row, durably. Idempotent.
+    pub async fn delivered(&self) {
+        let Some(seq) = self.inner.seq else { return };
+        if self.inner.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(ticket) = self.inner.outbox.remove(seq) {
             self.inner.outbox.durable(ticket).await;
         }
         self.inner.left.store(true, Ordering::Release);
@@ -309,12 +359,17 @@ async fn writer(
 ) {
     let mut inserts: Vec<OutboxRow> = Vec::new();
     let mut removals: Vec<i64> = Vec::new();
+    let mut written: Vec<i64> = Vec::new();
     let mut ids: Vec<IdMapEntry> = Vec::new();
     while let Some(first) = rx.recv().await {
         if matches!(first.1, Change::Insert(..)) {
             // Give the copy a moment to be delivered: confirmed before the writer takes
             // it, it never reaches the disk (the usual case when the destination is idle).
-            tokio::time::sleep(COALESCE).await;
+            // A copy marked written is waited for: no need to wait any longer then.
+            tokio::select! {
+                _ = tokio::time::sleep(COALESCE) => {}
+                _ = shared.hurry.notified() => {}
+            }
         }
         let mut last = 0;
         let mut next = Some(first);
@@ -331,6 +386,11 @@ async fn writer(
                     }
                     ids.extend(origin_ids);
                 }
+                Change::Written(seq) => match inserts.iter_mut().find(|r| r.seq == seq) {
+                    // Inserted in the same batch: it goes in already marked.
+                    Some(row) => row.written_us = now_us(),
+                    None => written.push(seq),
+                },
                 Change::Remove(seq) => {
                     // Inserted and removed in the same batch: the row never needs to exist.
                     if let Some(i) = inserts.iter().position(|r| r.seq == seq) {
@@ -345,10 +405,10 @@ async fn writer(
         // Insert order does not matter inside one transaction; replay orders by seq.
         let mut delay = Duration::from_millis(50);
         loop {
-            match store.outbox_apply(&inserts, &removals, &ids).await {
+            match store.outbox_apply(&inserts, &written, now_us(), &removals, &ids).await {
                 Ok(()) => break,
                 Err(e) => {
-                    warn!(error = %e, pending = inserts.len() + removals.len() + ids.len(), retry_in = ?delay,
+                    warn!(error = %e, pending = inserts.len() + written.len() + removals.len() + ids.len(), retry_in = ?delay,
                         "could not store the outbox; delivery waits until the database is back");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -356,6 +416,7 @@ async fn writer(
             }
         }
         inserts.clear();
+        written.clear();
         removals.clear();
         ids.clear();
         committed.send_replace(last);
@@ -434,6 +495,42 @@ mod tests {
         first.confirm().await;
         outbox.settled().await;
         assert!(store.outbox_pending().await.expect("pending").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_copy_written_stays_marked_until_delivered() {
+        let (_dir, store) = store().await;
+        let outbox = Outbox::spawn(store.clone());
+        let written_at = |store: Store| async move {
+            store.outbox_pending().await.expect("pending").into_iter().map(|r| r.written_us).collect::<Vec<_>>()
+        };
+        // Marked before the writer took the insert: the row goes in already marked.
+        let quick = outbox.insert("irc", "{\"q\":1}".into());
+        quick.sending().await;
+        assert!(written_at(store.clone()).await.iter().all(|&w| w > 0), "stored as written");
+        // Marked after it was stored: the row is updated.
+        let slow = outbox.insert("irc", "{\"s\":1}".into());
+        slow.persisted().await;
+        assert_eq!(written_at(store.clone()).await.iter().filter(|&&w| w == 0).count(), 1);
+        slow.sending().await;
+        slow.sending().await; // idempotent
+        let marks = written_at(store.clone()).await;
+        assert_eq!(marks.len(), 2);
+        assert!(marks.iter().all(|&w| w > 0), "both in doubt if the process died now: {marks:?}");
+        // Acknowledged: gone, durably, before `delivered` returns.
+        quick.delivered().await;
+        assert_eq!(written_at(store.clone()).await.len(), 1);
+        // Never acknowledged (the connection was lost): the last handle removes it.
+        drop(slow);
+        outbox.settled().await;
+        assert!(written_at(store.clone()).await.is_empty());
+        // A gate over a copy being written opens once it is marked.
+        let copy = outbox.insert("irc", "{\"g\":1}".into());
+        let gate = Receipt::gate_for(std::slice::from_ref(&copy)).expect("a gate");
+        copy.sending().await;
+        gate.confirm().await;
+        copy.delivered().await;
+        assert!(written_at(store).await.is_empty());
     }
 
     #[tokio::test]

@@ -324,11 +324,14 @@ impl Router {
         }
     }
 
-    /// Hand one copy to its destination and record the ids it got there.
+    /// Hand one copy to its destination and record the ids it got there. A copy the
+    /// destination acknowledges later leaves the outbox once it did, before the
+    /// acknowledgement goes on (to whatever tells the sender).
     async fn deliver_copy(&self, network: &dyn Network, copy: Event) -> Result<Delivered, DeliveryError> {
         let dest = network.id().clone();
         let dest_scope = scope(&copy, &copy.chat);
         let (key, message_like) = (copy.key.0.clone(), copy.kind.is_message_like());
+        let receipt = copy.receipt.clone();
         let mut result = network.deliver(copy).await;
         // Confirmed later: the ids go into the map when the confirmation comes, and
         // the caller's confirmation resolves after that.
@@ -338,6 +341,9 @@ impl Router {
             tokio::spawn(async move {
                 match later.wait().await {
                     Ok(remote_ids) => {
+                        if let Some(r) = receipt {
+                            r.delivered().await;
+                        }
                         if message_like && !remote_ids.is_empty() {
                             ids.record(&key, dest.as_str(), &dest_scope, &remote_ids);
                             debug!(network = %dest, remote_ids = ?remote_ids, "confirmed");
@@ -392,20 +398,54 @@ impl Router {
                     continue;
                 }
             };
-            event.receipt = Some(receipt);
             let dest = NetworkId::new(row.destination);
+            let origin = self.inner.networks.get(&event.origin).cloned();
+            let span = tracing::info_span!("replay", key = %event.key, network = %dest, kind = event.kind.name());
+            if row.written_us > 0 {
+                // Being written when the gateway stopped: it may have arrived, so it is
+                // not sent again; its sender hears that it may not have.
+                warn!(parent: &span, "an event was being written when the gateway stopped; its sender is told");
+                if let Some(origin) = origin {
+                    let why = DeliveryError::Unavailable(format!(
+                        "the gateway restarted before {dest} confirmed this message: it may not have arrived"
+                    ));
+                    origin.replayed(&event, &dest, Err(why)).instrument(span).await;
+                }
+                continue;
+            }
+            event.receipt = Some(receipt);
             let Some(network) = self.inner.networks.get(&dest).cloned() else {
                 warn!(seq = row.seq, network = %dest, "outbox entry for a network no longer configured dropped");
                 continue;
             };
-            let span = tracing::info_span!("replay", key = %event.key, network = %dest, kind = event.kind.name());
+            let told = event.clone();
             // Handing over is enough: a destination keeps what it holds across its own
             // reconnects. What it refuses now (the account left the room) it would refuse later too.
-            match self.deliver_or_keep(network, event).instrument(span.clone()).await {
-                Ok(_) => delivered += 1,
-                Err(e) => {
-                    warn!(parent: &span, error = %e, "an event accepted before the restart could not be delivered")
+            let outcome = match self.deliver_or_keep(network, event).instrument(span.clone()).await {
+                Ok(mut d) => {
+                    delivered += 1;
+                    d.confirmation.take()
                 }
+                Err(e) => {
+                    warn!(parent: &span, error = %e, "an event accepted before the restart could not be delivered");
+                    if let Some(origin) = &origin {
+                        origin.replayed(&told, &dest, Err(e)).instrument(span.clone()).await;
+                    }
+                    continue;
+                }
+            };
+            // The origin tells the sender once it arrived.
+            if let Some(origin) = origin {
+                tokio::spawn(
+                    async move {
+                        let result = match outcome {
+                            Some(later) => later.wait().await.map(|_| ()),
+                            None => Ok(()),
+                        };
+                        origin.replayed(&told, &dest, result).await;
+                    }
+                    .instrument(span),
+                );
             }
         }
         delivered
@@ -488,6 +528,7 @@ mod tests {
     use super::*;
     use crate::model::{ChatKind, Message, Sender};
     use crate::network::{Capabilities, EventSink};
+    use crate::store::OutboxRow;
 
     /// A destination unreachable for its first `down` deliveries; writes at once
     /// (confirming the copy's receipt), and records what it got and, with a
@@ -498,6 +539,8 @@ mod tests {
         got: Mutex<Vec<String>>,
         store: Option<Store>,
         origin_known_at_write: Mutex<Vec<bool>>,
+        /// What this network was told of its events after a restart: (body, delivered).
+        told: Mutex<Vec<(String, bool)>>,
     }
 
     impl Fake {
@@ -508,6 +551,7 @@ mod tests {
                 got: Mutex::default(),
                 store,
                 origin_known_at_write: Mutex::default(),
+                told: Mutex::default(),
             })
         }
     }
@@ -539,6 +583,11 @@ mod tests {
                 self.got.lock().unwrap_or_else(|p| p.into_inner()).push(m.body.clone());
             }
             Ok(Delivered::ids(vec![format!("remote-{}", event.key)]))
+        }
+        async fn replayed(&self, event: &Event, _destination: &NetworkId, outcome: Result<(), DeliveryError>) {
+            if let EventKind::Message(m) = &event.kind {
+                self.told.lock().unwrap_or_else(|p| p.into_inner()).push((m.body.clone(), outcome.is_ok()));
+            }
         }
     }
 
@@ -578,6 +627,39 @@ mod tests {
         let (_, result) = report.deliveries.pop().expect("one destination");
         assert!(result.expect("delivered").confirmation.is_none());
         assert_eq!(flaky.got.lock().unwrap_or_else(|p| p.into_inner()).len(), 4);
+    }
+
+    /// After a crash, a copy still waiting is delivered and its origin told so; a
+    /// copy that was being written (it may have arrived) is not sent again, and its
+    /// origin is told it may not have arrived.
+    #[tokio::test]
+    async fn a_restart_sends_what_waited_and_reports_what_was_being_written() {
+        let (_dir, store) = store().await;
+        let writer = Fake::new("w", 0, None);
+        let origin = Fake::new("xmpp", 0, None);
+        let row = |seq: i64, body: &str, written_us: i64| OutboxRow {
+            seq,
+            destination: "w".into(),
+            event: serde_json::to_string(&message(&writer.id, body)).expect("json"),
+            created_us: 1,
+            written_us,
+        };
+        let rows = [row(1, "waiting", 0), row(2, "being written", 7), row(3, "also waiting", 0)];
+        store.outbox_apply(&rows, &[], 0, &[], &[]).await.expect("stored by the earlier run");
+        let router = Router::builder(store.clone()).network(writer.clone()).network(origin.clone()).build();
+        assert_eq!(router.replay().await, 2);
+        assert_eq!(*writer.got.lock().unwrap_or_else(|p| p.into_inner()), ["waiting", "also waiting"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while origin.told.lock().unwrap_or_else(|p| p.into_inner()).len() < 3 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut told = origin.told.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        told.sort();
+        let expected = [("also waiting", true), ("being written", false), ("waiting", true)];
+        assert_eq!(told, expected.map(|(b, ok)| (b.to_owned(), ok)));
+        router.inner.outbox.settled().await;
+        assert!(store.outbox_pending().await.expect("pending").is_empty(), "every row is settled");
     }
 
     /// An origin that sends again after a restart what the id map does not have

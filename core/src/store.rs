@@ -115,6 +115,9 @@ pub struct OutboxRow {
     /// The event, as JSON.
     pub event: String,
     pub created_us: i64,
+    /// When the copy was written to a destination that acknowledges later (0: not
+    /// yet). A row still written after a crash is in doubt: it may have arrived.
+    pub written_us: i64,
 }
 
 /// Where one XMPP account stands in one room.
@@ -262,6 +265,7 @@ fn outbox_row(row: &AnyRow) -> Result<OutboxRow> {
         destination: row.try_get("destination")?,
         event: row.try_get("event")?,
         created_us: row.try_get("created_us")?,
+        written_us: row.try_get("written_us")?,
     })
 }
 
@@ -634,23 +638,37 @@ impl Store {
     // --- outbox --------------------------------------------------------------------------
 
     /// Apply one batch of outbox changes in one transaction: message ids that must be
-    /// durable with them, new rows, then removals.
-    pub async fn outbox_apply(&self, inserts: &[OutboxRow], removals: &[i64], ids: &[IdMapEntry]) -> Result<()> {
-        if inserts.is_empty() && removals.is_empty() && ids.is_empty() {
+    /// durable with them, new rows, rows marked written (at `written_us`), then removals.
+    pub async fn outbox_apply(
+        &self,
+        inserts: &[OutboxRow],
+        written: &[i64],
+        written_us: i64,
+        removals: &[i64],
+        ids: &[IdMapEntry],
+    ) -> Result<()> {
+        if inserts.is_empty() && written.is_empty() && removals.is_empty() && ids.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
         map_messages_in(&mut tx, ids).await?;
         for chunk in inserts.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO outbox (seq, destination, event, created_us) VALUES {} ON CONFLICT (seq) DO NOTHING",
-                values_placeholders(chunk.len(), 4)
+                "INSERT INTO outbox (seq, destination, event, created_us, written_us) VALUES {} \
+                 ON CONFLICT (seq) DO NOTHING",
+                values_placeholders(chunk.len(), 5)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for r in chunk {
-                query = query.bind(r.seq).bind(&r.destination).bind(&r.event).bind(r.created_us);
+                query = query.bind(r.seq).bind(&r.destination).bind(&r.event).bind(r.created_us).bind(r.written_us);
             }
             query.execute(&mut *tx).await?;
+        }
+        for chunk in written.chunks(256) {
+            let list = chunk.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+            // Only integers are interpolated.
+            tx.execute(AssertSqlSafe(format!("UPDATE outbox SET written_us = {written_us} WHERE seq IN ({list})")))
+                .await?;
         }
         for chunk in removals.chunks(256) {
             let list = chunk.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
@@ -663,7 +681,7 @@ impl Store {
 
     /// Every row still in the outbox, oldest first.
     pub async fn outbox_pending(&self) -> Result<Vec<OutboxRow>> {
-        let rows = sqlx::query("SELECT seq, destination, event, created_us FROM outbox ORDER BY seq")
+        let rows = sqlx::query("SELECT seq, destination, event, created_us, written_us FROM outbox ORDER BY seq")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(outbox_row).collect()

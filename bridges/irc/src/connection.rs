@@ -103,11 +103,16 @@ struct State {
     enabled: Vec<String>,
     /// A channel LIST under way: what came so far, and who waits for the end.
     listing: Option<Listing>,
-    /// Message lines written while the server echoes them (IRCv3 echo-message),
-    /// oldest first, each waiting for its echo.
+    /// Message lines written and not yet acknowledged, oldest first: each waits
+    /// for its echo (IRCv3 echo-message), an error about it, or the answer to a
+    /// PING written after it (the server handles a client's lines in order).
     echoes: VecDeque<PendingEcho>,
     /// The last IRCv3 label given to a line (labeled-response).
     last_label: u64,
+    /// The number of the next acknowledgement PING; lines written now wait for it.
+    next_ack: u64,
+    /// An acknowledgement PING is on its way and unanswered.
+    ack_in_flight: bool,
     /// Channels (case-folded) the user left whose PART the server has not
     /// answered yet: that answer is about the old stay, not about a rejoin since.
     parting: HashSet<String>,
@@ -116,9 +121,11 @@ struct State {
     refusal: Option<String>,
 }
 
-/// A line written to a server that echoes messages, waiting for its echo.
+/// A message line written to the server, waiting for its acknowledgement.
 #[derive(Debug)]
 struct PendingEcho {
+    /// The acknowledgement PING that settles it at the latest.
+    ack: u64,
     /// The line's IRCv3 label, where the server offers labeled-response.
     label: Option<String>,
     /// The target, case-folded (matches unlabeled echoes, in order).
@@ -126,8 +133,9 @@ struct PendingEcho {
     echo: Arc<Mutex<EchoWait>>,
 }
 
-/// One message's lines waiting for their echoes; the message is confirmed
-/// (with the ids the server gave its lines) once every line came back.
+/// One message's lines waiting for their acknowledgements; the message is
+/// confirmed (with the ids the server gave its lines, where it echoes them)
+/// once every line is acknowledged.
 #[derive(Debug)]
 pub(crate) struct EchoWait {
     remaining: usize,
@@ -149,8 +157,13 @@ impl EchoWait {
 
     /// The server refused a line: the whole message is refused.
     fn refuse(&mut self, text: String) {
+        self.fail(DeliveryError::Rejected(text));
+    }
+
+    /// The message is not confirmed, and why.
+    fn fail(&mut self, error: DeliveryError) {
         if let Some(c) = self.confirmer.take() {
-            c.refuse(DeliveryError::Rejected(text));
+            c.refuse(error);
         }
     }
 }
@@ -467,19 +480,20 @@ impl Connection {
         Ok(true)
     }
 
-    /// Send a message as one or more lines; returns how many lines were queued and,
-    /// where the server echoes messages (IRCv3 echo-message), the confirmation that
-    /// comes with the echoes. The outbox receipt, if any, is confirmed right before
-    /// the first line is written.
+    /// Send a message as one or more lines; returns how many lines were queued and
+    /// the confirmation that comes once the server acknowledged them all (their
+    /// echoes where it echoes messages, else its answer to a PING written after
+    /// them). The outbox receipt, if any, is marked written right before the first
+    /// line is written.
     pub fn send_message(
         &self,
         target: &str,
         message: &Message,
         mut receipt: Option<Receipt>,
-    ) -> Result<(usize, Option<Confirmation>), DeliveryError> {
-        let (nick, prefix, echoes) = {
+    ) -> Result<(usize, Confirmation), DeliveryError> {
+        let (nick, prefix) = {
             let st = self.lock();
-            (st.nick.clone(), st.prefix.clone(), st.enabled.iter().any(|c| c == "echo-message"))
+            (st.nick.clone(), st.prefix.clone())
         };
         let (body, action) = match message.body.strip_prefix("/me ") {
             Some(rest) => (rest, true),
@@ -494,17 +508,12 @@ impl Connection {
         if lines.is_empty() {
             return Err(DeliveryError::Rejected("an empty message cannot be sent to IRC".into()));
         }
-        // Where the server echoes messages now, the echo confirms the message. Every
-        // line waits for its echo if the server echoes when it is written (a reconnect
-        // may come in between), so that no echo is bridged as a message of its own.
-        let (confirmer, confirmation) = match echoes {
-            true => {
-                let (confirmer, confirmation) = Confirmation::channel();
-                (Some(confirmer), Some(confirmation))
-            }
-            false => (None, None),
-        };
-        let echo = Arc::new(Mutex::new(EchoWait { remaining: lines.len(), ids: Vec::new(), confirmer }));
+        // Every line waits for the server's acknowledgement; where the server echoes
+        // messages when it is written (a reconnect may come in between), its echo is
+        // that acknowledgement, so that no echo is bridged as a message of its own.
+        let (confirmer, confirmation) = Confirmation::channel();
+        let echo =
+            Arc::new(Mutex::new(EchoWait { remaining: lines.len(), ids: Vec::new(), confirmer: Some(confirmer) }));
         for line in &lines {
             let text = if action { format!("\u{1}ACTION {line}\u{1}") } else { line.clone() };
             let command = if message.notice {
@@ -521,18 +530,14 @@ impl Connection {
         Ok((lines.len(), confirmation))
     }
 
-    /// A line is being written: where the server echoes messages, it waits for its
-    /// echo (labelled where the server offers labeled-response); elsewhere it is
-    /// confirmed as written, without ids.
-    fn expect_echo(&self, queued: &mut Queued) {
+    /// A message line is being written: it waits for its acknowledgement (its echo,
+    /// labelled where the server offers labeled-response, or the answer to the next
+    /// acknowledgement PING).
+    fn expect_ack(&self, queued: &mut Queued) {
         let Some(echo) = queued.echo.take() else { return };
         let mut st = self.lock();
-        if !st.enabled.iter().any(|c| c == "echo-message") {
-            drop(st);
-            lock_echo(&echo).line_done(None);
-            return;
-        }
-        let label = st.enabled.iter().any(|c| c == "labeled-response").then(|| {
+        let echoes = st.enabled.iter().any(|c| c == "echo-message");
+        let label = (echoes && st.enabled.iter().any(|c| c == "labeled-response")).then(|| {
             st.last_label += 1;
             format!("i{}", st.last_label)
         });
@@ -547,7 +552,37 @@ impl Connection {
             Command::PRIVMSG(t, _) | Command::NOTICE(t, _) => fold(t),
             _ => String::new(),
         };
-        st.echoes.push_back(PendingEcho { label, target, echo });
+        let ack = st.next_ack;
+        st.echoes.push_back(PendingEcho { ack, label, target, echo });
+    }
+
+    /// The acknowledgement PING to write after lines that wait for one, unless one
+    /// is on its way already (its answer is followed by the next one).
+    fn ack_ping(&self) -> Option<Command> {
+        let mut st = self.lock();
+        if st.ack_in_flight || st.echoes.back().is_none_or(|p| p.ack != st.next_ack) {
+            return None;
+        }
+        st.ack_in_flight = true;
+        let token = format!("{ACK_TOKEN}{}", st.next_ack);
+        st.next_ack += 1;
+        Some(Command::PING(token, None))
+    }
+
+    /// The server answered acknowledgement PING `n`: every line written before it
+    /// was handled (those it neither echoed nor refused are confirmed without ids).
+    /// Returns the next acknowledgement PING, for lines written since.
+    fn acknowledged(&self, n: u64) -> Option<Command> {
+        let settled: Vec<PendingEcho> = {
+            let mut st = self.lock();
+            st.ack_in_flight = false;
+            let upto = st.echoes.iter().position(|p| p.ack > n).unwrap_or(st.echoes.len());
+            st.echoes.drain(..upto).collect()
+        };
+        for pending in settled {
+            lock_echo(&pending.echo).line_done(None);
+        }
+        self.ack_ping()
     }
 }
 
@@ -586,6 +621,9 @@ struct Supervisor {
 
 /// Most lines written in one batch (one durable commit for their receipts).
 const MAX_BATCH: usize = 64;
+
+/// The start of the acknowledgement PINGs' tokens (the PING's number follows).
+const ACK_TOKEN: &str = "isthmus-ack-";
 
 /// Handle one item of the server's stream: `Ok(true)` when it was the welcome
 /// (registration done), `Err` with the reason when the connection ended.
@@ -811,13 +849,20 @@ impl Supervisor {
                             }
                         }
                         let receipts: Vec<Receipt> = batch.iter_mut().filter_map(|q| q.receipt.take()).collect();
-                        // Out of the durable outbox first: a crash after this never sends them twice.
-                        futures::future::join_all(receipts.iter().map(Receipt::confirm)).await;
+                        // Marked written in the durable outbox first: after a crash from here
+                        // on, they are in doubt (they may have arrived), never sent twice.
+                        futures::future::join_all(receipts.iter().map(Receipt::sending)).await;
                         for mut q in batch {
-                            self.conn.expect_echo(&mut q);
+                            self.conn.expect_ack(&mut q);
                             if let Err(e) = sender.send(self.wire.encode(q.message)) {
                                 return format!("write failed: {e}");
                             }
+                        }
+                        // What the server answers to this comes after it handled the lines.
+                        if let Some(ping) = self.conn.ack_ping()
+                            && let Err(e) = sender.send(ping)
+                        {
+                            return format!("write failed: {e}");
                         }
                         // The IRC library writes when its stream is polled: have it write them
                         // out now, before anything else can make them wait in memory.
@@ -883,9 +928,14 @@ impl Supervisor {
             st.pending_rejoins = 0;
             st.offered.clear();
             st.enabled.clear();
-            // Written before the outage and never echoed: accepted, without ids.
+            // Written before the outage and never acknowledged: the server may or may
+            // not have handled them, so they are not written again; the sender hears so.
+            st.ack_in_flight = false;
             for pending in st.echoes.drain(..) {
-                lock_echo(&pending.echo).line_done(None);
+                lock_echo(&pending.echo).fail(DeliveryError::Unavailable(format!(
+                    "the connection to {} was lost before the server confirmed this message: it may not have arrived",
+                    self.conn.key.server
+                )));
             }
             let rooms: Vec<String> = st
                 .channels
@@ -1259,6 +1309,15 @@ impl Reader {
                 }
                 self.emit_room(&name, &nick, EventKind::Topic { text: topic.clone() }).await;
             }
+            // The answer to an acknowledgement PING (`PONG server :token`, or `PONG :token`).
+            Command::PONG(ref a, ref b) => {
+                let token = b.as_deref().unwrap_or(a);
+                if let Some(n) = token.strip_prefix(ACK_TOKEN).and_then(|n| n.parse::<u64>().ok())
+                    && let Some(next) = self.conn.acknowledged(n)
+                {
+                    self.send_now(next);
+                }
+            }
             Command::PRIVMSG(ref target, ref text) | Command::NOTICE(ref target, ref text) => {
                 // The echo of a line the bridge wrote (IRCv3 echo-message) confirms it: never bridged again.
                 if nick.as_deref().is_some_and(|n| self.sender(n).is_self) && self.echoed(&message, target) {
@@ -1516,6 +1575,9 @@ impl Reader {
 
     /// Whether `message` (ours) is the echo of a line waiting for it; confirms that line.
     fn echoed(&self, message: &IrcMessage, target: &str) -> bool {
+        if !self.conn.lock().enabled.iter().any(|c| c == "echo-message") {
+            return false;
+        }
         let Some(pending) = self.take_echo(label_of(message), Some(target)) else { return false };
         lock_echo(&pending.echo).line_done(Meta::of(message).msgid);
         true

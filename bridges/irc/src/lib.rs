@@ -51,12 +51,9 @@ use crate::address::IrcTarget;
 use crate::connection::{Connection, ConnectionKey, ReconnectPolicy};
 use crate::settings::UserSettings;
 
-/// A message handed to the connection: confirmed now, or by the server's echo.
-fn delivered((_, confirmation): (usize, Option<Confirmation>)) -> Delivered {
-    match confirmation {
-        Some(c) => Delivered::later(c),
-        None => Delivered::default(),
-    }
+/// A message handed to the connection: confirmed once the server acknowledged it.
+fn delivered((_, confirmation): (usize, Confirmation)) -> Delivered {
+    Delivered::later(confirmation)
 }
 
 /// One configured IRC network (one component domain), with every user's connections.

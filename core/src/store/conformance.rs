@@ -27,23 +27,24 @@ async fn outbox(store: &Store) {
         destination: dest.into(),
         event: format!("{{\"n\":{seq}}}"),
         created_us: 1,
+        written_us: 0,
     };
-    store.outbox_apply(&[row(30, "irc"), row(10, "xmpp"), row(20, "irc")], &[], &[]).await.expect("insert");
+    store.outbox_apply(&[row(30, "irc"), row(10, "xmpp"), row(20, "irc")], &[], 0, &[], &[]).await.expect("insert");
     // Inserting a row again changes nothing; removing an absent row is fine.
-    store.outbox_apply(&[row(10, "other")], &[99], &[]).await.expect("idempotent");
+    store.outbox_apply(&[row(10, "other")], &[], 0, &[99], &[]).await.expect("idempotent");
     let seqs: Vec<(i64, String)> =
         store.outbox_pending().await.expect("pending").into_iter().map(|r| (r.seq, r.destination)).collect();
     assert_eq!(seqs, vec![(10, "xmpp".into()), (20, "irc".into()), (30, "irc".into())], "oldest first");
     let removals: Vec<i64> = (100..700).chain([10, 30]).collect(); // more than one statement's worth
-    store.outbox_apply(&[row(40, "irc")], &removals, &[]).await.expect("remove");
+    store.outbox_apply(&[row(40, "irc")], &[], 0, &removals, &[]).await.expect("remove");
     let left: Vec<i64> = store.outbox_pending().await.expect("pending").into_iter().map(|r| r.seq).collect();
     assert_eq!(left, vec![20, 40]);
     // Message ids written with the outbox's changes, also alone and again.
     let ids =
         IdMapEntry { key: "k".into(), network: "matrix".into(), scope: "r".into(), remote_ids: vec!["$e".into()] };
-    store.outbox_apply(&[], &[20, 40], std::slice::from_ref(&ids)).await.expect("remove the rest");
+    store.outbox_apply(&[], &[], 0, &[20, 40], std::slice::from_ref(&ids)).await.expect("remove the rest");
     assert!(store.outbox_pending().await.expect("pending").is_empty());
-    store.outbox_apply(&[], &[], &[ids]).await.expect("ids again");
+    store.outbox_apply(&[], &[], 0, &[], &[ids]).await.expect("ids again");
     assert_eq!(store.key_for_remote("matrix", "r", "$e").await.expect("lookup"), Some("k".into()));
     // Batches larger than one statement's rows, with an id repeated inside the batch.
     let many: Vec<OutboxRow> = (1000..1250).map(|s| row(s, "irc")).collect();
@@ -56,12 +57,21 @@ async fn outbox(store: &Store) {
         })
         .collect();
     entries.push(entries[7].clone());
-    store.outbox_apply(&many, &[], &entries).await.expect("large batch");
+    store.outbox_apply(&many, &[], 0, &[], &entries).await.expect("large batch");
     assert_eq!(store.outbox_pending().await.expect("pending").len(), 250);
     assert_eq!(store.key_for_remote("irc", "#c", "b249").await.expect("lookup"), Some("m249".into()));
     assert_eq!(store.remote_ids_for("m7", "irc").await.expect("ids"), vec!["a7".to_owned(), "b7".to_owned()]);
     let seqs: Vec<i64> = (1000..1250).collect();
-    store.outbox_apply(&[], &seqs, &[]).await.expect("remove the batch");
+    store.outbox_apply(&[], &[], 0, &seqs, &[]).await.expect("remove the batch");
+    assert!(store.outbox_pending().await.expect("pending").is_empty());
+    // Rows marked written (in doubt after a crash): inserted so, or marked later.
+    let written = OutboxRow { written_us: 5, ..row(2000, "irc") };
+    store.outbox_apply(&[written, row(2001, "irc"), row(2002, "irc")], &[], 0, &[], &[]).await.expect("insert");
+    store.outbox_apply(&[], &[2001], 7, &[2002], &[]).await.expect("mark");
+    let marks: Vec<(i64, i64)> =
+        store.outbox_pending().await.expect("pending").into_iter().map(|r| (r.seq, r.written_us)).collect();
+    assert_eq!(marks, vec![(2000, 5), (2001, 7)]);
+    store.outbox_apply(&[], &[], 0, &[2000, 2001], &[]).await.expect("remove");
     assert!(store.outbox_pending().await.expect("pending").is_empty());
 }
 
