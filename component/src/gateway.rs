@@ -81,9 +81,8 @@ impl Outgoing {
         }
     }
 
-    /// `first` and whatever else is queued behind it (up to a batch), with every
-    /// receipt confirmed (one durable commit covers the batch): the stanzas to write now.
-    pub async fn confirmed_batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Stanza> {
+    /// `first` and whatever else is queued behind it, up to a batch.
+    fn batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Outgoing> {
         let mut batch = vec![first];
         while batch.len() < Self::MAX_BATCH {
             match queue.try_recv() {
@@ -91,8 +90,35 @@ impl Outgoing {
                 Err(_) => break,
             }
         }
+        batch
+    }
+
+    /// `first` and whatever else is queued behind it (up to a batch), with every
+    /// receipt confirmed (one durable commit covers the batch): the stanzas to write now.
+    pub async fn confirmed_batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Stanza> {
+        let batch = Self::batch(first, queue);
         futures::future::join_all(batch.iter().map(Outgoing::confirm)).await;
         batch.into_iter().map(|item| item.stanza).collect()
+    }
+
+    /// `first` and whatever else is queued behind it (up to a batch), with every
+    /// receipt marked written (one durable commit covers the batch): the stanzas to
+    /// write now, and the receipts to let go of once the server acknowledged them.
+    pub async fn written_batch(
+        first: Outgoing,
+        queue: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) -> (Vec<Stanza>, Vec<Receipt>) {
+        let batch = Self::batch(first, queue);
+        futures::future::join_all(batch.iter().filter_map(|item| item.receipt.as_ref()).map(Receipt::sending)).await;
+        let mut receipts = Vec::new();
+        let stanzas = batch
+            .into_iter()
+            .map(|item| {
+                receipts.extend(item.receipt);
+                item.stanza
+            })
+            .collect();
+        (stanzas, receipts)
     }
 }
 
@@ -1843,6 +1869,12 @@ impl Network for Gateway {
             self.enter(&domain, &chat_jid, account, &entering).await;
         }
         Ok(Delivered::ids(vec![event.key.0.clone()]))
+    }
+
+    /// A message sent again shows once: it carries the same stanza-id (the event's
+    /// key), by which XMPP clients and the room archive know it.
+    fn redelivery_shows_once(&self) -> bool {
+        true
     }
 
     /// An XMPP user's message accepted before a restart: delivered now (the room

@@ -7,8 +7,17 @@
 //! silence is met with a ping through the server, well inside the read timeout;
 //! any loss of the link is followed by a reconnect with exponential backoff and
 //! jitter. Stanzas queued for sending while the link is down wait in the queue.
+//!
+//! XEP-0114 acknowledges nothing, and what the link wrote can still be in its
+//! kernel's buffers when the process dies. So after the stanzas it writes, the
+//! link sends an iq to itself through the server: the server handles a
+//! component's stanzas in order, so when that iq comes back, everything written
+//! before it was handled. Until then the copies' outbox rows stay, marked
+//! written; after a crash they are written again (XMPP clients and archives
+//! know a message by its stanza-id, so the server handling it twice shows it once).
 
 use crate::nesting::Shaped;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -32,6 +41,56 @@ use tokio_xmpp::parsers::jid::Jid;
 
 use crate::gateway::Outgoing;
 use crate::stanza::parse_jid;
+use isthmus_core::outbox::Receipt;
+
+/// The start of the acknowledgement iqs' ids (the iq's number follows).
+const ACK_ID: &str = "isthmus-ack-";
+
+/// Outbox receipts of stanzas written and not yet acknowledged by the server.
+#[derive(Default)]
+struct Unacknowledged {
+    /// Each with the number of the acknowledgement iq that settles it.
+    receipts: VecDeque<(u64, Receipt)>,
+    /// The number of the next acknowledgement iq.
+    next: u64,
+    /// An acknowledgement iq is on its way and has not come back.
+    in_flight: bool,
+}
+
+impl Unacknowledged {
+    fn written(&mut self, receipts: Vec<Receipt>) {
+        let n = self.next;
+        self.receipts.extend(receipts.into_iter().map(|r| (n, r)));
+    }
+
+    /// The acknowledgement iq to write after what was written, unless one is on its
+    /// way already (its return is followed by the next one).
+    fn ask(&mut self, me: &Jid) -> Option<Stanza> {
+        if self.in_flight || self.receipts.back().is_none_or(|(n, _)| *n != self.next) {
+            return None;
+        }
+        self.in_flight = true;
+        let id = format!("{ACK_ID}{}", self.next);
+        self.next += 1;
+        Some(Stanza::Iq(Iq::from_get(id, Ping).with_to(me.clone()).with_from(me.clone())))
+    }
+
+    /// Whether `stanza` is an acknowledgement iq come back; if so, what was written
+    /// before it leaves the outbox, and the next acknowledgement iq is returned.
+    fn acknowledged(&mut self, stanza: &Stanza, me: &Jid) -> Option<Option<Stanza>> {
+        let Stanza::Iq(iq) = stanza else { return None };
+        if iq.from() != Some(me) {
+            return None;
+        }
+        let n = iq.id().strip_prefix(ACK_ID)?.parse::<u64>().ok()?;
+        self.in_flight = false;
+        // The last handle of a receipt removes its row.
+        while self.receipts.front().is_some_and(|(a, _)| *a <= n) {
+            self.receipts.pop_front();
+        }
+        Some(self.ask(me))
+    }
+}
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -154,16 +213,23 @@ async fn serve(
     events: &mpsc::Sender<LinkEvent>,
 ) -> LinkError {
     let mut pings = 0u64;
+    let me = own_jid(&config.domain);
+    // What this connection wrote and the server has not acknowledged. Lost with the
+    // link, it leaves the outbox as before: the server may have handled it.
+    let mut unacknowledged = Unacknowledged::default();
     loop {
         // Reading and writing share one loop; the gateway never waits on the outgoing
         // queue (it is unbounded), so a slow reader here cannot deadlock it.
         let to_send = tokio::select! {
             item = stream.next() => match item {
                 Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(stanza)))) => {
-                    if events.send(LinkEvent::Stanza(stanza)).await.is_err() {
+                    if let Some(next) = unacknowledged.acknowledged(&stanza, &me) {
+                        next
+                    } else if events.send(LinkEvent::Stanza(stanza)).await.is_err() {
                         return LinkError::Closed;
+                    } else {
+                        None
                     }
-                    None
                 }
                 Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
                     return LinkError::StreamError(format!("{:?} {:?}", e.0.condition, e.0.texts));
@@ -179,8 +245,9 @@ async fn serve(
                 Some(Err(ReadError::SoftTimeout)) => {
                     // Ping ourselves through the server: proves the whole path is alive.
                     pings += 1;
-                    let me = own_jid(&config.domain);
-                    Some(Stanza::Iq(Iq::from_get(format!("keepalive-{pings}"), Ping).with_to(me.clone()).with_from(me)))
+                    Some(Stanza::Iq(
+                        Iq::from_get(format!("keepalive-{pings}"), Ping).with_to(me.clone()).with_from(me.clone()),
+                    ))
                 }
                 Some(Err(ReadError::ParseError(e))) => {
                     warn!(error = %e, "unparsable element skipped");
@@ -192,8 +259,11 @@ async fn serve(
             },
             item = outgoing.recv() => match item {
                 Some(item) => {
-                    // Out of the durable outbox (or past its gate) before it is written.
-                    for stanza in Outgoing::confirmed_batch(item, outgoing).await {
+                    // Marked written in the durable outbox (or past its gate) before it is
+                    // written; out of it once the server acknowledged it.
+                    let (stanzas, receipts) = Outgoing::written_batch(item, outgoing).await;
+                    unacknowledged.written(receipts);
+                    for stanza in stanzas.into_iter().chain(unacknowledged.ask(&me)) {
                         if let Err(e) = stream.feed(&XmppStreamElement::Stanza(stanza)).await {
                             return LinkError::Write(e.to_string());
                         }
@@ -248,5 +318,51 @@ fn invalid_stanza_reply(domain: &str, error: StreamElementError) -> Option<Stanz
             p.payloads.push(err.into());
             Some(Stanza::Presence(p))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_core::outbox::Outbox;
+    use isthmus_core::store::Store;
+
+    #[tokio::test]
+    async fn rows_leave_the_outbox_when_the_server_gives_the_iq_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/l.db", dir.path().display()), 2).await.expect("store");
+        store.migrate().await.expect("migrate");
+        let outbox = Outbox::spawn(store.clone());
+        let me = own_jid("irc.example.org");
+        let mut unacknowledged = Unacknowledged::default();
+        let receipt = |n: u32| {
+            let r = outbox.insert("xmpp", format!("{{\"n\":{n}}}"));
+            async move {
+                r.sending().await;
+                r
+            }
+        };
+        // Written: the first batch asks; the second waits for the answer.
+        unacknowledged.written(vec![receipt(1).await, receipt(2).await]);
+        let Some(Stanza::Iq(ask)) = unacknowledged.ask(&me) else { panic!("no acknowledgement iq") };
+        unacknowledged.written(vec![receipt(3).await]);
+        assert!(unacknowledged.ask(&me).is_none(), "one acknowledgement iq at a time");
+        assert_eq!(store.outbox_pending().await.expect("pending").len(), 3);
+        // Someone else's iq, or one that is not ours, is not an acknowledgement.
+        let other = Stanza::Iq(Iq::from_get(ask.id().to_owned(), Ping).with_from(own_jid("other.example.org")));
+        assert!(unacknowledged.acknowledged(&other, &me).is_none());
+        let keepalive = Stanza::Iq(Iq::from_get("keepalive-1", Ping).with_from(me.clone()));
+        assert!(unacknowledged.acknowledged(&keepalive, &me).is_none());
+        // The iq came back: what was written before it leaves; the rest is asked for next.
+        let back = Stanza::Iq(ask.clone());
+        let next = unacknowledged.acknowledged(&back, &me).expect("an acknowledgement");
+        let Some(Stanza::Iq(next)) = next else { panic!("no next acknowledgement iq") };
+        assert_ne!(next.id(), ask.id());
+        outbox.settled().await;
+        let left: Vec<String> = store.outbox_pending().await.expect("pending").into_iter().map(|r| r.event).collect();
+        assert_eq!(left, ["{\"n\":3}"]);
+        assert!(unacknowledged.acknowledged(&Stanza::Iq(next), &me).expect("ours").is_none(), "nothing left to ask");
+        outbox.settled().await;
+        assert!(store.outbox_pending().await.expect("pending").is_empty());
     }
 }

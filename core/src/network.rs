@@ -346,6 +346,14 @@ pub trait Network: Send + Sync + 'static {
     /// where the id map knew them.
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError>;
 
+    /// Whether an event this network may have got already can be delivered again
+    /// without being shown twice (XMPP: clients and archives know a message by its
+    /// stanza-id, which is the event's key). After a crash, such a network gets what
+    /// was being written to it again; any other is not sent it twice.
+    fn redelivery_shows_once(&self) -> bool {
+        false
+    }
+
     /// What became of an event from this network that an earlier run accepted and
     /// had not yet delivered to `destination` when it stopped: delivered after the
     /// restart, or not (it was being written when the gateway stopped and may not

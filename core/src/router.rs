@@ -401,7 +401,8 @@ impl Router {
             let dest = NetworkId::new(row.destination);
             let origin = self.inner.networks.get(&event.origin).cloned();
             let span = tracing::info_span!("replay", key = %event.key, network = %dest, kind = event.kind.name());
-            if row.written_us > 0 {
+            let again_is_safe = self.inner.networks.get(&dest).is_some_and(|n| n.redelivery_shows_once());
+            if row.written_us > 0 && !again_is_safe {
                 // Being written when the gateway stopped: it may have arrived, so it is
                 // not sent again; its sender hears that it may not have.
                 warn!(parent: &span, "an event was being written when the gateway stopped; its sender is told");

@@ -27,6 +27,14 @@ pub struct Stanza {
 }
 
 impl Stanza {
+    /// The `id` of its XEP-0359 `<stanza-id/>`, if it has one.
+    pub fn stanza_id(&self) -> Option<String> {
+        let start = self.xml.find("<stanza-id")?;
+        let element = &self.xml[start..start + self.xml[start..].find('>')?];
+        let value = &element[element.find(" id=\"")? + 5..];
+        Some(value.split('"').next()?.to_owned())
+    }
+
     /// Whether the stanza carries MUC status code `code`.
     pub fn has_status(&self, code: u16) -> bool {
         self.xml.contains(&format!("<status code=\"{code}\"")) || self.xml.contains(&format!("<status code='{code}'"))

@@ -400,14 +400,6 @@ async fn channel_keys_receipts_and_vcards(kind: IrcServerKind) -> Result<()> {
 
 isthmus_tests::on_both_irc_servers!(channel_keys_receipts_and_vcards);
 
-/// The `id` of the XEP-0359 `<stanza-id/>` in a stanza's XML.
-fn stanza_id(xml: &str) -> Option<String> {
-    let start = xml.find("<stanza-id")?;
-    let element = &xml[start..start + xml[start..].find('>')?];
-    let value = &element[element.find(" id=\"")? + 5..];
-    Some(value.split('"').next()?.to_owned())
-}
-
 async fn a_resent_message_is_bridged_once_and_reflected_again(kind: IrcServerKind) -> Result<()> {
     let s = IrcSetup::start_on(kind, "").await?;
     let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
@@ -423,7 +415,7 @@ async fn a_resent_message_is_bridged_once_and_reflected_again(kind: IrcServerKin
     let first = alice.expect(T, |st| st.id == "once" && st.body.as_deref() == Some("only once")).await?;
     alice.send_raw(&stanza).await?;
     let second = alice.expect(T, |st| st.id == "once" && st.body.as_deref() == Some("only once")).await?;
-    let (first_id, second_id) = (stanza_id(&first.xml), stanza_id(&second.xml));
+    let (first_id, second_id) = (first.stanza_id(), second.stanza_id());
     assert!(first_id.is_some(), "no stanza-id in {}", first.xml);
     assert_eq!(first_id, second_id, "the resend is reflected with the first one's stanza-id");
     // A different message afterwards arrives, and the resent one arrived once.
@@ -554,7 +546,7 @@ async fn echo_message_confirms_what_xmpp_sends(kind: IrcServerKind) -> Result<()
     assert_eq!(seen.len(), 1, "the XMPP sender saw the message {} times: {seen:#?}", seen.len());
     let lines = bob.seen().iter().filter(|l| privmsg_text(l, "#test") == Some("echoed once")).count();
     assert_eq!(lines, 1, "IRC saw the message {lines} times");
-    let key = stanza_id(&reflection.xml).ok_or_else(|| anyhow::anyhow!("no stanza-id in {}", reflection.xml))?;
+    let key = reflection.stanza_id().ok_or_else(|| anyhow::anyhow!("no stanza-id in {}", reflection.xml))?;
     let ids = mapped_irc_ids(&s, &key, usize::from(echoes)).await?;
     let enabled = s.gateway.log().lines().find(|l| l.contains("IRCv3 capabilities enabled")).map(str::to_owned);
     if echoes {
