@@ -1909,6 +1909,8 @@ impl Network for Gateway {
             Ok(()) => {
                 let EventKind::Message(msg) = &event.kind else { return };
                 let Some(from_occupant) = full(&chat_jid, &nick) else { return };
+                // From the body alone: the stored copy's references are in the
+                // destination's id space, so `stanza::rendered` would point them astray.
                 let body = stanza::rendered_body(msg);
                 for res in resources {
                     let mut echo = stanza::message(

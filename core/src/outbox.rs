@@ -271,8 +271,7 @@ impl Receipt {
         if ticket > 0 {
             self.inner.outbox.durable(ticket).await;
         }
-        self.inner.left.store(true, Ordering::Release);
-        self.inner.left_signal.notify_waiters();
+        self.left();
     }
 
     /// The event is about to leave the process and its destination acknowledges it
@@ -289,8 +288,7 @@ impl Receipt {
             ticket
         };
         self.inner.outbox.durable(ticket.max(self.inner.requires)).await;
-        self.inner.left.store(true, Ordering::Release);
-        self.inner.left_signal.notify_waiters();
+        self.left();
     }
 
     /// The destination acknowledged the copy: remove its row, durably. Idempotent.
@@ -302,6 +300,11 @@ impl Receipt {
         if let Some(ticket) = self.inner.outbox.remove(seq) {
             self.inner.outbox.durable(ticket).await;
         }
+        self.left();
+    }
+
+    /// The copy has left the process (or its row is gone): gates waiting on it open.
+    fn left(&self) {
         self.inner.left.store(true, Ordering::Release);
         self.inner.left_signal.notify_waiters();
     }
