@@ -6,7 +6,8 @@
 //! - [`markup`]: HTML ↔ XEP-0393 message styling, for networks whose messages carry HTML;
 //! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
 //! - [`router`]: hands each event to the networks it must reach and records the id map;
-//! - [`store`]: the SQL store (SQLite or PostgreSQL).
+//! - [`store`]: the SQL store (SQLite or PostgreSQL);
+//! - [`secrets`]: sealing credentials before they reach the store.
 //!
 //! This crate knows no network protocol and no XMPP beyond JIDs. Bridges
 //! (`bridges/*`) and the XMPP component depend on it; it depends on none of them.
@@ -18,6 +19,7 @@ pub mod model;
 pub mod network;
 pub mod outbox;
 pub mod router;
+pub mod secrets;
 pub mod store;
 
 pub use jid;

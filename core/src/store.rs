@@ -7,6 +7,9 @@
 //! Tables: puppets, rooms, portals and their members, linked accounts, the
 //! many-to-many message id map, the room archive (for XEP-0313), and per-user
 //! settings (an IRC user's nick and logins per server).
+//!
+//! Credentials are sealed on their way in and opened on their way out when the
+//! store has a key ([`Store::with_secrets`]; see [`sealed`]).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +20,9 @@ use thiserror::Error;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
+mod sealed;
+
+pub use sealed::SealReport;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -32,6 +38,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("a sealed value in {table} cannot be opened: {source}")]
+    Sealed { table: &'static str, source: crate::secrets::SecretError },
+    #[error("the database holds values (in {table}) sealed with key {sealed_with}, and the key given is {have}")]
+    WrongKey { table: &'static str, sealed_with: crate::secrets::KeyId, have: crate::secrets::KeyId },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -48,6 +58,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Seals credentials (see [`sealed`]); `None`: they are stored as given.
+    secrets: Option<std::sync::Arc<crate::secrets::SecretBox>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +81,7 @@ pub struct RoomRecord {
     pub portal: Option<String>,
 }
 
-/// A linked remote account. `credentials` must already be encrypted by the caller.
+/// A linked remote account. The store seals `credentials` when it has a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountRecord {
     pub xmpp_jid: String,
@@ -358,7 +370,7 @@ impl Store {
             });
         }
         let pool = options.connect(&url).await.map_err(|source| StoreError::Connect { url: redact(&url), source })?;
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, secrets: None })
     }
 
     pub fn backend(&self) -> Backend {
@@ -511,7 +523,7 @@ impl Store {
         .bind(&a.xmpp_jid)
         .bind(&a.network)
         .bind(&a.remote_user)
-        .bind(&a.credentials)
+        .bind(self.seal_credentials(a))
         .bind(&a.settings)
         .bind(a.updated_us)
         .execute(&self.pool)
@@ -526,7 +538,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
-            .map(account)
+            .map(|r| account(r).and_then(|a| self.open_account(a)))
             .transpose()
     }
 
@@ -536,7 +548,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(account)
+            .map(|r| account(r).and_then(|a| self.open_account(a)))
             .collect()
     }
 
@@ -559,7 +571,8 @@ impl Store {
             .bind(target)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get("settings")).transpose()?)
+        let settings: Option<String> = row.map(|r| r.try_get("settings")).transpose()?;
+        settings.map(|s| self.open_settings(account, network, target, s)).transpose()
     }
 
     /// Store `account`'s settings (JSON) for `target` on `network`, replacing what was there.
@@ -571,7 +584,7 @@ impl Store {
         .bind(account)
         .bind(network)
         .bind(target)
-        .bind(settings)
+        .bind(self.seal_settings(account, network, target, settings))
         .bind(now_us())
         .execute(&self.pool)
         .await?;
@@ -700,7 +713,7 @@ impl Store {
         .bind(&r.room)
         .bind(&r.account)
         .bind(&r.nick)
-        .bind(&r.password)
+        .bind(self.seal_room_password(&r.room, &r.account, r.password.as_deref()))
         .bind(r.resources.join("\n"))
         .bind(now_us())
         .execute(&self.pool)
@@ -726,11 +739,13 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let resources: String = r.try_get("resources")?;
+                let (room, account): (String, String) = (r.try_get("room")?, r.try_get("account")?);
+                let password = self.open_room_password(&room, &account, r.try_get("password")?)?;
                 Ok(RoomSessionRecord {
-                    room: r.try_get("room")?,
-                    account: r.try_get("account")?,
+                    room,
+                    account,
                     nick: r.try_get("nick")?,
-                    password: r.try_get("password")?,
+                    password,
                     resources: resources.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect(),
                 })
             })

@@ -19,6 +19,106 @@ pub async fn run_all(store: &Store) {
     outbox(store).await;
     room_sessions(store).await;
     user_settings(store).await;
+    // Last: it seals every value the checks above left in clear.
+    sealed_secrets(store).await;
+}
+
+/// With a key, credentials are sealed in their columns (bound to their row), opened
+/// on reading; values in clear are sealed once by `seal_existing`; another key is refused.
+async fn sealed_secrets(store: &Store) {
+    use crate::secrets::{self, SecretBox};
+    let key = SecretBox::new(&[9; secrets::KEY_LEN]);
+    let keyed = store.clone().with_secrets(key.clone());
+    let raw_credentials = |jid: &'static str| async move {
+        let row = sqlx::query("SELECT credentials FROM accounts WHERE xmpp_jid = $1")
+            .bind(jid)
+            .fetch_one(&store.pool)
+            .await
+            .expect("raw account");
+        row.try_get::<Option<Vec<u8>>, _>("credentials").expect("credentials").unwrap_or_default()
+    };
+    let raw_text = |sql: &'static str, a: &'static str| async move {
+        let row = sqlx::query(sql).bind(a).fetch_one(&store.pool).await.expect("raw row");
+        row.try_get::<String, _>(0).expect("text")
+    };
+
+    // Written through the keyed store: sealed at rest, opened on reading.
+    let token = "syt_c2VjcmV0_token";
+    let a = AccountRecord {
+        xmpp_jid: "sealed@localhost".into(),
+        network: "matrix".into(),
+        remote_user: "@sealed:m.org".into(),
+        credentials: format!("{{\"access_token\":\"{token}\"}}").into_bytes(),
+        settings: "{}".into(),
+        updated_us: 1,
+    };
+    keyed.upsert_account(&a).await.expect("account");
+    let raw = raw_credentials("sealed@localhost").await;
+    assert!(secrets::is_sealed(&raw) && !raw.windows(token.len()).any(|w| w == token.as_bytes()));
+    assert_eq!(keyed.account("sealed@localhost", "matrix").await.expect("get"), Some(a.clone()));
+    assert_eq!(keyed.accounts_of_network("matrix").await.expect("list"), vec![a.clone()]);
+    // The store without the key cannot open it (and says so).
+    let e = store.account("sealed@localhost", "matrix").await.expect_err("no key");
+    assert!(e.to_string().contains("no key"), "{e}");
+
+    let settings = "{\"sasl_password\":\"hunter2\"}";
+    keyed.set_user_settings("sealed@localhost", "irc", "srv", settings).await.expect("settings");
+    let raw = raw_text("SELECT settings FROM user_settings WHERE account = $1", "sealed@localhost").await;
+    assert!(secrets::is_sealed_text(&raw) && !raw.contains("hunter2"), "{raw}");
+    assert_eq!(keyed.user_settings("sealed@localhost", "irc", "srv").await.expect("get").as_deref(), Some(settings));
+
+    let session = RoomSessionRecord {
+        room: "#sealed%srv@irc".into(),
+        account: "sealed@localhost".into(),
+        nick: "s".into(),
+        password: Some("chan-key".into()),
+        resources: vec!["sealed@localhost/r".into()],
+    };
+    keyed.upsert_room_session(&session).await.expect("session");
+    let raw = raw_text("SELECT password FROM room_sessions WHERE account = $1", "sealed@localhost").await;
+    assert!(secrets::is_sealed_text(&raw) && !raw.contains("chan-key"), "{raw}");
+    let sessions = keyed.room_sessions().await.expect("sessions");
+    assert!(sessions.contains(&session), "{sessions:?}");
+
+    // A value copied into another row does not open there.
+    let raw = raw_text("SELECT settings FROM user_settings WHERE account = $1", "sealed@localhost").await;
+    keyed.set_user_settings("other@localhost", "irc", "srv", "{}").await.expect("other");
+    sqlx::query("UPDATE user_settings SET settings = $1 WHERE account = $2")
+        .bind(&raw)
+        .bind("other@localhost")
+        .execute(&store.pool)
+        .await
+        .expect("swap");
+    let e = keyed.user_settings("other@localhost", "irc", "srv").await.expect_err("swapped");
+    assert!(e.to_string().contains("belongs to another row"), "{e}");
+    keyed.delete_user_settings("other@localhost", "irc", "srv").await.expect("delete");
+
+    // Values in clear (written before sealing) are read as they are, then sealed once.
+    store.set_user_settings("clear@localhost", "irc", "srv", "{\"password\":\"old-pass\"}").await.expect("clear");
+    let clear = AccountRecord { xmpp_jid: "clear@localhost".into(), credentials: b"{\"t\":1}".to_vec(), ..a.clone() };
+    store.upsert_account(&clear).await.expect("clear account");
+    assert_eq!(
+        keyed.user_settings("clear@localhost", "irc", "srv").await.expect("clear read").as_deref(),
+        Some("{\"password\":\"old-pass\"}")
+    );
+    let report = keyed.seal_existing().await.expect("seal");
+    assert!(report.sealed >= 2 && report.already >= 3 && report.unreadable == 0, "{report:?}");
+    let raw = raw_text("SELECT settings FROM user_settings WHERE account = $1", "clear@localhost").await;
+    assert!(secrets::is_sealed_text(&raw) && !raw.contains("old-pass"), "{raw}");
+    assert!(secrets::is_sealed(&raw_credentials("clear@localhost").await));
+    assert_eq!(keyed.account("clear@localhost", "matrix").await.expect("get"), Some(clear));
+    let again = keyed.seal_existing().await.expect("seal again");
+    assert_eq!(again.sealed, 0, "{again:?}");
+
+    // Another key: refused, naming both keys.
+    let other = store.clone().with_secrets(SecretBox::new(&[8; secrets::KEY_LEN]));
+    let e = other.seal_existing().await.expect_err("wrong key");
+    let text = e.to_string();
+    assert!(
+        text.contains(&key.key_id().to_string()) && text.contains(&other.secrets().expect("key").key_id().to_string()),
+        "{text}"
+    );
+    assert!(matches!(other.account("sealed@localhost", "matrix").await, Err(StoreError::Sealed { .. })));
 }
 
 async fn outbox(store: &Store) {
