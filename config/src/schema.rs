@@ -197,6 +197,11 @@ pub struct StoreConfig {
     pub url: String,
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// The key credentials are sealed with in the store (64 hex digits, or 32 bytes
+    /// in base64); without it, the key file `isthmus.key` next to this file, made on
+    /// first start.
+    #[serde(default)]
+    pub secret_key: Option<Secret>,
 }
 
 fn default_store_url() -> String {
@@ -208,7 +213,7 @@ fn default_max_connections() -> u32 {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { url: default_store_url(), max_connections: default_max_connections() }
+        StoreConfig { url: default_store_url(), max_connections: default_max_connections(), secret_key: None }
     }
 }
 

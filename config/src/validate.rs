@@ -28,6 +28,9 @@ fn resolve(secret: &mut Secret, base_dir: &Path, file: &Path) -> Result<(), Conf
 /// Fill in every secret's value.
 pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), ConfigError> {
     let base = config.base_dir.clone();
+    if let Some(s) = config.store.secret_key.as_mut() {
+        resolve(s, &base, file)?;
+    }
     if let Some(s) = config.xmpp.component.as_mut().and_then(|c| c.secret.as_mut()) {
         resolve(s, &base, file)?;
     }
