@@ -7,7 +7,8 @@ use isthmus_core::address::Escaping;
 use isthmus_core::model::{ChatRef, NetworkId};
 use isthmus_core::network::{EventSink, Network};
 use isthmus_core::router::Router;
-use isthmus_core::store::Store;
+use isthmus_core::secrets::SecretBox;
+use isthmus_core::store::{Store, StoreError};
 use isthmus_irc::IrcNetwork;
 use isthmus_matrix::MatrixNetwork;
 use thiserror::Error;
@@ -25,14 +26,64 @@ pub enum AppError {
     Config(String),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    #[error("{0}")]
+    Secrets(String),
 }
 
-/// Open the configured store and bring its schema up to date.
+/// The name of the key file made next to the configuration when `store.secret_key` is not set.
+pub const KEY_FILE: &str = "isthmus.key";
+
+/// The key credentials are sealed with in the store, and where it came from (for
+/// messages): `store.secret_key`, else the key file next to the configuration
+/// (made, mode 0600, on first start).
+pub fn store_key(config: &Config) -> Result<(SecretBox, String), AppError> {
+    if let Some(secret) = &config.store.secret_key {
+        let key = isthmus_core::secrets::parse_key(secret.expose())
+            .map_err(|e| AppError::Secrets(format!("store.secret_key: {e}")))?;
+        return Ok((SecretBox::new(&key), "store.secret_key".into()));
+    }
+    let path = config.base_dir.join(KEY_FILE);
+    let (key, created) = isthmus_core::secrets::load_or_generate_key_file(&path).map_err(|e| {
+        AppError::Secrets(format!(
+            "{e}; it holds the key that seals credentials in the store (or set store.secret_key)"
+        ))
+    })?;
+    if created {
+        info!(path = %path.display(), key = %key.key_id(), "made the key that seals credentials in the store: keep it with the database's backups");
+    }
+    Ok((key, format!("the key file {}", path.display())))
+}
+
+/// Open the configured store and bring its schema up to date; credentials are
+/// sealed with [`store_key`] (those still in clear are sealed now).
 pub async fn open_store(config: &Config) -> Result<Store, AppError> {
     let url = config.store.resolved_url(&config.base_dir);
-    let store = Store::connect(&url, config.store.max_connections).await?;
+    let (key, source) = store_key(config)?;
+    let store = Store::connect(&url, config.store.max_connections).await?.with_secrets(key);
     store.migrate().await?;
+    match store.seal_existing().await {
+        Ok(report) if report.sealed > 0 => info!(values = report.sealed, "sealed credentials stored in clear"),
+        Ok(_) => {}
+        Err(StoreError::WrongKey { table, sealed_with, have }) => {
+            return Err(AppError::Secrets(format!(
+                "the database holds credentials (in {table}) sealed with key {sealed_with}, but {source} is key {have}: \
+                 start with the key that sealed them (key id {sealed_with}: the store.secret_key or {KEY_FILE} used before)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(store)
+}
+
+/// Who may use a network whose own list is `own`: it, else `access.allow`; in
+/// embedded mode, when both are empty, the embedded server's own accounts (its
+/// domain: nobody else can reach it). An empty result lets nobody in.
+pub(crate) fn effective_allow(config: &Config, own: &[String]) -> Vec<String> {
+    let list = if own.is_empty() { &config.access.allow } else { own };
+    if list.is_empty() && config.xmpp.mode == XmppMode::Embedded {
+        return vec![config.xmpp.embedded.clone().unwrap_or_default().domain];
+    }
+    list.to_vec()
 }
 
 /// Run the gateway until the process is asked to stop.
@@ -49,6 +100,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         XmppMode::Embedded => None,
     };
     let (sink, events) = EventSink::channel(4096);
+    let allow = |own: &[String]| effective_allow(&config, own);
     let mut domains = Vec::new();
     let mut links = Vec::new();
     let mut networks = Vec::new();
@@ -63,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             kind: "IRC",
             persistent: net.persistent_channels,
             reconnect_grace: std::time::Duration::from_secs(net.reconnect_grace_secs),
-            allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
+            allow: allow(&net.allow),
             outgoing: tx,
         });
         if let Some(component) = &component {
@@ -88,7 +140,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             kind: "Matrix",
             persistent: true,
             reconnect_grace: std::time::Duration::ZERO,
-            allow: if net.allow.is_empty() { config.access.allow.clone() } else { net.allow.clone() },
+            allow: allow(&net.allow),
             outgoing: tx,
         });
         if let Some(component) = &component {
@@ -102,8 +154,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         matrix_networks.push(MatrixNetwork::new(id, net.clone(), &config.base_dir, store.clone(), sink.clone()));
     }
     for d in &domains {
-        if d.allow.is_empty() && config.xmpp.mode == XmppMode::Component {
-            warn!(domain = %d.name, "no allow list: anyone whose server reaches this component may use it (set access.allow)");
+        if d.allow.is_empty() {
+            // Validation refuses this in component mode; should it get here, nobody is let in.
+            warn!(domain = %d.name, "no allow list: nobody may use this network (set access.allow)");
         }
     }
     if domains.is_empty() {
@@ -269,5 +322,35 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::effective_allow;
+
+    fn config(yaml: &str) -> isthmus_config::Config {
+        isthmus_config::from_str(yaml, Path::new("t.yaml")).expect("valid")
+    }
+
+    #[test]
+    fn embedded_mode_without_a_list_admits_its_own_accounts() {
+        let c =
+            config("xmpp:\n  mode: embedded\n  embedded: { domain: example.org }\nirc:\n  - domain: irc.example.org\n");
+        assert_eq!(effective_allow(&c, &c.irc[0].allow), vec!["example.org"]);
+        let c =
+            config("xmpp:\n  mode: embedded\naccess: { allow: [alice@localhost] }\nirc:\n  - domain: irc.localhost\n");
+        assert_eq!(effective_allow(&c, &c.irc[0].allow), vec!["alice@localhost"]);
+    }
+
+    #[test]
+    fn a_network_list_overrides_access_allow() {
+        let c = config(
+            "xmpp:\n  component: { secret: s }\naccess: { allow: [\"*\"] }\nirc:\n  - domain: a.localhost\n  - domain: b.localhost\n    allow: [example.org]\n",
+        );
+        assert_eq!(effective_allow(&c, &c.irc[0].allow), vec!["*"]);
+        assert_eq!(effective_allow(&c, &c.irc[1].allow), vec!["example.org"]);
     }
 }

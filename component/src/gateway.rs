@@ -55,7 +55,7 @@ pub struct Domain {
     /// How long the account stays in a remote room after its last device vanished
     /// without leaving (a bounce), waiting for a device to come back.
     pub reconnect_grace: std::time::Duration,
-    /// JIDs and domains allowed to use this network; empty = everyone.
+    /// JIDs and domains allowed to use this network; `"*"` is everyone, empty nobody.
     pub allow: Vec<String>,
     /// Unbounded: the gateway never waits on the link (see `link`).
     pub outgoing: mpsc::UnboundedSender<Outgoing>,
@@ -499,12 +499,7 @@ impl Gateway {
 
     /// Whether `jid` may use `domain`'s network: its bare JID or its domain is listed.
     pub(crate) fn allowed(domain: &Domain, jid: &Jid) -> bool {
-        if domain.allow.is_empty() {
-            return true;
-        }
-        let bare = jid.to_bare().to_string();
-        let host = jid.domain().as_str();
-        domain.allow.iter().any(|a| a.eq_ignore_ascii_case(&bare) || a.eq_ignore_ascii_case(host))
+        admits(&domain.allow, jid)
     }
 
     pub(crate) const NOT_ALLOWED: &'static str =
@@ -2004,5 +1999,59 @@ fn archive_entry(
         time_us,
         body: body.to_owned(),
         payload: None,
+    }
+}
+
+/// Whether an allow list lets `jid` in: `"*"` (everyone), its bare JID or its
+/// domain, compared without case. An empty list lets nobody in.
+fn admits(allow: &[String], jid: &Jid) -> bool {
+    let bare = jid.to_bare().to_string();
+    let host = jid.domain().as_str();
+    allow.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(&bare) || a.eq_ignore_ascii_case(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jid(s: &str) -> Jid {
+        Jid::new(s).expect("a valid JID")
+    }
+
+    fn list(entries: &[&str]) -> Vec<String> {
+        entries.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn an_empty_allow_list_admits_nobody() {
+        assert!(!admits(&[], &jid("alice@example.org/phone")));
+        assert!(!admits(&[], &jid("example.org")));
+    }
+
+    #[test]
+    fn a_star_admits_everyone() {
+        assert!(admits(&list(&["*"]), &jid("alice@example.org/phone")));
+        assert!(admits(&list(&["example.net", "*"]), &jid("mallory@elsewhere.test")));
+        // Only the whole entry: no wildcard patterns.
+        assert!(!admits(&list(&["*.example.org"]), &jid("alice@chat.example.org")));
+    }
+
+    #[test]
+    fn a_bare_jid_admits_that_account_only() {
+        let allow = list(&["Alice@Example.org"]);
+        assert!(admits(&allow, &jid("alice@example.org/phone")));
+        assert!(admits(&allow, &jid("alice@example.org")));
+        assert!(!admits(&allow, &jid("bob@example.org/phone")));
+        assert!(!admits(&allow, &jid("example.org")));
+    }
+
+    #[test]
+    fn a_domain_admits_its_accounts_and_no_other_domain() {
+        let allow = list(&["example.org"]);
+        assert!(admits(&allow, &jid("alice@example.org/phone")));
+        assert!(admits(&allow, &jid("bob@EXAMPLE.org")));
+        assert!(!admits(&allow, &jid("alice@sub.example.org")));
+        assert!(!admits(&allow, &jid("alice@example.org.evil.test")));
+        assert!(!admits(&allow, &jid("example.org@evil.test")));
     }
 }

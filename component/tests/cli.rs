@@ -57,6 +57,20 @@ fn check_config_reports_wrong_type_with_location() {
 }
 
 #[test]
+fn check_config_refuses_a_component_nobody_may_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("closed.yaml");
+    std::fs::write(&file, "xmpp:\n  component:\n    secret: s\nirc:\n  - domain: irc.localhost\n")
+        .expect("write config");
+    let out = isthmus().arg("check-config").arg(&file).output().expect("isthmus runs");
+    assert!(!out.status.success(), "an empty allow list must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let location = format!("{}:5:5: IRC network `irc.localhost`: nobody may use it", file.display());
+    assert!(stderr.contains(&location), "expected `{location}` in: {stderr}");
+    assert!(stderr.contains(r#"access: { allow: ["*"] }"#), "says how to open it: {stderr}");
+}
+
+#[test]
 fn check_config_reports_missing_file() {
     let out = isthmus().arg("check-config").arg("/nonexistent/isthmus.yaml").output().expect("isthmus runs");
     assert!(!out.status.success());

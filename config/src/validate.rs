@@ -346,6 +346,35 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
     }
+    check_open(config, file)
+}
+
+/// In component mode the gateway is closed unless the configuration says who may
+/// use it: every network needs a non-empty allow list (its own or `access.allow`).
+/// `"*"` written there opens it to everyone whose server reaches the component.
+/// Embedded mode needs none: an empty list there means the server's own accounts.
+fn check_open(config: &Config, file: &Path) -> Result<(), ConfigError> {
+    if config.xmpp.mode != XmppMode::Component || !config.access.allow.is_empty() {
+        return Ok(());
+    }
+    let top = serde_saphyr::Location::UNKNOWN;
+    let irc = config.irc.iter().enumerate().map(|(i, n)| ("IRC", &n.domain, &n.allow, config.irc_locations.get(i)));
+    let matrix =
+        config.matrix.iter().enumerate().map(|(i, n)| ("Matrix", &n.domain, &n.allow, config.matrix_locations.get(i)));
+    for (kind, domain, allow, at) in irc.chain(matrix) {
+        if allow.is_empty() {
+            return Err(ConfigError::at(
+                file,
+                at.unwrap_or(&top),
+                format!(
+                    "{kind} network `{domain}`: nobody may use it: `access.allow` is empty and the network has no \
+                     `allow` of its own, and a component is closed unless told who may use it. List the accounts \
+                     or domains that may (`access: {{ allow: [example.org, alice@example.net] }}`), or open it \
+                     to everyone whose server reaches the component with `access: {{ allow: [\"*\"] }}`"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -356,6 +385,8 @@ mod tests {
     use crate::from_str;
 
     const BASE: &str = "xmpp:\n  component:\n    secret: s\n";
+    /// Appended to a configuration that must load: in component mode someone must be allowed.
+    const OPEN: &str = "access: { allow: [\"*\"] }\n";
 
     fn err(src: &str) -> crate::ConfigError {
         from_str(src, Path::new("test.yaml")).expect_err("must be rejected")
@@ -464,9 +495,40 @@ mod tests {
     }
 
     #[test]
+    fn component_mode_is_closed_unless_someone_is_allowed() {
+        // No allow list anywhere: refused, at the network's entry, saying how to open it.
+        let e = err(&format!("{BASE}store:\n  url: sqlite://x.db\nirc:\n  - domain: irc.localhost\n"));
+        assert_eq!((e.line(), e.column()), (Some(7), Some(5)), "{e}");
+        assert!(e.to_string().starts_with("test.yaml:7:5: IRC network `irc.localhost`: nobody may use it"), "{e}");
+        assert!(e.message().contains(r#"`access: { allow: ["*"] }`"#), "{e}");
+        assert!(e.message().contains("alice@example.net"), "{e}");
+        // An explicitly empty list is the same; so is a Matrix network after an open IRC one.
+        let e = err(&format!("{BASE}access: {{ allow: [] }}\nmatrix:\n  - domain: m.localhost\n    allow: []\n"));
+        assert_eq!(e.line(), Some(6), "{e}");
+        assert!(e.message().starts_with("Matrix network `m.localhost`: nobody may use it"), "{e}");
+        let e = err(&format!(
+            "{BASE}irc:\n  - domain: irc.localhost\n    allow: [example.org]\nmatrix:\n  - domain: m.localhost\n"
+        ));
+        assert!(e.message().starts_with("Matrix network `m.localhost`"), "{e}");
+        assert_eq!(e.line(), Some(8), "{e}");
+
+        // Opened explicitly: everyone, or a list, globally or per network.
+        let file = Path::new("c.yaml");
+        let c = from_str(&format!("{BASE}irc:\n  - domain: irc.localhost\n{OPEN}"), file).expect("open to everyone");
+        assert_eq!(c.access.allow, vec!["*"]);
+        from_str(&format!("{BASE}access: {{ allow: [example.org] }}\nirc:\n  - domain: irc.localhost\n"), file)
+            .expect("a domain");
+        from_str(&format!("{BASE}irc:\n  - domain: irc.localhost\n    allow: [alice@example.org]\n"), file)
+            .expect("the network's own list");
+        // No network, nothing to open; embedded mode needs no list (its own accounts).
+        from_str(BASE, file).expect("no networks");
+        from_str("xmpp:\n  mode: embedded\nirc:\n  - domain: irc.localhost\n", file).expect("embedded");
+    }
+
+    #[test]
     fn matrix_networks_load_and_are_checked() {
         let c = from_str(
-            &format!("{BASE}matrix:\n  - domain: matrix.localhost\n    default_homeserver: https://matrix.org\n"),
+            &format!("{BASE}matrix:\n  - domain: matrix.localhost\n    default_homeserver: https://matrix.org\n{OPEN}"),
             Path::new("/etc/isthmus/isthmus.yaml"),
         )
         .expect("valid");
@@ -491,11 +553,12 @@ mod tests {
 
     #[test]
     fn matrix_media_proxy_is_optional_and_checked() {
-        let c = from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n"), Path::new("c.yaml")).expect("valid");
+        let c =
+            from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n{OPEN}"), Path::new("c.yaml")).expect("valid");
         assert!(c.matrix[0].media.is_none());
         let c = from_str(
             &format!(
-                "{BASE}matrix:\n  - domain: m.localhost\n    media: {{ listen: \"127.0.0.1:8091\", public_url: \"https://example.org/mx-media/\" }}\n"
+                "{BASE}matrix:\n  - domain: m.localhost\n    media: {{ listen: \"127.0.0.1:8091\", public_url: \"https://example.org/mx-media/\" }}\n{OPEN}"
             ),
             Path::new("c.yaml"),
         )
@@ -531,7 +594,7 @@ mod tests {
     fn matrix_portals_need_an_appservice_or_a_bot() {
         let portals = "    portals:\n      - { name: lobby, room: \"#lobby:example.org\" }\n";
         let bot = "    bot: { homeserver: \"https://example.org\", user_id: \"@isthmus:example.org\", password: pw }\n";
-        let c = from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n{bot}{portals}"), Path::new("c.yaml"))
+        let c = from_str(&format!("{BASE}matrix:\n  - domain: m.localhost\n{bot}{portals}{OPEN}"), Path::new("c.yaml"))
             .expect("valid");
         let b = c.matrix[0].bot.as_ref().expect("bot");
         assert_eq!((b.user_id.as_str(), b.password.expose()), ("@isthmus:example.org", "pw"));
@@ -558,8 +621,9 @@ mod tests {
         std::fs::write(dir.path().join("c.pem"), cert).expect("write");
         std::fs::write(dir.path().join("k.pem"), key).expect("write");
         std::fs::write(dir.path().join("both.pem"), format!("{cert}{key}")).expect("write");
-        let yaml =
-            |sasl: &str| format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {sasl} }}\n");
+        let yaml = |sasl: &str| {
+            format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {{ sasl: {sasl} }}\n{OPEN}")
+        };
         let c = from_str(
             &yaml("{ mechanism: external, client_cert: c.pem, client_key: k.pem }"),
             &dir.path().join("i.yaml"),
@@ -587,7 +651,8 @@ mod tests {
         std::fs::write(dir.path().join("ca.pem"), "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
             .expect("write");
         std::fs::write(dir.path().join("junk.pem"), "not a certificate").expect("write");
-        let yaml = |server: &str| format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {server}\n");
+        let yaml =
+            |server: &str| format!("{BASE}irc:\n  - domain: irc.localhost\n    servers:\n      x: {server}\n{OPEN}");
         let file = dir.path().join("i.yaml");
         let c = from_str(&yaml("{ tls_ca_file: ca.pem }"), &file).expect("valid");
         assert_eq!(c.irc[0].servers["x"].tls_ca_file.as_deref(), Some(dir.path().join("ca.pem").as_path()));

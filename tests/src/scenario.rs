@@ -141,6 +141,8 @@ impl IrcSetup {
     secret: ${{ISTHMUS_COMPONENT_SECRET}}
     reconnect_initial_ms: 200
     reconnect_max_ms: 2000
+access:
+  allow: [localhost]
 "#,
             component = relay.as_ref().map_or(prosody.component_port(), Relay::port)
         );

@@ -122,7 +122,7 @@ impl PortalSetup {
         })
         .await?;
         let config = format!(
-            "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
+            "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\naccess: {{ allow: [localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
             prosody.component_port(),
             matrix_config(&synapse, as_port, &room_id)
         );
@@ -250,6 +250,8 @@ async fn a_bot_account_speaks_for_xmpp_users_in_a_portal() -> Result<()> {
   component:
     port: {port}
     secret: {SECRET}
+access:
+  allow: [localhost]
 store:
   url: sqlite://{{dir}}/isthmus.db
 matrix:
@@ -589,7 +591,7 @@ async fn portal_puppets_on_synapse() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let yaml = format!(
-        "xmpp:\n  component:\n    port: 5347\n    secret: {SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
+        "xmpp:\n  component:\n    port: 5347\n    secret: {SECRET}\naccess: {{ allow: [localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n{}",
         matrix_config(&synapse, as_port, &room_id)
     )
     .replace("{dir}", &dir.path().display().to_string());

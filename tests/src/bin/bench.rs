@@ -413,7 +413,7 @@ struct Gateway {
 
 async fn start_isthmus(component_port: u16, irc_port: u16) -> Result<(Gateway, f64)> {
     let config = format!(
-        "xmpp:\n  component:\n    port: {component_port}\n    secret: {ISTHMUS_SECRET}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\nlog:\n  filter: warn,isthmus_component::link=info\nirc:\n  - domain: isthmus.localhost\n    flood: {{ enabled: false }}\n    servers:\n      \"127.0.0.1\": {{ port: {irc_port}, tls: false }}\n"
+        "xmpp:\n  component:\n    port: {component_port}\n    secret: {ISTHMUS_SECRET}\naccess: {{ allow: [localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\nlog:\n  filter: warn,isthmus_component::link=info\nirc:\n  - domain: isthmus.localhost\n    flood: {{ enabled: false }}\n    servers:\n      \"127.0.0.1\": {{ port: {irc_port}, tls: false }}\n"
     );
     let t = Instant::now();
     // What an admin runs: warnings only (the test harness defaults to debug logs).
