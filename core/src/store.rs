@@ -342,6 +342,33 @@ fn archive_entry(row: &AnyRow) -> Result<ArchiveEntry> {
 const ARCHIVE_COLUMNS: &str =
     "archive_id, stanza_id, origin_id, room, owner, sender_nick, sender_jid, time_us, body, payload";
 
+/// The file of a `sqlite:` URL (`sqlite://PATH?…`, percent-decoded as SQLx does); none for `:memory:`.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let encoded = rest.split('?').next().unwrap_or_default();
+    if encoded.is_empty() || encoded == ":memory:" {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut it = encoded.bytes();
+    while let Some(b) = it.next() {
+        let hex = |h: Option<u8>| h.and_then(|h| (h as char).to_digit(16));
+        match b {
+            b'%' => {
+                let (hi, lo) = (it.next(), it.next());
+                match (hex(hi), hex(lo)) {
+                    (Some(hi), Some(lo)) => bytes.push((hi * 16 + lo) as u8),
+                    _ => bytes.extend([Some(b'%'), hi, lo].into_iter().flatten()),
+                }
+            }
+            _ => bytes.push(b),
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    Some(std::ffi::OsString::from_vec(bytes).into())
+}
+
 impl Store {
     /// Open a store: `sqlite://PATH` (created if missing), `sqlite::memory:`, or `postgres://…`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
@@ -351,6 +378,18 @@ impl Store {
             (Backend::Sqlite, url.to_owned(), 1)
         } else if url.starts_with("sqlite:") {
             let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
+            // The file holds credentials: created readable by its owner only, before
+            // SQLite opens it (SQLite gives its -wal and -shm files the same mode).
+            if let Some(path) = sqlite_path(&url)
+                && url.contains("mode=rwc")
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(StoreError::Connect { url: redact(&url), source: sqlx::Error::Io(e) }),
+                }
+            }
             (Backend::Sqlite, url, max_connections.max(1))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Backend::Postgres, url.to_owned(), max_connections.max(1))
@@ -370,6 +409,18 @@ impl Store {
             });
         }
         let pool = options.connect(&url).await.map_err(|source| StoreError::Connect { url: redact(&url), source })?;
+        if let Some(path) = sqlite_path(&url).filter(|_| backend == Backend::Sqlite) {
+            // A database made by an earlier version, or by hand: no longer readable by others.
+            for file in ["", "-wal", "-shm"].map(|suffix| format!("{}{suffix}", path.display())) {
+                use std::os::unix::fs::PermissionsExt;
+                if let Ok(meta) = std::fs::metadata(&file)
+                    && meta.permissions().mode() & 0o077 != 0
+                    && let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                {
+                    tracing::warn!(file, error = %e, "cannot make the database file readable by its owner only");
+                }
+            }
+        }
         Ok(Store { pool, backend, secrets: None })
     }
 
@@ -1054,5 +1105,31 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+        let db = dir.path().join("new store.db");
+        let store = Store::connect(&format!("sqlite://{}", db.display()), 2).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        assert_eq!(mode(&db), 0o600, "a new database");
+        for suffix in ["-wal", "-shm"] {
+            let side = dir.path().join(format!("new store.db{suffix}"));
+            if side.exists() {
+                assert_eq!(mode(&side), 0o600, "{}", side.display());
+            }
+        }
+        // One an earlier version left readable by everyone is tightened.
+        let old = dir.path().join("old.db");
+        std::fs::write(&old, b"").expect("write");
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Store::connect(&format!("sqlite://{}", old.display()), 1).await.expect("connect");
+        assert_eq!(mode(&old), 0o600, "an existing database");
+        assert_eq!(sqlite_path("sqlite:///a%20b.db?mode=rwc"), Some("/a b.db".into()));
+        assert_eq!(sqlite_path("sqlite:rel.db"), Some("rel.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 }
