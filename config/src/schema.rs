@@ -263,7 +263,9 @@ pub struct AccessConfig {
     /// JIDs with admin rights.
     #[serde(default)]
     pub admins: Vec<String>,
-    /// JIDs or domains allowed to use every network (a network's own `allow` overrides).
+    /// JIDs or domains allowed to use every network (a network's own `allow` overrides);
+    /// `"*"` is everyone. In component mode someone must be allowed (validation refuses
+    /// an empty list); in embedded mode empty means the server's own accounts.
     #[serde(default)]
     pub allow: Vec<String>,
 }
@@ -520,7 +522,8 @@ pub struct MatrixNetworkConfig {
     /// The homeserver offered when a user links an account (a URL such as
     /// `https://matrix.org`).
     pub default_homeserver: Option<String>,
-    /// Homeserver URLs users may log in to; empty allows any.
+    /// Homeserver URLs users may log in to; empty allows any whose address is public.
+    /// A homeserver at a loopback, private or link-local address must be listed here.
     #[serde(default)]
     pub allowed_homeservers: Vec<String>,
     /// Where each linked account's Matrix device (keys, room state) is kept;
@@ -623,9 +626,15 @@ impl MatrixNetworkConfig {
         if self.data_dir.is_absolute() { self.data_dir.clone() } else { base_dir.join(&self.data_dir) }
     }
 
-    /// Whether users may log in to `homeserver`.
+    /// Whether users may log in to `homeserver` (by URL; its address is checked at login).
     pub fn allows_homeserver(&self, homeserver: &str) -> bool {
+        self.allowed_homeservers.is_empty() || self.lists_homeserver(homeserver)
+    }
+
+    /// Whether `homeserver` is written in `allowed_homeservers` (then it may be at a
+    /// private or loopback address).
+    pub fn lists_homeserver(&self, homeserver: &str) -> bool {
         let norm = |u: &str| u.trim_end_matches('/').to_ascii_lowercase();
-        self.allowed_homeservers.is_empty() || self.allowed_homeservers.iter().any(|h| norm(h) == norm(homeserver))
+        self.allowed_homeservers.iter().any(|h| norm(h) == norm(homeserver))
     }
 }

@@ -67,11 +67,15 @@ impl MatrixSetup {
     host: 127.0.0.1
     port: {component}
     secret: ${{ISTHMUS_COMPONENT_SECRET}}
+access:
+  allow: [localhost]
 store:
   url: sqlite://{{dir}}/isthmus.db
 matrix:
   - domain: {MATRIX_DOMAIN}
     default_homeserver: {hs}
+    # Synapse runs on 127.0.0.1: a loopback homeserver must be listed.
+    allowed_homeservers: [{hs}]
     data_dir: "{{dir}}/matrix"
     fetch_private_addresses: {fetch_private_addresses}
     media:

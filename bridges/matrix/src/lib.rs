@@ -12,6 +12,7 @@
 //! - [`incoming`]: Matrix timeline events → the common model;
 //! - [`outgoing`]: the common model → Matrix event contents;
 //! - [`media`]: files both ways (the media proxy for XMPP clients, uploads to the homeserver);
+//! - [`net_guard`]: which addresses a user may make the gateway reach (file links, homeservers);
 //! - [`session`]: one linked account (client, sync loop, sending);
 //! - [`appservice`]: portal rooms shared by everyone, where XMPP users are Matrix
 //!   users of the gateway's application service;
@@ -23,6 +24,7 @@ pub mod address;
 pub mod appservice;
 pub mod incoming;
 pub mod media;
+pub mod net_guard;
 pub mod outgoing;
 pub mod session;
 
@@ -289,6 +291,7 @@ impl Network for MatrixNetwork {
                 self.config.allowed_homeservers.join(", ")
             )));
         }
+        net_guard::check_homeserver(&self.config, &homeserver).await.map_err(LoginError::Invalid)?;
         let user = get("user").ok_or_else(|| LoginError::Invalid("give your Matrix user name".into()))?;
         let password = values
             .get("password")
