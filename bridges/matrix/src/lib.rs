@@ -56,10 +56,16 @@ use crate::session::Session;
 #[derive(Serialize, Deserialize)]
 struct StoredLogin {
     homeserver: String,
-    /// Encrypts the device's store on disk.
-    store_passphrase: String,
+    /// Encrypts the device's store on disk. Only logins made by a store without a
+    /// key (and older ones) keep it here; else it is derived from the store's key
+    /// ([`MatrixNetwork::derived_passphrase`]) and stored nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store_passphrase: Option<String>,
     session: MatrixSession,
 }
+
+/// The HKDF label of the Matrix crypto store's passphrase.
+const STORE_PASSPHRASE_LABEL: &str = "isthmus matrix crypto store passphrase v1";
 
 /// One configured Matrix network (one component domain), with every user's login.
 pub struct MatrixNetwork {
@@ -167,6 +173,13 @@ impl MatrixNetwork {
         self.data_dir.join(dir_name(account))
     }
 
+    /// The passphrase of `account`'s crypto store, derived from the store's key.
+    fn derived_passphrase(&self, account: &BareJid) -> Option<String> {
+        let secrets = self.store.secrets()?;
+        let context = format!("{}\n{account}", self.id.as_str());
+        Some(secrets.derive(STORE_PASSPHRASE_LABEL, context.as_bytes()).iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     async fn client(&self, homeserver: &str, dir: &Path, passphrase: &str) -> Result<Client, String> {
         Client::builder()
             .homeserver_url(homeserver)
@@ -205,7 +218,12 @@ impl MatrixNetwork {
         let stored: StoredLogin =
             serde_json::from_slice(&record.credentials).map_err(|e| format!("unreadable stored login: {e}"))?;
         let dir = self.account_dir(account);
-        let client = self.client(&stored.homeserver, &dir, &stored.store_passphrase).await?;
+        let passphrase = stored
+            .store_passphrase
+            .clone()
+            .or_else(|| self.derived_passphrase(account))
+            .ok_or("the stored login has no store passphrase, and the store has no key to derive it")?;
+        let client = self.client(&stored.homeserver, &dir, &passphrase).await?;
         let user_id = stored.session.meta.user_id.clone();
         client
             .matrix_auth()
@@ -309,9 +327,14 @@ impl Network for MatrixNetwork {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| LoginError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let passphrase: String = {
-            let mut rng = rand::rng();
-            (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+        // Derived from the store's key, so never stored; without a key, random and stored.
+        let (passphrase, stored_passphrase) = match self.derived_passphrase(account) {
+            Some(p) => (p, None),
+            None => {
+                let mut rng = rand::rng();
+                let p: String = (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect();
+                (p.clone(), Some(p))
+            }
         };
         let client = self.client(&homeserver, &dir, &passphrase).await.map_err(LoginError::Unavailable)?;
         let response = client
@@ -331,7 +354,7 @@ impl Network for MatrixNetwork {
             meta: SessionMeta { user_id: response.user_id.clone(), device_id: response.device_id.clone() },
             tokens: matrix_sdk::SessionTokens { access_token: response.access_token.clone(), refresh_token: None },
         });
-        let stored = StoredLogin { homeserver: homeserver.clone(), store_passphrase: passphrase, session };
+        let stored = StoredLogin { homeserver: homeserver.clone(), store_passphrase: stored_passphrase, session };
         let credentials =
             serde_json::to_vec(&stored).map_err(|e| LoginError::Unavailable(format!("cannot store the login: {e}")))?;
         self.store
