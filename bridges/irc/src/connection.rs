@@ -1104,10 +1104,17 @@ impl Reader {
                     self.conn.lock().nick = me.clone();
                 }
                 info!(nick = %self.conn.nick(), "registered on IRC server");
-                for line in &self.on_connect {
+                for (n, line) in self.on_connect.iter().enumerate() {
                     match line.parse::<IrcMessage>() {
                         Ok(m) => self.send_now(m.command),
-                        Err(e) => warn!(line, error = %e, "on_connect line is not a valid IRC command; skipped"),
+                        // Neither the line nor the error (which quotes it): it may hold a password.
+                        Err(e) => {
+                            let reason = match &e {
+                                irc::proto::error::ProtocolError::InvalidMessage { cause, .. } => cause.to_string(),
+                                _ => "unreadable".to_owned(),
+                            };
+                            warn!(line = n + 1, reason, "on_connect line is not a valid IRC command; skipped")
+                        }
                     }
                 }
                 // Rejoin what the user was in before an outage; queued lines wait for it.
