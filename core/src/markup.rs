@@ -13,18 +13,60 @@
 //! | line break | `<br>` |
 //! | the link's text and URL (`text <url>`, the URL alone when it is the text) | `<a href>` |
 //!
-//! HTML is read with `ruma-html` (an html5ever tree, generic HTML: no Matrix
-//! knowledge here); text going into HTML is escaped with `html-escape`. Lists
-//! become `• item` / `1. item` lines; unknown elements keep their text; `script`,
-//! `style` and `head` are dropped. Styling spans follow XEP-0393 §6: an opening
-//! directive at the start of a line, after whitespace or after another opening
-//! directive, not followed by whitespace; a closing one not preceded by
-//! whitespace; no span across lines, none empty, nothing styled inside code.
+//! HTML is read with `html5ever` into a flat tree of this module's own (generic
+//! HTML: no Matrix knowledge here); text going into HTML is escaped with
+//! `html-escape`. Lists become `• item` / `1. item` lines; unknown elements keep
+//! their text; `script`, `style` and `head` are dropped. Styling spans follow
+//! XEP-0393 §6: an opening directive at the start of a line, after whitespace or
+//! after another opening directive, not followed by whitespace; a closing one not
+//! preceded by whitespace; no span across lines, none empty, nothing styled inside
+//! code; the first closing directive after an opening one ends its span.
+//!
+//! # Cost on hostile input
+//!
+//! Both directions take time linear in the input and stack space independent of it:
+//!
+//! - styled text is read in one pass per line with a stack of open spans (at most
+//!   four deep: a span cannot hold one of its own directive); quotes count at most
+//!   [`MAX_QUOTE_DEPTH`] levels, deeper `>` are text of the deepest quote;
+//! - the HTML tree is a flat arena (no recursive drop), walked with an explicit
+//!   stack; elements deeper than [`MAX_ELEMENT_DEPTH`] contribute their text only,
+//!   quotes nest at most [`MAX_HTML_QUOTE_DEPTH`] levels, a span inside a span of the
+//!   same directive is not marked again, and the URLs written after links' text
+//!   add up to at most the length of the input (the parser clones unclosed links).
+//!
+//! Output bounds (asserted by the tests and the `markup` fuzz target):
+//! `styling_to_html(t).len() <= 25 * t.len()` (the longest expansion is a `>`
+//! becoming `<blockquote></blockquote>`) and
+//! `html_to_styling(h).len() <= 24 * h.len()` (the longest is a line break inside
+//! `<pre>` inside eight quotes and three spans: a quote prefix and span markers per
+//! line).
 
-use ruma_html::{Html, NodeData, NodeRef};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use html5ever::tendril::{StrTendril, TendrilSink};
+use html5ever::tree_builder::{ElementFlags, NodeOrText, QuirksMode, TreeSink};
+use html5ever::{Attribute, LocalName, ParseOpts, QualName, local_name, ns, parse_fragment};
 
 /// The four span directives of XEP-0393 and the HTML element each becomes.
 const SPANS: [(char, &str); 4] = [('*', "strong"), ('_', "em"), ('~', "del"), ('`', "code")];
+
+/// How many `>` levels styled text can quote; a deeper `>` is text of the deepest quote.
+pub const MAX_QUOTE_DEPTH: usize = 32;
+
+/// How deep in the HTML tree elements keep their meaning; deeper ones contribute their text only.
+pub const MAX_ELEMENT_DEPTH: usize = 64;
+
+/// How many `<blockquote>` levels become `> ` prefixes; deeper ones are paragraphs.
+pub const MAX_HTML_QUOTE_DEPTH: usize = 8;
+
+/// The most output bytes [`styling_to_html`] writes per input byte.
+pub const STYLING_TO_HTML_FACTOR: usize = 25;
+
+/// The most output bytes [`html_to_styling`] writes per input byte.
+pub const HTML_TO_STYLING_FACTOR: usize = 24;
 
 /// A piece of one line of styled text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,66 +87,188 @@ enum Block {
     Quote(Vec<Block>),
 }
 
-/// Parse one line's spans (XEP-0393 §6.2).
-fn parse_spans(chars: &[char]) -> Vec<Inline> {
-    let mut out = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let can_open = i == 0
-            || chars[i - 1].is_whitespace()
-            || (SPANS.iter().any(|(d, _)| *d == chars[i - 1]) && chars[i - 1] != c);
-        if can_open && SPANS.iter().any(|(d, _)| *d == c) && chars.get(i + 1).is_some_and(|n| !n.is_whitespace()) {
-            // the first closing directive not preceded by whitespace, at least one character in
-            let close = (i + 2..chars.len()).find(|&j| chars[j] == c && !chars[j - 1].is_whitespace());
-            if let Some(j) = close {
-                if !text.is_empty() {
-                    out.push(Inline::Text(std::mem::take(&mut text)));
-                }
-                let inner = &chars[i + 1..j];
-                let content = if c == '`' { vec![Inline::Text(inner.iter().collect())] } else { parse_spans(inner) };
-                out.push(Inline::Span(c, content));
-                i = j + 1;
-                continue;
-            }
-        }
-        text.push(c);
-        i += 1;
-    }
-    if !text.is_empty() {
-        out.push(Inline::Text(text));
-    }
-    out
+fn directive_index(c: char) -> Option<usize> {
+    SPANS.iter().position(|(d, _)| *d == c)
 }
 
-/// Parse lines into blocks (XEP-0393 §6.1): code blocks, quotes, plain lines.
-fn parse_blocks(lines: &[&str]) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        if line.starts_with("```") {
-            // A preformatted block runs to a line that is exactly ``` (or the end of its parent).
-            let end = (i + 1..lines.len()).find(|&j| lines[j] == "```");
-            let body_end = end.unwrap_or(lines.len());
-            blocks.push(Block::Code(lines[i + 1..body_end].iter().map(|l| (*l).to_owned()).collect()));
-            i = end.map_or(lines.len(), |e| e + 1);
-        } else if line.starts_with('>') {
-            let mut quoted = Vec::new();
-            while i < lines.len() && lines[i].starts_with('>') {
-                let rest = &lines[i][1..];
-                quoted.push(rest.strip_prefix(' ').unwrap_or(rest));
-                i += 1;
-            }
-            blocks.push(Block::Quote(parse_blocks(&quoted)));
-        } else {
-            let chars: Vec<char> = line.chars().collect();
-            blocks.push(Block::Line(parse_spans(&chars)));
-            i += 1;
+/// A span being read: its directive, where its content starts and where its closing directive is.
+struct OpenSpan {
+    directive: char,
+    start: usize,
+    end: usize,
+    content: Vec<Inline>,
+    text: String,
+}
+
+impl OpenSpan {
+    fn flush(&mut self) {
+        if !self.text.is_empty() {
+            self.content.push(Inline::Text(std::mem::take(&mut self.text)));
         }
     }
-    blocks
+}
+
+/// Parse one line's spans (XEP-0393 §6.2) in one pass.
+///
+/// An opening directive at `i` starts a span when the first closing directive of
+/// its kind at `i + 2` or later (not preceded by whitespace) lies inside the span
+/// that holds `i`; the span's content is read the same way, bounded by its closer.
+/// Since `i` only grows, the first closer is found with one cursor per directive.
+fn parse_spans(chars: &[char]) -> Vec<Inline> {
+    let n = chars.len();
+    // Positions that can close a span, per directive, in order.
+    let mut closers: [Vec<usize>; 4] = Default::default();
+    for j in 1..n {
+        if let Some(k) = directive_index(chars[j])
+            && !chars[j - 1].is_whitespace()
+        {
+            closers[k].push(j);
+        }
+    }
+    let mut cursors = [0usize; 4];
+    let mut stack = vec![OpenSpan { directive: '\0', start: 0, end: n, content: Vec::new(), text: String::new() }];
+    let mut i = 0;
+    loop {
+        // Close the spans whose closing directive is here (an inner one can end just before its parent's).
+        while stack.len() > 1 && stack.last().is_some_and(|s| s.end == i) {
+            if let Some(mut done) = stack.pop() {
+                done.flush();
+                if let Some(parent) = stack.last_mut() {
+                    parent.flush();
+                    parent.content.push(Inline::Span(done.directive, done.content));
+                }
+            }
+            i += 1;
+        }
+        if i >= n {
+            break;
+        }
+        let Some(top) = stack.last_mut() else { break };
+        let c = chars[i];
+        if let Some(k) = directive_index(c) {
+            let can_open = i == top.start
+                || chars[i - 1].is_whitespace()
+                || (directive_index(chars[i - 1]).is_some() && chars[i - 1] != c);
+            if can_open && i + 1 < top.end && !chars[i + 1].is_whitespace() {
+                // the first closing directive at least one character in
+                while cursors[k] < closers[k].len() && closers[k][cursors[k]] < i + 2 {
+                    cursors[k] += 1;
+                }
+                if let Some(&j) = closers[k].get(cursors[k])
+                    && j < top.end
+                {
+                    top.flush();
+                    if c == '`' {
+                        top.content.push(Inline::Span(c, vec![Inline::Text(chars[i + 1..j].iter().collect())]));
+                        i = j + 1;
+                    } else {
+                        stack.push(OpenSpan {
+                            directive: c,
+                            start: i + 1,
+                            end: j,
+                            content: Vec::new(),
+                            text: String::new(),
+                        });
+                        i += 1;
+                    }
+                    continue;
+                }
+            }
+        }
+        top.text.push(c);
+        i += 1;
+    }
+    // Every span ends before the line does; what is left is the line itself.
+    let mut line = Vec::new();
+    for mut span in stack.into_iter().rev() {
+        span.flush();
+        let mut content = span.content;
+        if span.directive == '\0' {
+            content.append(&mut line);
+            line = content;
+        } else {
+            content.append(&mut line);
+            line = vec![Inline::Span(span.directive, content)];
+        }
+    }
+    line
+}
+
+/// One quote level being read: its blocks, and the preformatted block open in it.
+#[derive(Default)]
+struct QuoteLevel {
+    blocks: Vec<Block>,
+    code: Option<Vec<String>>,
+}
+
+impl QuoteLevel {
+    fn close_code(&mut self) {
+        if let Some(lines) = self.code.take() {
+            self.blocks.push(Block::Code(lines));
+        }
+    }
+}
+
+/// End the innermost open quote: it becomes a block of the one around it.
+fn close_quote(levels: &mut Vec<QuoteLevel>) {
+    if levels.len() > 1
+        && let Some(mut level) = levels.pop()
+    {
+        level.close_code();
+        if let Some(parent) = levels.last_mut() {
+            parent.blocks.push(Block::Quote(level.blocks));
+        }
+    }
+}
+
+/// Parse text into blocks (XEP-0393 §6.1): code blocks, quotes, plain lines.
+///
+/// One pass over the lines with a stack of open quotes: a line goes down one
+/// level per leading `>` (and the space after it) while the level it reaches has
+/// no preformatted block open; a preformatted block runs to a line that is
+/// exactly ```` ``` ```` or to the end of its quote.
+fn parse_blocks(text: &str) -> Vec<Block> {
+    let mut levels = vec![QuoteLevel::default()];
+    for line in text.split('\n') {
+        let mut rest = line;
+        let mut depth = 0;
+        loop {
+            if let Some(code) = &mut levels[depth].code {
+                if rest == "```" {
+                    levels[depth].close_code();
+                } else {
+                    code.push(rest.to_owned());
+                }
+                break;
+            }
+            if depth < MAX_QUOTE_DEPTH
+                && let Some(quoted) = rest.strip_prefix('>')
+            {
+                rest = quoted.strip_prefix(' ').unwrap_or(quoted);
+                depth += 1;
+                if levels.len() <= depth {
+                    levels.push(QuoteLevel::default());
+                }
+                continue;
+            }
+            while levels.len() > depth + 1 {
+                close_quote(&mut levels);
+            }
+            if rest.starts_with("```") {
+                levels[depth].code = Some(Vec::new());
+            } else {
+                let chars: Vec<char> = rest.chars().collect();
+                levels[depth].blocks.push(Block::Line(parse_spans(&chars)));
+            }
+            break;
+        }
+    }
+    while levels.len() > 1 {
+        close_quote(&mut levels);
+    }
+    let mut root = levels.pop().unwrap_or_default();
+    root.close_code();
+    root.blocks
 }
 
 fn is_plain(blocks: &[Block]) -> bool {
@@ -118,6 +282,7 @@ fn escape(text: &str, out: &mut String) {
     html_escape::encode_text_to_string(text, out);
 }
 
+/// Recursion bounded by the span depth: at most four (see [`parse_spans`]).
 fn inlines_to_html(inlines: &[Inline], out: &mut String) {
     for inline in inlines {
         match inline {
@@ -136,6 +301,7 @@ fn inlines_to_html(inlines: &[Inline], out: &mut String) {
     }
 }
 
+/// Recursion bounded by the quote depth: at most [`MAX_QUOTE_DEPTH`].
 fn blocks_to_html(blocks: &[Block], out: &mut String) {
     for (n, block) in blocks.iter().enumerate() {
         let next_is_line = matches!(blocks.get(n + 1), Some(Block::Line(_)));
@@ -163,8 +329,7 @@ fn blocks_to_html(blocks: &[Block], out: &mut String) {
 /// XEP-0393 styled text → HTML; `None` when the text carries no styling at all
 /// (its plain form says everything).
 pub fn styling_to_html(text: &str) -> Option<String> {
-    let lines: Vec<&str> = text.split('\n').collect();
-    let blocks = parse_blocks(&lines);
+    let blocks = parse_blocks(text);
     if is_plain(&blocks) {
         return None;
     }
@@ -173,62 +338,334 @@ pub fn styling_to_html(text: &str) -> Option<String> {
     Some(out)
 }
 
+/// No node.
+const NIL: usize = usize::MAX;
+
+enum NodeKind {
+    Document,
+    Text(StrTendril),
+    /// An element: its local name, and its `href` when it has one.
+    Element(LocalName, Option<StrTendril>),
+    /// A comment, a processing instruction.
+    Other,
+}
+
+/// A node of [`Tree`], linked to its parent, children and siblings by index.
+struct Node {
+    kind: NodeKind,
+    parent: usize,
+    first_child: usize,
+    last_child: usize,
+    prev: usize,
+    next: usize,
+}
+
+/// An HTML tree as html5ever builds it, in one vector: every operation the parser
+/// asks for takes constant time (but moving a node's children), and dropping it
+/// does not recurse.
+struct Tree {
+    nodes: RefCell<Vec<Node>>,
+    /// The name handles of nodes that are not elements carry (never asked for).
+    no_name: Rc<QualName>,
+}
+
+/// A node of [`Tree`] as the parser holds it: its index and, for an element, its name.
+#[derive(Clone)]
+struct Handle {
+    id: usize,
+    name: Rc<QualName>,
+}
+
+impl Tree {
+    fn new() -> Self {
+        let document =
+            Node { kind: NodeKind::Document, parent: NIL, first_child: NIL, last_child: NIL, prev: NIL, next: NIL };
+        Tree { nodes: RefCell::new(vec![document]), no_name: Rc::new(QualName::new(None, ns!(), local_name!(""))) }
+    }
+
+    fn add(&self, kind: NodeKind) -> usize {
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { kind, parent: NIL, first_child: NIL, last_child: NIL, prev: NIL, next: NIL });
+        nodes.len() - 1
+    }
+
+    fn other(&self, kind: NodeKind) -> Handle {
+        Handle { id: self.add(kind), name: self.no_name.clone() }
+    }
+
+    fn detach(nodes: &mut [Node], id: usize) {
+        let Node { parent, prev, next, .. } = nodes[id];
+        if parent == NIL {
+            return;
+        }
+        if prev == NIL {
+            nodes[parent].first_child = next;
+        } else {
+            nodes[prev].next = next;
+        }
+        if next == NIL {
+            nodes[parent].last_child = prev;
+        } else {
+            nodes[next].prev = prev;
+        }
+        let node = &mut nodes[id];
+        node.parent = NIL;
+        node.prev = NIL;
+        node.next = NIL;
+    }
+
+    fn append_node(nodes: &mut [Node], parent: usize, id: usize) {
+        Self::detach(nodes, id);
+        let last = nodes[parent].last_child;
+        nodes[id].parent = parent;
+        nodes[id].prev = last;
+        if last == NIL {
+            nodes[parent].first_child = id;
+        } else {
+            nodes[last].next = id;
+        }
+        nodes[parent].last_child = id;
+    }
+
+    fn insert_before(nodes: &mut [Node], sibling: usize, id: usize) {
+        Self::detach(nodes, id);
+        let Node { parent, prev, .. } = nodes[sibling];
+        if parent == NIL {
+            return;
+        }
+        nodes[id].parent = parent;
+        nodes[id].prev = prev;
+        nodes[id].next = sibling;
+        nodes[sibling].prev = id;
+        if prev == NIL {
+            nodes[parent].first_child = id;
+        } else {
+            nodes[prev].next = id;
+        }
+    }
+
+    /// Add `text` to the text node `id` when it is one.
+    fn extend_text(nodes: &mut [Node], id: usize, text: &StrTendril) -> bool {
+        if id != NIL
+            && let NodeKind::Text(existing) = &mut nodes[id].kind
+        {
+            existing.push_tendril(text);
+            return true;
+        }
+        false
+    }
+
+    /// The children of `id`, last first (the order a stack pops them in is then theirs).
+    fn children_reversed(&self, id: usize) -> impl Iterator<Item = usize> + '_ {
+        let nodes = self.nodes.borrow();
+        let mut child = nodes[id].last_child;
+        std::iter::from_fn(move || {
+            if child == NIL {
+                return None;
+            }
+            let this = child;
+            child = nodes[this].prev;
+            Some(this)
+        })
+    }
+}
+
+impl TreeSink for Tree {
+    type Handle = Handle;
+    type Output = Self;
+    type ElemName<'a> = &'a QualName;
+
+    fn finish(self) -> Self {
+        self
+    }
+
+    fn parse_error(&self, _msg: Cow<'static, str>) {}
+
+    fn get_document(&self) -> Handle {
+        Handle { id: 0, name: self.no_name.clone() }
+    }
+
+    fn elem_name<'a>(&'a self, target: &'a Handle) -> &'a QualName {
+        &target.name
+    }
+
+    fn create_element(&self, name: QualName, attrs: Vec<Attribute>, _flags: ElementFlags) -> Handle {
+        let href = attrs.into_iter().find(|a| a.name.local.as_ref() == "href").map(|a| a.value);
+        let id = self.add(NodeKind::Element(name.local.clone(), href));
+        Handle { id, name: Rc::new(name) }
+    }
+
+    fn create_comment(&self, _text: StrTendril) -> Handle {
+        self.other(NodeKind::Other)
+    }
+
+    fn create_pi(&self, _target: StrTendril, _data: StrTendril) -> Handle {
+        self.other(NodeKind::Other)
+    }
+
+    fn append(&self, parent: &Handle, child: NodeOrText<Handle>) {
+        match child {
+            NodeOrText::AppendNode(node) => Self::append_node(&mut self.nodes.borrow_mut(), parent.id, node.id),
+            NodeOrText::AppendText(text) => {
+                let last = self.nodes.borrow()[parent.id].last_child;
+                if !Self::extend_text(&mut self.nodes.borrow_mut(), last, &text) {
+                    let id = self.add(NodeKind::Text(text));
+                    Self::append_node(&mut self.nodes.borrow_mut(), parent.id, id);
+                }
+            }
+        }
+    }
+
+    fn append_based_on_parent_node(&self, element: &Handle, prev_element: &Handle, child: NodeOrText<Handle>) {
+        if self.nodes.borrow()[element.id].parent != NIL {
+            self.append_before_sibling(element, child);
+        } else {
+            self.append(prev_element, child);
+        }
+    }
+
+    fn append_doctype_to_document(&self, _name: StrTendril, _public_id: StrTendril, _system_id: StrTendril) {}
+
+    fn get_template_contents(&self, target: &Handle) -> Handle {
+        target.clone()
+    }
+
+    fn same_node(&self, x: &Handle, y: &Handle) -> bool {
+        x.id == y.id
+    }
+
+    fn set_quirks_mode(&self, _mode: QuirksMode) {}
+
+    fn append_before_sibling(&self, sibling: &Handle, new_node: NodeOrText<Handle>) {
+        match new_node {
+            NodeOrText::AppendNode(node) => Self::insert_before(&mut self.nodes.borrow_mut(), sibling.id, node.id),
+            NodeOrText::AppendText(text) => {
+                let prev = self.nodes.borrow()[sibling.id].prev;
+                if !Self::extend_text(&mut self.nodes.borrow_mut(), prev, &text) {
+                    let id = self.add(NodeKind::Text(text));
+                    Self::insert_before(&mut self.nodes.borrow_mut(), sibling.id, id);
+                }
+            }
+        }
+    }
+
+    fn add_attrs_if_missing(&self, target: &Handle, attrs: Vec<Attribute>) {
+        if let NodeKind::Element(_, href @ None) = &mut self.nodes.borrow_mut()[target.id].kind {
+            *href = attrs.into_iter().find(|a| a.name.local.as_ref() == "href").map(|a| a.value);
+        }
+    }
+
+    fn remove_from_parent(&self, target: &Handle) {
+        Self::detach(&mut self.nodes.borrow_mut(), target.id);
+    }
+
+    fn reparent_children(&self, node: &Handle, new_parent: &Handle) {
+        let mut nodes = self.nodes.borrow_mut();
+        let mut child = nodes[node.id].first_child;
+        while child != NIL {
+            let next = nodes[child].next;
+            Self::append_node(&mut nodes, new_parent.id, child);
+            child = next;
+        }
+    }
+}
+
+/// Text being written: the message, or a span's content before it is marked line by line.
+struct Output {
+    out: String,
+    /// Whether the last thing written ends a line (or nothing was written yet).
+    at_line_start: bool,
+    /// How many `<blockquote>` the text is in, counted from this output's start.
+    quote_depth: usize,
+    /// The directive of the span this is the content of.
+    directive: Option<char>,
+}
+
+/// What is left to do for an element once its children are written.
+enum Step {
+    /// Write a node (its depth in the tree with it).
+    Node(usize, usize),
+    /// An `<li>` of a list, with its number (`None` in `<ul>`).
+    Item(usize, usize, Option<usize>),
+    /// Mark the lines of the innermost span with its directive.
+    EndSpan,
+    /// End a heading: its span when it has one, then a line break.
+    EndHeading(bool),
+    EndQuote,
+    /// End a block element (or a list): start a new line.
+    EndBlock,
+    /// End a link: write its URL when there is one to show.
+    EndLink(Option<String>),
+}
+
 /// Writes styled text from an HTML tree, keeping track of line starts and quote depth.
 struct StylingWriter<'a> {
     /// Whether a link's URL is written after its text.
     show_url: &'a dyn Fn(&str) -> bool,
-    out: String,
-    /// Whether the last thing written ends a line (or nothing was written yet).
-    at_line_start: bool,
-    /// How many `<blockquote>` the text is in.
-    quote_depth: usize,
-    /// Inside `<pre>`: whitespace is kept as it is.
-    preformatted: bool,
+    /// The message, then the content of each span being written, innermost last.
+    outputs: Vec<Output>,
+    /// How many links the node being written is in (one inside another is only its text).
+    links: usize,
+    /// How many bytes of URLs may still be written after links' text.
+    url_budget: usize,
 }
 
 impl StylingWriter<'_> {
+    fn current(&mut self) -> &mut Output {
+        let last = self.outputs.len() - 1;
+        &mut self.outputs[last]
+    }
+
+    fn quote_depth(&self) -> usize {
+        self.outputs.iter().map(|o| o.quote_depth).sum()
+    }
+
     fn push_text(&mut self, text: &str) {
+        let o = self.current();
         for c in text.chars() {
-            if self.at_line_start && c != '\n' {
-                for _ in 0..self.quote_depth {
-                    self.out.push_str("> ");
+            if o.at_line_start && c != '\n' {
+                for _ in 0..o.quote_depth {
+                    o.out.push_str("> ");
                 }
-                self.at_line_start = false;
+                o.at_line_start = false;
             }
-            self.out.push(c);
+            o.out.push(c);
             if c == '\n' {
-                self.at_line_start = true;
+                o.at_line_start = true;
             }
         }
     }
 
     /// Start a new line unless at the start of one already.
     fn break_line(&mut self) {
-        if !self.at_line_start {
+        if !self.current().at_line_start {
             self.newline();
         }
     }
 
     fn newline(&mut self) {
-        if self.at_line_start && self.quote_depth > 0 {
+        let o = self.current();
+        if o.at_line_start && o.quote_depth > 0 {
             // an empty quoted line keeps its marker
-            for _ in 0..self.quote_depth {
-                self.out.push('>');
+            for _ in 0..o.quote_depth {
+                o.out.push('>');
             }
         }
-        self.out.push('\n');
-        self.at_line_start = true;
+        o.out.push('\n');
+        o.at_line_start = true;
     }
 
     /// HTML text outside `<pre>`: runs of whitespace are one space, none at a line start.
     fn push_flowing(&mut self, text: &str) {
+        let o = self.current();
+        let (at_line_start, after_space) = (o.at_line_start, o.out.ends_with(' '));
         let mut collapsed = String::with_capacity(text.len());
         let mut space = false;
         for c in text.chars() {
             if c.is_whitespace() {
                 space = true;
             } else {
-                if space && !(collapsed.is_empty() && (self.at_line_start || self.out.ends_with(' '))) {
+                if space && !(collapsed.is_empty() && (at_line_start || after_space)) {
                     collapsed.push(' ');
                 }
                 space = false;
@@ -237,29 +674,33 @@ impl StylingWriter<'_> {
         }
         // A trailing space stays; a text that is only space keeps one unless the
         // output already ends a line or a word.
-        if space && (!collapsed.is_empty() || (!self.at_line_start && !self.out.ends_with(' '))) {
+        if space && (!collapsed.is_empty() || (!at_line_start && !after_space)) {
             collapsed.push(' ');
         }
         self.push_text(&collapsed);
     }
 
-    fn children(&mut self, node: &NodeRef) {
-        for child in node.children() {
-            self.node(&child);
+    /// Start a span: its content is written apart, then marked line by line.
+    /// `false` when the text is already in a span of this directive (it is not marked again).
+    fn begin_span(&mut self, directive: char) -> bool {
+        if self.outputs.iter().any(|o| o.directive == Some(directive)) {
+            return false;
         }
-    }
-
-    /// A span: its directive around its content, when it has any.
-    fn span(&mut self, directive: char, node: &NodeRef) {
-        let mut inner = StylingWriter {
-            show_url: self.show_url,
+        self.outputs.push(Output {
             out: String::new(),
             at_line_start: false,
             quote_depth: 0,
-            preformatted: self.preformatted,
-        };
-        inner.children(node);
-        let content = inner.out;
+            directive: Some(directive),
+        });
+        true
+    }
+
+    /// End the innermost span: its directive around each of its lines that has any content.
+    fn end_span(&mut self) {
+        if self.outputs.len() < 2 {
+            return;
+        }
+        let Some(Output { out: content, directive: Some(directive), .. }) = self.outputs.pop() else { return };
         // A span lives on one line: its lines are styled one by one.
         let mut first = true;
         for line in content.split('\n') {
@@ -280,118 +721,402 @@ impl StylingWriter<'_> {
         }
     }
 
-    fn node(&mut self, node: &NodeRef) {
-        match node.data() {
-            NodeData::Text(text) => {
-                let text = text.borrow();
-                if self.preformatted {
-                    self.push_text(&text);
-                } else {
-                    self.push_flowing(&text);
+    fn push_children(tree: &Tree, node: usize, depth: usize, steps: &mut Vec<Step>) {
+        steps.extend(tree.children_reversed(node).map(|child| Step::Node(child, depth + 1)));
+    }
+
+    /// Write the tree under `root`, one step at a time.
+    fn write(&mut self, tree: &Tree, root: usize) {
+        let mut steps = Vec::new();
+        Self::push_children(tree, root, 0, &mut steps);
+        while let Some(step) = steps.pop() {
+            match step {
+                Step::Node(node, depth) => self.node(tree, node, depth, &mut steps),
+                Step::Item(item, depth, number) => {
+                    self.break_line();
+                    match number {
+                        Some(number) => self.push_text(&format!("{number}. ")),
+                        None => self.push_text("• "),
+                    }
+                    Self::push_children(tree, item, depth, &mut steps);
+                }
+                Step::EndSpan => self.end_span(),
+                Step::EndHeading(spanned) => {
+                    if spanned {
+                        self.end_span();
+                    }
+                    self.newline();
+                }
+                Step::EndQuote => {
+                    self.break_line();
+                    let o = self.current();
+                    o.quote_depth = o.quote_depth.saturating_sub(1);
+                }
+                Step::EndBlock => self.break_line(),
+                Step::EndLink(url) => {
+                    self.links -= 1;
+                    if let Some(url) = url {
+                        self.push_text(&format!(" <{url}>"));
+                    }
                 }
             }
-            NodeData::Element(element) => {
-                let name = element.name.local.as_ref().to_ascii_lowercase();
-                match name.as_str() {
-                    "script" | "style" | "head" | "title" => {}
-                    "br" => self.newline(),
-                    "b" | "strong" => self.span('*', node),
-                    "i" | "em" => self.span('_', node),
-                    "s" | "del" | "strike" => self.span('~', node),
-                    "code" if !self.preformatted => {
-                        let mut text = String::new();
-                        collect_text(node, &mut text);
-                        let text = text.replace('\n', " ");
-                        if !text.trim().is_empty() {
-                            self.push_text(&format!("`{}`", text.trim()));
-                        }
-                    }
-                    "pre" => {
-                        self.break_line();
-                        let mut text = String::new();
-                        collect_text(node, &mut text);
-                        self.push_text("```\n");
-                        self.push_text(text.strip_suffix('\n').unwrap_or(&text));
-                        self.break_line();
-                        self.push_text("```");
-                        self.newline();
-                    }
-                    "blockquote" => {
-                        self.break_line();
-                        self.quote_depth += 1;
-                        self.children(node);
-                        self.break_line();
-                        self.quote_depth -= 1;
-                    }
-                    "h1" | "h2" | "h3" | "h4" | "h5" | "h6" => {
-                        self.break_line();
-                        self.span('*', node);
-                        self.newline();
-                    }
-                    "p" | "div" | "tr" => {
-                        self.break_line();
-                        self.children(node);
-                        self.break_line();
-                    }
-                    "ul" | "ol" => {
-                        self.break_line();
-                        let ordered = name == "ol";
-                        let mut number = 0usize;
-                        for item in node.children() {
-                            let is_item =
-                                item.as_element().is_some_and(|e| e.name.local.as_ref().eq_ignore_ascii_case("li"));
-                            if !is_item {
-                                continue;
-                            }
-                            number += 1;
-                            self.break_line();
-                            if ordered {
-                                self.push_text(&format!("{number}. "));
-                            } else {
-                                self.push_text("• ");
-                            }
-                            self.children(&item);
-                        }
-                        self.break_line();
-                    }
-                    "a" => {
-                        let href = element
-                            .attrs
-                            .borrow()
-                            .iter()
-                            .find(|a| a.name.local.as_ref() == "href")
-                            .map(|a| a.value.to_string());
-                        let mut text = String::new();
-                        collect_text(node, &mut text);
-                        match href {
-                            Some(href) if !href.is_empty() && text.trim() != href && !text.trim().is_empty() => {
-                                self.children(node);
-                                if (self.show_url)(&href) {
-                                    self.push_text(&format!(" <{href}>"));
-                                }
-                            }
-                            Some(href) if !href.is_empty() && text.trim().is_empty() => self.push_text(&href),
-                            _ => self.children(node),
-                        }
-                    }
-                    _ => self.children(node),
+        }
+        while self.outputs.len() > 1 {
+            self.end_span();
+        }
+    }
+
+    /// Take up to `len` bytes of the URL budget; `false` when it does not have them.
+    fn spend_url(&mut self, len: usize) -> bool {
+        if len > self.url_budget {
+            return false;
+        }
+        self.url_budget -= len;
+        true
+    }
+
+    fn node(&mut self, tree: &Tree, node: usize, depth: usize, steps: &mut Vec<Step>) {
+        let nodes = tree.nodes.borrow();
+        let (name, href) = match &nodes[node].kind {
+            NodeKind::Text(text) => {
+                self.push_flowing(text);
+                return;
+            }
+            NodeKind::Element(name, href) => (name.as_ref().to_ascii_lowercase(), href.as_ref().map(|h| h.to_string())),
+            NodeKind::Document => {
+                drop(nodes);
+                Self::push_children(tree, node, depth, steps);
+                return;
+            }
+            NodeKind::Other => return,
+        };
+        drop(nodes);
+        if depth > MAX_ELEMENT_DEPTH {
+            // Too deep to mean anything: its text only.
+            match name.as_str() {
+                "script" | "style" | "head" | "title" => {}
+                "br" => self.newline(),
+                _ => Self::push_children(tree, node, depth, steps),
+            }
+            return;
+        }
+        match name.as_str() {
+            "script" | "style" | "head" | "title" => {}
+            "br" => self.newline(),
+            "b" | "strong" | "i" | "em" | "s" | "del" | "strike" => {
+                let directive = match name.as_str() {
+                    "b" | "strong" => '*',
+                    "i" | "em" => '_',
+                    _ => '~',
+                };
+                if self.begin_span(directive) {
+                    steps.push(Step::EndSpan);
+                }
+                Self::push_children(tree, node, depth, steps);
+            }
+            "code" => {
+                let text = collect_text(tree, node).replace('\n', " ");
+                if !text.trim().is_empty() {
+                    self.push_text(&format!("`{}`", text.trim()));
                 }
             }
-            NodeData::Document => self.children(node),
-            _ => {}
+            "pre" => {
+                self.break_line();
+                let text = collect_text(tree, node);
+                self.push_text("```\n");
+                self.push_text(text.strip_suffix('\n').unwrap_or(&text));
+                self.break_line();
+                self.push_text("```");
+                self.newline();
+            }
+            "blockquote" if self.quote_depth() < MAX_HTML_QUOTE_DEPTH => {
+                self.break_line();
+                self.current().quote_depth += 1;
+                steps.push(Step::EndQuote);
+                Self::push_children(tree, node, depth, steps);
+            }
+            "h1" | "h2" | "h3" | "h4" | "h5" | "h6" => {
+                self.break_line();
+                let spanned = self.begin_span('*');
+                steps.push(Step::EndHeading(spanned));
+                Self::push_children(tree, node, depth, steps);
+            }
+            "p" | "div" | "tr" | "blockquote" => {
+                self.break_line();
+                steps.push(Step::EndBlock);
+                Self::push_children(tree, node, depth, steps);
+            }
+            "ul" | "ol" => {
+                self.break_line();
+                steps.push(Step::EndBlock);
+                let ordered = name == "ol";
+                let nodes = tree.nodes.borrow();
+                let mut items = Vec::new();
+                let mut child = nodes[node].first_child;
+                while child != NIL {
+                    if let NodeKind::Element(item, _) = &nodes[child].kind
+                        && item.as_ref().eq_ignore_ascii_case("li")
+                    {
+                        items.push(child);
+                    }
+                    child = nodes[child].next;
+                }
+                steps.extend(
+                    items
+                        .into_iter()
+                        .enumerate()
+                        .rev()
+                        .map(|(n, item)| Step::Item(item, depth + 1, ordered.then_some(n + 1))),
+                );
+            }
+            "a" if self.links == 0 => {
+                let text = collect_text(tree, node);
+                match href {
+                    Some(href) if !href.is_empty() && text.trim() != href && !text.trim().is_empty() => {
+                        let url = ((self.show_url)(&href) && self.spend_url(href.len())).then_some(href);
+                        self.links += 1;
+                        steps.push(Step::EndLink(url));
+                        Self::push_children(tree, node, depth, steps);
+                    }
+                    Some(href) if !href.is_empty() && text.trim().is_empty() => {
+                        if self.spend_url(href.len()) {
+                            self.push_text(&href);
+                        }
+                    }
+                    _ => {
+                        self.links += 1;
+                        steps.push(Step::EndLink(None));
+                        Self::push_children(tree, node, depth, steps);
+                    }
+                }
+            }
+            _ => Self::push_children(tree, node, depth, steps),
         }
     }
 }
 
-fn collect_text(node: &NodeRef, out: &mut String) {
-    for child in node.children() {
-        match child.data() {
-            NodeData::Text(t) => out.push_str(&t.borrow()),
-            NodeData::Element(e) if e.name.local.as_ref().eq_ignore_ascii_case("br") => out.push('\n'),
-            NodeData::Element(_) => collect_text(&child, out),
+/// The text under `node`, `<br>` as a line break, without walking the stack down.
+fn collect_text(tree: &Tree, node: usize) -> String {
+    let mut out = String::new();
+    let mut pending: Vec<usize> = tree.children_reversed(node).collect();
+    let nodes = tree.nodes.borrow();
+    while let Some(id) = pending.pop() {
+        match &nodes[id].kind {
+            NodeKind::Text(t) => out.push_str(t),
+            NodeKind::Element(name, _) if name.as_ref().eq_ignore_ascii_case("br") => out.push('\n'),
+            NodeKind::Element(..) => {
+                let mut child = nodes[id].last_child;
+                while child != NIL {
+                    pending.push(child);
+                    child = nodes[child].prev;
+                }
+            }
             _ => {}
         }
     }
+    out
+}
+
+/// Elements that never hold anything (or that the parser ignores inside a fragment).
+const VOID: &[&str] = &[
+    "area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr", "image", "img", "input", "keygen",
+    "link", "meta", "param", "source", "track", "wbr", "html", "head", "body", "frameset",
+];
+
+/// The formatting elements the parser reopens when something else closes them.
+const FORMATTING: &[&str] =
+    &["a", "b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt", "u"];
+
+/// Elements an end tag does not close through (scope boundaries, and `select`).
+const BOUNDARIES: &[&str] = &[
+    "applet",
+    "caption",
+    "html",
+    "table",
+    "td",
+    "th",
+    "marquee",
+    "object",
+    "template",
+    "select",
+    "button",
+    "ul",
+    "ol",
+    "foreignobject",
+    "desc",
+    "title",
+    "mi",
+    "mo",
+    "mn",
+    "ms",
+    "mtext",
+    "annotation-xml",
+];
+
+/// Elements whose content is text up to their end tag (`plaintext`: to the end).
+const RAW_TEXT: &[&str] =
+    &["script", "style", "xmp", "iframe", "noembed", "noframes", "noscript", "textarea", "title", "plaintext"];
+
+/// Where the tag starting at `start` (just after `<` and its name) ends, after its `>`;
+/// `None` when the input ends inside it (the parser then drops it).
+fn tag_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    loop {
+        while i < bytes.len() && (bytes[i].is_ascii_whitespace() || bytes[i] == b'/') {
+            i += 1;
+        }
+        match bytes.get(i)? {
+            b'>' => return Some(i + 1),
+            _ => {
+                // an attribute name (its first character may be anything but those ending it)
+                i += 1;
+                while i < bytes.len()
+                    && !matches!(bytes[i], b'\t' | b'\n' | b'\x0c' | b'\r' | b' ' | b'/' | b'>' | b'=')
+                {
+                    i += 1;
+                }
+                while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+                    i += 1;
+                }
+                if bytes.get(i) == Some(&b'=') {
+                    i += 1;
+                    while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+                        i += 1;
+                    }
+                    match bytes.get(i) {
+                        Some(&quote @ (b'"' | b'\'')) => {
+                            i += 1 + bytes[i + 1..].iter().position(|&b| b == quote)? + 1;
+                        }
+                        _ => {
+                            while i < bytes.len() && !bytes[i].is_ascii_whitespace() && bytes[i] != b'>' {
+                                i += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the text of a raw-text element ends: at its end tag (or the end of the input).
+fn raw_text_end(bytes: &[u8], from: usize, name: &str) -> usize {
+    let mut i = from;
+    while let Some(offset) = bytes[i..].windows(2).position(|w| w == b"</") {
+        let at = i + offset;
+        let after = at + 2 + name.len();
+        if bytes.len() >= after
+            && bytes[at + 2..after].eq_ignore_ascii_case(name.as_bytes())
+            && bytes.get(after).is_none_or(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
+        {
+            return at;
+        }
+        i = at + 2;
+    }
+    bytes.len()
+}
+
+/// Remove the start tags (and their end tags) that would open elements more than
+/// [`MAX_ELEMENT_DEPTH`] deep, in one pass, before the parser sees them: the
+/// parser's own checks walk its stack of open elements, which would take time
+/// quadratic in the depth. The depth is counted as the parser would build it or
+/// more (formatting elements stay counted until their own end tag, since the
+/// parser reopens them), so what is kept nests no deeper than about twice the
+/// limit (with the table elements the parser adds); deeper elements lose only
+/// their tags, never their text.
+fn cap_depth(html: &str) -> Cow<'_, str> {
+    let bytes = html.as_bytes();
+    let mut open: Vec<String> = Vec::new();
+    let mut dropped: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // the input as kept so far is html[..copied] minus the removed tags, in `out`
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut i = 0;
+    let name_at = |from: usize| -> (String, usize) {
+        let mut end = from;
+        while end < bytes.len() && !matches!(bytes[end], b'\t' | b'\n' | b'\x0c' | b'\r' | b' ' | b'/' | b'>') {
+            end += 1;
+        }
+        (String::from_utf8_lossy(&bytes[from..end]).to_ascii_lowercase(), end)
+    };
+    while let Some(offset) = bytes[i..].iter().position(|&b| b == b'<') {
+        let lt = i + offset;
+        let next = bytes.get(lt + 1).copied();
+        if bytes[lt..].starts_with(b"<!--") {
+            i = if bytes[lt + 4..].starts_with(b">") || bytes[lt + 4..].starts_with(b"->") {
+                lt + 4
+            } else {
+                let ends = [&b"-->"[..], &b"--!>"[..]];
+                ends.iter()
+                    .filter_map(|end| {
+                        bytes[lt + 4..].windows(end.len()).position(|w| w == *end).map(|p| lt + 4 + p + end.len())
+                    })
+                    .min()
+                    .unwrap_or(bytes.len())
+            };
+            continue;
+        }
+        if matches!(next, Some(b'!' | b'?')) {
+            i = bytes[lt..].iter().position(|&b| b == b'>').map_or(bytes.len(), |p| lt + p + 1);
+            continue;
+        }
+        let (end_tag, name_start) = match next {
+            Some(b'/') if bytes.get(lt + 2).is_some_and(u8::is_ascii_alphabetic) => (true, lt + 2),
+            Some(b) if b.is_ascii_alphabetic() => (false, lt + 1),
+            _ => {
+                i = lt + 1;
+                continue;
+            }
+        };
+        let (name, after_name) = name_at(name_start);
+        let Some(end) = tag_end(bytes, after_name) else { break };
+        let mut remove = false;
+        if end_tag {
+            if let Some(count) = dropped.get_mut(&name)
+                && *count > 0
+            {
+                *count -= 1;
+                remove = true;
+            } else if let Some(at) = open.iter().rposition(|o| *o == name || BOUNDARIES.contains(&o.as_str()))
+                && open[at] == name
+            {
+                let formatting = |o: &String| FORMATTING.contains(&o.as_str());
+                if name == "form" {
+                    open.remove(at);
+                } else if FORMATTING.contains(&name.as_str()) {
+                    // the parser leaves open the blocks inside a formatting element its end tag closes
+                    if open[at + 1..].iter().all(formatting) {
+                        open.remove(at);
+                    }
+                } else {
+                    // what this closes goes, but the formatting elements it closes are reopened
+                    let reopened: Vec<String> = open.drain(at..).skip(1).filter(formatting).collect();
+                    open.extend(reopened);
+                }
+            }
+        } else if !VOID.contains(&name.as_str()) {
+            if open.len() >= MAX_ELEMENT_DEPTH {
+                *dropped.entry(name.clone()).or_insert(0) += 1;
+                remove = true;
+            } else {
+                open.push(name.clone());
+            }
+        }
+        if remove {
+            out.push_str(&html[copied..lt]);
+            copied = end;
+        }
+        i = end;
+        if !end_tag && !remove && RAW_TEXT.contains(&name.as_str()) {
+            i = if name == "plaintext" { bytes.len() } else { raw_text_end(bytes, i, &name) };
+            // its end tag is read as any other, and closes it
+        }
+    }
+    if copied == 0 {
+        return Cow::Borrowed(html);
+    }
+    out.push_str(&html[copied..]);
+    Cow::Owned(out)
 }
 
 /// HTML → XEP-0393 styled text (what an XMPP client shows for it).
@@ -402,13 +1127,27 @@ pub fn html_to_styling(html: &str) -> String {
 /// [`html_to_styling`], where a link whose text is not its URL shows the URL only when
 /// `show_url` says so (a network's mentions are links whose text says it all).
 pub fn html_to_styling_with(html: &str, show_url: &dyn Fn(&str) -> bool) -> String {
-    let tree = Html::parse(html);
-    let mut writer =
-        StylingWriter { show_url, out: String::new(), at_line_start: true, quote_depth: 0, preformatted: false };
-    for child in tree.children() {
-        writer.node(&child);
+    let parser = parse_fragment(
+        Tree::new(),
+        ParseOpts::default(),
+        QualName::new(None, ns!(html), local_name!("div")),
+        Vec::new(),
+        true,
+    );
+    let tree = parser.one(&*cap_depth(html));
+    // The fragment's content is under the `html` element the parser puts in the document.
+    let root = tree.nodes.borrow()[0].first_child;
+    if root == NIL {
+        return String::new();
     }
-    let out = writer.out;
+    let mut writer = StylingWriter {
+        show_url,
+        outputs: vec![Output { out: String::new(), at_line_start: true, quote_depth: 0, directive: None }],
+        links: 0,
+        url_budget: html.len(),
+    };
+    writer.write(&tree, root);
+    let out = writer.outputs.swap_remove(0).out;
     out.trim().to_owned()
 }
 
@@ -494,5 +1233,154 @@ mod tests {
             let html = styling_to_html(s).unwrap_or_else(|| panic!("{s} has styling"));
             assert_eq!(html_to_styling(&html), s, "{s} via {html}");
         }
+    }
+
+    /// Run `f` on a thread with a small stack, as a converter of remote text must be able to.
+    fn small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let thread = std::thread::Builder::new().stack_size(256 * 1024).spawn(f).expect("thread");
+        thread.join().expect("converter panicked or overflowed its stack")
+    }
+
+    fn to_html_bounded(text: String) -> Option<String> {
+        let len = text.len();
+        let html = small_stack(move || styling_to_html(&text));
+        if let Some(html) = &html {
+            assert!(html.len() <= STYLING_TO_HTML_FACTOR * len, "{} bytes of HTML from {len}", html.len());
+        }
+        html
+    }
+
+    fn to_styling_bounded(html: String, show_url: fn(&str) -> bool) -> String {
+        let len = html.len();
+        let out = small_stack(move || html_to_styling_with(&html, &show_url));
+        assert!(out.len() <= HTML_TO_STYLING_FACTOR * len, "{} bytes of styling from {len}", out.len());
+        out
+    }
+
+    #[test]
+    fn unclosed_openers_stay_text() {
+        // 240 kB of openers none of which closes (each one scanned to the end of the line before).
+        let text = "*word ".repeat(40_000);
+        assert_eq!(to_html_bounded(text.clone()), None);
+        assert_eq!(to_styling_bounded(text.clone(), |_| true), text.trim());
+        // the same with one closer at the very end: only the last opener reaches it
+        let closed = format!("{text}*end*");
+        let html = to_html_bounded(closed).expect("styled");
+        // the first opener takes it: the rest is its content
+        assert_eq!(html, format!("<strong>word {}*end</strong>", &text[6..]));
+    }
+
+    #[test]
+    fn deep_quotes_are_capped() {
+        let text = format!("{} x", ">".repeat(20_000));
+        let expected = format!(
+            "{}{} x{}",
+            "<blockquote>".repeat(MAX_QUOTE_DEPTH),
+            "&gt;".repeat(20_000 - MAX_QUOTE_DEPTH),
+            "</blockquote>".repeat(MAX_QUOTE_DEPTH)
+        );
+        assert_eq!(to_html_bounded(text).as_deref(), Some(expected.as_str()));
+        // many lines, each deeper than the cap, then one back at the top
+        let lines = format!("{}out", format!("{}a\n", "> ".repeat(40)).repeat(2_000));
+        let html = to_html_bounded(lines).expect("styled");
+        let line = format!("{}a", "&gt; ".repeat(40 - MAX_QUOTE_DEPTH));
+        let quoted = [line.as_str(); 2_000].join("<br>");
+        let quotes = ("<blockquote>".repeat(MAX_QUOTE_DEPTH), "</blockquote>".repeat(MAX_QUOTE_DEPTH));
+        assert_eq!(html, format!("{}{quoted}{}out", quotes.0, quotes.1));
+        // and a preformatted block inside a deep quote keeps its lines
+        assert_eq!(
+            to_html_bounded("> > ```\n> > *x*\n> > ```\n> after".into()).as_deref(),
+            Some("<blockquote><blockquote><pre><code>*x*</code></pre></blockquote>after</blockquote>")
+        );
+    }
+
+    #[test]
+    fn long_runs_of_one_directive() {
+        for d in ['*', '_', '~', '`'] {
+            let tag = SPANS.iter().find(|(s, _)| *s == d).map(|(_, t)| *t).unwrap_or("span");
+            let text: String = std::iter::repeat_n(d, 200_000).collect();
+            // the first two close a span around the second; no other can open after a `d`
+            // (three backticks start a preformatted block)
+            let expected = if d == '`' {
+                "<pre><code></code></pre>".to_owned()
+            } else {
+                format!("<{tag}>{d}</{tag}>{}", &text[3..])
+            };
+            assert_eq!(to_html_bounded(text.clone()).as_deref(), Some(expected.as_str()), "{d}");
+            assert_eq!(to_styling_bounded(text.clone(), |_| true), text, "{d}");
+        }
+    }
+
+    #[test]
+    fn alternating_directives() {
+        let text = "*_~`".repeat(50_000);
+        let html = to_html_bounded(text.clone()).expect("styled");
+        // each span holds the three directives after its opener, then the next one opens
+        assert!(html.starts_with("<strong>_~`</strong><em>~`*</em><del>`*_</del><code>*_~</code><strong>_~`</strong>"));
+        assert_eq!(to_styling_bounded(text.clone(), |_| true), text);
+        // spans nest at most four deep, whatever the input
+        let nested = "*_~`x`~_* ".repeat(20_000);
+        let html = to_html_bounded(nested).expect("styled");
+        assert!(html.starts_with("<strong><em><del><code>x</code></del></em></strong> <strong>"));
+    }
+
+    #[test]
+    fn thousands_of_unclosed_tags() {
+        for tag in ["b", "i", "s", "div", "span", "p", "blockquote", "ul", "li", "a", "code", "table", "h1"] {
+            let html = format!("{}x", format!("<{tag}>").repeat(20_000));
+            let out = to_styling_bounded(html, |_| true);
+            let expected = match tag {
+                "b" | "h1" => "*x*".to_owned(),
+                "i" => "_x_".to_owned(),
+                "s" => "~x~".to_owned(),
+                "code" => "`x`".to_owned(),
+                "blockquote" => format!("{}x", "> ".repeat(MAX_HTML_QUOTE_DEPTH)),
+                // what is in a list but in none of its items is not shown
+                "ul" => String::new(),
+                _ => "x".to_owned(),
+            };
+            assert_eq!(out, expected, "<{tag}> × 20000");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_closed_tags() {
+        for (open, close, expected) in [
+            ("<b><i>", "</i></b>", "*_x_*"),
+            ("<div>", "</div>", "x"),
+            ("<span>", "</span>", "x"),
+            // an item in an item starts a line; past the depth limit lists are only text
+            ("<ul><li>", "</li></ul>", &format!("{}• x", "• \n".repeat(MAX_ELEMENT_DEPTH / 2 - 1))),
+        ] {
+            let html = format!("{}x{}", open.repeat(20_000), close.repeat(20_000));
+            assert_eq!(to_styling_bounded(html, |_| true), expected, "{open}");
+        }
+        // a line break deep inside spans and quotes costs a bounded prefix per line
+        let html = format!("{}<b><i><s><pre>{}</pre>", "<blockquote>".repeat(20), "x\n".repeat(20_000));
+        let out = to_styling_bounded(html, |_| true);
+        let prefix = "> ".repeat(MAX_HTML_QUOTE_DEPTH);
+        // (the span starts on the line before the block's: an empty quoted line)
+        let empty = ">".repeat(MAX_HTML_QUOTE_DEPTH);
+        assert!(out.starts_with(&format!("{empty}\n{prefix}*_~```~_*\n{prefix}*_~x~_*\n")), "{}", &out[..200]);
+        assert_eq!(out.lines().count(), 20_003);
+    }
+
+    #[test]
+    fn many_links() {
+        let html = r#"<a href="https://x/u/1">n</a> "#.repeat(20_000);
+        let mentions = to_styling_bounded(html.clone(), |href| !href.starts_with("https://x/u/"));
+        assert_eq!(mentions, ["n"; 20_000].join(" "));
+        let links = to_styling_bounded(html, |_| true);
+        assert_eq!(links, ["n <https://x/u/1>"; 20_000].join(" "));
+        // the parser clones an unclosed link into every block after it: its URL is not repeated past the input's length
+        let url = "u".repeat(1000);
+        let html = format!(r#"<div><a href="{url}"></div>{}"#, "<div>x</div>".repeat(2_000));
+        let out = to_styling_bounded(html.clone(), |_| true);
+        assert!(
+            out.starts_with(&format!("{url}\nx <{url}>\nx <{url}>\n")),
+            "{}",
+            &out.replace(url.as_str(), "URL")[..200]
+        );
+        assert!(out.matches(url.as_str()).count() <= html.len() / url.len());
     }
 }
