@@ -19,6 +19,9 @@ pub struct ProsodyOptions {
     /// Accounts written straight into Prosody's storage (fast, for benchmarks with
     /// many users); ejabberd ignores this.
     pub bulk_users: Vec<(String, String)>,
+    /// More VirtualHosts besides `localhost`, each with its accounts (user,
+    /// password); they reach the same components. ejabberd ignores this.
+    pub extra_hosts: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// A Prosody on its own ports; `localhost` is its host, `muc.localhost` its MUC.
@@ -63,6 +66,9 @@ Component "muc.localhost" "muc"
         for (domain, secret) in &opts.components {
             cfg += &format!("Component \"{domain}\"\n  component_secret = \"{secret}\"\n");
         }
+        for (host, _) in &opts.extra_hosts {
+            cfg += &format!("VirtualHost \"{host}\"\n");
+        }
         std::fs::write(d.join("prosody.cfg.lua"), cfg)?;
         if !opts.bulk_users.is_empty() {
             let accounts = d.join("data/localhost/accounts");
@@ -75,11 +81,15 @@ Component "muc.localhost" "muc"
             }
         }
         let prosodyctl = find_program("prosodyctl", &[])?;
-        for (user, password) in &opts.users {
+        let accounts = opts.users.iter().map(|(u, p)| (u, "localhost", p));
+        let accounts = accounts.chain(
+            opts.extra_hosts.iter().flat_map(|(host, users)| users.iter().map(move |(u, p)| (u, host.as_str(), p))),
+        );
+        for (user, host, password) in accounts {
             let out = std::process::Command::new(&prosodyctl)
                 .arg("--config")
                 .arg(d.join("prosody.cfg.lua"))
-                .args(["register", user, "localhost", password])
+                .args(["register", user, host, password])
                 .output()
                 .context("run prosodyctl")?;
             if !out.status.success() {

@@ -804,6 +804,7 @@ async fn main() -> Result<()> {
             (ECHO_DOMAIN.into(), ECHO_SECRET.into()),
         ],
         bulk_users: bulk,
+        ..Default::default()
     })
     .await?;
     let irc = IrcServer::start_on_port(IrcServerKind::Ngircd, 6667).await?;
