@@ -15,7 +15,10 @@
 
 const STYLES: [(char, char); 4] = [('\u{2}', '*'), ('\u{1d}', '_'), ('\u{1e}', '~'), ('\u{11}', '`')];
 
-/// IRC text → plain text with XEP-0393 styling.
+/// IRC text → plain text with XEP-0393 styling, in one pass (the spans open at
+/// a time are at most four, one per code). Each code becomes at most one marker and
+/// each span at most one closing marker more: the output is at most twice as
+/// long as the input.
 pub fn irc_to_styling(text: &str) -> String {
     if !text.chars().any(|c| (c as u32) < 0x20) {
         return text.to_owned();
@@ -92,25 +95,52 @@ fn close(out: &mut String, (marker, start): (char, usize)) {
     }
 }
 
-/// XEP-0393 styling → IRC formatting codes.
+/// XEP-0393 styling → IRC formatting codes, in one pass: a marker that can open a
+/// span takes the first marker after it on its line that can close one, as a scan
+/// to that closer would find it; the closers are listed once, in order, and a
+/// cursor per marker only moves forward. Spans do not nest (their content is
+/// copied as it is), and each marker becomes one code: the output has the length
+/// of the input.
 pub fn styling_to_irc(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
+    let is_closer = |j: usize, marker: char| {
+        chars[j] == marker
+            && !chars[j - 1].is_whitespace()
+            && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
+    };
+    // Where each line ends, and the closers of each marker.
+    let mut line_end = vec![chars.len(); chars.len()];
+    let mut end = chars.len();
+    for j in (0..chars.len()).rev() {
+        if chars[j] == '\n' {
+            end = j;
+        }
+        line_end[j] = end;
+    }
+    let mut closers: [Vec<usize>; 4] = Default::default();
+    for j in 1..chars.len() {
+        if let Some(k) = STYLES.iter().position(|(_, m)| is_closer(j, *m)) {
+            closers[k].push(j);
+        }
+    }
+    let mut cursors = [0usize; 4];
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
         let at_start = i == 0 || chars[i - 1].is_whitespace();
-        if let Some(&(code, marker)) = STYLES.iter().find(|(_, m)| *m == c)
+        if let Some(k) = STYLES.iter().position(|(_, m)| *m == c)
             && at_start
-            && chars.get(i + 1).is_some_and(|n| !n.is_whitespace() && *n != marker)
+            && chars.get(i + 1).is_some_and(|n| !n.is_whitespace() && *n != c)
         {
-            // find the closing marker on the same line
-            let close = (i + 2..chars.len()).take_while(|&j| chars[j] != '\n').find(|&j| {
-                chars[j] == marker
-                    && !chars[j - 1].is_whitespace()
-                    && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
-            });
-            if let Some(j) = close {
+            // the first closing marker on the same line, at least one character in
+            while cursors[k] < closers[k].len() && closers[k][cursors[k]] < i + 2 {
+                cursors[k] += 1;
+            }
+            if let Some(&j) = closers[k].get(cursors[k])
+                && j < line_end[i]
+            {
+                let code = STYLES[k].0;
                 out.push(code);
                 out.extend(&chars[i + 1..j]);
                 out.push(code);
@@ -183,5 +213,57 @@ mod tests {
     fn round_trip() {
         let s = "say *hello* to _everyone_";
         assert_eq!(irc_to_styling(&styling_to_irc(s)), s);
+    }
+
+    /// Run `f` on a thread with a small stack, as a converter of remote text must be able to.
+    fn small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new().stack_size(256 * 1024).spawn(f).expect("thread").join().expect("converter panicked")
+    }
+
+    #[test]
+    fn unclosed_markers_towards_irc() {
+        // 240 kB of openers none of which closes (each one scanned to the end of the line before)
+        let text = "*word ".repeat(40_000);
+        let t = text.clone();
+        assert_eq!(small_stack(move || styling_to_irc(&t)), text);
+        // one closer at the end: the first opener takes it, as a scan would find it
+        let closed = format!("{text}*end*");
+        let out = small_stack(move || styling_to_irc(&closed));
+        assert_eq!(out, format!("\u{2}word {}*end\u{2}", &text[6..]));
+        // a closer on the next line does not count
+        let lines = format!("{}\n*end*", text.trim_end());
+        let l = lines.clone();
+        assert_eq!(small_stack(move || styling_to_irc(&l)), format!("{}\n\u{2}end\u{2}", text.trim_end()));
+    }
+
+    #[test]
+    fn long_runs_towards_irc() {
+        for text in ["*".repeat(200_000), "_".repeat(200_000), "`".repeat(200_000), "*_~`".repeat(50_000)] {
+            let t = text.clone();
+            let out = small_stack(move || styling_to_irc(&t));
+            assert_eq!(out.len(), text.len());
+            if text.starts_with("*_") {
+                // `*_~` then `` ` ``: the first span closes at the next `*` before a `_` (punctuation)
+                assert!(out.starts_with("\u{2}_~`\u{2}_~`"), "{:?}", &out[..20]);
+            } else {
+                assert_eq!(out, text);
+            }
+        }
+    }
+
+    #[test]
+    fn many_codes_towards_styling() {
+        let bold = "\u{2}".repeat(200_000);
+        assert_eq!(small_stack(move || irc_to_styling(&bold)), "");
+        let spans = "\u{2}a\u{1d}b ".repeat(40_000);
+        let s = spans.clone();
+        let out = small_stack(move || irc_to_styling(&s));
+        assert!(out.len() <= 2 * spans.len());
+        // a code closes the spans opened after its own
+        assert_eq!(&out[..14], "*a_b _*a_b *a*");
+        let colours = "\u{3}04x".repeat(50_000);
+        assert_eq!(small_stack(move || irc_to_styling(&colours)), "x".repeat(50_000));
+        let digits = format!("\u{3}{}", "1".repeat(200_000));
+        assert_eq!(small_stack(move || irc_to_styling(&digits)), "1".repeat(199_998));
     }
 }
