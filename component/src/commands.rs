@@ -6,7 +6,7 @@
 //! | `status` | your connections on this network, and the channels in each |
 //! | `rooms` | the rooms you are in through this gateway |
 //! | `leave` | leave a room (a form lists your rooms; as chat: `leave ROOM-JID`) |
-//! | `login` | link your account on networks that have accounts (Matrix): a form; as chat: `login HOMESERVER USER PASSWORD` |
+//! | `login` | link your account on networks that have accounts (Matrix): a form; as chat it only points to the form (a password is never taken in a chat message) |
 //! | `logout` | unlink it |
 //!
 //! Commands on a network's service addresses (an IRC server's) are in [`crate::settings`].
@@ -426,20 +426,28 @@ impl Gateway {
                 Some("login") if self.has_login(domain) => {
                     let fields = self.network_of(domain).map(|n| n.login_fields()).unwrap_or_default();
                     let given: Vec<&str> = words.collect();
-                    // Values in field order; a leading field with a default may be left out.
-                    let skip = fields
-                        .len()
-                        .saturating_sub(given.len())
-                        .min(fields.iter().take_while(|f| f.default.is_some()).count());
-                    let mut values = LoginValues::new();
-                    for (f, v) in fields.iter().skip(skip).zip(given.iter()) {
-                        values.insert(f.var.to_owned(), (*v).to_owned());
-                    }
-                    if given.len() + skip < fields.iter().filter(|f| f.required).count() {
-                        let names: Vec<&str> = fields.iter().map(|f| f.var).collect();
-                        format!("Usage: login {}", names.join(" ").to_uppercase())
+                    if fields.iter().any(|f| f.secret) {
+                        // Chat messages are archived by servers and clients: no passwords in them.
+                        login_by_form_text(
+                            domain,
+                            given.len() > fields.iter().filter(|f| !f.secret && f.default.is_none()).count(),
+                        )
                     } else {
-                        self.login_text(domain, &account, &values).await
+                        // Values in field order; a leading field with a default may be left out.
+                        let skip = fields
+                            .len()
+                            .saturating_sub(given.len())
+                            .min(fields.iter().take_while(|f| f.default.is_some()).count());
+                        let mut values = LoginValues::new();
+                        for (f, v) in fields.iter().skip(skip).zip(given.iter()) {
+                            values.insert(f.var.to_owned(), (*v).to_owned());
+                        }
+                        if given.len() + skip < fields.iter().filter(|f| f.required).count() {
+                            let names: Vec<&str> = fields.iter().map(|f| f.var).collect();
+                            format!("Usage: login {}", names.join(" ").to_uppercase())
+                        } else {
+                            self.login_text(domain, &account, &values).await
+                        }
                     }
                 }
                 Some("logout") if self.has_login(domain) => self.logout_text(domain, &account).await,
@@ -466,6 +474,25 @@ impl Gateway {
             format!("You are not in {room}.")
         }
     }
+}
+
+/// The answer to `login` in a chat message on a network whose login takes a password:
+/// where the form is. `may_hold_password`: the message had more words than the
+/// fields without a default that are not secret, so it may have carried the password.
+fn login_by_form_text(domain: &Domain, may_hold_password: bool) -> String {
+    let mut text = format!(
+        "A password is not taken in a chat message (servers and clients keep messages in their archives). \
+         Link your {} account with the `login` command of {} instead: your client lists it among the \
+         ad-hoc commands (XEP-0050) of this address, as a form with a password field; \
+         or register with this gateway (XEP-0077).",
+        domain.kind, domain.name
+    );
+    if may_hold_password {
+        text.push_str(
+            " Your message was not used. If it held your password, it may be kept in an archive: consider changing it.",
+        );
+    }
+    text
 }
 
 fn help_text(with_login: bool) -> String {
