@@ -6,12 +6,14 @@
 //! `elsewhere.localhost` but not listed, gets a clear XMPP error for everything
 //! (joining an IRC channel, writing to an IRC user, a command, joining the
 //! portal room, reading an archive), and the IRC server never sees a connection
-//! for her; alice and the one listed account are served. A configuration that
-//! allows nobody does not start.
+//! for her; alice and the one listed account are served. A Matrix login to a
+//! homeserver on loopback that `allowed_homeservers` does not list is refused
+//! without a connection. A configuration that allows nobody does not start.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use isthmus_tests::matrix_scenario::login_adhoc;
 use isthmus_tests::scenario::{IRC_DOMAIN, SECRET, T, room};
 use isthmus_tests::{IrcClient, IrcServer, Isthmus, Prosody, ProsodyOptions, Stanza, XmppClient};
 
@@ -64,6 +66,11 @@ async fn only_listed_accounts_and_domains_are_served() -> Result<()> {
     let irc = IrcServer::start().await?;
     // The portal's bot points at a port nobody listens on: joins are refused before any Matrix traffic.
     let dead_port = isthmus_tests::process::free_port();
+    // The homeserver offered at login: on loopback and not listed in `allowed_homeservers`, so
+    // the gateway must not even connect to it (this listener would see it).
+    let homeserver = std::net::TcpListener::bind("127.0.0.1:0")?;
+    homeserver.set_nonblocking(true)?;
+    let homeserver_url = format!("http://127.0.0.1:{}", homeserver.local_addr()?.port());
     let config = format!(
         r##"xmpp:
   component:
@@ -81,6 +88,7 @@ irc:
 matrix:
   - domain: {MATRIX_DOMAIN}
     data_dir: "{{dir}}/matrix"
+    default_homeserver: "{homeserver_url}"
     bot:
       homeserver: "http://127.0.0.1:{dead_port}"
       user_id: "@isthmus:localhost"
@@ -144,6 +152,23 @@ matrix:
     let me = trusted.expect(T, |st| st.kind == "presence" && st.from == format!("{room}/trusted")).await?;
     assert!(me.has_status(110) && me.type_ != "error", "trusted joined: {}", me.xml);
     observer.expect_line(T, |l| l.starts_with(":trusted!") && l.contains("JOIN")).await?;
+    // A Matrix login: refused for mallory as everything else, and for alice because the
+    // homeserver is on loopback without being listed; the gateway never connected to it.
+    mallory
+        .send_raw(&format!(
+            "<iq type='set' to='{MATRIX_DOMAIN}' id='login1'><command xmlns='http://jabber.org/protocol/commands' node='login' action='execute'/></iq>"
+        ))
+        .await?;
+    forbidden(&mallory.expect(T, |st| st.kind == "iq" && st.id == "login1").await?, "the Matrix login command");
+    let refused = login_adhoc(&mut alice, "alice", "pw").await?;
+    assert!(
+        refused.contains("127.0.0.1 is a loopback address (127.0.0.1)") && refused.contains("allowed_homeservers"),
+        "a homeserver on loopback is refused unless listed: {refused}"
+    );
+    match homeserver.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => bail!("the gateway connected to the unlisted loopback homeserver: {other:?}"),
+    }
     trusted.send_groupchat(&room, "served from the other host").await?;
     observer
         .expect_line(T, |l| l.starts_with(":trusted!") && l.ends_with("PRIVMSG #test :served from the other host"))
