@@ -101,18 +101,16 @@ matrix:
         self.xmpp("alice", resource).await
     }
 
-    /// Alice on XMPP with her Matrix account linked (by the chat command).
+    /// Alice on XMPP with her Matrix account linked (by the ad-hoc command: a
+    /// password is not taken in a chat message).
     pub async fn alice_linked(&self, resource: &str) -> Result<XmppClient> {
         let mut alice = self.alice(resource).await?;
-        alice
-            .send_raw(&format!(
-                "<message type='chat' to='{MATRIX_DOMAIN}' id='login'><body>login alice {}</body></message>",
-                xml_escape(&self.alice_mx.password)
-            ))
-            .await?;
-        let answer = alice.expect(Duration::from_secs(30), |m| m.kind == "message" && m.from == MATRIX_DOMAIN).await?;
-        if !answer.body.as_deref().is_some_and(|b| b.contains("Logged in") && b.contains(&self.alice_mx.user_id)) {
-            bail!("login by chat command failed: {:?}", answer.body);
+        let done = login_adhoc(&mut alice, "alice", &self.alice_mx.password).await?;
+        if !(done.contains("status=\"completed\"")
+            && done.contains("Logged in")
+            && done.contains(&self.alice_mx.user_id))
+        {
+            bail!("login by the ad-hoc command failed: {done}");
         }
         Ok(alice)
     }

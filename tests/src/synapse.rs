@@ -248,6 +248,11 @@ rc_key_requests: {u}
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }
+    /// Synapse's SQLite database (its users, devices and access tokens).
+    pub fn database_path(&self) -> PathBuf {
+        self.dir.path().join("homeserver.db")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("synapse.log")
     }
