@@ -108,15 +108,7 @@ pub fn styling_to_irc(text: &str) -> String {
             && !chars[j - 1].is_whitespace()
             && chars.get(j + 1).is_none_or(|n| n.is_whitespace() || n.is_ascii_punctuation())
     };
-    // Where each line ends, and the closers of each marker.
-    let mut line_end = vec![chars.len(); chars.len()];
-    let mut end = chars.len();
-    for j in (0..chars.len()).rev() {
-        if chars[j] == '\n' {
-            end = j;
-        }
-        line_end[j] = end;
-    }
+    // The closers of each marker, and where the line being read ends.
     let mut closers: [Vec<usize>; 4] = Default::default();
     for j in 1..chars.len() {
         if let Some(k) = STYLES.iter().position(|(_, m)| is_closer(j, *m)) {
@@ -124,9 +116,14 @@ pub fn styling_to_irc(text: &str) -> String {
         }
     }
     let mut cursors = [0usize; 4];
+    let mut line_end = 0;
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
+        if i == 0 || i > line_end {
+            // past the line break: find the next one
+            line_end = (i..chars.len()).find(|&j| chars[j] == '\n').unwrap_or(chars.len());
+        }
         let c = chars[i];
         let at_start = i == 0 || chars[i - 1].is_whitespace();
         if let Some(k) = STYLES.iter().position(|(_, m)| *m == c)
@@ -138,7 +135,7 @@ pub fn styling_to_irc(text: &str) -> String {
                 cursors[k] += 1;
             }
             if let Some(&j) = closers[k].get(cursors[k])
-                && j < line_end[i]
+                && j < line_end
             {
                 let code = STYLES[k].0;
                 out.push(code);
