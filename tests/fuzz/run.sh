@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 seconds=${1:-30}
-targets=(irc_line irc_text xmpp_stanza xml_shaper)
+targets=(irc_line irc_text xmpp_stanza xml_shaper markup superlinear)
 cache=${ISTHMUS_FUZZ_CACHE:-$HOME/.cache/isthmus/fuzz}
 target_dir=${ISTHMUS_FUZZ_TARGET_DIR:-$cache/target}
 cargo_fuzz_version=0.13.2
