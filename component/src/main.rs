@@ -162,11 +162,13 @@ fn read_password() -> anyhow::Result<String> {
 fn user(action: UserAction, path: &std::path::Path) -> anyhow::Result<()> {
     use isthmus_component::server::accounts;
     if let UserAction::Hash = action {
-        let c = accounts::Credentials::from_password(&read_password()?)?;
+        // No configuration is read for a hash: the default count, which `user add` also uses by default.
+        let c = accounts::Credentials::from_password(&read_password()?, accounts::DEFAULT_ITERATIONS)?;
         println!("{}", c.to_hash_string());
         return Ok(());
     }
     let config = isthmus_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let iterations = config.xmpp.embedded.clone().unwrap_or_default().scram_iterations;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let store = isthmus_component::app::open_store(&config).await?;
@@ -178,13 +180,13 @@ fn user(action: UserAction, path: &std::path::Path) -> anyhow::Result<()> {
                     store.local_user(&jid).await?.is_none(),
                     "{jid} already exists (use `isthmus user passwd`)"
                 );
-                accounts::set_password(&store, &jid, &read_password()?).await?;
+                accounts::set_password(&store, &jid, &read_password()?, iterations).await?;
                 eprintln!("added {jid}");
             }
             UserAction::Passwd { jid } => {
                 let jid = accounts::account_jid(&jid)?;
                 anyhow::ensure!(store.local_user(&jid).await?.is_some(), "there is no account {jid}");
-                accounts::set_password(&store, &jid, &read_password()?).await?;
+                accounts::set_password(&store, &jid, &read_password()?, iterations).await?;
                 eprintln!("changed the password of {jid}");
             }
             UserAction::Del { jid } => {

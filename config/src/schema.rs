@@ -119,6 +119,47 @@ pub struct EmbeddedConfig {
     /// Accounts listed here (in addition to those made with `isthmus user add`).
     #[serde(default)]
     pub users: Vec<EmbeddedUser>,
+    /// PBKDF2 rounds for new passwords (and for the salts shown for unknown
+    /// accounts, so they look like real ones); at least 4096.
+    #[serde(default = "default_scram_iterations")]
+    pub scram_iterations: u32,
+    /// Offer and accept SASL on a stream without TLS, from loopback addresses
+    /// only (for local test clients); off: TLS first, always.
+    #[serde(default)]
+    pub plaintext_auth_on_loopback: bool,
+    /// Limits on connections that have not logged in yet, and on failed logins.
+    #[serde(default)]
+    pub limits: C2sLimits,
+}
+
+/// Limits on the embedded server's connections before they log in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct C2sLimits {
+    /// Seconds a connection has to finish its TLS handshake.
+    pub tls_handshake_secs: u64,
+    /// Seconds from connecting to being logged in (TLS and SASL included).
+    pub login_secs: u64,
+    /// Connections not logged in yet, per IP address; one more makes the
+    /// oldest of that address's go.
+    pub unauthenticated_per_ip: usize,
+    /// Connections not logged in yet, in all; one more makes the oldest go.
+    pub unauthenticated_total: usize,
+    /// Longest delay before answering a failed login; the delay doubles with
+    /// each failure from the same address or for the same account (from 0.25 s).
+    pub failed_login_delay_max_secs: u64,
+}
+
+impl Default for C2sLimits {
+    fn default() -> Self {
+        C2sLimits {
+            tls_handshake_secs: 10,
+            login_secs: 30,
+            unauthenticated_per_ip: 64,
+            unauthenticated_total: 512,
+            failed_login_delay_max_secs: 8,
+        }
+    }
 }
 
 /// An account given in the file: the hash comes from `isthmus user hash`.
@@ -139,6 +180,9 @@ impl Default for EmbeddedConfig {
             tls_key: None,
             max_stanza_bytes: default_max_stanza_bytes(),
             users: Vec::new(),
+            scram_iterations: default_scram_iterations(),
+            plaintext_auth_on_loopback: false,
+            limits: C2sLimits::default(),
         }
     }
 }
@@ -151,6 +195,9 @@ fn default_c2s_listen() -> String {
 }
 fn default_max_stanza_bytes() -> usize {
     256 * 1024
+}
+fn default_scram_iterations() -> u32 {
+    10_000
 }
 
 /// The XEP-0114 link to the XMPP server.

@@ -135,6 +135,13 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
                 "`xmpp.embedded.tls_cert` and `tls_key` go together: give both or neither",
             ));
         }
+        if e.scram_iterations < 4096 {
+            return Err(ConfigError::at(
+                file,
+                &top,
+                "`xmpp.embedded.scram_iterations` must be at least 4096 (RFC 7677); the default is 10000",
+            ));
+        }
         if e.max_stanza_bytes < 10_000 {
             return Err(ConfigError::at(file, &top, "`xmpp.embedded.max_stanza_bytes` must be at least 10000"));
         }

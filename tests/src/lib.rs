@@ -22,6 +22,7 @@ pub mod matrix;
 pub mod matrix_scenario;
 pub mod peers;
 pub mod process;
+pub mod raw_c2s;
 pub mod relay;
 pub mod scenario;
 pub mod synapse;

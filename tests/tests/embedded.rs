@@ -9,32 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use isthmus_tests::peers::EmbeddedC2s;
 use isthmus_tests::process::{find_program, free_port};
+use isthmus_tests::raw_c2s::{HEADER, RawC2s, read_until};
 use isthmus_tests::scenario::{IrcSetup, T, embedded_password_hashes, room};
 use isthmus_tests::{C2s, IrcClient, IrcServerKind, Isthmus, XmppClient, XmppServerKind};
+use sasl::common::ChannelBinding;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn embedded() -> Result<IrcSetup> {
     IrcSetup::start_with(XmppServerKind::Embedded, IrcServerKind::Ngircd, "").await
-}
-
-const HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
-
-/// Read from `tcp` until `needle` shows up (or the peer closes); returns all read.
-async fn read_until(tcp: &mut TcpStream, needle: &str) -> Result<String> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + T;
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
-            .await
-            .with_context(|| format!("waiting for {needle}; got {}", String::from_utf8_lossy(&got)))??;
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    Ok(String::from_utf8_lossy(&got).into_owned())
 }
 
 #[tokio::test]
@@ -81,12 +64,13 @@ async fn scram_sha_256_over_starttls_and_refusals() -> Result<()> {
     };
     assert!(err.contains("not-authorized"), "unknown accounts fail the same way: {err}");
 
-    // PLAIN is neither offered nor accepted before TLS.
+    // No mechanism is offered before TLS, and STARTTLS is required.
     let mut tcp = TcpStream::connect(("127.0.0.1", s.prosody.c2s_port())).await?;
     tcp.write_all(HEADER.as_bytes()).await?;
     let features = read_until(&mut tcp, "</stream:features>").await?;
-    assert!(features.contains("SCRAM-SHA-256") && features.contains("starttls"), "{features}");
-    assert!(!features.contains(">PLAIN<"), "no PLAIN without TLS: {features}");
+    assert!(features.contains("starttls") && features.contains("<required"), "STARTTLS required: {features}");
+    // (xmpp-parsers always writes the `<mechanisms/>` element; it is empty)
+    assert!(!features.contains("<mechanism>"), "no mechanism without TLS: {features}");
     // base64("\0alice\0alicepass")
     tcp.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGFsaWNlcGFzcw==</auth>")
         .await?;
@@ -99,6 +83,139 @@ async fn scram_sha_256_over_starttls_and_refusals() -> Result<()> {
     tcp.write_all(HEADER.replace("to='localhost'", "to='example.org'").as_bytes()).await?;
     let refused = read_until(&mut tcp, "</stream:stream>").await?;
     assert!(refused.contains("host-unknown"), "{refused}");
+    alice.disconnect().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn scram_without_channel_binding_logs_in_and_plain_streams_get_no_mechanism() -> Result<()> {
+    let s = embedded().await?;
+    let ca = s.prosody.ca_file().context("embedded has a certificate")?;
+    let port = s.prosody.c2s_port();
+    for (mechanism, binding) in [
+        ("SCRAM-SHA-256", ChannelBinding::None),
+        ("SCRAM-SHA-1", ChannelBinding::None),
+        ("SCRAM-SHA-256", ChannelBinding::Unsupported),
+    ] {
+        let mut c = RawC2s::connect(port).await?.starttls(&ca).await?;
+        assert!(c.features.contains(mechanism), "{mechanism} offered over TLS: {}", c.features);
+        let header = String::from_utf8_lossy(binding.header()).into_owned();
+        let verdict = c.scram(mechanism, "alice", "alicepass", binding).await?;
+        assert_eq!(verdict, Ok(()), "{mechanism} with GS2 header {header} and the right password");
+    }
+    let mut c = RawC2s::connect(port).await?.starttls(&ca).await?;
+    let verdict = c.scram("SCRAM-SHA-256", "alice", "wrong", ChannelBinding::None).await?;
+    let failure = verdict.err().context("a wrong password is refused")?;
+    assert!(failure.contains("not-authorized"), "{failure}");
+    s.gateway.wait_log("authentication failed client_ip=127.0.0.1", 1, T).await?;
+
+    // Without TLS: nothing offered, and SCRAM refused as PLAIN is.
+    let mut c = RawC2s::connect(port).await?;
+    assert!(!c.features.contains("<mechanism>"), "no mechanism on a plain stream: {}", c.features);
+    let verdict = c.scram("SCRAM-SHA-256", "alice", "alicepass", ChannelBinding::None).await?;
+    let failure = verdict.err().context("SCRAM on a plain stream is refused")?;
+    assert!(failure.contains("encryption-required"), "{failure}");
+    Ok(())
+}
+
+/// Connections that never finish TLS (or never start it) cannot keep a real
+/// client out: past the cap the oldest go, and the rest meet the handshake deadline.
+#[tokio::test]
+async fn connections_that_never_finish_tls_do_not_keep_a_client_out() -> Result<()> {
+    const N: usize = 300;
+    let s = embedded().await?;
+    let port = s.prosody.c2s_port();
+    let mut stuck = Vec::new();
+    for i in 0..N {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        if i % 2 == 0 {
+            // Ask for TLS, then never send a ClientHello.
+            tcp.write_all(HEADER.as_bytes()).await?;
+            read_until(&mut tcp, "</stream:features>").await?;
+            tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>").await?;
+            read_until(&mut tcp, "proceed").await?;
+        }
+        stuck.push(tcp);
+    }
+    let started = std::time::Instant::now();
+    let alice = XmppClient::connect(&s.prosody, "alice@localhost/real", "alicepass").await?;
+    println!("a real client logged in {:?} after {N} stuck connections", started.elapsed());
+    assert!(alice.tls);
+    alice.disconnect().await;
+    s.gateway.wait_log("closed the oldest", 1, T).await?;
+    // Every stuck connection is closed by the server: made room for, or past the deadlines.
+    let closed = futures::future::join_all(stuck.into_iter().map(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(45), tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }))
+    .await;
+    let closed = closed.iter().filter(|c| **c).count();
+    assert_eq!(closed, N, "the server closed every stuck connection ({closed}/{N})");
+    Ok(())
+}
+
+/// A stranger's hostile streams before any login: the packet that once
+/// overflowed the stack (closing tags hidden in CDATA), and markup XMPP
+/// forbids. Each ends that stream with the right error; the gateway serves on.
+#[tokio::test]
+async fn hostile_streams_before_login_end_that_stream_and_nothing_else() -> Result<()> {
+    let s = embedded().await?;
+    let port = s.prosody.c2s_port();
+    let pid = s.gateway.pid().context("gateway running")?;
+    // About 220 kB in one write: the server stops reading at the second unit and
+    // closes, so the rest of the write may reset the connection before the
+    // stream error is read; what matters is that it is refused and nothing else is hurt.
+    let unit = format!("{}<![CDATA[{}]]>", "<a>".repeat(60), "</>".repeat(60));
+    let cdata_packet = format!("{HEADER}{}", unit.repeat(220_000 / unit.len()));
+    let (mut rd, mut wr) = TcpStream::connect(("127.0.0.1", port)).await?.into_split();
+    let writer = tokio::spawn(async move { wr.write_all(cdata_packet.as_bytes()).await.is_ok() });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    let reset = loop {
+        match tokio::time::timeout(T, rd.read(&mut buf)).await {
+            Ok(Ok(0)) => break false,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break true,
+            Err(_) => bail!("the server neither refused nor closed: {}", String::from_utf8_lossy(&answer)),
+        }
+    };
+    let wrote_all = writer.await?;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("policy-violation") || reset, "refused: {answer}");
+    assert!(answer.contains("policy-violation") || !wrote_all, "a stream error unless the write was cut: {answer}");
+    s.gateway.wait_log("nested deeper than 64 levels", 1, T).await?;
+    let cases = [
+        (&*format!("{HEADER}<!-- a comment -->"), "restricted-xml"),
+        (&*format!("{HEADER}<?php echo 1; ?>"), "restricted-xml"),
+        (&*format!("{HEADER}<!DOCTYPE x [<!ENTITY a 'b'>]>"), "restricted-xml"),
+        (
+            &*format!("{HEADER}<message><body><![CDATA[{}]]><!-- --></body></message>", "<a>".repeat(500)),
+            "restricted-xml",
+        ),
+    ];
+    for (payload, condition) in cases {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        let _ = tcp.write_all(payload.as_bytes()).await;
+        let answer = read_until(&mut tcp, "</stream:stream>").await?;
+        assert!(
+            answer.contains(condition),
+            "{condition} for {}…: {answer}",
+            &payload[HEADER.len()..][..40.min(payload.len() - HEADER.len())]
+        );
+    }
+    assert_eq!(s.gateway.pid(), Some(pid), "the gateway is the same process");
+    let mut irc = IrcClient::connect(s.irc.port(), "bob").await?;
+    irc.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "after", &room, "alice").await?;
+    alice.send_groupchat(&room, "served after the hostile streams").await?;
+    irc.expect_line(T, |l| l.contains("PRIVMSG #test :served after the hostile streams")).await?;
     alice.disconnect().await;
     Ok(())
 }
@@ -148,7 +265,7 @@ async fn a_ten_mib_stanza_ends_that_stream_and_nothing_else() -> Result<()> {
     let big = "a".repeat(10 * 1024 * 1024);
     alice.send_raw(&format!("<message to='bob@localhost' type='chat'><body>{big}</body></message>")).await?;
     alice.expect_disconnected(Duration::from_secs(60)).await?;
-    s.gateway.wait_log("stanza over the size limit", 2, T).await?;
+    s.gateway.wait_log("stanza over a limit", 2, T).await?;
 
     // The server is unaffected: same process, logins and the IRC path work.
     assert_eq!(s.gateway.pid(), Some(pid));
@@ -180,7 +297,7 @@ async fn go_sendxmpp_and_slixmpp_talk_both_ways() -> Result<()> {
         .spawn()?;
     send.stdin.take().context("stdin")?.write_all(b"hello from go-sendxmpp\n").await?;
     let out = tokio::time::timeout(T, send.wait_with_output()).await??;
-    ensure!(out.status.success(), "go-sendxmpp failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "go-sendxmpp failed: {}\n{}", String::from_utf8_lossy(&out.stderr), s.gateway.log());
     let m = alice.expect(T, |st| st.kind == "message" && st.body.as_deref() == Some("hello from go-sendxmpp")).await?;
     assert!(m.from.starts_with("bob@localhost/"), "from bob's resource: {}", m.from);
 
@@ -222,6 +339,9 @@ async fn two_hundred_clients_log_in_at_once() -> Result<()> {
     for i in 0..N {
         config += &format!("      - {{ jid: u{i}@localhost, password_hash: \"{hash}\" }}\n");
     }
+    // All of them log in from one address at once: more than the default cap of
+    // connections not logged in yet per address, which is for strangers.
+    config += "    limits: { unauthenticated_per_ip: 1000 }\n";
     config += "store:\n  url: sqlite://{dir}/isthmus.db\n";
     let gateway = Isthmus::start(&config, &[]).await?;
     gateway.wait_log("accepting XMPP clients", 1, T).await?;

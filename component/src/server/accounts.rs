@@ -1,18 +1,17 @@
 //! Accounts of the embedded server: SCRAM credentials (SHA-1 and SHA-256 salted
 //! passwords with their salt and iteration count), how they are made from a
-//! password, stored, and checked by the `sasl` crate's server mechanisms.
+//! password, stored, and checked (SCRAM in `scram.rs`, PLAIN here).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use isthmus_core::store::{LocalUserRecord, Store, StoreError};
-use sasl::common::Identity;
-use sasl::secret::{self, Pbkdf2Sha1, Pbkdf2Sha256};
-use sasl::server::{Provider, ProviderError, Validator, ValidatorError};
+use sasl::secret::{Pbkdf2Sha1, Pbkdf2Sha256};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 
-/// PBKDF2 rounds for new credentials (RFC 7677 asks for at least 4096).
-pub const ITERATIONS: u32 = 4096;
+/// PBKDF2 rounds for new credentials unless the configuration says otherwise
+/// (`xmpp.embedded.scram_iterations`); RFC 7677 asks for at least 4096.
+pub const DEFAULT_ITERATIONS: u32 = 10_000;
 
 #[derive(Debug, Error)]
 pub enum AccountError {
@@ -36,15 +35,15 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Derive fresh credentials (new random salt) from a password.
-    pub fn from_password(password: &str) -> Result<Credentials, AccountError> {
+    /// Derive fresh credentials (new random salt, `iterations` rounds) from a password.
+    pub fn from_password(password: &str, iterations: u32) -> Result<Credentials, AccountError> {
         if password.is_empty() {
             return Err(AccountError::EmptyPassword);
         }
         let salt: [u8; 16] = rand::random();
         Ok(Credentials {
-            sha1: Pbkdf2Sha1::derive(password, &salt, ITERATIONS).map_err(|e| AccountError::Derive(e.to_string()))?,
-            sha256: Pbkdf2Sha256::derive(password, &salt, ITERATIONS)
+            sha1: Pbkdf2Sha1::derive(password, &salt, iterations).map_err(|e| AccountError::Derive(e.to_string()))?,
+            sha256: Pbkdf2Sha256::derive(password, &salt, iterations)
                 .map_err(|e| AccountError::Derive(e.to_string()))?,
         })
     }
@@ -127,10 +126,10 @@ pub fn account_jid(jid: &str) -> Result<String, AccountError> {
     }
 }
 
-/// Create or change an account's password in the store.
-pub async fn set_password(store: &Store, jid: &str, password: &str) -> Result<(), AccountError> {
+/// Create or change an account's password in the store (`iterations` PBKDF2 rounds).
+pub async fn set_password(store: &Store, jid: &str, password: &str, iterations: u32) -> Result<(), AccountError> {
     let jid = account_jid(jid)?;
-    store.upsert_local_user(&Credentials::from_password(password)?.record(&jid)).await?;
+    store.upsert_local_user(&Credentials::from_password(password, iterations)?.record(&jid)).await?;
     Ok(())
 }
 
@@ -147,40 +146,13 @@ pub async fn lookup(
     Ok(store.local_user(&jid).await?.as_ref().and_then(Credentials::from_record))
 }
 
-/// What the SASL mechanisms ask about the one account being authenticated.
-/// `None`: no such account (authentication fails the same way as a wrong password).
-pub struct Known(pub Option<Credentials>);
-
-impl Validator<secret::Plain> for Known {
-    fn validate(&self, _identity: &Identity, value: &secret::Plain) -> Result<(), ValidatorError> {
-        match &self.0 {
-            Some(c) if c.check(&value.0) => Ok(()),
-            _ => Err(ValidatorError::AuthenticationFailed),
-        }
-    }
-}
-
-impl Provider<Pbkdf2Sha1> for Known {
-    fn provide(&self, _identity: &Identity) -> Result<Pbkdf2Sha1, ProviderError> {
-        self.0.as_ref().map(|c| c.sha1.clone()).ok_or(ProviderError::AuthenticationFailed)
-    }
-}
-sasl::impl_validator_using_provider!(Known, Pbkdf2Sha1);
-
-impl Provider<Pbkdf2Sha256> for Known {
-    fn provide(&self, _identity: &Identity) -> Result<Pbkdf2Sha256, ProviderError> {
-        self.0.as_ref().map(|c| c.sha256.clone()).ok_or(ProviderError::AuthenticationFailed)
-    }
-}
-sasl::impl_validator_using_provider!(Known, Pbkdf2Sha256);
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn hash_string_round_trips_and_checks() {
-        let c = Credentials::from_password("s3cret").expect("derive");
+        let c = Credentials::from_password("s3cret", 4096).expect("derive");
         let s = c.to_hash_string();
         assert!(!s.contains("s3cret"));
         let back = Credentials::from_hash_string(&s).expect("parse");
@@ -203,7 +175,7 @@ mod tests {
     async fn store_round_trip() {
         let store = Store::connect("sqlite::memory:", 1).await.expect("store");
         store.migrate().await.expect("migrate");
-        set_password(&store, "bob@localhost", "pw").await.expect("add");
+        set_password(&store, "bob@localhost", "pw", 4096).await.expect("add");
         let c = lookup(&store, &[], "Bob@localhost").await.expect("lookup").expect("exists");
         assert!(c.check("pw"));
         assert!(lookup(&store, &[], "nobody@localhost").await.expect("lookup").is_none());

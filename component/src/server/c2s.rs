@@ -4,18 +4,18 @@
 //! stanza size limit is enforced on the bytes read between two elements.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::nesting::{NestingCounter, TooDeep};
+use crate::nesting::{NestingCounter, Refused};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::{SinkExt, StreamExt};
-use sasl::server::mechanisms::{Plain, Scram};
-use sasl::server::{Mechanism, Response};
+use sasl::common::scram::{Sha1, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -28,7 +28,8 @@ use tokio_xmpp::xmlstream::{AcceptedStream, ReadError, StreamHeader, Timeouts, X
 use tracing::{debug, info, warn};
 
 use super::Server;
-use super::accounts::{self, Known};
+use super::accounts;
+use super::scram;
 use super::xml::{self, BIND, CLIENT, SASL, SESSION, TLS, elem, with_child, with_text};
 
 /// The transport under the XML stream: TCP, then TLS over it.
@@ -50,6 +51,10 @@ impl AsyncRead for Limited {
         if self.read.load(Ordering::Relaxed) > self.limit {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, TooLarge)));
         }
+        if let Some(refused) = self.nesting.refused() {
+            // Refused in an earlier read, whose bytes before the refused one were passed on.
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, refused)));
+        }
         let before = buf.filled().len();
         let this = &mut *self;
         let r = match &mut this.conn {
@@ -58,11 +63,16 @@ impl AsyncRead for Limited {
         };
         if let Poll::Ready(Ok(())) = r {
             this.read.fetch_add(buf.filled().len() - before, Ordering::Relaxed);
-            if !this.nesting.feed(&buf.filled()[before..]) {
-                // Nothing of this read reaches the parser: the tree never grows past the limit.
-                buf.set_filled(before);
-                this.read.store(usize::MAX, Ordering::Relaxed);
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, TooDeep)));
+            match this.nesting.scan(&buf.filled()[before..]) {
+                Ok(()) => {}
+                // Nothing from the refused byte on reaches the parser: the tree never grows
+                // past the limit. What came before it does (the stream header among it, so
+                // that the stream error can be sent), and the next read fails.
+                Err((0, refused)) => {
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, refused)));
+                }
+                Err((passed, _)) => buf.set_filled(before + passed),
             }
         }
         r
@@ -111,8 +121,11 @@ enum Phase {
 
 struct Negotiation {
     tls: bool,
+    /// SASL allowed without TLS (a loopback client, when the configuration allows it).
+    plain_auth: bool,
     phase: Phase,
     user: Option<String>,
+    ip: IpAddr,
 }
 
 const TIMEOUTS: Timeouts =
@@ -120,48 +133,79 @@ const TIMEOUTS: Timeouts =
 
 /// Serve one client connection until it ends.
 pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
-    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = tcp.peer_addr().ok();
+    let ip = addr.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let peer = addr.map(|a| a.to_string()).unwrap_or_default();
     let _ = tcp.set_nodelay(true);
+    let (ticket, evicted) = server.gate.admit(ip);
+    if evicted > 0 {
+        info!(%peer, evicted, pending = server.gate.pending(), "too many connections not logged in: closed the oldest");
+    }
     let read = Arc::new(AtomicUsize::new(0));
-    let limit = server.max_stanza_bytes;
-    let conn = if direct_tls {
-        match server.tls.acceptor.accept(tcp).await {
-            Ok(s) => Conn::Tls(Box::new(s)),
-            Err(e) => {
-                debug!(%peer, error = %e, "TLS handshake failed");
+    let deadline = Duration::from_secs(server.gate.limits().login_secs);
+    let bound = tokio::select! {
+        r = tokio::time::timeout(deadline, log_in(&server, tcp, direct_tls, ip, &read, &peer)) => match r {
+            Ok(Some(bound)) => bound,
+            Ok(None) => return,
+            Err(_) => {
+                info!(%peer, seconds = deadline.as_secs(), "not logged in in time; closing the connection");
                 return;
             }
-        }
-    } else {
-        Conn::Plain(tcp)
-    };
-    let io = BufStream::new(Limited { conn, read: read.clone(), limit, nesting: NestingCounter::default() });
-    let accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
-        Ok(a) => a,
-        Err(e) => {
-            debug!(%peer, error = %e, "no stream header");
+        },
+        _ = ticket.evicted.cancelled() => {
+            debug!(%peer, "closed to make room for newer connections");
             return;
         }
     };
-    let mut state = Negotiation { tls: direct_tls, phase: Phase::Fresh, user: None };
-    let mut accepted = accepted;
-    loop {
-        match negotiate(&server, accepted, &mut state, &read, &peer).await {
-            Step::Restart(a) => accepted = a,
-            Step::Bound(stream, full) => {
-                session(&server, stream, full, &read, &peer).await;
-                return;
+    ticket.logged_in();
+    let (stream, full) = bound;
+    session(&server, stream, full, &read, &peer).await;
+}
+
+/// TLS (direct or STARTTLS), SASL and resource binding, with the TLS handshake
+/// under its own deadline: the bound stream and its full JID, or `None`.
+async fn log_in(
+    server: &Arc<Server>,
+    tcp: TcpStream,
+    direct_tls: bool,
+    ip: IpAddr,
+    read: &Arc<AtomicUsize>,
+    peer: &str,
+) -> Option<(Stream, String)> {
+    let limit = server.max_stanza_bytes;
+    let handshake = Duration::from_secs(server.gate.limits().tls_handshake_secs);
+    let tls_accept = |tcp: TcpStream| async move {
+        match tokio::time::timeout(handshake, server.tls.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                None
             }
+            Err(_) => {
+                debug!(%peer, "TLS handshake not finished in time");
+                None
+            }
+        }
+    };
+    let conn = if direct_tls { Conn::Tls(Box::new(tls_accept(tcp).await?)) } else { Conn::Plain(tcp) };
+    let io = BufStream::new(Limited { conn, read: read.clone(), limit, nesting: NestingCounter::default() });
+    let mut accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(%peer, error = %e, "no stream header");
+            return None;
+        }
+    };
+    let plain_auth = server.plaintext_auth_on_loopback && ip.is_loopback();
+    let mut state = Negotiation { tls: direct_tls, plain_auth, phase: Phase::Fresh, user: None, ip };
+    loop {
+        match negotiate(server, accepted, &mut state, read, peer).await {
+            Step::Restart(a) => accepted = a,
+            Step::Bound(stream, full) => return Some((stream, full)),
             Step::StartTls(io) => {
                 let Limited { conn, .. } = io.into_inner();
-                let Conn::Plain(tcp) = conn else { return };
-                let tls = match server.tls.acceptor.accept(tcp).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                };
+                let Conn::Plain(tcp) = conn else { return None };
+                let tls = tls_accept(tcp).await?;
                 state.tls = true;
                 read.store(0, Ordering::Relaxed);
                 let io = BufStream::new(Limited {
@@ -170,12 +214,9 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, direct_tls: bool) {
                     limit,
                     nesting: NestingCounter::default(),
                 });
-                accepted = match accept_stream(io, CLIENT, TIMEOUTS).await {
-                    Ok(a) => a,
-                    Err(_) => return,
-                };
+                accepted = accept_stream(io, CLIENT, TIMEOUTS).await.ok()?;
             }
-            Step::End => return,
+            Step::End => return None,
         }
     }
 }
@@ -215,11 +256,14 @@ async fn negotiate(
     let mut features = StreamFeatures::default();
     match state.phase {
         Phase::Fresh => {
+            // No mechanism before TLS (RFC 6120 §13.8): a password is never offered up in clear.
             if !state.tls {
-                features.starttls = Some(StartTls { required: false });
+                features.starttls = Some(StartTls { required: !state.plain_auth });
             }
-            features.sasl_mechanisms.insert("SCRAM-SHA-256".into());
-            features.sasl_mechanisms.insert("SCRAM-SHA-1".into());
+            if state.tls || state.plain_auth {
+                features.sasl_mechanisms.insert("SCRAM-SHA-256".into());
+                features.sasl_mechanisms.insert("SCRAM-SHA-1".into());
+            }
             if state.tls {
                 features.sasl_mechanisms.insert("PLAIN".into());
             }
@@ -237,9 +281,14 @@ async fn negotiate(
     loop {
         let el = match next(&mut stream, read).await {
             Next::Element(el) => el,
-            Next::TooLarge => {
-                warn!(%peer, "stanza over the size limit during negotiation; closing the stream");
-                stream_error(&mut stream, DefinedCondition::PolicyViolation, "stanza too large").await;
+            Next::TooLarge(text) => {
+                warn!(%peer, %text, "stanza over a limit during negotiation; closing the stream");
+                stream_error(&mut stream, DefinedCondition::PolicyViolation, &text).await;
+                return Step::End;
+            }
+            Next::Restricted(text) => {
+                warn!(%peer, %text, "forbidden XML during negotiation; closing the stream");
+                stream_error(&mut stream, DefinedCondition::RestrictedXml, &text).await;
                 return Step::End;
             }
             Next::Malformed(e) => {
@@ -255,38 +304,52 @@ async fn negotiate(
                 }
                 return Step::StartTls(stream.into_inner());
             }
-            (Phase::Fresh, "auth", SASL) => match authenticate(server, &mut stream, &el, state.tls, read).await {
-                Ok(Some((user, success))) => {
-                    info!(%peer, %user, "authenticated");
-                    state.user = Some(user);
-                    state.phase = Phase::Authenticated;
-                    read.store(0, Ordering::Relaxed);
-                    // A restart by hand rather than `accept_reset`: some clients (go-xmpp)
-                    // send whitespace before the new header, which a reset parser refuses.
-                    if stream.send(&success).await.is_err() {
-                        return Step::End;
-                    }
-                    let mut io = stream.into_inner();
-                    return match skip_whitespace(&mut io).await {
-                        Ok(()) => match accept_stream(io, CLIENT, TIMEOUTS).await {
-                            Ok(a) => Step::Restart(a),
-                            Err(e) => {
-                                debug!(%peer, error = %e, "no stream restart after authentication");
-                                Step::End
-                            }
-                        },
-                        Err(_) => Step::End,
-                    };
+            (Phase::Fresh, "auth", SASL) if !state.tls && !state.plain_auth => {
+                let f = with_child(Element::bare("failure", SASL), Element::bare("encryption-required", SASL));
+                let text = "use STARTTLS first: no password is taken on a stream without TLS";
+                let f = with_child(f, with_text(elem("text", SASL, &[("xml:lang", "en")]), text));
+                if stream.send(&f).await.is_err() {
+                    return Step::End;
                 }
-                Ok(None) => {
-                    failures += 1;
-                    if failures >= 3 {
-                        stream_error(&mut stream, DefinedCondition::PolicyViolation, "too many failed logins").await;
-                        return Step::End;
+            }
+            (Phase::Fresh, "auth", SASL) => {
+                match authenticate(server, &mut stream, &el, state.tls, read, state.ip, peer).await {
+                    Ok(Some((user, success))) => {
+                        info!(%peer, %user, "authenticated");
+                        state.user = Some(user);
+                        state.phase = Phase::Authenticated;
+                        read.store(0, Ordering::Relaxed);
+                        // A restart by hand rather than `accept_reset`: some clients (go-xmpp)
+                        // send whitespace before the new header, which a reset parser refuses.
+                        if stream.send(&success).await.is_err() {
+                            return Step::End;
+                        }
+                        let mut io = stream.into_inner();
+                        // A new stream: it may open with an XML declaration again.
+                        io.get_mut().nesting = NestingCounter::default();
+                        return match skip_whitespace(&mut io).await {
+                            Ok(()) => match accept_stream(io, CLIENT, TIMEOUTS).await {
+                                Ok(a) => Step::Restart(a),
+                                Err(e) => {
+                                    debug!(%peer, error = %e, "no stream restart after authentication");
+                                    Step::End
+                                }
+                            },
+                            Err(_) => Step::End,
+                        };
                     }
+                    Ok(None) => {
+                        failures += 1;
+                        if failures >= 3 {
+                            warn!(%peer, "three failed logins on one connection; closing it");
+                            stream_error(&mut stream, DefinedCondition::PolicyViolation, "too many failed logins")
+                                .await;
+                            return Step::End;
+                        }
+                    }
+                    Err(()) => return Step::End,
                 }
-                Err(()) => return Step::End,
-            },
+            }
             (Phase::Authenticated, "iq", CLIENT) if el.get_child("bind", BIND).is_some() => {
                 let Some(user) = state.user.clone() else { return Step::End };
                 let wanted = el
@@ -336,7 +399,10 @@ async fn skip_whitespace(io: &mut Io) -> io::Result<()> {
 
 enum Next {
     Element(Element),
-    TooLarge,
+    /// Over the size or depth limit: the text says which.
+    TooLarge(String),
+    /// Markup XMPP forbids (comments, processing instructions, declarations).
+    Restricted(String),
     Malformed(String),
     End,
 }
@@ -353,10 +419,14 @@ async fn next(stream: &mut Stream, read: &AtomicUsize) -> Next {
                 let ping = elem("iq", CLIENT, &[("type", "get"), ("id", "c2s-keepalive")]);
                 let _ = stream.send(&with_child(ping, Element::bare("ping", xml::PING))).await;
             }
-            Some(Err(ReadError::HardError(e)))
-                if e.get_ref().is_some_and(|i| i.is::<TooLarge>() || i.is::<TooDeep>()) =>
-            {
-                return Next::TooLarge;
+            Some(Err(ReadError::HardError(e))) if e.get_ref().is_some_and(|i| i.is::<TooLarge>()) => {
+                return Next::TooLarge(e.to_string());
+            }
+            Some(Err(ReadError::HardError(e))) if e.get_ref().is_some_and(|i| i.is::<Refused>()) => {
+                return match e.get_ref().and_then(|i| i.downcast_ref::<Refused>()) {
+                    Some(Refused::Restricted(_)) => Next::Restricted(e.to_string()),
+                    _ => Next::TooLarge(e.to_string()),
+                };
             }
             Some(Err(ReadError::ParseError(e))) => return Next::Malformed(e.to_string()),
             Some(Err(ReadError::HardError(e))) if e.kind() == io::ErrorKind::InvalidData => {
@@ -375,6 +445,8 @@ async fn authenticate(
     auth: &Element,
     tls: bool,
     read: &AtomicUsize,
+    ip: IpAddr,
+    peer: &str,
 ) -> Result<Option<(String, Element)>, ()> {
     let mechanism = auth.attr("mechanism").unwrap_or_default().to_owned();
     let initial = decode(&auth.text());
@@ -386,15 +458,18 @@ async fn authenticate(
         stream.send(&fail("incorrect-encoding", "not base64")).await.map_err(|_| ())?;
         return Ok(None);
     };
-    let username = match mechanism.as_str() {
-        "PLAIN" => initial.split(|&b| b == 0).nth(1).map(|u| String::from_utf8_lossy(u).into_owned()),
-        "SCRAM-SHA-1" | "SCRAM-SHA-256" => String::from_utf8_lossy(&initial)
-            .split(',')
-            .find_map(|p| p.strip_prefix("n="))
-            .map(|u| u.replace("=2C", ",").replace("=3D", "=")),
+    let scram_first = match mechanism.as_str() {
+        "PLAIN" => None,
+        "SCRAM-SHA-1" | "SCRAM-SHA-256" => match scram::parse_client_first(&initial) {
+            Ok(first) => Some(first),
+            Err(e) => {
+                stream.send(&fail("malformed-request", &e.to_string())).await.map_err(|_| ())?;
+                return Ok(None);
+            }
+        },
         _ => {
             stream
-                .send(&fail("invalid-mechanism", "offered: SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS"))
+                .send(&fail("invalid-mechanism", "offered: SCRAM-SHA-256, SCRAM-SHA-1, PLAIN"))
                 .await
                 .map_err(|_| ())?;
             return Ok(None);
@@ -407,59 +482,109 @@ async fn authenticate(
             .map_err(|_| ())?;
         return Ok(None);
     }
+    let username = match &scram_first {
+        Some(first) => Some(first.username.clone()),
+        None => initial.split(|&b| b == 0).nth(1).map(|u| String::from_utf8_lossy(u).into_owned()),
+    };
     let Some(username) = username.filter(|u| !u.is_empty() && !u.contains('@')) else {
         stream.send(&fail("malformed-request", "no username")).await.map_err(|_| ())?;
         return Ok(None);
     };
     let jid = format!("{}@{}", username.to_lowercase(), server.domain);
+    // An authorization identity, if given, must be the account itself.
+    let authzid = match &scram_first {
+        Some(first) => first.authzid.clone(),
+        None => initial.split(|&b| b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()),
+    };
+    if authzid.is_some_and(|a| !a.is_empty() && !a.eq_ignore_ascii_case(&jid)) {
+        stream.send(&fail("invalid-authzid", "you may only act as your own account")).await.map_err(|_| ())?;
+        return Ok(None);
+    }
     let known = match accounts::lookup(&server.store, &server.listed_users, &jid).await {
-        Ok(c) => Known(c),
+        Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot read accounts");
             stream.send(&fail("temporary-auth-failure", "the account store is unavailable")).await.map_err(|_| ())?;
             return Ok(None);
         }
     };
-    let mut mech: Box<dyn Mechanism + Send> = match mechanism.as_str() {
-        "PLAIN" => Box::new(Plain::new(known)),
-        "SCRAM-SHA-1" => {
-            Box::new(Scram::<sasl::common::scram::Sha1, _>::new(known, sasl::common::ChannelBinding::Unsupported))
-        }
-        _ => Box::new(Scram::<sasl::common::scram::Sha256, _>::new(known, sasl::common::ChannelBinding::Unsupported)),
+    // A failed login is logged for fail2ban (docs/security.md) and answered after a delay
+    // that grows with each failure from this address or for this account.
+    let refused = |jid: &str| {
+        warn!(client_ip = %ip, %peer, user = %jid, mechanism = %mechanism, "authentication failed");
+        let delay = server.gate.failed(ip, jid);
+        (delay, fail("not-authorized", "wrong user name or password"))
     };
-    let mut data = initial;
-    loop {
-        match mech.respond(&data) {
-            Ok(Response::Success(_, extra)) => {
-                let mut success = Element::bare("success", SASL);
-                if !extra.is_empty() {
-                    success.append_text(B64.encode(extra));
-                }
-                return Ok(Some((jid, success)));
+    let Some(first) = scram_first else {
+        // PLAIN: authzid NUL authcid NUL password, checked in constant time.
+        let password = initial.split(|&b| b == 0).nth(2).map(|p| String::from_utf8_lossy(p).into_owned());
+        return match (known, password) {
+            (Some(c), Some(p)) if c.check(&p) => {
+                server.gate.succeeded(&jid);
+                Ok(Some((jid, Element::bare("success", SASL))))
             }
-            Ok(Response::Proceed(challenge)) => {
-                let c = with_text(Element::bare("challenge", SASL), &B64.encode(challenge));
-                stream.send(&c).await.map_err(|_| ())?;
-                match next(stream, read).await {
-                    Next::Element(el) if el.is("response", SASL) => match decode(&el.text()) {
-                        Some(d) => data = d,
-                        None => {
-                            stream.send(&fail("incorrect-encoding", "not base64")).await.map_err(|_| ())?;
-                            return Ok(None);
-                        }
-                    },
-                    Next::Element(el) if el.is("abort", SASL) => {
-                        stream.send(&fail("aborted", "aborted")).await.map_err(|_| ())?;
-                        return Ok(None);
-                    }
-                    _ => return Err(()),
-                }
+            _ => {
+                let (delay, failure) = refused(&jid);
+                tokio::time::sleep(delay).await;
+                stream.send(&failure).await.map_err(|_| ())?;
+                Ok(None)
             }
-            Err(e) => {
-                debug!(user = %jid, error = %e, "authentication failed");
-                stream.send(&fail("not-authorized", "wrong user name or password")).await.map_err(|_| ())?;
+        };
+    };
+    let fake_key = &server.auth_fake_key;
+    let iterations = server.scram_iterations;
+    // Each mechanism's exchange, as one closure over the client's final message.
+    type Finish = Box<dyn FnOnce(&[u8]) -> Result<Vec<u8>, scram::ScramError> + Send>;
+    let (challenge, finish): (Vec<u8>, Finish) = if mechanism == "SCRAM-SHA-1" {
+        let secret = known.as_ref().map(|c| scram::StoredSecret {
+            salt: &c.sha1.salt,
+            iterations: c.sha1.iterations,
+            salted_password: &c.sha1.digest,
+        });
+        let (exchange, challenge) = scram::Exchange::<Sha1>::start(first, secret, fake_key, iterations);
+        (challenge, Box::new(move |m| exchange.finish(m)))
+    } else {
+        let secret = known.as_ref().map(|c| scram::StoredSecret {
+            salt: &c.sha256.salt,
+            iterations: c.sha256.iterations,
+            salted_password: &c.sha256.digest,
+        });
+        let (exchange, challenge) = scram::Exchange::<Sha256>::start(first, secret, fake_key, iterations);
+        (challenge, Box::new(move |m| exchange.finish(m)))
+    };
+    let c = with_text(Element::bare("challenge", SASL), &B64.encode(challenge));
+    stream.send(&c).await.map_err(|_| ())?;
+    let response = match next(stream, read).await {
+        Next::Element(el) if el.is("response", SASL) => match decode(&el.text()) {
+            Some(d) => d,
+            None => {
+                stream.send(&fail("incorrect-encoding", "not base64")).await.map_err(|_| ())?;
                 return Ok(None);
             }
+        },
+        Next::Element(el) if el.is("abort", SASL) => {
+            stream.send(&fail("aborted", "aborted")).await.map_err(|_| ())?;
+            return Ok(None);
+        }
+        _ => return Err(()),
+    };
+    match finish(&response) {
+        Ok(server_final) => {
+            server.gate.succeeded(&jid);
+            let mut success = Element::bare("success", SASL);
+            success.append_text(B64.encode(server_final));
+            Ok(Some((jid, success)))
+        }
+        Err(scram::ScramError::AuthenticationFailed) => {
+            let (delay, failure) = refused(&jid);
+            tokio::time::sleep(delay).await;
+            stream.send(&failure).await.map_err(|_| ())?;
+            Ok(None)
+        }
+        Err(e) => {
+            debug!(%peer, user = %jid, error = %e, "malformed SCRAM response");
+            stream.send(&fail("malformed-request", &e.to_string())).await.map_err(|_| ())?;
+            Ok(None)
         }
     }
 }
@@ -495,10 +620,15 @@ async fn session(server: &Arc<Server>, mut stream: Stream, full: String, read: &
                     }
                     server.handle_from_client(&full, el).await;
                 }
-                Next::TooLarge => {
-                    warn!(jid = %full, "stanza over the size limit; closing the stream");
-                    stream_error(&mut stream, DefinedCondition::PolicyViolation, "stanza too large").await;
-                    break "stanza too large";
+                Next::TooLarge(text) => {
+                    warn!(jid = %full, %peer, %text, "stanza over a limit; closing the stream");
+                    stream_error(&mut stream, DefinedCondition::PolicyViolation, &text).await;
+                    break "stanza over a limit";
+                }
+                Next::Restricted(text) => {
+                    warn!(jid = %full, %peer, %text, "forbidden XML; closing the stream");
+                    stream_error(&mut stream, DefinedCondition::RestrictedXml, &text).await;
+                    break "forbidden XML";
                 }
                 Next::Malformed(e) => {
                     stream_error(&mut stream, DefinedCondition::NotWellFormed, &e).await;

@@ -5,7 +5,9 @@
 
 pub mod accounts;
 mod c2s;
+mod gate;
 mod roster;
+mod scram;
 pub mod tls;
 pub mod xml;
 
@@ -53,6 +55,12 @@ pub struct Server {
     pub(crate) listed_users: Vec<(String, Credentials)>,
     pub(crate) max_stanza_bytes: usize,
     pub(crate) tls: tls::Tls,
+    /// PBKDF2 rounds for new passwords and unknown accounts' salts.
+    pub(crate) scram_iterations: u32,
+    /// Salts shown for unknown accounts are derived from this (new each start).
+    pub(crate) auth_fake_key: [u8; 32],
+    pub(crate) plaintext_auth_on_loopback: bool,
+    pub(crate) gate: Arc<gate::Gate>,
     /// Network domains and their human name (for disco#items).
     networks: Vec<(String, String)>,
     gateway: Arc<Gateway>,
@@ -90,6 +98,10 @@ impl Server {
             listed_users,
             max_stanza_bytes: config.max_stanza_bytes,
             tls,
+            scram_iterations: config.scram_iterations,
+            auth_fake_key: rand::random(),
+            plaintext_auth_on_loopback: config.plaintext_auth_on_loopback,
+            gate: gate::Gate::new(config.limits.clone()),
             networks,
             gateway,
             sessions: Mutex::new(HashMap::new()),
@@ -113,7 +125,9 @@ impl Server {
             let mut rng = rand::rng();
             (0..16).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
         };
-        accounts::set_password(&self.store, &jid, &password).await.map_err(|e| ServerError::Account(jid.clone(), e))?;
+        accounts::set_password(&self.store, &jid, &password, self.scram_iterations)
+            .await
+            .map_err(|e| ServerError::Account(jid.clone(), e))?;
         warn!(
             account = %jid,
             password = %password,
