@@ -87,6 +87,37 @@ impl RawC2s<TcpStream> {
     }
 }
 
+/// Log `user@localhost/resource` in over STARTTLS with SCRAM-SHA-256 and bind,
+/// reading through a receive buffer of `recv_buffer` bytes (small, to stop
+/// reading soon after).
+pub async fn log_in(
+    port: u16,
+    cert_file: &std::path::Path,
+    user: &str,
+    password: &str,
+    resource: &str,
+    recv_buffer: u32,
+) -> Result<RawC2s<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(recv_buffer)?;
+    let mut io = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    io.write_all(HEADER.as_bytes()).await?;
+    let features = read_until(&mut io, "</stream:features>").await?;
+    let mut c = RawC2s { io, features }.starttls(cert_file).await?;
+    if let Err(failure) = c.scram("SCRAM-SHA-256", user, password, ChannelBinding::None).await? {
+        bail!("login refused: {failure}");
+    }
+    c.send(HEADER).await?;
+    c.read_until("</stream:features>").await?;
+    c.send(&format!(
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+    ))
+    .await?;
+    c.read_until("</iq>").await?;
+    c.send("<presence/>").await?;
+    Ok(c)
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> RawC2s<S> {
     pub async fn send(&mut self, xml: &str) -> Result<()> {
         self.io.write_all(xml.as_bytes()).await?;

@@ -220,6 +220,41 @@ async fn hostile_streams_before_login_end_that_stream_and_nothing_else() -> Resu
     Ok(())
 }
 
+/// A client that stops reading cannot make the server hold an unbounded
+/// queue: past the bound its stream is closed, and the senders of what it did
+/// not take get an error, not silence.
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_and_its_senders_are_told() -> Result<()> {
+    let s = embedded().await?;
+    let ca = s.prosody.ca_file().context("embedded has a certificate")?;
+    let bob = isthmus_tests::raw_c2s::log_in(s.prosody.c2s_port(), &ca, "bob", "bobpass", "deaf", 4096).await?;
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/talker", "alicepass").await?;
+    let body = "x".repeat(1000);
+    let mut sent = 0;
+    let mut refused = None;
+    while sent < 20_000 && refused.is_none() {
+        for _ in 0..500 {
+            alice
+                .send_raw(&format!(
+                    "<message to='bob@localhost' type='chat' id='m{sent}'><body>{body}</body></message>"
+                ))
+                .await?;
+            sent += 1;
+        }
+        refused = alice.expect(Duration::from_millis(200), |st| st.kind == "message" && st.type_ == "error").await.ok();
+    }
+    let refused = refused.with_context(|| format!("no error after {sent} messages to a client that reads nothing"))?;
+    println!("the first refusal came after {sent} messages: {}", refused.xml);
+    assert!(refused.xml.contains("resource-constraint"), "{}", refused.xml);
+    s.gateway.wait_log("does not read what is sent to it", 1, T).await?;
+    drop(bob);
+    // The server serves on: bob logs in again and gets a new message.
+    let mut bob = XmppClient::connect(&s.prosody, "bob@localhost/again", "bobpass").await?;
+    alice.send_raw("<message to='bob@localhost/again' type='chat' id='after'><body>after</body></message>").await?;
+    bob.expect(T, |st| st.kind == "message" && st.body.as_deref() == Some("after")).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_ten_mib_stanza_ends_that_stream_and_nothing_else() -> Result<()> {
     let s = embedded().await?;

@@ -601,8 +601,9 @@ fn decode(text: &str) -> Option<Vec<u8>> {
 /// The bound session: stanzas from the client go to the server's router; what
 /// the router has for this resource goes to the client.
 async fn session(server: &Arc<Server>, mut stream: Stream, full: String, read: &AtomicUsize, peer: &str) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Element>();
-    server.attach(&full, tx);
+    let (tx, mut rx) = mpsc::channel::<Element>(super::SESSION_QUEUE);
+    let congested = tokio_util::sync::CancellationToken::new();
+    server.attach(&full, tx, congested.clone());
     info!(%peer, jid = %full, "session started");
     let reason = loop {
         tokio::select! {
@@ -641,13 +642,27 @@ async fn session(server: &Arc<Server>, mut stream: Stream, full: String, read: &
             },
             out = rx.recv() => match out {
                 Some(el) => {
-                    if stream.send(&el).await.is_err() { break "write failed"; }
+                    // A write blocks while the client reads nothing: its queue filling up ends it.
+                    tokio::select! {
+                        written = stream.send(&el) => if written.is_err() { break "write failed"; },
+                        _ = congested.cancelled() => {}
+                    }
                 }
                 None => {
                     stream_error(&mut stream, DefinedCondition::Conflict, "replaced by a new session").await;
                     break "replaced";
                 }
             },
+            _ = congested.cancelled() => {
+                let text = format!("{} stanzas waited for this client to read them; its stream is closed", super::SESSION_QUEUE);
+                warn!(jid = %full, %peer, "the client does not read what is sent to it; closing its stream");
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream_error(&mut stream, DefinedCondition::PolicyViolation, &text),
+                )
+                .await;
+                break "not reading";
+            }
         }
     };
     info!(jid = %full, reason, "session ended");

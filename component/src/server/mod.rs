@@ -37,9 +37,16 @@ pub enum ServerError {
     Account(String, accounts::AccountError),
 }
 
+/// Stanzas waiting for one client to read them. Past it the client is not
+/// reading: its stream is closed, and what could not be queued is refused to
+/// its senders as to a client that is offline.
+pub(crate) const SESSION_QUEUE: usize = 4096;
+
 /// One bound client resource.
 struct Session {
-    to_client: mpsc::UnboundedSender<Element>,
+    to_client: mpsc::Sender<Element>,
+    /// Cancelled when the client's queue is full (see [`SESSION_QUEUE`]).
+    congested: tokio_util::sync::CancellationToken,
     /// The last broadcast presence; `None` until the client sends one.
     presence: Option<Element>,
     carbons: bool,
@@ -186,10 +193,16 @@ impl Server {
             }
         }
         // Reserved with a closed channel until `attach`.
-        let (tx, _) = mpsc::unbounded_channel();
+        let (tx, _) = mpsc::channel(1);
         resources.insert(
             resource.clone(),
-            Session { to_client: tx, presence: None, carbons: false, directed: HashSet::new() },
+            Session {
+                to_client: tx,
+                congested: tokio_util::sync::CancellationToken::new(),
+                presence: None,
+                carbons: false,
+                directed: HashSet::new(),
+            },
         );
         format!("{user}/{resource}")
     }
@@ -205,11 +218,12 @@ impl Server {
         }
     }
 
-    fn attach(&self, full: &str, tx: mpsc::UnboundedSender<Element>) {
+    fn attach(&self, full: &str, tx: mpsc::Sender<Element>, congested: tokio_util::sync::CancellationToken) {
         let (user, resource) = full.split_once('/').unwrap_or((full, ""));
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = sessions.get_mut(user).and_then(|r| r.get_mut(resource)) {
             s.to_client = tx;
+            s.congested = congested;
         }
     }
 
@@ -237,12 +251,20 @@ impl Server {
         }
     }
 
-    /// Send to one resource; false if it is not connected.
+    /// Send to one resource; false if it is not connected, or not reading
+    /// (its queue is full: its stream is then closed).
     fn send_to_full(&self, full: &str, el: Element) -> bool {
         let (user, resource) = full.split_once('/').unwrap_or((full, ""));
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match sessions.get(user).and_then(|r| r.get(resource)) {
-            Some(s) => s.to_client.send(el).is_ok(),
+            Some(s) => match s.to_client.try_send(el) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.congested.cancel();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
             None => false,
         }
     }
@@ -395,10 +417,16 @@ impl Server {
                     .await;
                     return;
                 }
+                let mut delivered = false;
                 for full in online {
                     let mut copy = el.clone();
                     set_attr(&mut copy, "to", Some(&full));
-                    self.send_to_full(&full, copy);
+                    delivered |= self.send_to_full(&full, copy);
+                }
+                if !delivered {
+                    // Every client of the user was gone or not reading (its queue full).
+                    self.bounce(&el, "wait", "resource-constraint", "the user's clients are not taking messages now")
+                        .await;
                 }
             }
             "presence" => match kind.as_str() {
