@@ -27,8 +27,10 @@
 //! Both directions take time linear in the input and stack space independent of it:
 //!
 //! - styled text is read in one pass per line with a stack of open spans (at most
-//!   four deep: a span cannot hold one of its own directive); quotes count at most
-//!   [`MAX_QUOTE_DEPTH`] levels, deeper `>` are text of the deepest quote;
+//!   four deep: a span cannot hold one of its own directive) and written as HTML as
+//!   it is read, without a tree: the output is its only allocation but the stack of
+//!   open quotes; quotes count at most [`MAX_QUOTE_DEPTH`] levels, deeper `>` are
+//!   text of the deepest quote;
 //! - the HTML tree is a flat arena (no recursive drop), walked with an explicit
 //!   stack; elements deeper than [`MAX_ELEMENT_DEPTH`] contribute their text only,
 //!   quotes nest at most [`MAX_HTML_QUOTE_DEPTH`] levels, a span inside a span of the
@@ -68,176 +70,217 @@ pub const STYLING_TO_HTML_FACTOR: usize = 25;
 /// The most output bytes [`html_to_styling`] writes per input byte.
 pub const HTML_TO_STYLING_FACTOR: usize = 24;
 
-/// A piece of one line of styled text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Inline {
-    Text(String),
-    /// A span opened and closed by `directive`, with what it holds (only text for `` ` ``).
-    Span(char, Vec<Inline>),
+/// The index in [`SPANS`] of `` ` ``: a code span, whose content is not styled.
+const CODE: usize = 3;
+
+/// The index in [`SPANS`] of the directive `b` (a byte of the text), if it is one.
+fn directive_index(b: u8) -> Option<usize> {
+    SPANS.iter().position(|(d, _)| *d as u32 == u32::from(b))
 }
 
-/// A block of styled text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Block {
-    /// One line of text (without its line break).
-    Line(Vec<Inline>),
-    /// A preformatted block: its lines, unstyled.
-    Code(Vec<String>),
-    /// Lines quoted with `>`: their own blocks.
-    Quote(Vec<Block>),
+fn is_directive(c: char) -> bool {
+    SPANS.iter().any(|(d, _)| *d == c)
 }
 
-fn directive_index(c: char) -> Option<usize> {
-    SPANS.iter().position(|(d, _)| *d == c)
+fn escape(text: &str, out: &mut String) {
+    html_escape::encode_text_to_string(text, out);
 }
 
-/// A span being read: its directive, where its content starts and where its closing directive is.
+fn open_tag(k: usize, out: &mut String) {
+    out.push('<');
+    out.push_str(SPANS[k].1);
+    out.push('>');
+}
+
+fn close_tag(k: usize, out: &mut String) {
+    out.push_str("</");
+    out.push_str(SPANS[k].1);
+    out.push('>');
+}
+
+/// Where the first closing directive `SPANS[k]` of `line` at `from` or later is (one
+/// not preceded by whitespace), `line.len()` when there is none.
+fn find_closer(line: &str, k: usize, from: usize) -> usize {
+    let bytes = line.as_bytes();
+    let d = SPANS[k].0 as u8;
+    let mut p = from;
+    while let Some(offset) = bytes.get(p..).and_then(|rest| rest.iter().position(|&b| b == d)) {
+        let j = p + offset;
+        if line[..j].chars().next_back().is_some_and(|c| !c.is_whitespace()) {
+            return j;
+        }
+        p = j + 1;
+    }
+    line.len()
+}
+
+/// A span being written: its directive's index, where its content starts and where its closing directive is.
+#[derive(Clone, Copy, Default)]
 struct OpenSpan {
-    directive: char,
+    k: usize,
     start: usize,
     end: usize,
-    content: Vec<Inline>,
-    text: String,
 }
 
-impl OpenSpan {
-    fn flush(&mut self) {
-        if !self.text.is_empty() {
-            self.content.push(Inline::Text(std::mem::take(&mut self.text)));
-        }
-    }
-}
-
-/// Parse one line's spans (XEP-0393 §6.2) in one pass.
+/// Write one line's spans (XEP-0393 §6.2) as HTML in one pass; `true` when it has any.
 ///
 /// An opening directive at `i` starts a span when the first closing directive of
 /// its kind at `i + 2` or later (not preceded by whitespace) lies inside the span
 /// that holds `i`; the span's content is read the same way, bounded by its closer.
-/// Since `i` only grows, the first closer is found with one cursor per directive.
-fn parse_spans(chars: &[char]) -> Vec<Inline> {
-    let n = chars.len();
-    // Positions that can close a span, per directive, in order.
-    let mut closers: [Vec<usize>; 4] = Default::default();
-    for j in 1..n {
-        if let Some(k) = directive_index(chars[j])
-            && !chars[j - 1].is_whitespace()
-        {
-            closers[k].push(j);
-        }
-    }
-    let mut cursors = [0usize; 4];
-    let mut stack = vec![OpenSpan { directive: '\0', start: 0, end: n, content: Vec::new(), text: String::new() }];
+/// Since `i` only grows, the first closer of each directive is found by a search
+/// that only moves forward, and a span's tags are written when it opens and at
+/// its closer: no tree, and no allocation but the output's.
+fn spans_to_html(line: &str, out: &mut String) -> bool {
+    let bytes = line.as_bytes();
+    let n = bytes.len();
+    // Per directive, the first closer at or after the last position asked for.
+    let mut closers = [0usize; 4];
+    // A span cannot hold one of its own directive: at most four are open.
+    let mut stack = [OpenSpan::default(); 4];
+    let mut depth = 0;
+    let mut styled = false;
+    // line[text..i] is text not written yet
+    let mut text = 0;
     let mut i = 0;
     loop {
         // Close the spans whose closing directive is here (an inner one can end just before its parent's).
-        while stack.len() > 1 && stack.last().is_some_and(|s| s.end == i) {
-            if let Some(mut done) = stack.pop() {
-                done.flush();
-                if let Some(parent) = stack.last_mut() {
-                    parent.flush();
-                    parent.content.push(Inline::Span(done.directive, done.content));
-                }
-            }
+        while depth > 0 && stack[depth - 1].end == i {
+            escape(&line[text..i], out);
+            depth -= 1;
+            close_tag(stack[depth].k, out);
             i += 1;
+            text = i;
         }
         if i >= n {
             break;
         }
-        let Some(top) = stack.last_mut() else { break };
-        let c = chars[i];
-        if let Some(k) = directive_index(c) {
-            let can_open = i == top.start
-                || chars[i - 1].is_whitespace()
-                || (directive_index(chars[i - 1]).is_some() && chars[i - 1] != c);
-            if can_open && i + 1 < top.end && !chars[i + 1].is_whitespace() {
+        let (start, end) = if depth == 0 { (0, n) } else { (stack[depth - 1].start, stack[depth - 1].end) };
+        if let Some(k) = directive_index(bytes[i]) {
+            let can_open = i == start
+                || line[..i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|p| p.is_whitespace() || (is_directive(p) && u32::from(p) != u32::from(bytes[i])));
+            if can_open && i + 1 < end && line[i + 1..].chars().next().is_some_and(|c| !c.is_whitespace()) {
                 // the first closing directive at least one character in
-                while cursors[k] < closers[k].len() && closers[k][cursors[k]] < i + 2 {
-                    cursors[k] += 1;
+                if closers[k] < i + 2 {
+                    closers[k] = find_closer(line, k, i + 2);
                 }
-                if let Some(&j) = closers[k].get(cursors[k])
-                    && j < top.end
-                {
-                    top.flush();
-                    if c == '`' {
-                        top.content.push(Inline::Span(c, vec![Inline::Text(chars[i + 1..j].iter().collect())]));
+                let j = closers[k];
+                if j < end && (k == CODE || depth < stack.len()) {
+                    escape(&line[text..i], out);
+                    styled = true;
+                    open_tag(k, out);
+                    if k == CODE {
+                        // nothing is styled inside code
+                        escape(&line[i + 1..j], out);
+                        close_tag(k, out);
                         i = j + 1;
                     } else {
-                        stack.push(OpenSpan {
-                            directive: c,
-                            start: i + 1,
-                            end: j,
-                            content: Vec::new(),
-                            text: String::new(),
-                        });
+                        stack[depth] = OpenSpan { k, start: i + 1, end: j };
+                        depth += 1;
                         i += 1;
                     }
+                    text = i;
                     continue;
                 }
             }
         }
-        top.text.push(c);
         i += 1;
     }
-    // Every span ends before the line does; what is left is the line itself.
-    let mut line = Vec::new();
-    for mut span in stack.into_iter().rev() {
-        span.flush();
-        let mut content = span.content;
-        if span.directive == '\0' {
-            content.append(&mut line);
-            line = content;
-        } else {
-            content.append(&mut line);
-            line = vec![Inline::Span(span.directive, content)];
-        }
+    escape(&line[text..], out);
+    // Every span ends before the line does.
+    while depth > 0 {
+        depth -= 1;
+        close_tag(stack[depth].k, out);
     }
-    line
+    styled
 }
 
-/// One quote level being read: its blocks, and the preformatted block open in it.
+/// One quote level being written: whether its last block is a line (the next line
+/// then starts with a line break), and whether it has a preformatted block open
+/// (and with a line already).
 #[derive(Default)]
 struct QuoteLevel {
-    blocks: Vec<Block>,
-    code: Option<Vec<String>>,
+    after_line: bool,
+    code: Option<bool>,
 }
 
-impl QuoteLevel {
-    fn close_code(&mut self) {
-        if let Some(lines) = self.code.take() {
-            self.blocks.push(Block::Code(lines));
+/// Writes the HTML of styled text block by block, as its lines are read.
+struct HtmlWriter {
+    out: String,
+    /// The open quotes, the text itself first.
+    levels: Vec<QuoteLevel>,
+    /// Whether anything was styled: a span, a quote or a preformatted block.
+    styled: bool,
+}
+
+impl HtmlWriter {
+    fn close_code(&mut self, depth: usize) {
+        if self.levels[depth].code.take().is_some() {
+            self.out.push_str("</code></pre>");
         }
+    }
+
+    fn open_quote(&mut self) {
+        if let Some(parent) = self.levels.last_mut() {
+            parent.after_line = false;
+        }
+        self.levels.push(QuoteLevel::default());
+        self.out.push_str("<blockquote>");
+        self.styled = true;
+    }
+
+    /// End the innermost open quote.
+    fn close_quote(&mut self) {
+        if self.levels.len() > 1 {
+            self.close_code(self.levels.len() - 1);
+            self.levels.pop();
+            self.out.push_str("</blockquote>");
+        }
+    }
+
+    fn open_code(&mut self, depth: usize) {
+        self.levels[depth] = QuoteLevel { after_line: false, code: Some(false) };
+        self.out.push_str("<pre><code>");
+        self.styled = true;
+    }
+
+    fn code_line(&mut self, depth: usize, line: &str) {
+        if self.levels[depth].code.replace(true) == Some(true) {
+            self.out.push('\n');
+        }
+        escape(line, &mut self.out);
+    }
+
+    fn line(&mut self, depth: usize, line: &str) {
+        if std::mem::replace(&mut self.levels[depth].after_line, true) {
+            self.out.push_str("<br>");
+        }
+        self.styled |= spans_to_html(line, &mut self.out);
     }
 }
 
-/// End the innermost open quote: it becomes a block of the one around it.
-fn close_quote(levels: &mut Vec<QuoteLevel>) {
-    if levels.len() > 1
-        && let Some(mut level) = levels.pop()
-    {
-        level.close_code();
-        if let Some(parent) = levels.last_mut() {
-            parent.blocks.push(Block::Quote(level.blocks));
-        }
-    }
-}
-
-/// Parse text into blocks (XEP-0393 §6.1): code blocks, quotes, plain lines.
+/// XEP-0393 styled text → HTML; `None` when the text carries no styling at all
+/// (its plain form says everything).
 ///
-/// One pass over the lines with a stack of open quotes: a line goes down one
-/// level per leading `>` (and the space after it) while the level it reaches has
-/// no preformatted block open; a preformatted block runs to a line that is
-/// exactly ```` ``` ```` or to the end of its quote.
-fn parse_blocks(text: &str) -> Vec<Block> {
-    let mut levels = vec![QuoteLevel::default()];
+/// Blocks (XEP-0393 §6.1) are read in one pass over the lines with a stack of
+/// open quotes, and written as they are read: a line goes down one level per
+/// leading `>` (and the space after it) while the level it reaches has no
+/// preformatted block open; a preformatted block runs to a line that is exactly
+/// ```` ``` ```` or to the end of its quote.
+pub fn styling_to_html(text: &str) -> Option<String> {
+    let mut w =
+        HtmlWriter { out: String::with_capacity(text.len() + 32), levels: vec![QuoteLevel::default()], styled: false };
     for line in text.split('\n') {
         let mut rest = line;
         let mut depth = 0;
         loop {
-            if let Some(code) = &mut levels[depth].code {
+            if w.levels[depth].code.is_some() {
                 if rest == "```" {
-                    levels[depth].close_code();
+                    w.close_code(depth);
                 } else {
-                    code.push(rest.to_owned());
+                    w.code_line(depth, rest);
                 }
                 break;
             }
@@ -246,96 +289,27 @@ fn parse_blocks(text: &str) -> Vec<Block> {
             {
                 rest = quoted.strip_prefix(' ').unwrap_or(quoted);
                 depth += 1;
-                if levels.len() <= depth {
-                    levels.push(QuoteLevel::default());
+                if w.levels.len() <= depth {
+                    w.open_quote();
                 }
                 continue;
             }
-            while levels.len() > depth + 1 {
-                close_quote(&mut levels);
+            while w.levels.len() > depth + 1 {
+                w.close_quote();
             }
             if rest.starts_with("```") {
-                levels[depth].code = Some(Vec::new());
+                w.open_code(depth);
             } else {
-                let chars: Vec<char> = rest.chars().collect();
-                levels[depth].blocks.push(Block::Line(parse_spans(&chars)));
+                w.line(depth, rest);
             }
             break;
         }
     }
-    while levels.len() > 1 {
-        close_quote(&mut levels);
+    while w.levels.len() > 1 {
+        w.close_quote();
     }
-    let mut root = levels.pop().unwrap_or_default();
-    root.close_code();
-    root.blocks
-}
-
-fn is_plain(blocks: &[Block]) -> bool {
-    blocks.iter().all(|b| match b {
-        Block::Line(inlines) => inlines.iter().all(|i| matches!(i, Inline::Text(_))),
-        _ => false,
-    })
-}
-
-fn escape(text: &str, out: &mut String) {
-    html_escape::encode_text_to_string(text, out);
-}
-
-/// Recursion bounded by the span depth: at most four (see [`parse_spans`]).
-fn inlines_to_html(inlines: &[Inline], out: &mut String) {
-    for inline in inlines {
-        match inline {
-            Inline::Text(t) => escape(t, out),
-            Inline::Span(d, content) => {
-                let tag = SPANS.iter().find(|(s, _)| s == d).map_or("span", |(_, t)| t);
-                out.push('<');
-                out.push_str(tag);
-                out.push('>');
-                inlines_to_html(content, out);
-                out.push_str("</");
-                out.push_str(tag);
-                out.push('>');
-            }
-        }
-    }
-}
-
-/// Recursion bounded by the quote depth: at most [`MAX_QUOTE_DEPTH`].
-fn blocks_to_html(blocks: &[Block], out: &mut String) {
-    for (n, block) in blocks.iter().enumerate() {
-        let next_is_line = matches!(blocks.get(n + 1), Some(Block::Line(_)));
-        match block {
-            Block::Line(inlines) => {
-                inlines_to_html(inlines, out);
-                if next_is_line {
-                    out.push_str("<br>");
-                }
-            }
-            Block::Code(lines) => {
-                out.push_str("<pre><code>");
-                escape(&lines.join("\n"), out);
-                out.push_str("</code></pre>");
-            }
-            Block::Quote(inner) => {
-                out.push_str("<blockquote>");
-                blocks_to_html(inner, out);
-                out.push_str("</blockquote>");
-            }
-        }
-    }
-}
-
-/// XEP-0393 styled text → HTML; `None` when the text carries no styling at all
-/// (its plain form says everything).
-pub fn styling_to_html(text: &str) -> Option<String> {
-    let blocks = parse_blocks(text);
-    if is_plain(&blocks) {
-        return None;
-    }
-    let mut out = String::with_capacity(text.len() + 32);
-    blocks_to_html(&blocks, &mut out);
-    Some(out)
+    w.close_code(0);
+    w.styled.then_some(w.out)
 }
 
 /// No node.
