@@ -39,6 +39,10 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::parsers::stanza_id::OriginId;
 use tracing::{Instrument, debug, info, warn};
 
+/// Rooms one XMPP account may be in on one gateway (each may hold a remote
+/// connection and an archive): a join past it is refused with resource-constraint.
+pub(crate) const MAX_ROOMS_PER_ACCOUNT: usize = 256;
+
 use crate::archive::Archive;
 use crate::stanza::{self, bare, full};
 
@@ -596,6 +600,18 @@ impl Gateway {
                 ErrorType::Cancel,
                 DefinedCondition::Conflict,
                 "this nickname is already used in the room",
+            );
+            return self.send(domain, s).await;
+        }
+        let new_room = !self.rooms().contains_key(&(room.clone(), account.clone()));
+        if new_room && self.rooms().keys().filter(|(_, a)| *a == account).count() >= MAX_ROOMS_PER_ACCOUNT {
+            let text = format!("you are in {MAX_ROOMS_PER_ACCOUNT} rooms of this gateway already: leave one first");
+            let s = stanza::presence_error(
+                to,
+                Jid::from(from),
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                &text,
             );
             return self.send(domain, s).await;
         }

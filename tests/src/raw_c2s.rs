@@ -113,7 +113,10 @@ pub async fn log_in(
         "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
     ))
     .await?;
-    c.read_until("</iq>").await?;
+    let bound = c.read_until("</iq>").await?;
+    if bound.contains("type=\"error\"") || bound.contains("type='error'") {
+        bail!("bind refused: {bound}");
+    }
     c.send("<presence/>").await?;
     Ok(c)
 }

@@ -255,6 +255,39 @@ async fn a_client_that_does_not_read_is_closed_and_its_senders_are_told() -> Res
     Ok(())
 }
 
+/// One account's connected clients are capped; the one past the cap is told why.
+#[tokio::test]
+async fn an_account_has_at_most_32_clients() -> Result<()> {
+    let s = embedded().await?;
+    let ca = s.prosody.ca_file().context("embedded has a certificate")?;
+    let port = s.prosody.c2s_port();
+    let mut clients = Vec::new();
+    for i in 0..32 {
+        clients.push(isthmus_tests::raw_c2s::log_in(port, &ca, "bob", "bobpass", &format!("r{i}"), 65536).await?);
+    }
+    let refused = match isthmus_tests::raw_c2s::log_in(port, &ca, "bob", "bobpass", "r32", 65536).await {
+        Ok(_) => bail!("a 33rd client was bound"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("resource-constraint") && refused.contains("32 clients"), "{refused}");
+    // Another account is not affected, and a freed place can be taken again.
+    let alice = XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice.disconnect().await;
+    drop(clients.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        match isthmus_tests::raw_c2s::log_in(port, &ca, "bob", "bobpass", "r32", 65536).await {
+            Ok(c) => {
+                again = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    again.context("a client logs in once another of the account's has gone")?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_ten_mib_stanza_ends_that_stream_and_nothing_else() -> Result<()> {
     let s = embedded().await?;

@@ -357,7 +357,12 @@ async fn negotiate(
                     .and_then(|b| b.get_child("resource", BIND))
                     .map(|r| r.text())
                     .filter(|r| !r.trim().is_empty());
-                let full = server.bind_resource(&user, wanted);
+                let Some(full) = server.bind_resource(&user, wanted) else {
+                    let text = format!("{} clients of this account are connected already", super::MAX_RESOURCES);
+                    let error = xml::error_reply(&el, "wait", "resource-constraint", Some(&text));
+                    let _ = stream.send(&error).await;
+                    continue;
+                };
                 let jid = with_text(Element::bare("jid", BIND), &full);
                 let mut reply = xml::iq_result(&el, Some(with_child(Element::bare("bind", BIND), jid)));
                 xml::set_attr(&mut reply, "from", None);

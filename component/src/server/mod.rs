@@ -37,6 +37,9 @@ pub enum ServerError {
     Account(String, accounts::AccountError),
 }
 
+/// Resources (connected clients) one account may have at once.
+pub(crate) const MAX_RESOURCES: usize = 32;
+
 /// Stanzas waiting for one client to read them. Past it the client is not
 /// reading: its stream is closed, and what could not be queued is refused to
 /// its senders as to a client that is offline.
@@ -182,9 +185,13 @@ impl Server {
     // --- sessions ----------------------------------------------------------------------
 
     /// Reserve a resource for `user`: the requested one if free, else a fresh one.
-    fn bind_resource(&self, user: &str, wanted: Option<String>) -> String {
+    /// Reserve a resource for `user`; `None` past [`MAX_RESOURCES`].
+    fn bind_resource(&self, user: &str, wanted: Option<String>) -> Option<String> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let resources = sessions.entry(user.to_owned()).or_default();
+        if resources.len() >= MAX_RESOURCES {
+            return None;
+        }
         let mut resource = wanted.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
         if resources.contains_key(&resource) || format!("{user}/{resource}").parse::<Jid>().is_err() {
             resource = format!("{resource}.{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
@@ -204,7 +211,7 @@ impl Server {
                 directed: HashSet::new(),
             },
         );
-        format!("{user}/{resource}")
+        Some(format!("{user}/{resource}"))
     }
 
     fn unbind(&self, full: &str) {
