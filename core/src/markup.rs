@@ -1141,6 +1141,16 @@ mod tests {
     }
 
     #[test]
+    fn spans_around_text_beyond_ascii() {
+        assert_eq!(styling_to_html("*é* `ü`").as_deref(), Some("<strong>é</strong> <code>ü</code>"));
+        // a no-break space is whitespace: a span opens after it, none closes after it
+        assert_eq!(styling_to_html("a\u{a0}*b*").as_deref(), Some("a\u{a0}<strong>b</strong>"));
+        assert_eq!(styling_to_html("*b\u{a0}*"), None);
+        assert_eq!(styling_to_html("é*b*"), None);
+        assert_eq!(styling_to_html("*日本_語_*").as_deref(), Some("<strong>日本_語_</strong>"));
+    }
+
+    #[test]
     fn plain_text_has_no_html() {
         for s in ["plain", "2*3*4", "* not bold *", "*open only", "snake_case_name", "**", "a * b", "line\nline"] {
             assert_eq!(styling_to_html(s), None, "{s}");
