@@ -101,6 +101,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let (sink, events) = EventSink::channel(4096);
     let allow = |own: &[String]| effective_allow(&config, own);
+    // Each domain's link state, for the admins' link status (updated by the link tasks below).
+    let mut link_states: std::collections::HashMap<String, std::sync::Arc<crate::admin::LinkState>> =
+        std::collections::HashMap::new();
+    let mut new_link = |domain: &str| {
+        let state = match component {
+            Some(_) => crate::admin::LinkState::component(),
+            None => crate::admin::LinkState::embedded(),
+        };
+        link_states.insert(domain.to_owned(), state.clone());
+        state
+    };
     let mut domains = Vec::new();
     let mut links = Vec::new();
     let mut networks = Vec::new();
@@ -116,6 +127,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             persistent: net.persistent_channels,
             reconnect_grace: std::time::Duration::from_secs(net.reconnect_grace_secs),
             allow: allow(&net.allow),
+            admins: config.access.admins.clone(),
+            link: new_link(&net.domain),
             outgoing: tx,
         });
         if let Some(component) = &component {
@@ -129,6 +142,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         networks.push(IrcNetwork::new(id, net.clone(), Some(store.clone()), sink.clone()));
     }
     let mut matrix_networks = Vec::new();
+    // What Matrix sends the XMPP side must fit in one stanza of the server's.
+    if let Some(embedded) = config.xmpp.embedded.as_ref().filter(|_| config.xmpp.mode == XmppMode::Embedded) {
+        isthmus_matrix::convert::set_xmpp_stanza_limit(embedded.max_stanza_bytes);
+    }
     for net in &config.matrix {
         let id = NetworkId::new(net.domain.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -141,6 +158,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             persistent: true,
             reconnect_grace: std::time::Duration::ZERO,
             allow: allow(&net.allow),
+            admins: config.access.admins.clone(),
+            link: new_link(&net.domain),
             outgoing: tx,
         });
         if let Some(component) = &component {
@@ -245,6 +264,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let domain = link_config.domain.clone();
         tokio::spawn(link::run(link_config, outgoing, ev_tx));
         let gateway = gateway.clone();
+        let state = link_states.get(&domain).cloned();
         tokio::spawn(async move {
             // When the link was lost: the rooms hear of the outage and of its end.
             let mut lost_at: Option<std::time::SystemTime> = None;
@@ -253,6 +273,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     LinkEvent::Stanza(s) => gateway.handle(&domain, s).await,
                     LinkEvent::Up => {
                         info!(domain, "serving");
+                        if let Some(state) = &state {
+                            state.up();
+                        }
                         if let Some(since) = lost_at.take() {
                             let now = std::time::SystemTime::now();
                             let secs = now.duration_since(since).unwrap_or_default().as_secs();
@@ -265,6 +288,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     }
                     LinkEvent::Down(reason) => {
                         warn!(domain, reason, "link down");
+                        if let Some(state) = &state {
+                            state.down(&reason);
+                        }
                         let now = std::time::SystemTime::now();
                         lost_at.get_or_insert(now);
                         let text = format!(

@@ -9,7 +9,8 @@
 //! | `login` | link your account on networks that have accounts (Matrix): a form; as chat it only points to the form (a password is never taken in a chat message) |
 //! | `logout` | unlink it |
 //!
-//! Commands on a network's service addresses (an IRC server's) are in [`crate::settings`].
+//! Commands on a network's service addresses (an IRC server's) are in [`crate::settings`];
+//! the admins' commands (`users`, `disconnect`, `link-status`, `announce`) in [`crate::admin`].
 //!
 //! disco#items on the domain without a node is the room directory: the rooms
 //! the network lists for the asking account. In-band registration (XEP-0077) on
@@ -44,10 +45,12 @@ pub const COMMANDS: &[(&str, &str)] = &[
 /// The commands of networks with accounts to link.
 pub const LOGIN_COMMANDS: &[(&str, &str)] = &[("login", "Link your account"), ("logout", "Unlink your account")];
 
-/// disco#items on the domain: the command list for the commands node, nothing otherwise.
-pub fn command_items(domain: &Jid, query: &Element, with_login: bool) -> Element {
+/// disco#items on the domain: the command list for the commands node (with the
+/// admin commands for an admin), nothing otherwise.
+pub fn command_items(domain: &Jid, query: &Element, with_login: bool, admin: bool) -> Element {
     let logins = if with_login { LOGIN_COMMANDS } else { &[] };
-    command_list(&domain.to_bare(), query, COMMANDS.iter().chain(logins))
+    let admins = if admin { crate::admin::ADMIN_COMMANDS } else { &[] };
+    command_list(&domain.to_bare(), query, COMMANDS.iter().chain(logins).chain(admins))
 }
 
 /// The disco#items answer of `jid` to `query`: `commands` (node, description) for
@@ -110,7 +113,7 @@ fn completed(node: &str, text: String) -> AdHocCommand {
 }
 
 impl Gateway {
-    fn network_of(&self, domain: &Domain) -> Option<std::sync::Arc<dyn Network>> {
+    pub(crate) fn network_of(&self, domain: &Domain) -> Option<std::sync::Arc<dyn Network>> {
         self.router.get().and_then(|r| r.network(&domain.network))
     }
 
@@ -323,6 +326,9 @@ impl Gateway {
             let answer = AdHocCommand { status: Some("canceled".into()), notes: vec![], form: None, ..cmd };
             return Iq::Result { from: None, to: None, id: id.to_owned(), payload: Some(answer.into()) };
         }
+        if crate::admin::is_admin_node(&cmd.node) {
+            return self.admin_adhoc(domain, from, id, cmd).await;
+        }
         let account = from.to_bare();
         let answer = match cmd.node.as_str() {
             "status" => completed("status", self.status_text(domain, &account).await),
@@ -417,6 +423,10 @@ impl Gateway {
             Gateway::NOT_ALLOWED.to_owned()
         } else {
             match words.next().map(str::to_lowercase).as_deref() {
+                Some(admin) if crate::admin::is_admin_node(admin) => {
+                    let rest = body.trim_start().split_once(char::is_whitespace).map_or("", |(_, r)| r);
+                    self.admin_chat(domain, from, admin, rest).await
+                }
                 Some("status") => self.status_text(domain, &account).await,
                 Some("rooms") => self.rooms_text(domain, &account),
                 Some("leave") => match words.next().and_then(|r| r.parse::<BareJid>().ok()) {
@@ -451,8 +461,11 @@ impl Gateway {
                     }
                 }
                 Some("logout") if self.has_login(domain) => self.logout_text(domain, &account).await,
-                Some("help") | None => help_text(self.has_login(domain)),
-                Some(other) => format!("Unknown command `{other}`.\n{}", help_text(self.has_login(domain))),
+                Some("help") | None => help_text(self.has_login(domain), Self::is_admin(domain, from)),
+                Some(other) => format!(
+                    "Unknown command `{other}`.\n{}",
+                    help_text(self.has_login(domain), Self::is_admin(domain, from))
+                ),
             }
         };
         let Some(to) = m.to.clone() else { return };
@@ -495,11 +508,17 @@ fn login_by_form_text(domain: &Domain, may_hold_password: bool) -> String {
     text
 }
 
-fn help_text(with_login: bool) -> String {
+fn help_text(with_login: bool, admin: bool) -> String {
     let mut text = "Commands (also available as ad-hoc commands):\nhelp — this list".to_owned();
     let logins = if with_login { LOGIN_COMMANDS } else { &[] };
     for (name, desc) in COMMANDS.iter().chain(logins) {
         text.push_str(&format!("\n{name} — {desc}"));
+    }
+    if admin {
+        text.push_str("\nFor admins (as chat: `disconnect ACCOUNT-JID [REASON]`, `announce TEXT`):");
+        for (name, desc) in crate::admin::ADMIN_COMMANDS {
+            text.push_str(&format!("\n{name} — {desc}"));
+        }
     }
     text.push_str(&format!(
         "\nOn a server's address (IRC: server@this-domain), also as an ad-hoc command there:\n{} — {}\n  {}",

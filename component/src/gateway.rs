@@ -61,6 +61,10 @@ pub struct Domain {
     pub reconnect_grace: std::time::Duration,
     /// JIDs and domains allowed to use this network; `"*"` is everyone, empty nobody.
     pub allow: Vec<String>,
+    /// Bare JIDs with admin rights (`access.admins`): the admin commands (see `admin`).
+    pub admins: Vec<String>,
+    /// The state of the domain's link to the XMPP server, for the admin's link status.
+    pub link: Arc<crate::admin::LinkState>,
     /// Unbounded: the gateway never waits on the link (see `link`).
     pub outgoing: mpsc::UnboundedSender<Outgoing>,
 }
@@ -1537,7 +1541,7 @@ impl Gateway {
             Iq::Result { from: None, to: None, id, payload: Some(items) }
         } else if payload.is("query", ns::DISCO_ITEMS) && to.node().is_none() {
             let items = if payload.attr("node").is_some() {
-                crate::commands::command_items(&to, &payload, self.has_login(domain))
+                crate::commands::command_items(&to, &payload, self.has_login(domain), Self::is_admin(domain, &from))
             } else {
                 self.room_directory(domain, &from).await
             };

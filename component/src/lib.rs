@@ -6,6 +6,7 @@
 //! - [`xep`]: XEPs xmpp-parsers lacks (0424 retraction, 0428 fallback), with `xso`;
 //! - [`moderation`]: XEP-0425 moderation requests from room moderators;
 //! - [`commands`]: XEP-0050 ad-hoc commands and their chat equivalents;
+//! - [`admin`]: the commands of `access.admins` (users, disconnect, link status, announce);
 //! - [`room_commands`]: the same on each room's address (`status`, `leave`);
 //! - [`archive`]: batched archive writes, history on join, XEP-0313;
 //! - [`server`]: the embedded XMPP server core (c2s, SASL, rosters, presence, carbons);
@@ -13,6 +14,7 @@
 //!
 //! Depends on `isthmus-core`, `isthmus-config` and the bridge crates; nothing depends on it.
 
+pub mod admin;
 pub mod app;
 pub mod archive;
 pub mod commands;

@@ -307,7 +307,10 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessConfig {
-    /// JIDs with admin rights.
+    /// Bare JIDs (`user@server`) with admin rights: the admin commands on every
+    /// network's domain (`users`, `disconnect`, `link-status`, `announce`). Matched
+    /// exactly, without regard to case; a domain, a full JID or a wildcard makes
+    /// nobody an admin. An admin must also be allowed to use the network (`allow`).
     #[serde(default)]
     pub admins: Vec<String>,
     /// JIDs or domains allowed to use every network (a network's own `allow` overrides);

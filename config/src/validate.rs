@@ -353,7 +353,29 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
     }
+    check_admins(config, file)?;
     check_open(config, file)
+}
+
+/// `access.admins` lists bare JIDs, matched exactly: a domain, a full JID or a
+/// wildcard there would make nobody an admin, so it is refused rather than ignored.
+fn check_admins(config: &Config, file: &Path) -> Result<(), ConfigError> {
+    for entry in &config.access.admins {
+        let bare = entry.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.contains(['@', '/']) && !entry.contains(['*', ' '])
+        });
+        if !bare {
+            return Err(ConfigError::at(
+                file,
+                &serde_saphyr::Location::UNKNOWN,
+                format!(
+                    "`access.admins`: `{entry}` is not a bare JID; list accounts as `user@server` \
+                     (no domains, resources or wildcards)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// In component mode the gateway is closed unless the configuration says who may
@@ -499,6 +521,22 @@ mod tests {
         assert!(e.message().contains("`encoding_fallback: klingon` is not an encoding name"), "{e}");
         let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    max_concurrent_connects: 0\n"));
         assert!(e.message().contains("`max_concurrent_connects` must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn admins_must_be_bare_jids() {
+        for entry in ["example.org", "\"*\"", "\"*@example.org\"", "alice@example.org/phone", "\"@example.org\""] {
+            let e = err(&format!(
+                "{BASE}irc:\n  - domain: irc.localhost\naccess:\n  allow: [\"*\"]\n  admins: [{entry}]\n"
+            ));
+            assert!(e.to_string().contains("is not a bare JID"), "{entry}: {e}");
+        }
+        let c = from_str(
+            &format!("{BASE}access: {{ allow: [\"*\"], admins: [Alice@Example.org] }}\n"),
+            Path::new("t.yaml"),
+        )
+        .expect("a bare JID is fine");
+        assert_eq!(c.access.admins, vec!["Alice@Example.org"]);
     }
 
     #[test]

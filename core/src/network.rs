@@ -302,6 +302,28 @@ pub trait Network: Send + Sync + 'static {
         }
     }
 
+    /// The XMPP accounts with a session on this network now (an IRC connection, a
+    /// Matrix login), sorted, for the admin's `users` command; `None` (the default)
+    /// when the network does not report them. Each one's sessions are told by
+    /// [`Network::account_status`].
+    async fn accounts(&self) -> Option<Vec<jid::BareJid>> {
+        None
+    }
+
+    /// Close `account`'s sessions on this network for an admin, saying `reason` where
+    /// the network shows one (an IRC QUIT): nothing is unlinked or logged out, and
+    /// the account may come back. Returns a line per session closed; `None` (the
+    /// default) when the network cannot do this.
+    async fn disconnect(&self, _account: &jid::BareJid, _reason: &str) -> Option<Vec<String>> {
+        None
+    }
+
+    /// The state of this network's connections as a whole (per IRC server: how many
+    /// are online), for the admin's link status. Empty by default.
+    async fn connections_status(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// What a user gives to link their account (empty: this network needs no login,
     /// like IRC, where a connection opens at the first join).
     fn login_fields(&self) -> Vec<LoginField> {

@@ -132,6 +132,16 @@ pub struct OutboxRow {
     pub written_us: i64,
 }
 
+/// How much waits in the durable outbox for one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxDepth {
+    pub destination: String,
+    /// Rows waiting.
+    pub rows: i64,
+    /// When the oldest of them was accepted.
+    pub oldest_us: i64,
+}
+
 /// Where one XMPP account stands in one room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomSessionRecord {
@@ -749,6 +759,26 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(outbox_row).collect()
+    }
+
+    /// Per destination, how many rows wait in the outbox and since when (one
+    /// aggregate query, for status commands), by destination name.
+    pub async fn outbox_depth(&self) -> Result<Vec<OutboxDepth>> {
+        let rows = sqlx::query(
+            "SELECT destination, COUNT(*) AS n, MIN(created_us) AS oldest FROM outbox \
+             GROUP BY destination ORDER BY destination",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxDepth {
+                    destination: r.try_get("destination")?,
+                    rows: r.try_get("n")?,
+                    oldest_us: r.try_get("oldest")?,
+                })
+            })
+            .collect()
     }
 
     // --- room sessions ---------------------------------------------------------------------

@@ -30,6 +30,8 @@ struct Extra<'a> {
     server: &'a str,
     /// Added to the settings of the server `localhost` (the TLS port).
     tls_server: &'a str,
+    /// Added to the `access` section (indented 2), e.g. `admins: [alice@localhost]`.
+    access: &'a str,
 }
 
 /// The room JID of `channel` on the test ngIRCd.
@@ -76,7 +78,7 @@ impl IrcSetup {
         Self::start_full(
             xmpp,
             IrcServer::start_kind(kind).await?,
-            Extra { irc: irc_extra, server: "", tls_server: "" },
+            Extra { irc: irc_extra, server: "", tls_server: "", access: "" },
             store_url,
         )
         .await
@@ -90,14 +92,14 @@ impl IrcSetup {
 
     /// Like [`IrcSetup::start_on_server`] on an IRC server already started (e.g. with services).
     pub async fn start_on_running(irc: IrcServer, server_extra: &str, irc_extra: &str) -> Result<IrcSetup> {
-        let extra = Extra { irc: irc_extra, server: server_extra, tls_server: "" };
+        let extra = Extra { irc: irc_extra, server: server_extra, tls_server: "", access: "" };
         Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
     }
 
     /// Like [`IrcSetup::start_on_running`], with `tls_server_extra` appended to the
     /// settings of the server `localhost` (the IRC server's TLS port, verified), indented 8.
     pub async fn start_on_running_tls(irc: IrcServer, tls_server_extra: &str) -> Result<IrcSetup> {
-        let extra = Extra { irc: "", server: "", tls_server: tls_server_extra };
+        let extra = Extra { irc: "", server: "", tls_server: tls_server_extra, access: "" };
         Self::start_full(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db").await
     }
 
@@ -108,11 +110,19 @@ impl IrcSetup {
         Ok(Self::start_attached(xmpp, irc, extra, store_url, false).await?.0)
     }
 
+    /// Start everything on the given XMPP server and ngIRCd, with `admins` in `access.admins`.
+    pub async fn start_with_admins(xmpp: XmppServerKind, admins: &[&str]) -> Result<IrcSetup> {
+        let access = format!("  admins: [{}]\n", admins.join(", "));
+        let extra = Extra { irc: "", server: "", tls_server: "", access: &access };
+        Self::start_full(xmpp, IrcServer::start_kind(IrcServerKind::Ngircd).await?, extra, "sqlite://{dir}/isthmus.db")
+            .await
+    }
+
     /// Start everything on Prosody and ngIRCd with the gateway's component link
     /// going through a [`Relay`] the test can cut.
     pub async fn start_behind_relay(irc_extra: &str) -> Result<(IrcSetup, Relay)> {
         let irc = IrcServer::start_kind(IrcServerKind::Ngircd).await?;
-        let extra = Extra { irc: irc_extra, server: "", tls_server: "" };
+        let extra = Extra { irc: irc_extra, server: "", tls_server: "", access: "" };
         let (setup, relay) =
             Self::start_attached(XmppServerKind::Prosody, irc, extra, "sqlite://{dir}/isthmus.db", true).await?;
         Ok((setup, relay.ok_or_else(|| anyhow::anyhow!("no relay started"))?))
@@ -143,8 +153,9 @@ impl IrcSetup {
     reconnect_max_ms: 2000
 access:
   allow: [localhost]
-"#,
-            component = relay.as_ref().map_or(prosody.component_port(), Relay::port)
+{access}"#,
+            component = relay.as_ref().map_or(prosody.component_port(), Relay::port),
+            access = extra.access
         );
         let gateway =
             Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[("ISTHMUS_COMPONENT_SECRET", SECRET)])
@@ -162,6 +173,9 @@ access:
         );
         for (user, hash) in embedded_password_hashes()? {
             xmpp_yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
+        }
+        if !extra.access.is_empty() {
+            xmpp_yaml += &format!("access:\n{}", extra.access);
         }
         let gateway = Isthmus::start(&Self::config(&xmpp_yaml, &irc, extra, store_url), &[]).await?;
         gateway.wait_log("accepting XMPP clients", 1, T).await?;

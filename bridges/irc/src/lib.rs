@@ -237,6 +237,64 @@ impl Network for IrcNetwork {
         lines
     }
 
+    async fn accounts(&self) -> Option<Vec<BareJid>> {
+        let map = self.connections.lock().await;
+        let mut accounts: Vec<BareJid> =
+            map.iter().filter(|(_, c)| c.is_alive()).map(|(k, _)| k.account.clone()).collect();
+        accounts.sort();
+        accounts.dedup();
+        Some(accounts)
+    }
+
+    async fn disconnect(&self, account: &BareJid, reason: &str) -> Option<Vec<String>> {
+        let closed: Vec<(ConnectionKey, Arc<Connection>)> = {
+            let mut map = self.connections.lock().await;
+            let keys: Vec<ConnectionKey> = map.keys().filter(|k| &k.account == account).cloned().collect();
+            keys.into_iter().filter_map(|k| map.remove(&k).map(|c| (k, c))).collect()
+        };
+        let mut lines = Vec::new();
+        let mut closing = self.closing();
+        closing.retain(|_, c| !c.has_finished());
+        for (key, conn) in closed {
+            if !conn.is_alive() {
+                continue;
+            }
+            info!(account = %account, server = %key.server, reason, "IRC connection closed by an admin");
+            lines.push(format!("{}: quit as {}", key.server, conn.nick()));
+            conn.close(reason);
+            // A new connection of the same user waits for this one to have quit.
+            closing.insert(key, conn);
+        }
+        lines.sort();
+        Some(lines)
+    }
+
+    async fn connections_status(&self) -> Vec<String> {
+        let map = self.connections.lock().await;
+        // Per server: (connections, online).
+        let mut servers: std::collections::BTreeMap<&str, (usize, usize)> = std::collections::BTreeMap::new();
+        for (k, c) in map.iter().filter(|(_, c)| c.is_alive()) {
+            let entry = servers.entry(k.server.as_str()).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(c.is_online());
+        }
+        if servers.is_empty() {
+            return vec!["no IRC connections".to_owned()];
+        }
+        servers
+            .into_iter()
+            .map(|(server, (all, online))| {
+                let down = all - online;
+                let mut line =
+                    format!("{server}: {all} connection{}, {online} online", if all == 1 { "" } else { "s" });
+                if down > 0 {
+                    line += &format!(", {down} reconnecting");
+                }
+                line
+            })
+            .collect()
+    }
+
     async fn chat_status(&self, account: Option<&BareJid>, id: &str) -> Vec<String> {
         let Ok(target) = IrcTarget::parse(id, self.config.pinned_server.as_deref()) else { return Vec::new() };
         let Some(account) = account else { return Vec::new() };

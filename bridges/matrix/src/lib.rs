@@ -419,6 +419,30 @@ impl Network for MatrixNetwork {
         }
     }
 
+    async fn accounts(&self) -> Option<Vec<BareJid>> {
+        let mut accounts: Vec<BareJid> = self.sessions.lock().await.keys().cloned().collect();
+        accounts.sort();
+        Some(accounts)
+    }
+
+    /// Stops the account's sync and forgets its client; the device stays logged in
+    /// and its stored login is kept (restored at the next start, or replaced by a new `login`).
+    async fn disconnect(&self, account: &BareJid, reason: &str) -> Option<Vec<String>> {
+        let Some(session) = self.sessions.lock().await.remove(account) else { return Some(Vec::new()) };
+        session.stop();
+        info!(account = %account, user = %session.user_id, reason, "Matrix session stopped by an admin");
+        Some(vec![format!("stopped the session of {} (its device stays logged in)", session.user_id)])
+    }
+
+    async fn connections_status(&self) -> Vec<String> {
+        let logins = self.sessions.lock().await.len();
+        let mut lines = vec![format!("{logins} Matrix login{} syncing", if logins == 1 { "" } else { "s" })];
+        if self.portals.is_some() {
+            lines.push(format!("{} portal rooms", self.config.portals.len()));
+        }
+        lines
+    }
+
     async fn profile(&self, account: Option<&BareJid>, id: &str) -> Result<Profile, DeliveryError> {
         // Personal rooms: through the account's own client. Portals: the display name only.
         match account {

@@ -135,6 +135,15 @@ async fn outbox(store: &Store) {
     let seqs: Vec<(i64, String)> =
         store.outbox_pending().await.expect("pending").into_iter().map(|r| (r.seq, r.destination)).collect();
     assert_eq!(seqs, vec![(10, "xmpp".into()), (20, "irc".into()), (30, "irc".into())], "oldest first");
+    let depth = store.outbox_depth().await.expect("depth");
+    assert_eq!(
+        depth,
+        vec![
+            OutboxDepth { destination: "irc".into(), rows: 2, oldest_us: 1 },
+            OutboxDepth { destination: "xmpp".into(), rows: 1, oldest_us: 1 }
+        ],
+        "counted per destination"
+    );
     let removals: Vec<i64> = (100..700).chain([10, 30]).collect(); // more than one statement's worth
     store.outbox_apply(&[row(40, "irc")], &[], 0, &removals, &[]).await.expect("remove");
     let left: Vec<i64> = store.outbox_pending().await.expect("pending").into_iter().map(|r| r.seq).collect();
@@ -144,6 +153,7 @@ async fn outbox(store: &Store) {
         IdMapEntry { key: "k".into(), network: "matrix".into(), scope: "r".into(), remote_ids: vec!["$e".into()] };
     store.outbox_apply(&[], &[], 0, &[20, 40], std::slice::from_ref(&ids)).await.expect("remove the rest");
     assert!(store.outbox_pending().await.expect("pending").is_empty());
+    assert!(store.outbox_depth().await.expect("depth").is_empty());
     store.outbox_apply(&[], &[], 0, &[], &[ids]).await.expect("ids again");
     assert_eq!(store.key_for_remote("matrix", "r", "$e").await.expect("lookup"), Some("k".into()));
     // Batches larger than one statement's rows, with an id repeated inside the batch.
