@@ -363,20 +363,19 @@ impl Gateway {
     }
 }
 
-/// Fetch a picture a network gave by URL (bounded in size and time).
+/// Fetch a picture a network gave by URL: bounded in size and time, through the
+/// same fetcher as files, which refuses loopback, private and other special
+/// addresses (the URL comes from a remote party) and ignores proxy settings.
 async fn fetch(url: &str) -> Option<Vec<u8>> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(20)).build().ok()?;
-    let response = match client.get(url).send().await.and_then(|r| r.error_for_status()) {
-        Ok(r) => r,
+    static FETCHER: std::sync::OnceLock<isthmus_matrix::media::Fetcher> = std::sync::OnceLock::new();
+    let fetcher = FETCHER.get_or_init(|| isthmus_matrix::media::Fetcher::new(false));
+    match fetcher.fetch(url, MAX_AVATAR_BYTES as u64).await {
+        Ok((bytes, _)) => Some(bytes),
         Err(e) => {
             warn!(url, error = %e, "cannot fetch a picture");
-            return None;
+            None
         }
-    };
-    if response.content_length().is_some_and(|n| n as usize > MAX_AVATAR_BYTES) {
-        return None;
     }
-    response.bytes().await.ok().map(|b| b.to_vec())
 }
 
 #[cfg(test)]
@@ -393,6 +392,17 @@ mod tests {
         assert_eq!(sniff_mime(b"GIF89a"), "image/gif");
         assert_eq!(sniff_mime(b"RIFF\0\0\0\0WEBPVP8 "), "image/webp");
         assert_eq!(sniff_mime(b"??"), "application/octet-stream");
+    }
+
+    #[tokio::test]
+    async fn a_picture_on_a_loopback_address_is_never_fetched() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let port = listener.local_addr().expect("address").port();
+        for url in [format!("http://127.0.0.1:{port}/a.png"), format!("http://localhost:{port}/a.png")] {
+            assert_eq!(fetch(&url).await, None, "{url}");
+        }
+        let accepted = tokio::time::timeout(std::time::Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "the fetcher connected to a loopback address");
     }
 
     #[test]

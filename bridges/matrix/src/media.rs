@@ -675,6 +675,9 @@ impl Fetcher {
     /// `allow_private`: whether loopback, private and link-local addresses may be fetched.
     pub fn new(allow_private: bool) -> Fetcher {
         let mut builder = reqwest::Client::builder()
+            // HTTP(S)_PROXY from the environment would hand the name to a proxy to resolve,
+            // past the address check below: files are fetched directly.
+            .no_proxy()
             .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(60))
