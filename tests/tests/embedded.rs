@@ -109,6 +109,16 @@ async fn scram_without_channel_binding_logs_in_and_plain_streams_get_no_mechanis
     assert!(failure.contains("not-authorized"), "{failure}");
     s.gateway.wait_log("authentication failed client_ip=127.0.0.1", 1, T).await?;
 
+    // PLAIN without its authorization-identity NUL: refused as malformed, and the
+    // password (which would stand where the user name does) is not logged.
+    let mut c = RawC2s::connect(port).await?.starttls(&ca).await?;
+    // base64("alice\0s3cr3t-in-the-name-slot")
+    let plain = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"alice\0s3cr3t-in-the-name-slot");
+    c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>")).await?;
+    let failure = c.read_until("</failure>").await?;
+    assert!(failure.contains("malformed-request"), "{failure}");
+    assert!(!s.gateway.log().contains("s3cr3t-in-the-name-slot"), "the password reached the log");
+
     // Without TLS: nothing offered, and SCRAM refused as PLAIN is.
     let mut c = RawC2s::connect(port).await?;
     assert!(!c.features.contains("<mechanism>"), "no mechanism on a plain stream: {}", c.features);

@@ -487,6 +487,15 @@ async fn authenticate(
             .map_err(|_| ())?;
         return Ok(None);
     }
+    // PLAIN is `authzid NUL authcid NUL password`: with a NUL missing, the password
+    // would be taken for the user name (and logged as one), so it is refused as it is.
+    if scram_first.is_none() && initial.iter().filter(|&&b| b == 0).count() != 2 {
+        stream
+            .send(&fail("malformed-request", "PLAIN takes authzid, NUL, user name, NUL, password"))
+            .await
+            .map_err(|_| ())?;
+        return Ok(None);
+    }
     let username = match &scram_first {
         Some(first) => Some(first.username.clone()),
         None => initial.split(|&b| b == 0).nth(1).map(|u| String::from_utf8_lossy(u).into_owned()),
