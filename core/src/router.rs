@@ -68,6 +68,8 @@ struct Inner {
     outbox: Outbox,
     /// Copies waiting for a destination chat that was unreachable, in order.
     backlogs: Mutex<HashMap<(NetworkId, ChatRef), VecDeque<Waiting>>>,
+    /// Most copies one chat's backlog holds.
+    max_backlog: usize,
 }
 
 /// A copy in a backlog, and how its sender hears how it went.
@@ -79,15 +81,25 @@ struct Waiting {
 /// The first retry of a backlog comes after this long; later ones back off to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Copies one chat's backlog holds by default; past it a new message for that
+/// chat is refused to its sender (the network has been unreachable for long).
+pub const MAX_BACKLOG: usize = 10_000;
 
 /// Builds a [`Router`].
 pub struct RouterBuilder {
     networks: HashMap<NetworkId, Arc<dyn Network>>,
     portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
     store: Store,
+    max_backlog: usize,
 }
 
 impl RouterBuilder {
+    /// Most copies one chat's backlog holds (default [`MAX_BACKLOG`]).
+    pub fn max_backlog(mut self, copies: usize) -> Self {
+        self.max_backlog = copies.max(1);
+        self
+    }
+
     /// Register a network (bridges and the XMPP side alike).
     pub fn network(mut self, network: Arc<dyn Network>) -> Self {
         self.networks.insert(network.id().clone(), network);
@@ -115,6 +127,7 @@ impl RouterBuilder {
                 ids,
                 outbox,
                 backlogs: Mutex::new(HashMap::new()),
+                max_backlog: self.max_backlog,
             }),
         }
     }
@@ -122,7 +135,7 @@ impl RouterBuilder {
 
 impl Router {
     pub fn builder(store: Store) -> RouterBuilder {
-        RouterBuilder { networks: HashMap::new(), portals: HashMap::new(), store }
+        RouterBuilder { networks: HashMap::new(), portals: HashMap::new(), store, max_backlog: MAX_BACKLOG }
     }
 
     /// A registered network.
@@ -256,6 +269,12 @@ impl Router {
         }
         let key = (network.id().clone(), copy.chat.clone());
         if let Some(queue) = self.backlogs().get_mut(&key) {
+            if queue.len() >= self.inner.max_backlog {
+                return Err(DeliveryError::Rejected(format!(
+                    "{} messages are already waiting for this chat, whose network is unreachable: try again later",
+                    queue.len()
+                )));
+            }
             let (confirmer, confirmation) = Confirmation::channel();
             queue.push_back(Waiting { copy, confirmer });
             debug!(network = %key.0, waiting = queue.len(), "queued behind copies waiting for the same chat");
@@ -628,6 +647,27 @@ mod tests {
         let (_, result) = report.deliveries.pop().expect("one destination");
         assert!(result.expect("delivered").confirmation.is_none());
         assert_eq!(flaky.got.lock().unwrap_or_else(|p| p.into_inner()).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_refuses_the_next_message_with_the_reason() {
+        let (_dir, store) = store().await;
+        let down = Fake::new("down", 1000, None);
+        let router = Router::builder(store).max_backlog(3).network(down.clone()).build();
+        let mut results = Vec::new();
+        for i in 0..5 {
+            let mut report = router.route(message(&down.id, &format!("m{i}"))).await;
+            results.push(report.deliveries.pop().expect("one destination").1);
+        }
+        assert!(results[..3].iter().all(|r| r.as_ref().is_ok_and(|d| d.confirmation.is_some())), "three kept");
+        for r in &results[3..] {
+            match r {
+                Err(DeliveryError::Rejected(text)) => {
+                    assert!(text.contains("3 messages are already waiting"), "{text}")
+                }
+                other => panic!("refused with the reason, not {other:?}"),
+            }
+        }
     }
 
     /// After a crash, a copy still waiting is delivered and its origin told so; a
