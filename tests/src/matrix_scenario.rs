@@ -46,6 +46,20 @@ impl MatrixSetup {
         extra_yaml: &str,
         fetch_private_addresses: bool,
     ) -> Result<MatrixSetup> {
+        Self::start_full(options, extra_yaml, fetch_private_addresses, &[]).await
+    }
+
+    /// [`MatrixSetup::start`], with more environment for the gateway.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Result<MatrixSetup> {
+        Self::start_full(SynapseOptions::default(), "", true, env).await
+    }
+
+    async fn start_full(
+        options: SynapseOptions,
+        extra_yaml: &str,
+        fetch_private_addresses: bool,
+        env: &[(&str, &str)],
+    ) -> Result<MatrixSetup> {
         let synapse = Synapse::start(options).await?;
         let alice_mx = synapse.register("alice", "alice-mx-pass", false).await?;
         let bob_user = synapse.register("bob", "bob-mx-pass", false).await?;
@@ -86,7 +100,9 @@ matrix:
             component = prosody.component_port(),
             hs = synapse.base_url(),
         );
-        let gateway = Isthmus::start(&config, &[("ISTHMUS_COMPONENT_SECRET", SECRET)]).await?;
+        let mut gateway_env = vec![("ISTHMUS_COMPONENT_SECRET", SECRET)];
+        gateway_env.extend_from_slice(env);
+        let gateway = Isthmus::start(&config, &gateway_env).await?;
         gateway.wait_log("component link established", 1, T).await?;
         Ok(MatrixSetup { synapse, prosody, gateway, alice_mx, bob, bob_user, media_url })
     }

@@ -46,6 +46,7 @@ use isthmus_core::model::{
     RemoteId, Role, Sender,
 };
 use isthmus_core::network::{Delivered, DeliveryError, EventSink, Routed};
+use isthmus_core::outbox::Receipt;
 use matrix_sdk::reqwest;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -968,7 +969,9 @@ impl Portals {
         m: &Message,
         speaker: Option<&str>,
         txn: &str,
+        stored: Option<&Receipt>,
     ) -> Result<Vec<String>, DeliveryError> {
+        let ctx = outgoing::Sending { id: txn, stored };
         let spoken;
         let m = match speaker {
             Some(nick) => {
@@ -978,7 +981,8 @@ impl Portals {
             None => m,
         };
         if m.attachments.is_empty() {
-            return Ok(vec![self.send(room_id, puppet, "m.room.message", &outgoing::message_content(m), txn).await?]);
+            let content = outgoing::message_content_bounded(m, ctx).await?;
+            return Ok(vec![self.send(room_id, puppet, "m.room.message", &content, txn).await?]);
         }
         let mut files = Vec::with_capacity(m.attachments.len());
         for a in &m.attachments {
@@ -986,7 +990,8 @@ impl Portals {
         }
         let mut ids = Vec::with_capacity(files.len() + 1);
         if let Some(text) = outgoing::text_beside_files(m) {
-            ids.push(self.send(room_id, puppet, "m.room.message", &outgoing::message_content(&text), txn).await?);
+            let content = outgoing::message_content_bounded(&text, ctx).await?;
+            ids.push(self.send(room_id, puppet, "m.room.message", &content, txn).await?);
         }
         for (i, file) in files.iter().enumerate() {
             let mut content = outgoing::file_content(m, file);
@@ -1090,11 +1095,12 @@ impl Portals {
             }
             EventKind::Message(m) => {
                 self.ensure_in(room, &puppet, nick).await?;
-                self.send_message(room, Some(&puppet), m, None, txn).await?
+                self.send_message(room, Some(&puppet), m, None, txn, event.receipt.as_ref()).await?
             }
             EventKind::Correction { target, message } => {
                 self.ensure_in(room, &puppet, nick).await?;
-                let content = outgoing::edit_content(&target.0, message);
+                let ctx = outgoing::Sending { id: txn, stored: event.receipt.as_ref() };
+                let content = outgoing::edit_content_bounded(&target.0, message, ctx).await?;
                 vec![self.send(room, Some(&puppet), "m.room.message", &content, txn).await?]
             }
             EventKind::Retraction { target, reason, .. } => {
@@ -1176,9 +1182,10 @@ impl Portals {
                 self.enter(&event.chat, room, jid, nick).await?;
                 Vec::new()
             }
-            EventKind::Message(m) => self.send_message(room, None, m, Some(nick), txn).await?,
+            EventKind::Message(m) => self.send_message(room, None, m, Some(nick), txn, event.receipt.as_ref()).await?,
             EventKind::Correction { target, message } => {
-                let content = outgoing::edit_content(&target.0, &spoken_by(nick, message));
+                let ctx = outgoing::Sending { id: txn, stored: event.receipt.as_ref() };
+                let content = outgoing::edit_content_bounded(&target.0, &spoken_by(nick, message), ctx).await?;
                 vec![self.send(room, None, "m.room.message", &content, txn).await?]
             }
             EventKind::Retraction { target, reason, .. } => {
@@ -1364,13 +1371,15 @@ impl Portals {
             debug!(room = room_id, "event of a room that is no portal");
             return;
         };
-        let (env, incoming) = match incoming::parse(ev) {
+        let (env, mut incoming) = match incoming::parse_unstyled(ev) {
             Ok(x) => x,
             Err(e) => {
                 warn!(room = room_id, error = %e, "Matrix event not bridged");
                 return;
             }
         };
+        incoming::style(&mut incoming, &env.event_id).await;
+        incoming::fit_for_xmpp(&mut incoming, room_id, &env.event_id);
         let chat = self.chat(&chat_id);
         if let Incoming::Member { user, membership, previous, displayname, reason, .. } = incoming {
             self.member(&chat, room_id, &env, user, membership, previous, displayname, reason).await;

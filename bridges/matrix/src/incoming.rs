@@ -122,6 +122,19 @@ fn opt_str(v: &Value, field: &str) -> Option<String> {
 
 /// Read the envelope and the meaning of one timeline event.
 pub fn parse(ev: &Value) -> Result<(Envelope, Incoming), ParseError> {
+    let (env, mut incoming) = parse_unstyled(ev)?;
+    if let Some(m) = text_of(&mut incoming)
+        && let Some(html) = html_to_style(m)
+    {
+        let styled = styled(&html);
+        set_styled(m, Some(styled), &html);
+    }
+    Ok((env, incoming))
+}
+
+/// Like [`parse`], but the body of a message with an HTML body is still the event's
+/// plain `body`: [`style`] makes it the HTML as XEP-0393 styling.
+pub fn parse_unstyled(ev: &Value) -> Result<(Envelope, Incoming), ParseError> {
     let event_id = str_field(ev, "event_id")?.to_owned();
     let sender = str_field(ev, "sender")?.to_owned();
     let kind = str_field(ev, "type")?;
@@ -237,13 +250,6 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         }
         _ => None,
     };
-    // What XMPP (and every network without HTML) shows is the HTML as XEP-0393 styling.
-    if let Some(f) = &formatted {
-        let styled = html_to_styling_with(&f.text, &|href| !is_mention_link(href));
-        if !styled.is_empty() {
-            body = styled;
-        }
-    }
     let mut m = Message {
         body,
         formatted,
@@ -267,6 +273,51 @@ fn message(content: &Value, relates: Option<&Value>) -> Result<Message, ParseErr
         }
     }
     Ok(m)
+}
+
+/// The message of a message or an edit.
+fn text_of(incoming: &mut Incoming) -> Option<&mut Message> {
+    match incoming {
+        Incoming::Message { message } | Incoming::Edit { message, .. } => Some(message),
+        _ => None,
+    }
+}
+
+/// The HTML body to show as styling, if any.
+fn html_to_style(m: &Message) -> Option<String> {
+    m.formatted.as_ref().filter(|f| f.format == TextFormat::Html && !m.body.is_empty()).map(|f| f.text.clone())
+}
+
+/// The HTML as XEP-0393 styling; mentions keep the name only.
+fn styled(html: &str) -> String {
+    html_to_styling_with(html, &|href| !is_mention_link(href))
+}
+
+/// The body becomes `styled` (or, without it, the HTML's text), unless that is empty.
+fn set_styled(m: &mut Message, styled: Option<String>, html: &str) {
+    let text = styled.unwrap_or_else(|| crate::convert::html_text(html));
+    if !text.is_empty() {
+        m.body = text;
+    }
+}
+
+/// What XMPP (and every network without HTML) shows is the HTML as XEP-0393
+/// styling: converted with a deadline (see [`crate::convert`]); past it, the HTML's
+/// text only. `event_id` names the event in the logs.
+pub async fn style(incoming: &mut Incoming, event_id: &str) {
+    let Some(m) = text_of(incoming) else { return };
+    let Some(html) = html_to_style(m) else { return };
+    let input = html.clone();
+    let out = crate::convert::bounded("HTML to styling", event_id, html.len(), None, move || styled(&input)).await;
+    set_styled(m, out, &html);
+}
+
+/// Cut a message or edit from `room_id` too long for an XMPP stanza (see
+/// [`crate::convert::fit_for_xmpp`]).
+pub fn fit_for_xmpp(incoming: &mut Incoming, room_id: &str, event_id: &str) {
+    if let Some(m) = text_of(incoming) {
+        m.body = crate::convert::fit_for_xmpp(std::mem::take(&mut m.body), room_id, event_id);
+    }
 }
 
 /// A matrix.to link (a mention "pill"): its text, the person's or room's name, says it all.

@@ -22,6 +22,7 @@
 
 pub mod address;
 pub mod appservice;
+pub mod convert;
 pub mod incoming;
 pub mod media;
 pub mod net_guard;
@@ -484,8 +485,10 @@ impl Network for MatrixNetwork {
                 session.enter(chat, nick).await?;
                 Vec::new()
             }
-            EventKind::Message(m) => session.send_message(chat, m, txn).await?,
-            EventKind::Correction { target, message } => session.send_edit(chat, &target.0, message, txn).await?,
+            EventKind::Message(m) => session.send_message(chat, m, txn, event.receipt.as_ref()).await?,
+            EventKind::Correction { target, message } => {
+                session.send_edit(chat, &target.0, message, txn, event.receipt.as_ref()).await?
+            }
             EventKind::Retraction { target, reason, .. } => {
                 session.redact(chat, &target.0, reason.as_deref(), txn).await?
             }

@@ -6,7 +6,12 @@
 
 use isthmus_core::markup::styling_to_html;
 use isthmus_core::model::{Message, TextFormat};
+use isthmus_core::network::DeliveryError;
+use isthmus_core::outbox::Receipt;
 use serde_json::{Value, json};
+use tracing::warn;
+
+use crate::convert;
 
 /// The `m.room.message` content for a message. `reply_to` and `thread` are event
 /// ids on Matrix (the router already translated them where it knew them).
@@ -94,19 +99,11 @@ pub fn text_beside_files(m: &Message) -> Option<Message> {
     Some(Message { body: body.to_owned(), formatted, attachments: Vec::new(), ..m.clone() })
 }
 
-/// `msgtype`, `body` and the HTML body of a message (the plain body is XEP-0393 styled
-/// text, as the model carries it: its styling becomes the HTML body).
-fn base_content(m: &Message) -> Value {
-    let msgtype = if m.action {
-        "m.emote"
-    } else if m.notice {
-        "m.notice"
-    } else {
-        "m.text"
-    };
+/// The body as sent: the message's, with the files' URLs it does not name (edits;
+/// new messages send files as file events).
+fn full_body(m: &Message) -> String {
     let mut body = m.body.clone();
     for a in &m.attachments {
-        // Files as links here (edits); new messages send them as file events.
         if !body.contains(&a.url) {
             if !body.is_empty() {
                 body.push('\n');
@@ -114,10 +111,50 @@ fn base_content(m: &Message) -> Value {
             body.push_str(&a.url);
         }
     }
-    // The HTML body: the message's own, else its XEP-0393 styling as HTML.
-    let html = match m.formatted.as_ref().filter(|f| f.format == TextFormat::Html) {
-        Some(f) => Some(f.text.clone()),
-        None => styling_to_html(&body),
+    body
+}
+
+/// The message's own HTML body, if it has one.
+fn own_html(m: &Message) -> Option<String> {
+    m.formatted.as_ref().filter(|f| f.format == TextFormat::Html).map(|f| f.text.clone())
+}
+
+/// The HTML body of `m`: its own, else its XEP-0393 styling as HTML, converted
+/// with a deadline (see [`crate::convert`]); `None` past it (plain text then).
+async fn bounded_html(m: &Message, body: &str, ctx: Sending<'_>) -> Option<String> {
+    if let Some(html) = own_html(m) {
+        return Some(html);
+    }
+    let text = body.to_owned();
+    crate::convert::bounded("styling to HTML", ctx.id, text.len(), ctx.stored, move || styling_to_html(&text))
+        .await
+        .flatten()
+}
+
+/// What the bounded conversions need to know of the copy being sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Sending<'a> {
+    /// Names the message in the logs (its transaction id).
+    pub id: &'a str,
+    /// Its outbox row, stored before a conversion goes aside.
+    pub stored: Option<&'a Receipt>,
+}
+
+/// `msgtype`, `body` and the HTML body of a message (the plain body is XEP-0393 styled
+/// text, as the model carries it: its styling becomes the HTML body).
+fn base_content(m: &Message) -> Value {
+    let body = full_body(m);
+    let html = own_html(m).or_else(|| styling_to_html(&body));
+    content_of(m, body, html)
+}
+
+fn content_of(m: &Message, body: String, html: Option<String>) -> Value {
+    let msgtype = if m.action {
+        "m.emote"
+    } else if m.notice {
+        "m.notice"
+    } else {
+        "m.text"
     };
     let mut content = json!({"msgtype": msgtype, "body": body});
     if let Some(html) = html {
@@ -129,7 +166,10 @@ fn base_content(m: &Message) -> Value {
 
 /// An edit of `target` (always the original event) to `m`.
 pub fn edit_content(target: &str, m: &Message) -> Value {
-    let new = base_content(m);
+    edit_of(target, base_content(m))
+}
+
+fn edit_of(target: &str, new: Value) -> Value {
     let mut content = new.clone();
     content["body"] = json!(format!("* {}", new["body"].as_str().unwrap_or_default()));
     if let Some(html) = new.get("formatted_body").and_then(Value::as_str) {
@@ -138,6 +178,44 @@ pub fn edit_content(target: &str, m: &Message) -> Value {
     content["m.new_content"] = new;
     content["m.relates_to"] = json!({"rel_type": "m.replace", "event_id": target});
     content
+}
+
+/// [`message_content`] within the limits: the styling converted with a deadline,
+/// and refused ([`DeliveryError::Rejected`], with the limit and the size) when too
+/// large for the homeserver. The HTML body goes when it alone makes it too large.
+pub async fn message_content_bounded(m: &Message, ctx: Sending<'_>) -> Result<Value, DeliveryError> {
+    bounded_content(m, ctx, |base| {
+        let mut content = base;
+        if let Some(relation) = relation(m) {
+            content["m.relates_to"] = relation;
+        }
+        content
+    })
+    .await
+}
+
+/// [`edit_content`] within the limits (see [`message_content_bounded`]).
+pub async fn edit_content_bounded(target: &str, m: &Message, ctx: Sending<'_>) -> Result<Value, DeliveryError> {
+    bounded_content(m, ctx, |base| edit_of(target, base)).await
+}
+
+async fn bounded_content(m: &Message, ctx: Sending<'_>, wrap: impl Fn(Value) -> Value) -> Result<Value, DeliveryError> {
+    let body = full_body(m);
+    // Too large already as plain text: refused before any conversion.
+    let plain = wrap(content_of(m, body.clone(), None));
+    let plain_size = convert::content_size(&plain);
+    if plain_size > convert::MAX_CONTENT_BYTES {
+        warn!(id = ctx.id, size = plain_size, "a message too large for Matrix is refused");
+        return Err(convert::too_large(plain_size));
+    }
+    let Some(html) = bounded_html(m, &body, ctx).await else { return Ok(plain) };
+    let content = wrap(content_of(m, body, Some(html)));
+    let size = convert::content_size(&content);
+    if size > convert::MAX_CONTENT_BYTES {
+        warn!(id = ctx.id, size, plain_size, "the HTML body would make the event too large; sent as plain text");
+        return Ok(plain);
+    }
+    Ok(content)
 }
 
 /// One reaction `key` on `target`.
@@ -214,6 +292,30 @@ mod tests {
             reaction_content("$o", "👍"),
             json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$o", "key": "👍"}})
         );
+    }
+
+    const CTX: Sending<'static> = Sending { id: "txn-test", stored: None };
+
+    #[tokio::test]
+    async fn contents_too_large_for_matrix_are_refused_with_the_limit_and_the_size() {
+        // Small: as before, with its styling as HTML.
+        let content = message_content_bounded(&Message::text("*x*"), CTX).await.expect("fits");
+        assert_eq!(content, message_content(&Message::text("*x*")));
+        // 200 kB of unclosed openers: refused before any conversion, saying why.
+        let body = "*a ".repeat(70_000);
+        let err = message_content_bounded(&Message::text(&body), CTX).await.expect_err("too large");
+        let DeliveryError::Rejected(text) = &err else { panic!("not a refusal: {err:?}") };
+        let size = serde_json::to_vec(&json!({"msgtype": "m.text", "body": body})).map(|v| v.len()).unwrap_or(0);
+        assert!(text.contains("60000 bytes") && text.contains(&format!("{size} bytes")), "{text}");
+        // An edit counts its body twice.
+        let body = "x".repeat(35_000);
+        assert!(edit_content_bounded("$o", &Message::text(&body), CTX).await.is_err());
+        assert!(message_content_bounded(&Message::text(&body), CTX).await.is_ok());
+        // Plain text that fits but whose HTML would not: sent as plain text.
+        let body = "*b* ".repeat(12_000);
+        let content = message_content_bounded(&Message::text(&body), CTX).await.expect("fits as plain text");
+        assert_eq!(content, json!({"msgtype": "m.text", "body": body}));
+        assert!(crate::convert::content_size(&message_content(&Message::text(&body))) > convert::MAX_CONTENT_BYTES);
     }
 
     fn file(mime: &str) -> UploadedFile {

@@ -21,6 +21,7 @@ use isthmus_core::model::{
     Role, Sender,
 };
 use isthmus_core::network::{Avatar, AvatarData, DeliveryError, EventSink, Profile, Routed};
+use isthmus_core::outbox::Receipt;
 use isthmus_core::store::{AccountRecord, Store};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType;
@@ -407,13 +408,15 @@ impl Session {
     }
 
     async fn timeline_event(&self, room: &Room, chat: &ChatRef, json: &Value) {
-        let (env, incoming) = match incoming::parse(json) {
+        let (env, mut incoming) = match incoming::parse_unstyled(json) {
             Ok(x) => x,
             Err(e) => {
                 warn!(room = %room.room_id(), error = %e, "Matrix event not bridged");
                 return;
             }
         };
+        incoming::style(&mut incoming, &env.event_id).await;
+        incoming::fit_for_xmpp(&mut incoming, room.room_id().as_str(), &env.event_id);
         let own = env.sender == self.user_id.as_str();
         let room_id = room.room_id().as_str();
         // Reactions are tracked even when they are our own echo: removing them later needs their ids.
@@ -808,10 +811,19 @@ impl Session {
 
     /// A message; its attachments are fetched, uploaded and sent as file events
     /// (`{txn}-file{i}`) after its text, if it has any besides their URLs.
-    pub async fn send_message(&self, chat: &ChatRef, m: &Message, txn: &str) -> Result<Vec<String>, DeliveryError> {
+    /// `stored`: the copy's outbox row (a long conversion waits until it is durable).
+    pub async fn send_message(
+        &self,
+        chat: &ChatRef,
+        m: &Message,
+        txn: &str,
+        stored: Option<&Receipt>,
+    ) -> Result<Vec<String>, DeliveryError> {
+        let ctx = outgoing::Sending { id: txn, stored };
         let room = self.room_for(chat, chat.kind == ChatKind::Direct).await?;
         if m.attachments.is_empty() {
-            return Ok(vec![self.send_json(&room, "m.room.message", outgoing::message_content(m), txn).await?]);
+            let content = outgoing::message_content_bounded(m, ctx).await?;
+            return Ok(vec![self.send_json(&room, "m.room.message", content, txn).await?]);
         }
         // All files first: one that cannot be had sends nothing. An encrypted room's are encrypted.
         let encrypt = room.latest_encryption_state().await.map_err(unavailable)?.is_encrypted();
@@ -821,7 +833,8 @@ impl Session {
         }
         let mut ids = Vec::with_capacity(files.len() + 1);
         if let Some(text) = outgoing::text_beside_files(m) {
-            ids.push(self.send_json(&room, "m.room.message", outgoing::message_content(&text), txn).await?);
+            let content = outgoing::message_content_bounded(&text, ctx).await?;
+            ids.push(self.send_json(&room, "m.room.message", content, txn).await?);
         }
         for (i, file) in files.iter().enumerate() {
             let content = outgoing::file_content(m, file);
@@ -836,9 +849,11 @@ impl Session {
         target: &str,
         m: &Message,
         txn: &str,
+        stored: Option<&Receipt>,
     ) -> Result<Vec<String>, DeliveryError> {
         let room = self.room_for(chat, false).await?;
-        Ok(vec![self.send_json(&room, "m.room.message", outgoing::edit_content(target, m), txn).await?])
+        let content = outgoing::edit_content_bounded(target, m, outgoing::Sending { id: txn, stored }).await?;
+        Ok(vec![self.send_json(&room, "m.room.message", content, txn).await?])
     }
 
     pub async fn redact(
