@@ -41,11 +41,19 @@ use crate::outgoing;
 /// A sync batch's acknowledgements and the token to store once they are all safe.
 type Checkpoint = (Vec<Routed>, String);
 
+/// Reaction events a [`ReactionBook`] remembers; past it the oldest are forgotten
+/// (an XMPP reaction to a message that old then adds to what is on Matrix
+/// instead of replacing it).
+pub const MAX_REACTIONS: usize = 50_000;
+
 /// Reactions per (room, target, sender): emoji → the reaction event carrying it.
+/// Bounded: at most [`MAX_REACTIONS`] events, the oldest forgotten first.
 #[derive(Debug, Default)]
 pub struct ReactionBook {
     by_event: HashMap<String, (String, String, String, String)>,
     sets: HashMap<(String, String, String), Vec<(String, String)>>,
+    /// Event ids in the order they were recorded (some may be gone already).
+    order: std::collections::VecDeque<String>,
 }
 
 impl ReactionBook {
@@ -56,18 +64,41 @@ impl ReactionBook {
         if !set.iter().any(|(_, e)| e == event_id) {
             set.push((key.to_owned(), event_id.to_owned()));
         }
-        self.by_event
-            .insert(event_id.to_owned(), (room.to_owned(), target.to_owned(), sender.to_owned(), key.to_owned()));
-        Self::keys(set)
+        let keys = Self::keys(set);
+        let fresh = self
+            .by_event
+            .insert(event_id.to_owned(), (room.to_owned(), target.to_owned(), sender.to_owned(), key.to_owned()))
+            .is_none();
+        if fresh {
+            self.order.push_back(event_id.to_owned());
+        }
+        self.prune();
+        keys
+    }
+
+    /// Forget the oldest events past [`MAX_REACTIONS`].
+    fn prune(&mut self) {
+        while self.by_event.len() > MAX_REACTIONS {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.remove(&oldest);
+        }
+        if self.order.len() > 2 * MAX_REACTIONS {
+            let by_event = &self.by_event;
+            self.order.retain(|e| by_event.contains_key(e));
+        }
     }
 
     /// Forget reaction `event_id`; returns (target, sender, the sender's new set) when it was one.
     pub fn remove(&mut self, event_id: &str) -> Option<(String, String, Vec<String>)> {
         let (room, target, sender, _) = self.by_event.remove(event_id)?;
         let k = (room, target.clone(), sender.clone());
-        let set = self.sets.entry(k).or_default();
+        let set = self.sets.entry(k.clone()).or_default();
         set.retain(|(_, e)| e != event_id);
-        Some((target, sender, Self::keys(set)))
+        let keys = Self::keys(set);
+        if set.is_empty() {
+            self.sets.remove(&k);
+        }
+        Some((target, sender, keys))
     }
 
     /// The reaction events `sender` has on `target`: (emoji, event id).
@@ -1101,6 +1132,26 @@ mod tests {
         assert_eq!(b.remove("$1"), None);
         assert_eq!(b.of("!r", "$t", "@a"), vec![("🎉".to_owned(), "$2".to_owned())]);
         assert_eq!(b.remove("$9"), None);
+    }
+
+    #[test]
+    fn the_reaction_book_forgets_the_oldest_past_its_bound() {
+        let mut b = ReactionBook::default();
+        let n = super::MAX_REACTIONS + 100;
+        for i in 0..n {
+            b.add("!r", &format!("$t{i}"), "@a", "👍", &format!("$e{i}"));
+        }
+        assert_eq!(b.by_event.len(), super::MAX_REACTIONS);
+        assert_eq!(b.sets.len(), super::MAX_REACTIONS, "no empty sets left behind");
+        assert!(b.of("!r", "$t0", "@a").is_empty(), "the oldest is forgotten");
+        assert_eq!(b.of("!r", &format!("$t{}", n - 1), "@a").len(), 1, "the newest is kept");
+        // Removals and re-adds never let the order queue grow past twice the bound.
+        for i in 0..(3 * super::MAX_REACTIONS) {
+            let e = format!("$x{i}");
+            b.add("!r", "$same", "@a", "🎉", &e);
+            b.remove(&e);
+        }
+        assert!(b.order.len() <= 2 * super::MAX_REACTIONS + 1, "{}", b.order.len());
     }
 
     #[test]
