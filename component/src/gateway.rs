@@ -39,9 +39,22 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::parsers::stanza_id::OriginId;
 use tracing::{Instrument, debug, info, warn};
 
+/// Whether an unavailable presence says the device's connection ended rather than
+/// that its user left: the XMPP server sends one for each room the device was in,
+/// with a status saying why. Prosody's is `Disconnected: ` and the reason: on
+/// shutdown `Received SIGTERM` (or the admin's reason), for a dropped connection
+/// `closed`, `read timeout`, `connection-timeout`, `Hibernating too long`…; a
+/// client that leaves the room or logs out cleanly gets none.
+fn connection_ended(p: &Presence) -> bool {
+    p.statuses.values().any(|s| s.starts_with("Disconnected: "))
+}
+
 /// Rooms one XMPP account may be in on one gateway (each may hold a remote
 /// connection and an archive): a join past it is refused with resource-constraint.
 pub(crate) const MAX_ROOMS_PER_ACCOUNT: usize = 256;
+
+/// Requests (iqs) being answered at once, over all domains.
+pub(crate) const MAX_REQUESTS: usize = 256;
 
 use crate::archive::Archive;
 use crate::stanza::{self, bare, full};
@@ -496,12 +509,39 @@ impl Gateway {
     }
 
     /// Handle one stanza that arrived on `domain`'s link.
-    pub async fn handle(&self, domain: &str, stanza: Stanza) {
+    pub async fn handle(self: &Arc<Self>, domain: &str, stanza: Stanza) {
         let Some(domain) = self.domains.get(domain).cloned() else { return };
         match stanza {
             Stanza::Presence(p) => self.handle_presence(&domain, p).await,
             Stanza::Message(m) => self.handle_message(&domain, m).await,
-            Stanza::Iq(iq) => self.handle_iq(&domain, iq).await,
+            // A request is answered on its own task: one that waits on a remote server
+            // (a login to a slow homeserver, an IRC LIST) holds up no other stanza of the
+            // domain. At most MAX_REQUESTS at once; past them, `resource-constraint`.
+            Stanza::Iq(iq) => {
+                static REQUESTS: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
+                let requests = REQUESTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS)));
+                match requests.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let gateway = self.clone();
+                        let task = async move {
+                            gateway.handle_iq(&domain, iq).await;
+                            drop(permit);
+                        };
+                        tokio::spawn(task.in_current_span());
+                    }
+                    Err(_) => {
+                        if let Iq::Get { from: Some(from), to: Some(to), id, .. }
+                        | Iq::Set { from: Some(from), to: Some(to), id, .. } = iq
+                        {
+                            warn!(%from, "too many requests at once; one refused");
+                            let text = "too many requests are being answered: try again in a moment";
+                            let err =
+                                StanzaError::new(ErrorType::Wait, DefinedCondition::ResourceConstraint, "en", text);
+                            self.send(&domain, Stanza::Iq(Iq::from_error(id, err).with_to(from).with_from(to))).await;
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -54,11 +54,27 @@ impl MatrixSetup {
         Self::start_full(SynapseOptions::default(), "", true, env).await
     }
 
+    /// [`MatrixSetup::start`], with more homeservers users may log in to (listed
+    /// in `allowed_homeservers` beside Synapse).
+    pub async fn start_with_homeservers(homeservers: &[&str]) -> Result<MatrixSetup> {
+        Self::start_configured(SynapseOptions::default(), "", true, &[], homeservers).await
+    }
+
     async fn start_full(
         options: SynapseOptions,
         extra_yaml: &str,
         fetch_private_addresses: bool,
         env: &[(&str, &str)],
+    ) -> Result<MatrixSetup> {
+        Self::start_configured(options, extra_yaml, fetch_private_addresses, env, &[]).await
+    }
+
+    async fn start_configured(
+        options: SynapseOptions,
+        extra_yaml: &str,
+        fetch_private_addresses: bool,
+        env: &[(&str, &str)],
+        more_homeservers: &[&str],
     ) -> Result<MatrixSetup> {
         let synapse = Synapse::start(options).await?;
         let alice_mx = synapse.register("alice", "alice-mx-pass", false).await?;
@@ -89,7 +105,7 @@ matrix:
   - domain: {MATRIX_DOMAIN}
     default_homeserver: {hs}
     # Synapse runs on 127.0.0.1: a loopback homeserver must be listed.
-    allowed_homeservers: [{hs}]
+    allowed_homeservers: [{hs}{more}]
     data_dir: "{{dir}}/matrix"
     fetch_private_addresses: {fetch_private_addresses}
     media:
@@ -99,6 +115,7 @@ matrix:
 "#,
             component = prosody.component_port(),
             hs = synapse.base_url(),
+            more = more_homeservers.iter().map(|h| format!(", \"{h}\"")).collect::<String>(),
         );
         let mut gateway_env = vec![("ISTHMUS_COMPONENT_SECRET", SECRET)];
         gateway_env.extend_from_slice(env);

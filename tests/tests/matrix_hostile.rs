@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use isthmus_tests::matrix_scenario::{MatrixSetup, is_groupchat_from, join_room, matrix_jid};
+use isthmus_tests::matrix_scenario::{MATRIX_DOMAIN, MatrixSetup, is_groupchat_from, join_room, matrix_jid};
 use isthmus_tests::scenario::T;
 use serde_json::json;
 
@@ -80,5 +80,59 @@ async fn deeply_nested_markup_both_ways_hurts_nothing() -> Result<()> {
     println!("an ordinary message each way after the hostile ones: {round:?}");
     assert!(round < Duration::from_secs(5), "ordinary messages are not held up: {round:?}");
     assert_eq!(s.gateway.log().matches("panicked").count(), 0, "nothing panicked");
+    Ok(())
+}
+
+/// A login to a homeserver that never answers (a stranger's own server, say)
+/// holds up nobody else: other requests to the same gateway domain are
+/// answered at once while it waits.
+#[tokio::test]
+async fn a_login_that_hangs_holds_up_no_one_else() -> Result<()> {
+    // Accepts connections and never answers them.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_url = format!("http://127.0.0.1:{}", silent.local_addr()?.port());
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            kept.push(tcp);
+        }
+    });
+    let s = MatrixSetup::start_with_homeservers(&[&silent_url]).await?;
+    let mut alice = s.alice("phone").await?;
+    alice
+        .send_raw(&format!(
+            "<iq type='set' to='{MATRIX_DOMAIN}' id='hang1'><command xmlns='http://jabber.org/protocol/commands' node='login' action='execute'/></iq>"
+        ))
+        .await?;
+    let form = alice.expect(T, |m| m.kind == "iq" && m.id == "hang1").await?;
+    let session =
+        form.xml.split("sessionid=\"").nth(1).and_then(|r| r.split('"').next()).context("sessionid")?.to_owned();
+    alice
+        .send_raw(&format!(
+            "<iq type='set' to='{MATRIX_DOMAIN}' id='hang2'><command xmlns='http://jabber.org/protocol/commands' node='login' sessionid='{session}'>\
+             <x xmlns='jabber:x:data' type='submit'><field var='homeserver'><value>{silent_url}</value></field>\
+             <field var='user'><value>alice</value></field><field var='password'><value>x</value></field></x></command></iq>"
+        ))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // While alice's login waits, carol is answered at once, and alice's other requests too.
+    let mut carol = s.xmpp("carol", "r").await?;
+    for (who, client) in [("carol", &mut carol), ("alice", &mut alice)] {
+        let started = Instant::now();
+        let id = format!("info-{who}");
+        client
+            .send_raw(&format!(
+                "<iq type='get' to='{MATRIX_DOMAIN}' id='{id}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+            ))
+            .await?;
+        let info = client.expect(T, |m| m.kind == "iq" && m.id == id).await?;
+        let waited = started.elapsed();
+        println!("{who}'s disco#info answered in {waited:?} while a login hangs");
+        assert_eq!(info.type_, "result", "{}", info.xml);
+        assert!(waited < Duration::from_secs(2), "{who} waited {waited:?} behind the hanging login");
+    }
+    let pending = alice.drain(Duration::from_millis(100)).await?;
+    assert!(!pending.iter().any(|m| m.id == "hang2"), "the login was still waiting on the silent homeserver");
+    held.abort();
     Ok(())
 }
