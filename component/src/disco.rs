@@ -30,13 +30,19 @@ fn info(identity: Identity, mut features: Vec<&str>) -> DiscoInfoResult {
 }
 
 /// The gateway domain of one network (`kind`: "IRC", "Matrix"); `register` when the
-/// network has accounts to link (XEP-0077).
+/// network has accounts to link (XEP-0077). It is also a room service (XEP-0045
+/// `conference`), so clients offer it where they look for rooms: `conference/irc`
+/// on IRC (as Biboumi), `conference/text` elsewhere (the registry has no other type).
 pub fn gateway(kind: &str, register: bool) -> DiscoInfoResult {
     let mut features = vec![ns::DISCO_INFO, ns::MUC, ns::PING, crate::xep::NS_COMMANDS, ns::VERSION];
     if register {
         features.push(ns::REGISTER);
     }
-    info(Identity::new("gateway", kind.to_lowercase(), "en", format!("Isthmus {kind} gateway")), features)
+    let kind_lower = kind.to_lowercase();
+    let conference_type = if kind_lower == "irc" { "irc" } else { "text" };
+    let mut result = info(Identity::new("gateway", kind_lower, "en", format!("Isthmus {kind} gateway")), features);
+    result.identities.push(Identity::new("conference", conference_type, "en", format!("{kind} rooms")));
+    result
 }
 
 /// A room named `name`. Its moderators may remove messages by XEP-0425 on every
@@ -133,6 +139,11 @@ mod tests {
         assert!(gateway("IRC", true).features.iter().any(|f| f == ns::REGISTER));
         assert!(!gateway("IRC", false).features.iter().any(|f| f == ns::REGISTER));
         assert_eq!(person("bob").identities[0].category, "client");
+        let kinds = |info: DiscoInfoResult| -> Vec<String> {
+            info.identities.iter().map(|i| format!("{}/{}", i.category, i.type_)).collect()
+        };
+        assert_eq!(kinds(gateway("IRC", false)), ["gateway/irc", "conference/irc"]);
+        assert_eq!(kinds(gateway("Matrix", true)), ["gateway/matrix", "conference/text"]);
         for entity in [gateway("IRC", false), room("r"), service("irc.example.org", "IRC")] {
             assert!(entity.features.iter().any(|f| f == crate::xep::NS_COMMANDS), "{entity:?}");
         }

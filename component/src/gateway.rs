@@ -722,11 +722,16 @@ impl Gateway {
         }
         let event = self.user_event(chat, &account, current, EventKind::NickChanged { new_nick });
         if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned()) {
+            // §7.6: a nick someone else has is a conflict; the nick stays.
+            let condition = match e {
+                DeliveryError::Conflict(_) => DefinedCondition::Conflict,
+                _ => DefinedCondition::NotAcceptable,
+            };
             let s = stanza::presence_error(
                 to.clone(),
                 Jid::from(from.clone()),
                 ErrorType::Cancel,
-                DefinedCondition::NotAcceptable,
+                condition,
                 &e.to_string(),
             );
             self.send(domain, s).await;
@@ -1249,6 +1254,15 @@ impl Gateway {
             }
             event.context = Some(Quote { author: e.sender_nick, text: e.body });
         }
+        // A reply quotes its target too, for networks that show replies as text.
+        if let EventKind::Message(msg) = &mut event.kind
+            && let Some(r) = msg.reply_to.as_mut()
+            && let Ok(Some(e)) = self.archive.get(&r.target.0).await
+            && crate::archive::visible(&e, room.as_str(), account.as_str())
+        {
+            r.author.get_or_insert(e.sender_nick);
+            r.quote = Some(e.body);
+        }
         // A resend (same origin-id from the same account, e.g. after a failed stream
         // resumption) is not bridged again; in a room it is reflected again, with the
         // first one's stanza-id, so the client knows it arrived.
@@ -1416,8 +1430,10 @@ impl Gateway {
             return;
         };
         let event = self.user_event(chat, account, nick, EventKind::Topic { text: subject });
+        // §8.1: a subject change the network refuses to the user is `auth`/`forbidden`.
         if let Some(e) = self.route(event).await.and_then(|r| r.first_error().cloned())
-            && let Some(err) = stanza::message_error(m, ErrorType::Cancel, DefinedCondition::Forbidden, &e.to_string())
+            && let type_ = if matches!(e, DeliveryError::Forbidden(_)) { ErrorType::Auth } else { ErrorType::Cancel }
+            && let Some(err) = stanza::message_error(m, type_, DefinedCondition::Forbidden, &e.to_string())
         {
             self.send(domain, err).await;
         }

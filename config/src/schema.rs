@@ -405,6 +405,8 @@ pub struct IrcFallbacks {
     pub retractions: RetractionFallback,
     #[serde(default)]
     pub reactions: ReactionFallback,
+    #[serde(default)]
+    pub replies: ReplyFallback,
 }
 
 /// A correction on IRC.
@@ -428,6 +430,19 @@ pub enum RetractionFallback {
     /// Say that a message was deleted (`/me deleted a message: "…"`; a moderator's
     /// removal: `/me removed a message by bob: "…" (reason: …)`).
     Notice,
+}
+
+/// A reply (XEP-0461) on IRC: the line starts by saying whom, and what, it answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyFallback {
+    /// `bob: > the start of bob's message… ↵ the reply`.
+    #[default]
+    Quote,
+    /// `bob: the reply`.
+    Nick,
+    /// The reply alone.
+    Ignore,
 }
 
 /// A reaction on IRC.

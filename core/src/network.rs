@@ -126,6 +126,9 @@ pub enum DeliveryError {
     /// The sender may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// What the sender asked for is taken (a nickname someone else has).
+    #[error("{0}")]
+    Conflict(String),
     /// No network by that name is configured.
     #[error("no network named `{0}` is configured")]
     UnknownNetwork(String),

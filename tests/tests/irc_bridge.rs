@@ -1239,3 +1239,139 @@ async fn a_refused_room_message_is_an_error_and_stays_out_of_the_history() -> Re
     assert!(!history.iter().any(|x| x.contains("not allowed")), "the refused message is in the history: {history:#?}");
     Ok(())
 }
+
+/// The value of attribute `name` in the first `<tag …>` of `xml`.
+fn first_attr(xml: &str, tag: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{tag} "))?;
+    let element = &xml[start..start + xml[start..].find('>')?];
+    let value = &element[element.find(&format!(" {name}=\""))? + name.len() + 3..];
+    Some(value.split('"').next()?.to_owned())
+}
+
+/// The gateway domain is a room service too (`conference/irc`, as Biboumi), so
+/// clients offer it where they look for rooms; the capabilities of its presence
+/// verify against that answer.
+#[tokio::test]
+async fn the_gateway_domain_is_a_room_service_with_matching_caps() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Ngircd, "").await?;
+    let mut alice = isthmus_tests::XmppClient::connect(&s.prosody, "alice@localhost/r", "alicepass").await?;
+    alice
+        .send_raw(&format!(
+            "<iq type='get' id='gw1' to='{IRC_DOMAIN}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        ))
+        .await?;
+    let info = alice.expect(T, |st| st.kind == "iq" && st.id == "gw1").await?;
+    assert_eq!(info.type_, "result", "{}", info.xml);
+    let identities: Vec<(String, String)> = info
+        .xml
+        .split("<identity ")
+        .skip(1)
+        .map(|i| {
+            let tag = format!("<identity {i}");
+            (
+                first_attr(&tag, "identity", "category").unwrap_or_default(),
+                first_attr(&tag, "identity", "type").unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(identities.contains(&("conference".into(), "irc".into())), "{identities:?}: {}", info.xml);
+    assert!(identities.contains(&("gateway".into(), "irc".into())), "{identities:?}: {}", info.xml);
+    assert!(info.xml.contains("var=\"http://jabber.org/protocol/muc\""), "{}", info.xml);
+
+    alice.send_raw(&format!("<presence to='{IRC_DOMAIN}' type='subscribe'/>")).await?;
+    let p = alice
+        .expect(T, |st| {
+            st.kind == "presence" && st.from == IRC_DOMAIN && (st.type_.is_empty() || st.type_ == "available")
+        })
+        .await?;
+    let (node, ver) = (first_attr(&p.xml, "c", "node"), first_attr(&p.xml, "c", "ver"));
+    let (Some(node), Some(ver)) = (node, ver) else { anyhow::bail!("no entity capabilities: {}", p.xml) };
+    let (computed, answer) = alice.verstring(IRC_DOMAIN, &format!("{node}#{ver}"), "sha-1").await?;
+    assert_eq!(computed, ver, "the hash of what the gateway answers: {answer}");
+    assert!(answer.contains("conference"), "{answer}");
+    Ok(())
+}
+
+/// A nick change to a nick someone has on IRC is refused as XEP-0045 §7.6 says:
+/// a presence error `conflict` from the occupant JID asked for; the nick stays on
+/// both sides (no `alice_` chosen on the user's behalf).
+#[tokio::test]
+async fn a_nick_change_to_a_taken_nick_is_a_conflict() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Ngircd, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice.send_raw(&format!("<presence to='{room}/bob' id='nick1'/>")).await?;
+    let error = alice.expect(T, |st| st.kind == "presence" && st.type_ == "error").await?;
+    assert_eq!(error.from, format!("{room}/bob"), "{}", error.xml);
+    assert!(error.xml.contains("<conflict"), "{}", error.xml);
+    // the nick is unchanged: what alice says comes from `alice` on IRC
+    alice.send_groupchat(&room, "still alice").await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#test") == Some("still alice")).await?;
+    assert!(line.starts_with(":alice!"), "{line}");
+    assert!(!bob.seen().iter().any(|l| l.contains(" NICK ")), "the nick changed on IRC: {:#?}", bob.seen());
+    assert!(!alice.seen().iter().any(|x| x.contains("code=\"303\"")), "the nick changed on XMPP: {:#?}", alice.seen());
+    // and a free nick still works
+    alice.send_raw(&format!("<presence to='{room}/alicia'/>")).await?;
+    let line = bob.expect_line(T, |l| l.contains(" NICK ")).await?;
+    assert!(line.starts_with(":alice!") && line.ends_with("alicia"), "{line}");
+    Ok(())
+}
+
+/// A subject change the IRC server refuses (482, not a channel operator on a +t
+/// channel) is an error on the subject message, as XEP-0045 §8.1 says: from the
+/// room, with the message's id, `auth`/`forbidden`.
+#[tokio::test]
+async fn a_refused_subject_change_is_forbidden() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Ngircd, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#topics").await?; // bob is operator
+    bob.send_line("MODE #topics +t").await?;
+    let room = room("#topics");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    alice
+        .send_raw(&format!(
+            "<message to='{room}' type='groupchat' id='subj1'><subject>not mine to set</subject></message>"
+        ))
+        .await?;
+    let error = alice.expect(T, |st| st.kind == "message" && st.id == "subj1").await?;
+    assert_eq!(error.type_, "error", "{}", error.xml);
+    assert_eq!(error.from, room, "{}", error.xml);
+    assert!(error.xml.contains("<forbidden"), "{}", error.xml);
+    assert_eq!(first_attr(&error.xml, "error", "type").as_deref(), Some("auth"), "{}", error.xml);
+    assert!(!bob.seen().iter().any(|l| l.contains("not mine to set")), "{:#?}", bob.seen());
+    Ok(())
+}
+
+/// A reply from XMPP (XEP-0461, with the XEP-0428 fallback quote in its body)
+/// reaches IRC saying whom and what it answers, `bob: > quote… ↵ reply`, with the
+/// client's own fallback quote taken out.
+#[tokio::test]
+async fn a_reply_reaches_irc_with_the_nick_and_a_short_quote() -> Result<()> {
+    let s = IrcSetup::start_on(IrcServerKind::Ngircd, "").await?;
+    let mut bob = IrcClient::connect(s.irc.port(), "bob").await?;
+    bob.join("#test").await?;
+    let room = room("#test");
+    let mut alice = s.join("alice", "r", &room, "alice").await?;
+    let said = "are we meeting at noon tomorrow in the usual place downstairs?";
+    bob.privmsg("#test", said).await?;
+    let original = alice.expect(T, |st| st.body.as_deref() == Some(said)).await?;
+    let id = original.stanza_id().ok_or_else(|| anyhow::anyhow!("no stanza-id in {}", original.xml))?;
+    let fallback = format!("> {said}\n");
+    let end = fallback.chars().count();
+    alice
+        .send_raw(&format!(
+            "<message to='{room}' type='groupchat' id='re1'><body>{fallback}yes, see you there</body>\
+             <reply xmlns='urn:xmpp:reply:0' to='{room}/bob' id='{id}'/>\
+             <fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='0' end='{end}'/></fallback></message>"
+        ))
+        .await?;
+    let line = bob.expect_line(T, |l| privmsg_text(l, "#test").is_some_and(|t| t.contains("see you there"))).await?;
+    assert_eq!(
+        privmsg_text(&line, "#test"),
+        Some("bob: > are we meeting at noon tomorrow in the u… ↵ yes, see you there"),
+        "{line}"
+    );
+    Ok(())
+}

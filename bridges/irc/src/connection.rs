@@ -119,6 +119,8 @@ struct State {
     /// Why the server refused this connection (464 wrong password, 465 banned,
     /// or its ERROR), for the user when it closes the connection.
     refusal: Option<String>,
+    /// Nick and topic changes waiting for the server's answer.
+    answers: crate::answers::Pending,
 }
 
 /// A message line written to the server, waiting for its acknowledgement.
@@ -425,17 +427,23 @@ impl Connection {
         Ok(!st.channels.is_empty())
     }
 
-    /// Ask for another nick on this server (it changes in every channel).
-    pub fn change_nick(&self, nick: &str) -> Result<(), DeliveryError> {
+    /// Ask for another nick on this server (it changes in every channel); the
+    /// answer says whether the server refused it.
+    pub fn change_nick(&self, nick: &str) -> Result<crate::answers::Answer, DeliveryError> {
         let nick = one_line(nick);
         if nick.is_empty() || nick.contains([' ', ',', ':', '!', '@']) {
             return Err(DeliveryError::Rejected(format!("`{nick}` cannot be an IRC nickname")));
         }
-        self.send(Command::NICK(nick))
+        let answer = self.lock().answers.nick(&nick);
+        self.send(Command::NICK(nick))?;
+        Ok(answer)
     }
 
-    pub fn set_topic(&self, channel: &str, topic: &str) -> Result<(), DeliveryError> {
-        self.send(Command::TOPIC(channel.to_owned(), Some(one_line(topic))))
+    /// Set a channel's topic; the answer says whether the server refused it.
+    pub fn set_topic(&self, channel: &str, topic: &str) -> Result<crate::answers::Answer, DeliveryError> {
+        let answer = self.lock().answers.topic(&fold(channel));
+        self.send(Command::TOPIC(channel.to_owned(), Some(one_line(topic))))?;
+        Ok(answer)
     }
 
     /// Send raw IRC commands typed by the user, one per line. Every line is parsed
@@ -637,6 +645,9 @@ async fn incoming(reader: &Reader, item: Option<irc::error::Result<IrcMessage>>)
             Box::pin(reader.handle(message)).await;
             Ok(welcomed)
         }
+        // The IRC library's answer to 433/432 (nick in use, or not valid) when it has
+        // no alternative nick left: it has none, the reader chooses.
+        Some(Err(irc::error::Error::NoUsableNick)) => reader.nick_refused().map(|()| false),
         Some(Err(e)) => Err(e.to_string()),
         None => Err("the server closed the connection".to_owned()),
     }
@@ -731,7 +742,8 @@ impl Supervisor {
         let (client_cert_path, client_cert_pass, _cert_file) = self.client_certificate().await?;
         let config = IrcClientConfig {
             nickname: Some(nick.clone()),
-            alt_nicks: vec![format!("{nick}_"), format!("{nick}__"), format!("{nick}___")],
+            // None: a refused nick is the reader's to handle (`Reader::nick_refused`).
+            alt_nicks: vec![],
             username: Some(ident_for(&key.account)),
             realname: Some(self.net_config.realname.clone()),
             server: Some(self.server.host_or(&key.server).to_owned()),
@@ -821,6 +833,8 @@ impl Supervisor {
             sender: Some(sender.clone()),
             wire: self.wire,
             sasl: SaslLogin::of(&self.server),
+            welcomed: AtomicBool::new(false),
+            alt_nicks_tried: Default::default(),
         };
         // Registered and rejoined: give up waiting for slow rejoins after this long.
         let rejoin_deadline = tokio::time::sleep(Duration::from_secs(3600));
@@ -969,6 +983,10 @@ pub(crate) struct Reader {
     wire: Wire,
     /// The account to log in to with SASL during registration, if any.
     sasl: Option<SaslLogin>,
+    /// Registered (the server's welcome came), and how many alternative nicks
+    /// registration tried before.
+    welcomed: AtomicBool,
+    alt_nicks_tried: std::sync::atomic::AtomicUsize,
 }
 
 /// How to log in with SASL on one server.
@@ -1043,7 +1061,41 @@ impl SaslLogin {
 
 impl Reader {
     pub(crate) fn detached(conn: Arc<Connection>, sink: EventSink) -> Reader {
-        Reader { conn, sink, on_connect: Vec::new(), sender: None, wire: Wire::default(), sasl: None }
+        Reader {
+            conn,
+            sink,
+            on_connect: Vec::new(),
+            sender: None,
+            wire: Wire::default(),
+            sasl: None,
+            welcomed: AtomicBool::new(false),
+            alt_nicks_tried: Default::default(),
+        }
+    }
+
+    /// The server refused a nick (433 in use, 432 not valid). While registering,
+    /// the next of `nick_`, `nick__`, `nick___` is tried (an error when none is
+    /// left); afterwards it is the user's nick change that failed: the nick stays.
+    fn nick_refused(&self) -> Result<(), String> {
+        let server = &self.conn.key.server;
+        if !self.welcomed.load(Ordering::Acquire) {
+            let tried = self.alt_nicks_tried.fetch_add(1, Ordering::AcqRel) + 1;
+            let base = self.conn.nick();
+            if tried > 3 {
+                return Err(format!("no usable nickname on {server}: `{base}` and `{base}___` are taken"));
+            }
+            self.send_now(Command::NICK(format!("{base}{}", "_".repeat(tried))));
+            return Ok(());
+        }
+        let waiting = self.conn.lock().answers.take_nick();
+        match waiting {
+            Some(w) => {
+                let text = format!("the nickname `{}` is taken on {server} (or not valid there)", w.nick);
+                w.answer(Err(DeliveryError::Conflict(text)));
+            }
+            None => self.notify_user(format!("{server} refused the nickname (taken, or not valid there)")),
+        }
+        Ok(())
     }
 
     /// Send a line now, ahead of the user's queue (registration, rejoins).
@@ -1100,6 +1152,7 @@ impl Reader {
         };
         match message.command {
             Command::Response(Response::RPL_WELCOME, ref args) => {
+                self.welcomed.store(true, Ordering::Release);
                 if let Some(me) = args.first() {
                     self.conn.lock().nick = me.clone();
                 }
@@ -1311,8 +1364,15 @@ impl Reader {
             Command::TOPIC(ref channel, Some(ref topic)) => {
                 let Some(nick) = nick else { return };
                 let name = self.channel_name(channel);
-                if let Some(ch) = self.conn.lock().channels.get_mut(&fold(channel)) {
-                    ch.topic = Some(topic.clone());
+                let is_self = self.sender(&nick).is_self;
+                {
+                    let mut st = self.conn.lock();
+                    if is_self {
+                        st.answers.topic_answered(&fold(channel), Ok(()));
+                    }
+                    if let Some(ch) = st.channels.get_mut(&fold(channel)) {
+                        ch.topic = Some(topic.clone());
+                    }
                 }
                 self.emit_room(&name, &nick, EventKind::Topic { text: topic.clone() }).await;
             }
@@ -1418,6 +1478,9 @@ impl Reader {
                     let mut st = self.conn.lock();
                     if fold(&st.nick) == fold(&nick) {
                         st.nick = new_nick.clone();
+                        if let Some(w) = st.answers.take_nick() {
+                            w.answer(Ok(()));
+                        }
                     }
                     st.channels
                         .values_mut()
@@ -1470,6 +1533,17 @@ impl Reader {
                 ));
                 self.send_now(Command::CAP(None, CapSubCommand::END, None, None));
             }
+            // The refusal of a topic change the user asked for: theirs to get as its error.
+            Command::Response(code @ (Response::ERR_CHANOPRIVSNEEDED | Response::ERR_NOTONCHANNEL), ref args)
+                if args.len() >= 2 && {
+                    let text = args[1..].join(" ");
+                    let refusal = if code == Response::ERR_CHANOPRIVSNEEDED {
+                        DeliveryError::Forbidden(text)
+                    } else {
+                        DeliveryError::Rejected(text)
+                    };
+                    self.conn.lock().answers.topic_answered(&fold(&args[1]), Err(refusal))
+                } => {}
             // labeled-response: a labelled line with nothing to say.
             Command::Raw(ref verb, _) if verb.eq_ignore_ascii_case("ACK") => {
                 if let Some(pending) = self.take_echo(label_of(&message), None) {

@@ -10,8 +10,14 @@
 //! | moderation (someone else's message removed) | `notice` | `/me removed a message by bob: "quote…" (reason: spam)` |
 //! | moderation | `ignore` (default) | nothing |
 //! | reaction | `action` (default) | `/me reacted 👍 to bob: "quote…"`, or `/me removed their reaction to …` |
+//! | reply | `quote` (default) | `bob: > quote… ↵ the reply` |
+//! | reply | `nick` | `bob: the reply` |
+//! | reply | `ignore` | `the reply` |
+//!
+//! A reply's own XEP-0428 fallback (the quote a client puts in the body) is taken
+//! out when the message arrives, so only this quote shows.
 
-use isthmus_config::{CorrectionFallback, IrcFallbacks, ReactionFallback, RetractionFallback};
+use isthmus_config::{CorrectionFallback, IrcFallbacks, ReactionFallback, ReplyFallback, RetractionFallback};
 use isthmus_core::model::{Event, EventKind, Message, Quote};
 
 /// Longest quote of the target message.
@@ -29,6 +35,39 @@ fn about(context: Option<&Quote>, author_word: Option<&str>) -> String {
         Some(word) => format!(" {word} {}: \"{text}\"", q.author),
         None => format!(": \"{text}\""),
     }
+}
+
+/// Longest quote of the message a reply answers (the reply follows on the same line).
+const REPLY_QUOTE_CHARS: usize = 40;
+
+/// `message` as IRC shows a reply by `policy`, or `None` when it goes as it is (not
+/// a reply, an action, nothing known of the target, or the policy says so).
+pub fn reply(message: &Message, policy: ReplyFallback) -> Option<Message> {
+    let r = message.reply_to.as_ref().filter(|_| !message.action)?;
+    let author = r.author.as_deref().map(|a| a.replace(['\r', '\n', ' '], "")).filter(|a| !a.is_empty());
+    let quote =
+        r.quote.as_deref().map(|q| q.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|q| !q.is_empty());
+    let prefix = match (policy, author, quote) {
+        (ReplyFallback::Ignore, ..) | (ReplyFallback::Nick, None, _) | (ReplyFallback::Quote, None, None) => {
+            return None;
+        }
+        (ReplyFallback::Nick, Some(a), _) | (ReplyFallback::Quote, Some(a), None) => format!("{a}: "),
+        (ReplyFallback::Quote, author, Some(q)) => {
+            let mut text: String = q.chars().take(REPLY_QUOTE_CHARS).collect();
+            if q.chars().count() > REPLY_QUOTE_CHARS {
+                text.push('…');
+            }
+            match author {
+                Some(a) => format!("{a}: > {text} ↵ "),
+                None => format!("> {text} ↵ "),
+            }
+        }
+    };
+    let mut out = message.clone();
+    out.body = format!("{prefix}{}", message.body);
+    // The formatted body would say it without the prefix: IRC is sent the plain one.
+    out.formatted = None;
+    Some(out)
 }
 
 /// The IRC message standing for `event`, or `None` when the policy says nothing is sent.
@@ -80,7 +119,35 @@ pub fn render(event: &Event, policy: &IrcFallbacks) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isthmus_core::model::{ChatRef, MessageRef, NetworkId, Sender};
+    use isthmus_core::model::{ChatRef, MessageRef, NetworkId, ReplyTo, Sender};
+
+    fn replying(author: Option<&str>, quote: Option<&str>, body: &str) -> Message {
+        let reply_to = ReplyTo {
+            target: MessageRef("m1".into()),
+            author: author.map(str::to_owned),
+            quote: quote.map(str::to_owned),
+        };
+        Message { reply_to: Some(reply_to), ..Message::text(body) }
+    }
+
+    #[test]
+    fn replies_say_whom_and_what_they_answer() {
+        let body = |m: Option<Message>| m.map(|m| m.body);
+        let long = format!("are we\nmeeting {}", "x".repeat(50));
+        let m = replying(Some("bob"), Some(&long), "yes");
+        let want = format!("bob: > are we meeting {}… ↵ yes", "x".repeat(40 - "are we meeting ".len()));
+        assert_eq!(body(reply(&m, ReplyFallback::Quote)), Some(want));
+        assert_eq!(body(reply(&m, ReplyFallback::Nick)), Some("bob: yes".into()));
+        assert_eq!(reply(&m, ReplyFallback::Ignore), None);
+        let m = replying(Some("bob"), Some("short"), "ok");
+        assert_eq!(body(reply(&m, ReplyFallback::Quote)), Some("bob: > short ↵ ok".into()));
+        assert_eq!(body(reply(&replying(None, Some("hi"), "ok"), ReplyFallback::Quote)), Some("> hi ↵ ok".into()));
+        assert_eq!(body(reply(&replying(Some("bob"), None, "ok"), ReplyFallback::Quote)), Some("bob: ok".into()));
+        assert_eq!(reply(&replying(None, None, "ok"), ReplyFallback::Quote), None);
+        assert_eq!(reply(&Message::text("plain"), ReplyFallback::Quote), None);
+        let action = Message { action: true, ..replying(Some("bob"), Some("hi"), "waves") };
+        assert_eq!(reply(&action, ReplyFallback::Quote), None, "an action goes as it is");
+    }
 
     fn event(kind: EventKind, context: Option<Quote>) -> Event {
         let mut e = Event::new(
@@ -119,6 +186,7 @@ mod tests {
             corrections: CorrectionFallback::Ignore,
             retractions: RetractionFallback::Notice,
             reactions: ReactionFallback::Ignore,
+            replies: ReplyFallback::Nick,
         };
         let fix = EventKind::Correction { target: MessageRef("m1".into()), message: Message::text("fixed") };
         assert_eq!(render(&event(fix, None), &p), None);

@@ -20,6 +20,7 @@
 //! Depends on `isthmus-core` and `isthmus-config` only.
 
 pub mod address;
+mod answers;
 pub mod certfp;
 pub mod connection;
 pub mod fallback;
@@ -419,6 +420,9 @@ impl Network for IrcNetwork {
             }
             (EventKind::Message(message), _) => {
                 let conn = self.open_connection(&account, &target.server).await?;
+                // A reply says whom and what it answers, by the configured fallback.
+                let reply = fallback::reply(message, self.config.fallbacks.replies);
+                let message = reply.as_ref().unwrap_or(message);
                 // Plain IRC gives messages no ids; with echo-message the echo brings them.
                 Ok(delivered(conn.send_message(&target.name, message, event.receipt.clone())?))
             }
@@ -435,7 +439,11 @@ impl Network for IrcNetwork {
                     .connection(&account, &target.server)
                     .await
                     .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {}", target.server)))?;
-                conn.change_nick(new_nick)?;
+                let answer = conn.change_nick(new_nick)?;
+                // Online, the server answers at once: a refusal (nick taken) is the request's error.
+                if conn.is_online() {
+                    answers::outcome(answer).await?;
+                }
                 Ok(Delivered::default())
             }
             (EventKind::Topic { text }, ChatKind::Room) => {
@@ -443,7 +451,10 @@ impl Network for IrcNetwork {
                     .connection(&account, &target.server)
                     .await
                     .ok_or_else(|| DeliveryError::Unavailable(format!("not connected to {}", target.server)))?;
-                conn.set_topic(&target.name, text)?;
+                let answer = conn.set_topic(&target.name, text)?;
+                if conn.is_online() {
+                    answers::outcome(answer).await?;
+                }
                 Ok(Delivered::default())
             }
             (EventKind::Typing(state), ChatKind::Room | ChatKind::Direct) => {
