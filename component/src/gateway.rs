@@ -593,7 +593,9 @@ impl Gateway {
         }
         match p.type_ {
             PresenceType::None => {}
-            PresenceType::Unavailable => return self.leave(domain, &from, &to, true).await,
+            // A device gone with its connection (its server shutting down, the connection
+            // dropped) did not leave: it is not told, and the account may stay for the grace.
+            PresenceType::Unavailable => return self.leave(domain, &from, &to, !connection_ended(&p)).await,
             PresenceType::Error => return self.bounced(domain, &from, &to, &p.payloads).await,
             // Subscription answers and the rest need no answer.
             _ => return,
@@ -1054,8 +1056,9 @@ impl Gateway {
     }
 
     /// A device leaves a room: `tell` it so (its own unavailable presence), unless
-    /// it is gone already (a bounce). When the account's last device vanished
-    /// that way, the account stays in the room for the domain's reconnect grace.
+    /// it is gone already (a bounce, or its connection ended). When the account's
+    /// last device vanished that way, the account stays in the room for the domain's
+    /// reconnect grace.
     async fn leave(&self, domain: &Domain, from: &FullJid, to: &Jid, tell: bool) {
         let room = to.to_bare();
         let account = from.to_bare();
@@ -2129,5 +2132,26 @@ mod tests {
         assert!(!admits(&allow, &jid("alice@sub.example.org")));
         assert!(!admits(&allow, &jid("alice@example.org.evil.test")));
         assert!(!admits(&allow, &jid("example.org@evil.test")));
+    }
+
+    fn presence(xml: &str) -> Presence {
+        let e: Element = xml.parse().expect("valid XML");
+        Presence::try_from(e).expect("a presence")
+    }
+
+    #[test]
+    fn an_unavailable_presence_with_prosodys_disconnect_status_is_a_connection_ending() {
+        let gone = |status: &str| {
+            presence(&format!(
+                "<presence xmlns='jabber:component:accept' type='unavailable'><status>{status}</status></presence>"
+            ))
+        };
+        assert!(connection_ended(&gone("Disconnected: Received SIGTERM")));
+        assert!(connection_ended(&gone("Disconnected: closed")));
+        assert!(connection_ended(&gone("Disconnected: Hibernating too long")));
+        // A leave, a logout, or a status of the user's own.
+        assert!(!connection_ended(&presence("<presence xmlns='jabber:component:accept' type='unavailable'/>")));
+        assert!(!connection_ended(&gone("gone fishing")));
+        assert!(!connection_ended(&gone("Disconnected")));
     }
 }

@@ -730,3 +730,158 @@ async fn a_component_link_outage_is_announced_in_the_room() -> Result<()> {
     peer.expect_line(T, |l| l.contains("PRIVMSG #faults :back again")).await?;
     Ok(())
 }
+
+/// Prosody is stopped with SIGTERM (a restart) while a channel is busy: on its way
+/// down it sends an unavailable presence for each of its users' sessions, status
+/// "Disconnected: Received SIGTERM", then the component link drops. The device
+/// vanished with its server; its user did not leave. The account stays in the
+/// channel (the IRC side sees no PART or QUIT), and when the device comes back and
+/// joins again it gets every line said while Prosody was down, as history.
+#[tokio::test]
+async fn a_prosody_sigterm_restart_keeps_the_channel_and_what_was_said_meanwhile() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    let mut s = IrcSetup::start("").await?;
+    let (room, mut peer, mut alice) = in_the_room(&s).await?;
+    // Someone in the channel says a line every 25 ms until told to stop; `peer`
+    // watches the channel meanwhile, noting when the IRC server passed on each line.
+    let mut talker = IrcClient::connect(s.irc.port(), "talker").await?;
+    talker.join("#faults").await?;
+    peer.expect_line(T, |l| l.starts_with(":talker") && l.contains(" JOIN ")).await?;
+    let heard: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let talking = {
+        let (heard, stop) = (heard.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                talker.privmsg("#faults", &format!("steady {n}")).await?;
+                n += 1;
+                let lines = peer.drain(Duration::from_millis(5)).await?;
+                let now = Instant::now();
+                heard.lock().unwrap_or_else(|p| p.into_inner()).extend(lines.into_iter().map(|l| (now, l)));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok((talker, peer))
+        })
+    };
+    let steady = |st: &Stanza| {
+        (st.kind == "message" && st.type_ == "groupchat" && st.from == format!("{room}/talker"))
+            .then(|| st.body.as_deref().and_then(|b| number(b, "steady ")))
+            .flatten()
+    };
+    // Live for a while first.
+    let mut before = Vec::new();
+    gather(&mut alice, &mut before, |st| steady(st).is_some_and(|n| n >= 40)).await?;
+
+    let XmppServer::Prosody(prosody) = &mut s.prosody else { bail!("this test runs on Prosody") };
+    let down_from = Instant::now();
+    prosody.stop().await;
+    let exited = Instant::now();
+    // Stay down a moment, as a real restart does, while the channel goes on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    prosody.restart().await?;
+    let down_until = Instant::now();
+    let log = std::fs::read_to_string(prosody.log_path()).unwrap_or_default();
+    ensure!(log.contains("Received SIGTERM"), "Prosody was not stopped with SIGTERM:\n{log}");
+    before.extend(alice.drain(Duration::from_millis(200)).await?);
+    let live: BTreeSet<usize> = before.iter().filter_map(steady).collect();
+    drop(alice);
+
+    s.gateway.wait_log("component link established", 2, T).await?;
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost/phone", "alicepass").await?;
+    alice.join_with_history(&room, "alice", 10_000).await?;
+    let rejoined = Instant::now();
+    let mut after = Vec::new();
+    gather(&mut alice, &mut after, |st| st.kind == "presence" && st.has_status(110)).await?;
+    // A few live lines again, then stop talking and let everything arrive.
+    let mut live_lines = 0;
+    gather(&mut alice, &mut after, |st| {
+        if steady(st).is_some() && !st.xml.contains("urn:xmpp:delay") {
+            live_lines += 1;
+        }
+        live_lines >= 20
+    })
+    .await?;
+    stop.store(true, Ordering::SeqCst);
+    let (mut talker, mut peer) = talking.await??;
+    talker.privmsg("#faults", "the end").await?;
+    gather(&mut alice, &mut after, |st| st.body.as_deref() == Some("the end")).await?;
+    peer.expect_line(T, |l| l.ends_with(" PRIVMSG #faults :the end")).await?;
+    let heard = std::mem::take(&mut *heard.lock().unwrap_or_else(|p| p.into_inner()));
+
+    // What the IRC server passed on, and when.
+    let said_at: Vec<(Instant, usize)> = heard
+        .iter()
+        .filter_map(|(at, l)| l.split_once(" PRIVMSG #faults :steady ").and_then(|(_, n)| Some((*at, n.parse().ok()?))))
+        .collect();
+    let while_down: Vec<usize> =
+        said_at.iter().filter(|(at, _)| *at >= down_from && *at <= down_until).map(|(_, n)| *n).collect();
+    let before_exit = said_at.iter().filter(|(at, _)| *at >= down_from && *at <= exited).count();
+    let before_rejoin: Vec<usize> = said_at.iter().filter(|(at, _)| *at < rejoined).map(|(_, n)| *n).collect();
+    let mut history = BTreeSet::new();
+    let mut live_again = BTreeSet::new();
+    let mut undelayed: Vec<usize> = Vec::new();
+    for st in &after {
+        let Some(n) = steady(st) else { continue };
+        if st.xml.contains("urn:xmpp:delay") {
+            history.insert(n);
+        } else {
+            live_again.insert(n);
+            if while_down.contains(&n) {
+                undelayed.push(n);
+            }
+        }
+    }
+    let missing_while_down: Vec<usize> = while_down.iter().copied().filter(|n| !history.contains(n)).collect();
+    let missing: Vec<usize> = said_at
+        .iter()
+        .map(|(_, n)| *n)
+        .filter(|n| !live.contains(n) && !history.contains(n) && !live_again.contains(n))
+        .collect();
+    // Every line `peer` read, the watching task's included.
+    let left: Vec<String> = peer
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with(":alice") && (l.contains(" PART ") || l.contains(" QUIT ")))
+        .cloned()
+        .collect();
+    println!(
+        "Prosody stopped with SIGTERM and restarted while the channel was busy: {} lines said, {} while Prosody \
+         was down ({before_exit} of them before it had exited), {} before alice rejoined; received live before \
+         the restart {}, in the history on rejoin {}, live after the rejoin {}; said while down and not in the \
+         history: {}; never received: {}; alice left on IRC: {left:?}",
+        said_at.len(),
+        while_down.len(),
+        before_rejoin.len(),
+        live.len(),
+        history.len(),
+        live_again.len(),
+        missing_while_down.len(),
+        missing.len(),
+    );
+    ensure!(!while_down.is_empty(), "nothing was said while Prosody was down");
+    ensure!(left.is_empty(), "the IRC side saw alice leave: {left:?}");
+    ensure!(
+        missing_while_down.is_empty(),
+        "said while Prosody was down and not in the history: {missing_while_down:?}"
+    );
+    ensure!(missing.is_empty(), "lines that never reached alice: {missing:?}");
+    ensure!(undelayed.is_empty(), "said while Prosody was down and delivered without a delay stamp: {undelayed:?}");
+    Ok(())
+}
+
+/// Every stanza the client receives into `got`, until one matches `pred` (each
+/// within `T`); every stanza goes through `pred`, which may count.
+async fn gather(client: &mut XmppClient, got: &mut Vec<Stanza>, mut pred: impl FnMut(&Stanza) -> bool) -> Result<()> {
+    loop {
+        let st = client.expect(T, |_| true).await?;
+        let done = pred(&st);
+        got.push(st);
+        if done {
+            return Ok(());
+        }
+    }
+}
