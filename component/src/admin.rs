@@ -27,10 +27,10 @@ use tokio_xmpp::parsers::presence::Presence;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType};
 use tracing::info;
 
-use crate::commands::adhoc_error;
+use crate::commands::{adhoc_error, completed};
 use crate::gateway::{Domain, Gateway};
 use crate::stanza;
-use crate::xep::{AdHocCommand, Note};
+use crate::xep::AdHocCommand;
 
 /// (node, description) of the admin commands.
 pub const ADMIN_COMMANDS: &[(&str, &str)] = &[
@@ -169,17 +169,6 @@ pub fn outbox_lines(network: &str, depth: &[(String, i64, i64)], now_us: i64) ->
 
 /// One room of an account, for `users`: (room, nick, devices).
 type RoomLine = (BareJid, String, usize);
-
-fn completed(node: &str, sessionid: Option<String>, text: String) -> AdHocCommand {
-    AdHocCommand {
-        node: node.to_owned(),
-        sessionid,
-        action: None,
-        status: Some("completed".into()),
-        form: None,
-        notes: vec![Note { type_: Some("info".into()), text }],
-    }
-}
 
 fn field(var: &str, type_: FieldType, label: &str, required: bool) -> Field {
     Field {

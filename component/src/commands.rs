@@ -101,10 +101,11 @@ pub(crate) fn adhoc_request(domain: &Domain, from: &Jid, id: &str, payload: Elem
     })
 }
 
-fn completed(node: &str, text: String) -> AdHocCommand {
+/// A finished command with one note (for the domain's, the admin's and rooms' commands).
+pub(crate) fn completed(node: &str, sessionid: Option<String>, text: String) -> AdHocCommand {
     AdHocCommand {
         node: node.to_owned(),
-        sessionid: None,
+        sessionid,
         action: None,
         status: Some("completed".into()),
         form: None,
@@ -331,15 +332,15 @@ impl Gateway {
         }
         let account = from.to_bare();
         let answer = match cmd.node.as_str() {
-            "status" => completed("status", self.status_text(domain, &account).await),
-            "rooms" => completed("rooms", self.rooms_text(domain, &account)),
+            "status" => completed("status", None, self.status_text(domain, &account).await),
+            "rooms" => completed("rooms", None, self.rooms_text(domain, &account)),
             "leave" => match cmd.form.as_ref().and_then(|f| f.fields.iter().find(|f| f.var.as_deref() == Some("room")))
             {
                 None => {
                     // First step: the form.
                     let rooms = self.rooms_of(domain, &account);
                     if rooms.is_empty() {
-                        completed("leave", "You are in no room.".to_owned())
+                        completed("leave", None, "You are in no room.".to_owned())
                     } else {
                         let field = Field {
                             var: Some("room".into()),
@@ -369,7 +370,7 @@ impl Gateway {
                         Some(room) => self.leave_text(domain, &account, &room).await,
                         None => return error(DefinedCondition::BadRequest, "`room` must be a room address"),
                     };
-                    AdHocCommand { sessionid: cmd.sessionid.clone(), ..completed("leave", text) }
+                    completed("leave", cmd.sessionid.clone(), text)
                 }
             },
             "login" if self.has_login(domain) => match cmd.form.as_ref().filter(|f| f.type_ == DataFormType::Submit) {
@@ -393,7 +394,7 @@ impl Gateway {
                         None => Err(LoginError::Unavailable("this network is not running".into())),
                     };
                     match result {
-                        Ok(text) => AdHocCommand { sessionid: cmd.sessionid.clone(), ..completed("login", text) },
+                        Ok(text) => completed("login", cmd.sessionid.clone(), text),
                         Err(e) => {
                             let condition = match e {
                                 LoginError::Invalid(_) => DefinedCondition::BadRequest,
@@ -406,7 +407,7 @@ impl Gateway {
                     }
                 }
             },
-            "logout" if self.has_login(domain) => completed("logout", self.logout_text(domain, &account).await),
+            "logout" if self.has_login(domain) => completed("logout", None, self.logout_text(domain, &account).await),
             other => {
                 return error(DefinedCondition::ItemNotFound, &format!("no command `{other}`; see the command list"));
             }

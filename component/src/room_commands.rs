@@ -19,9 +19,10 @@ use tokio_xmpp::parsers::message::{Message, MessageType};
 use tokio_xmpp::parsers::minidom::Element;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType};
 
+use crate::commands::completed;
 use crate::gateway::{Domain, Gateway};
 use crate::stanza;
-use crate::xep::{AdHocCommand, Note};
+use crate::xep::AdHocCommand;
 
 /// (node, description) of the commands on a room's address.
 pub const ROOM_COMMANDS: &[(&str, &str)] =
@@ -29,17 +30,6 @@ pub const ROOM_COMMANDS: &[(&str, &str)] =
 
 /// What a user not in the room is told.
 pub const NOT_IN_ROOM: &str = "you are not in this room: join it to use its commands";
-
-fn completed(node: &str, sessionid: Option<String>, text: String) -> AdHocCommand {
-    AdHocCommand {
-        node: node.to_owned(),
-        sessionid,
-        action: None,
-        status: Some("completed".into()),
-        form: None,
-        notes: vec![Note { type_: Some("info".into()), text }],
-    }
-}
 
 /// The field of the `leave` form that confirms it.
 const CONFIRM: &str = "confirm";
