@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need on a Debian machine, idempotently:
 # Prosody, ejabberd, ngIRCd, InspIRCd, Atheme (IRC services for the SASL tests), PostgreSQL, go-sendxmpp (a second XMPP client) and Biboumi
-# (the benchmark baseline) from Debian (as root), slixmpp from PyPI in a venv, and the Synapse
+# (the benchmark baseline) from Debian (as root), slixmpp and aiohttp (which runs the emulators in
+# tests/emulators/) from PyPI in a venv, and the Synapse
 # Matrix homeserver from PyPI in a venv of its own.
 # Services are never started here: each test starts its own on loopback.
 set -euo pipefail
@@ -36,7 +37,12 @@ if [ ! -x "$CACHE/venv/bin/python" ] || ! "$CACHE/venv/bin/python" -c 'import sl
   echo "creating the slixmpp venv in $CACHE/venv"
   mkdir -p "$CACHE"
   python3 -m venv "$CACHE/venv"
-  "$CACHE/venv/bin/pip" install -q slixmpp==1.17.0
+  "$CACHE/venv/bin/pip" install -q slixmpp==1.17.0 aiohttp==3.12.15
+fi
+# A venv made before aiohttp was needed lacks it.
+if ! "$CACHE/venv/bin/python" -c 'import aiohttp' 2>/dev/null; then
+  echo "installing aiohttp in $CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q aiohttp==3.12.15
 fi
 
 # Synapse (the Matrix homeserver the Matrix tests run against), pinned, in its own venv.
