@@ -6,11 +6,13 @@ use isthmus_config::{Config, XmppMode};
 use isthmus_core::address::Escaping;
 use isthmus_core::model::{ChatRef, NetworkId};
 use isthmus_core::network::{EventSink, Network};
+use isthmus_core::portal::Portals;
 use isthmus_core::router::Router;
 use isthmus_core::secrets::SecretBox;
 use isthmus_core::store::{Store, StoreError};
 use isthmus_irc::IrcNetwork;
 use isthmus_matrix::MatrixNetwork;
+use isthmus_telegram::TelegramNetwork;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -86,6 +88,67 @@ pub(crate) fn effective_allow(config: &Config, own: &[String]) -> Vec<String> {
     list.to_vec()
 }
 
+/// What one network's domain needs on the XMPP side.
+struct DomainSpec<'a> {
+    domain: &'a str,
+    kind: &'static str,
+    escaping: Escaping,
+    persistent: bool,
+    reconnect_grace: Duration,
+    allow: &'a [String],
+    secret: Option<&'a isthmus_config::Secret>,
+}
+
+/// The domains being set up, each with its way to the XMPP server: a component
+/// link, or (embedded) the server in this process.
+#[derive(Default)]
+struct Wiring {
+    domains: Vec<Domain>,
+    links: Vec<(LinkConfig, mpsc::UnboundedReceiver<crate::gateway::Outgoing>)>,
+    in_process: Vec<(String, mpsc::UnboundedReceiver<crate::gateway::Outgoing>)>,
+    /// Each domain's link state, for the admins' link status (updated by the link tasks).
+    link_states: std::collections::HashMap<String, std::sync::Arc<crate::admin::LinkState>>,
+}
+
+impl Wiring {
+    fn add(
+        &mut self,
+        spec: DomainSpec<'_>,
+        config: &Config,
+        component: Option<&isthmus_config::ComponentConfig>,
+    ) -> Result<NetworkId, AppError> {
+        let id = NetworkId::new(spec.domain);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = match component {
+            Some(_) => crate::admin::LinkState::component(),
+            None => crate::admin::LinkState::embedded(),
+        };
+        self.link_states.insert(spec.domain.to_owned(), state.clone());
+        self.domains.push(Domain {
+            name: spec.domain.to_owned(),
+            network: id.clone(),
+            escaping: spec.escaping,
+            kind: spec.kind,
+            persistent: spec.persistent,
+            reconnect_grace: spec.reconnect_grace,
+            allow: effective_allow(config, spec.allow),
+            admins: config.access.admins.clone(),
+            link: state,
+            outgoing: tx,
+        });
+        match component {
+            Some(component) => {
+                let secret = config
+                    .component_secret(spec.secret)
+                    .ok_or_else(|| AppError::Config(format!("no component secret for {}", spec.domain)))?;
+                self.links.push((link_config(component, spec.domain, secret.expose()), rx));
+            }
+            None => self.in_process.push((spec.domain.to_owned(), rx)),
+        }
+        Ok(id)
+    }
+}
+
 /// Run the gateway until the process is asked to stop.
 pub async fn run(config: Config) -> Result<(), AppError> {
     let store = open_store(&config).await?;
@@ -100,45 +163,22 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         XmppMode::Embedded => None,
     };
     let (sink, events) = EventSink::channel(4096);
-    let allow = |own: &[String]| effective_allow(&config, own);
-    // Each domain's link state, for the admins' link status (updated by the link tasks below).
-    let mut link_states: std::collections::HashMap<String, std::sync::Arc<crate::admin::LinkState>> =
-        std::collections::HashMap::new();
-    let mut new_link = |domain: &str| {
-        let state = match component {
-            Some(_) => crate::admin::LinkState::component(),
-            None => crate::admin::LinkState::embedded(),
-        };
-        link_states.insert(domain.to_owned(), state.clone());
-        state
-    };
-    let mut domains = Vec::new();
-    let mut links = Vec::new();
+    let mut wiring = Wiring::default();
     let mut networks = Vec::new();
-    let mut in_process = Vec::new();
     for net in &config.irc {
-        let id = NetworkId::new(net.domain.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        domains.push(Domain {
-            name: net.domain.clone(),
-            network: id.clone(),
-            escaping: Escaping::CaseInsensitive,
-            kind: "IRC",
-            persistent: net.persistent_channels,
-            reconnect_grace: std::time::Duration::from_secs(net.reconnect_grace_secs),
-            allow: allow(&net.allow),
-            admins: config.access.admins.clone(),
-            link: new_link(&net.domain),
-            outgoing: tx,
-        });
-        if let Some(component) = &component {
-            let secret = config
-                .component_secret_for(net)
-                .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
-            links.push((link_config(component, &net.domain, secret.expose()), rx));
-        } else {
-            in_process.push((net.domain.clone(), rx));
-        }
+        let id = wiring.add(
+            DomainSpec {
+                domain: &net.domain,
+                kind: "IRC",
+                escaping: Escaping::CaseInsensitive,
+                persistent: net.persistent_channels,
+                reconnect_grace: std::time::Duration::from_secs(net.reconnect_grace_secs),
+                allow: &net.allow,
+                secret: net.secret.as_ref(),
+            },
+            &config,
+            component.as_ref(),
+        )?;
         networks.push(IrcNetwork::new(id, net.clone(), Some(store.clone()), sink.clone()));
     }
     let mut matrix_networks = Vec::new();
@@ -147,31 +187,43 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         isthmus_matrix::convert::set_xmpp_stanza_limit(embedded.max_stanza_bytes);
     }
     for net in &config.matrix {
-        let id = NetworkId::new(net.domain.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        domains.push(Domain {
-            name: net.domain.clone(),
-            network: id.clone(),
-            // Matrix ids are case-sensitive: JIDs mark capitals so they survive case folding.
-            escaping: Escaping::CaseSensitive,
-            kind: "Matrix",
-            persistent: true,
-            reconnect_grace: std::time::Duration::ZERO,
-            allow: allow(&net.allow),
-            admins: config.access.admins.clone(),
-            link: new_link(&net.domain),
-            outgoing: tx,
-        });
-        if let Some(component) = &component {
-            let secret = config
-                .component_secret(net.secret.as_ref())
-                .ok_or_else(|| AppError::Config(format!("no component secret for {}", net.domain)))?;
-            links.push((link_config(component, &net.domain, secret.expose()), rx));
-        } else {
-            in_process.push((net.domain.clone(), rx));
-        }
+        let id = wiring.add(
+            DomainSpec {
+                domain: &net.domain,
+                kind: "Matrix",
+                // Matrix ids are case-sensitive: JIDs mark capitals so they survive case folding.
+                escaping: Escaping::CaseSensitive,
+                persistent: true,
+                reconnect_grace: std::time::Duration::ZERO,
+                allow: &net.allow,
+                secret: net.secret.as_ref(),
+            },
+            &config,
+            component.as_ref(),
+        )?;
         matrix_networks.push(MatrixNetwork::new(id, net.clone(), &config.base_dir, store.clone(), sink.clone()));
     }
+    let portals = Portals::load(store.clone()).await.map_err(|e| AppError::Config(e.to_string()))?;
+    let mut telegram_networks = Vec::new();
+    for net in &config.telegram {
+        let id = wiring.add(
+            DomainSpec {
+                domain: &net.domain,
+                kind: "Telegram",
+                escaping: Escaping::CaseInsensitive,
+                persistent: true,
+                reconnect_grace: std::time::Duration::ZERO,
+                allow: &net.allow,
+                secret: net.secret.as_ref(),
+            },
+            &config,
+            component.as_ref(),
+        )?;
+        let network = TelegramNetwork::new(id, net.clone(), store.clone(), sink.clone(), portals.clone())
+            .map_err(|e| AppError::Config(format!("Telegram network {}: {e}", net.domain)))?;
+        telegram_networks.push(network);
+    }
+    let Wiring { domains, links, in_process, link_states } = wiring;
     for d in &domains {
         if d.allow.is_empty() {
             // Validation refuses this in component mode; should it get here, nobody is let in.
@@ -183,24 +235,37 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let store_for_server = store.clone();
     let archive = crate::archive::Archive::spawn(store.clone(), config.archive.retention_days);
-    // Portal rooms: `NAME@domain` on XMPP is one room on the network, shared by everyone.
-    let mut portals = Vec::new();
-    let mut portal_links = Vec::new();
+    // Portal rooms: `NAME@domain` on XMPP is one room shared by everyone, linked to
+    // chats on the networks. Those of a network's own section are named by their room.
+    let define = |name: String, room: String, members: Vec<ChatRef>| {
+        let portals = portals.clone();
+        async move {
+            tokio_xmpp::parsers::jid::BareJid::new(&room)
+                .map_err(|e| AppError::Config(format!("portal `{name}`: `{room}` is not a room address: {e}")))?;
+            portals.define(&name, &room, members).await.map_err(|e| AppError::Config(format!("portal `{name}`: {e}")))
+        }
+    };
     for net in &config.matrix {
         for p in &net.portals {
-            let room = tokio_xmpp::parsers::jid::BareJid::new(&format!("{}@{}", p.name, net.domain))
-                .map_err(|e| AppError::Config(format!("portal `{}` on {}: {e}", p.name, net.domain)))?;
-            portal_links.push(vec![
-                ChatRef::room(NetworkId::xmpp(), room.to_string()),
-                ChatRef::room(NetworkId::new(net.domain.clone()), p.room.clone()),
-            ]);
-            portals.push(room);
+            let room = format!("{}@{}", p.name, net.domain);
+            let member = ChatRef::room(NetworkId::new(net.domain.clone()), p.room.clone());
+            define(room.clone(), room, vec![member]).await?;
         }
     }
-    let gateway = Gateway::with_portals(domains, archive, config.archive.history_on_join, portals);
-    let mut builder = Router::builder(store).network(gateway.clone());
-    for members in portal_links {
-        builder = builder.portal(members);
+    for n in &telegram_networks {
+        for (room, member) in n.configured_portals() {
+            define(room.clone(), room, vec![member]).await?;
+        }
+    }
+    for p in &config.portals {
+        let members =
+            p.members.iter().map(|m| ChatRef::room(NetworkId::new(m.network.clone()), m.chat.clone())).collect();
+        define(p.name.clone(), p.room.clone(), members).await?;
+    }
+    let gateway = Gateway::with_portals(domains, archive, config.archive.history_on_join, portals.clone());
+    let mut builder = Router::builder(store).portals(portals.clone()).network(gateway.clone());
+    for n in &telegram_networks {
+        builder = builder.network(n.clone());
     }
     for n in networks {
         builder = builder.network(n);
@@ -220,6 +285,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         // Portal rooms: the application service's transaction endpoint and its bot.
         n.start_portals().await;
     }
+    for n in &telegram_networks {
+        n.start();
+    }
     let restored = gateway.restore_sessions().await;
     let replayed = router.replay().await;
     if restored > 0 || replayed > 0 {
@@ -234,6 +302,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             .iter()
             .map(|n| (n.domain.clone(), format!("IRC ({})", n.domain)))
             .chain(config.matrix.iter().map(|n| (n.domain.clone(), format!("Matrix ({})", n.domain))))
+            .chain(config.telegram.iter().map(|n| (n.domain.clone(), format!("Telegram ({})", n.domain))))
             .collect();
         let server = crate::server::Server::new(&embedded, &config.base_dir, store_for_server, gateway.clone(), names)?;
         // The gateway's stanzas for users go straight to the server's router: no socket hop.

@@ -17,6 +17,7 @@ use isthmus_core::model::{
 };
 use isthmus_core::network::{Capabilities, Confirmation, Delivered, DeliveryError, Network};
 use isthmus_core::outbox::Receipt;
+use isthmus_core::portal::Portals;
 use isthmus_core::router::Router;
 use isthmus_core::store::{ArchiveEntry, ArchiveQuery, RoomSessionRecord, next_archive_id};
 use tokio::sync::mpsc;
@@ -241,7 +242,7 @@ pub struct Gateway {
     session_log: OnceLock<mpsc::UnboundedSender<(String, String, Option<RoomSessionRecord>)>>,
     /// Portal rooms: group chats shared by every XMPP user, linked by the router to
     /// rooms on other networks. Their chat is spelled on the XMPP side (the room JID).
-    portals: HashSet<BareJid>,
+    portals: Portals,
     /// People's profiles (names, pictures), as the networks gave them.
     pub(crate) profiles: crate::puppet::Profiles,
     /// The gateway itself, for background tasks.
@@ -281,15 +282,15 @@ pub(crate) fn occupant_presence(
 
 impl Gateway {
     pub fn new(domains: Vec<Domain>, archive: Archive, default_history: u32) -> Arc<Gateway> {
-        Self::with_portals(domains, archive, default_history, Vec::new())
+        Self::with_portals(domains, archive, default_history, Portals::in_memory())
     }
 
-    /// A gateway also serving the portal rooms `portals` (room JIDs on its domains).
+    /// A gateway also serving the portal rooms of `portals` (room JIDs on its domains).
     pub fn with_portals(
         domains: Vec<Domain>,
         archive: Archive,
         default_history: u32,
-        portals: Vec<BareJid>,
+        portals: Portals,
     ) -> Arc<Gateway> {
         let by_network = domains.iter().map(|d| (d.network.clone(), d.name.clone())).collect();
         let gateway = Arc::new(Gateway {
@@ -302,7 +303,7 @@ impl Gateway {
             default_history,
             session_log: OnceLock::new(),
             recent_origins: RecentOrigins::default(),
-            portals: portals.into_iter().collect(),
+            portals,
             profiles: crate::puppet::Profiles::new(),
             me: OnceLock::new(),
         });
@@ -556,7 +557,7 @@ impl Gateway {
     /// Interpret the localpart of a JID on `domain` as a chat of its network.
     pub(crate) fn chat_of(&self, domain: &Domain, to: &Jid) -> Result<ChatRef, String> {
         let room = to.to_bare();
-        if self.portals.contains(&room) {
+        if self.portals.is_room(room.as_str()) {
             return Ok(ChatRef::room(NetworkId::xmpp(), room.to_string()));
         }
         let node = to.node().ok_or_else(|| "this address is the gateway itself, not a room or person".to_owned())?;
@@ -750,7 +751,7 @@ impl Gateway {
 
     /// Whether `room` is a portal room.
     pub(crate) fn is_portal(&self, room: &BareJid) -> bool {
-        self.portals.contains(room)
+        self.portals.is_room(room.as_str())
     }
 
     /// Whether someone other than `account` is `nick` in portal `room`.
@@ -773,6 +774,12 @@ impl Gateway {
             EventKind::SelfJoined { .. } | EventKind::JoinFailed { .. } => {
                 let account = BareJid::new(event.sender.id.as_str())
                     .map_err(|_| DeliveryError::Rejected("a join answer must name the XMPP account".into()))?;
+                if self.rooms().get(&(room.clone(), account.clone())).is_some_and(|s| s.joined) {
+                    // A portal on several networks: each answers the join; the first
+                    // answer entered the room, the others bring their people.
+                    self.more_occupants(&domain, &room, &account, &event);
+                    return Ok(Delivered::ids(vec![key]));
+                }
                 let mut copy = event.clone();
                 copy.account = Some(account.clone());
                 let joined = matches!(event.kind, EventKind::SelfJoined { .. });
@@ -837,6 +844,37 @@ impl Gateway {
             }
         }
         Ok(Delivered::ids(vec![key]))
+    }
+
+    /// Another member network's answer to a join already answered: its occupants
+    /// enter the room for `account` (a refusal is only logged: the room is joined).
+    fn more_occupants(&self, domain: &Domain, room: &BareJid, account: &BareJid, event: &Event) {
+        let EventKind::SelfJoined { occupants, .. } = &event.kind else {
+            if let EventKind::JoinFailed { reason } = &event.kind {
+                warn!(room = %room, network = %event.origin, reason, "a portal member refused a join the room already had");
+            }
+            return;
+        };
+        for occupant in occupants {
+            let known = self
+                .rooms()
+                .get(&(room.clone(), account.clone()))
+                .is_some_and(|s| s.occupants.contains_key(&occupant.nick));
+            if known {
+                continue;
+            }
+            let mut arrival = Event::new(
+                event.origin.clone(),
+                event.chat.clone(),
+                Sender::new(occupant.id.as_str(), occupant.nick.clone()),
+                EventKind::Joined { occupant: occupant.clone() },
+            );
+            arrival.account = Some(account.clone());
+            match self.render(&arrival, room) {
+                Ok((stanzas, _)) => self.send_all_after(domain, stanzas, None),
+                Err(e) => debug!(error = %e, "an occupant of another portal member could not be shown"),
+            }
+        }
     }
 
     /// The accounts with a session in portal `room`, but `except`.

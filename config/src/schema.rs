@@ -20,12 +20,20 @@ pub struct Config {
     pub irc: Vec<IrcNetworkConfig>,
     /// One entry per Matrix network (one component domain each).
     pub matrix: Vec<MatrixNetworkConfig>,
+    /// One entry per Telegram bot (one component domain each).
+    pub telegram: Vec<TelegramNetworkConfig>,
+    /// Portals linking one XMPP room to chats on several networks.
+    pub portals: Vec<PortalConfig>,
     /// The configuration file's directory: relative paths are relative to it.
     pub base_dir: PathBuf,
     /// Where each IRC network entry starts in the file (for validation messages).
     pub(crate) irc_locations: Vec<serde_saphyr::Location>,
     /// Where each Matrix network entry starts in the file.
     pub(crate) matrix_locations: Vec<serde_saphyr::Location>,
+    /// Where each Telegram network entry starts in the file.
+    pub(crate) telegram_locations: Vec<serde_saphyr::Location>,
+    /// Where each portal entry starts in the file.
+    pub(crate) portal_locations: Vec<serde_saphyr::Location>,
 }
 
 /// The file as parsed, before secrets are resolved.
@@ -45,12 +53,18 @@ pub(crate) struct RawConfig {
     irc: Vec<Spanned<IrcNetworkConfig>>,
     #[serde(default)]
     matrix: Vec<Spanned<MatrixNetworkConfig>>,
+    #[serde(default)]
+    telegram: Vec<Spanned<TelegramNetworkConfig>>,
+    #[serde(default)]
+    portals: Vec<Spanned<PortalConfig>>,
 }
 
 impl RawConfig {
     pub(crate) fn into_config(self, base_dir: PathBuf) -> Config {
         let irc_locations = self.irc.iter().map(|s| s.referenced).collect();
         let matrix_locations = self.matrix.iter().map(|s| s.referenced).collect();
+        let telegram_locations = self.telegram.iter().map(|s| s.referenced).collect();
+        let portal_locations = self.portals.iter().map(|s| s.referenced).collect();
         Config {
             xmpp: self.xmpp,
             store: self.store,
@@ -59,9 +73,13 @@ impl RawConfig {
             archive: self.archive,
             irc: self.irc.into_iter().map(|s| s.value).collect(),
             matrix: self.matrix.into_iter().map(|s| s.value).collect(),
+            telegram: self.telegram.into_iter().map(|s| s.value).collect(),
+            portals: self.portals.into_iter().map(|s| s.value).collect(),
             base_dir,
             irc_locations,
             matrix_locations,
+            telegram_locations,
+            portal_locations,
         }
     }
 }
@@ -702,4 +720,79 @@ impl MatrixNetworkConfig {
         let norm = |u: &str| u.trim_end_matches('/').to_ascii_lowercase();
         self.allowed_homeservers.iter().any(|h| norm(h) == norm(homeserver))
     }
+}
+
+/// A Telegram bot (Bot API). Its groups are portals: the bot sits in the group,
+/// Telegram users appear as occupants of the XMPP room, and XMPP users (and people
+/// from other networks in the portal) appear as the bot's messages with their nick.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramNetworkConfig {
+    /// The component domain, e.g. `telegram.example.org`.
+    pub domain: String,
+    /// Component secret for this domain (else `xmpp.component.secret`).
+    pub secret: Option<Secret>,
+    /// JIDs or domains allowed to use this network (empty: `access.allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// The bot's token from BotFather (`env:` or `file:` keep it out of the file).
+    pub token: Secret,
+    /// The Bot API server: Telegram's, or a self-hosted `telegram-bot-api`.
+    #[serde(default = "default_telegram_api_url")]
+    pub api_url: String,
+    /// How the bot shows someone from elsewhere; `{nick}` is written in bold.
+    #[serde(default = "default_relay_template")]
+    pub relay_template: String,
+    /// How long one long poll waits for updates (seconds, 1–50).
+    #[serde(default = "default_poll_timeout")]
+    pub poll_timeout_secs: u64,
+    /// Groups shared by everyone: each links `NAME@domain` on XMPP to one Telegram
+    /// group (or one topic of a forum supergroup).
+    #[serde(default)]
+    pub portals: Vec<TelegramPortalConfig>,
+}
+
+/// One Telegram portal: the group chat `name@domain` on XMPP is the Telegram chat `chat`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramPortalConfig {
+    /// The group chat's name on XMPP (its JID's localpart), e.g. `lobby`.
+    pub name: String,
+    /// The Telegram chat id (a group: `-123…`, a supergroup: `-100…`).
+    pub chat: i64,
+    /// One topic of a forum supergroup (its `message_thread_id`); each topic is a room of its own.
+    pub topic: Option<i64>,
+}
+
+fn default_telegram_api_url() -> String {
+    "https://api.telegram.org".into()
+}
+fn default_relay_template() -> String {
+    "{nick}: {text}".into()
+}
+fn default_poll_timeout() -> u64 {
+    30
+}
+
+/// A portal: one XMPP room linked to chats on any networks (two on one network included).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// The portal's name, for the admin's `portals`, `link` and `unlink` commands.
+    pub name: String,
+    /// The XMPP room, on the domain of one of the networks, e.g. `lobby@telegram.example.org`.
+    pub room: String,
+    /// The chats it links.
+    pub members: Vec<PortalMemberConfig>,
+}
+
+/// One chat of a portal.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalMemberConfig {
+    /// The network's domain, e.g. `irc.example.org`.
+    pub network: String,
+    /// The chat as that network names it: `#chan%irc.server`, `!room:server`, a
+    /// Telegram chat id (`-100…`, with `/TOPIC` for one forum topic).
+    pub chat: String,
 }

@@ -61,6 +61,12 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
             }
         }
     }
+    for net in &mut config.telegram {
+        if let Some(s) = net.secret.as_mut() {
+            resolve(s, &base, file)?;
+        }
+        resolve(&mut net.token, &base, file)?;
+    }
     for net in &mut config.matrix {
         if let Some(s) = net.secret.as_mut() {
             resolve(s, &base, file)?;
@@ -353,8 +359,137 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             }
         }
     }
+    check_telegram(config, file, &users_domain, &mut seen)?;
+    check_portals(config, file)?;
     check_admins(config, file)?;
     check_open(config, file)
+}
+
+/// A portal or Telegram portal name: a JID's localpart Isthmus can write as is.
+fn valid_portal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+}
+
+fn check_telegram<'a>(
+    config: &'a Config,
+    file: &Path,
+    users_domain: &str,
+    seen: &mut std::collections::HashMap<&'a str, usize>,
+) -> Result<(), ConfigError> {
+    let top = serde_saphyr::Location::UNKNOWN;
+    let base = config.irc.len() + config.matrix.len();
+    for (i, net) in config.telegram.iter().enumerate() {
+        let at = config.telegram_locations.get(i).copied().unwrap_or(top);
+        let err = |m: String| Err(ConfigError::at(file, &at, format!("Telegram network `{}`: {m}", net.domain)));
+        if !valid_domain(&net.domain) {
+            return err("`domain` must be a domain name like telegram.example.org (no `@`, `/` or spaces)".into());
+        }
+        if seen.insert(net.domain.as_str(), base + i).is_some() {
+            return err("the domain is already used by another network: each network needs its own domain".into());
+        }
+        if config.xmpp.mode == XmppMode::Embedded && net.domain == users_domain {
+            return err(format!("this is the users' domain; give the network its own, e.g. telegram.{users_domain}"));
+        }
+        if config.xmpp.mode == XmppMode::Component && config.component_secret(net.secret.as_ref()).is_none() {
+            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        }
+        let token = net.token.expose();
+        let well_formed = token.split_once(':').is_some_and(|(id, rest)| {
+            !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()) && !rest.is_empty() && !rest.contains(['/', ' '])
+        });
+        if !well_formed {
+            return err("`token` is not a bot token (BotFather gives `123456:ABC…`)".into());
+        }
+        if !(net.api_url.starts_with("https://") || net.api_url.starts_with("http://")) {
+            return err(format!("`api_url: {}` is not a URL: expected https://HOST[:PORT]", net.api_url));
+        }
+        if let Err(e) = isthmus_relay_template_check(&net.relay_template) {
+            return err(format!("`relay_template`: {e}"));
+        }
+        if !(1..=50).contains(&net.poll_timeout_secs) {
+            return err("`poll_timeout_secs` must be between 1 and 50".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut chats = std::collections::HashSet::new();
+        for p in &net.portals {
+            if !valid_portal_name(&p.name) {
+                return err(format!(
+                    "portal `{}`: `name` must be lower-case letters, digits, `-`, `_` or `.` (it is a JID's localpart)",
+                    p.name
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return err(format!("portal `{}` is listed twice", p.name));
+            }
+            if p.chat >= 0 {
+                return err(format!("portal `{}`: `chat: {}` is not a group (group ids are negative)", p.name, p.chat));
+            }
+            if !chats.insert((p.chat, p.topic)) {
+                return err(format!("portal `{}`: that chat is already another portal's", p.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The relay template's rule (kept here so the configuration alone can be checked).
+fn isthmus_relay_template_check(t: &str) -> Result<(), String> {
+    let Some((head, tail)) = t.split_once("{text}") else {
+        return Err("it must hold `{text}`".into());
+    };
+    if tail.contains("{text}") || tail.contains("{nick}") || head.matches("{nick}").count() > 1 {
+        return Err("`{text}` once, and `{nick}` at most once before it".into());
+    }
+    Ok(())
+}
+
+fn check_portals(config: &Config, file: &Path) -> Result<(), ConfigError> {
+    let top = serde_saphyr::Location::UNKNOWN;
+    let domains: Vec<&str> = config
+        .irc
+        .iter()
+        .map(|n| n.domain.as_str())
+        .chain(config.matrix.iter().map(|n| n.domain.as_str()))
+        .chain(config.telegram.iter().map(|n| n.domain.as_str()))
+        .collect();
+    let mut names = std::collections::HashSet::new();
+    let mut members = std::collections::HashSet::new();
+    for (i, p) in config.portals.iter().enumerate() {
+        let at = config.portal_locations.get(i).copied().unwrap_or(top);
+        let err = |m: String| Err(ConfigError::at(file, &at, format!("portal `{}`: {m}", p.name)));
+        if !valid_portal_name(&p.name) {
+            return err("`name` must be lower-case letters, digits, `-`, `_` or `.`".into());
+        }
+        if !names.insert(p.name.as_str()) {
+            return err("the name is listed twice".into());
+        }
+        let room_ok =
+            p.room.split_once('@').is_some_and(|(local, domain)| valid_portal_name(local) && domains.contains(&domain));
+        if !room_ok {
+            return err(format!(
+                "`room: {}` must be NAME@DOMAIN with DOMAIN one of the networks' domains ({})",
+                p.room,
+                domains.join(", ")
+            ));
+        }
+        if p.members.is_empty() {
+            return err("`members` is empty: list the chats the portal links".into());
+        }
+        for m in &p.members {
+            if !domains.contains(&m.network.as_str()) {
+                return err(format!("member on `{}`: no network has this domain", m.network));
+            }
+            if m.chat.is_empty() {
+                return err(format!("member on `{}`: `chat` is empty", m.network));
+            }
+            if !members.insert((m.network.as_str(), m.chat.as_str())) {
+                return err(format!("`{}` on {} is already a member of a portal", m.chat, m.network));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `access.admins` lists bare JIDs, matched exactly: a domain, a full JID or a
@@ -390,7 +525,12 @@ fn check_open(config: &Config, file: &Path) -> Result<(), ConfigError> {
     let irc = config.irc.iter().enumerate().map(|(i, n)| ("IRC", &n.domain, &n.allow, config.irc_locations.get(i)));
     let matrix =
         config.matrix.iter().enumerate().map(|(i, n)| ("Matrix", &n.domain, &n.allow, config.matrix_locations.get(i)));
-    for (kind, domain, allow, at) in irc.chain(matrix) {
+    let telegram = config
+        .telegram
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ("Telegram", &n.domain, &n.allow, config.telegram_locations.get(i)));
+    for (kind, domain, allow, at) in irc.chain(matrix).chain(telegram) {
         if allow.is_empty() {
             return Err(ConfigError::at(
                 file,

@@ -5,6 +5,9 @@
 //! - [`address`]: reversible mapping of remote identifiers into JID localparts;
 //! - [`markup`]: HTML ↔ XEP-0393 message styling, for networks whose messages carry HTML;
 //! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
+//! - [`portal`]: portals, one XMPP room linked to chats on any networks, kept in the store;
+//! - [`relay`]: how a bot shows a person from another network (`{nick}: {text}`);
+//! - [`spans`]: styled text as plain text plus spans (Telegram entities), and back;
 //! - [`router`]: hands each event to the networks it must reach and records the id map;
 //! - [`store`]: the SQL store (SQLite or PostgreSQL);
 //! - [`secrets`]: sealing credentials before they reach the store.
@@ -18,8 +21,11 @@ pub mod markup;
 pub mod model;
 pub mod network;
 pub mod outbox;
+pub mod portal;
+pub mod relay;
 pub mod router;
 pub mod secrets;
+pub mod spans;
 pub mod store;
 
 pub use jid;

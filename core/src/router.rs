@@ -27,6 +27,7 @@ use crate::idmap::{self, IdMap};
 use crate::model::{ChatRef, Event, EventKind, MessageKey, MessageRef, NetworkId};
 use crate::network::{Confirmation, Confirmer, Delivered, DeliveryError, EventStream, Network};
 use crate::outbox::{Outbox, Receipt};
+use crate::portal::Portals;
 use crate::store::Store;
 
 /// The outcome of routing one event: one entry per destination.
@@ -61,8 +62,8 @@ pub struct Router {
 
 struct Inner {
     networks: HashMap<NetworkId, Arc<dyn Network>>,
-    /// chat → every member chat of its portal (including itself).
-    portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
+    /// The portals: a member chat's event reaches every other chat of its portal.
+    portals: Portals,
     store: Store,
     ids: IdMap,
     outbox: Outbox,
@@ -88,7 +89,7 @@ pub const MAX_BACKLOG: usize = 10_000;
 /// Builds a [`Router`].
 pub struct RouterBuilder {
     networks: HashMap<NetworkId, Arc<dyn Network>>,
-    portals: HashMap<ChatRef, Arc<Vec<ChatRef>>>,
+    portals: Portals,
     store: Store,
     max_backlog: usize,
 }
@@ -106,12 +107,10 @@ impl RouterBuilder {
         self
     }
 
-    /// Link several chats on different networks into one portal.
-    pub fn portal(mut self, members: Vec<ChatRef>) -> Self {
-        let members = Arc::new(members);
-        for m in members.iter() {
-            self.portals.insert(m.clone(), members.clone());
-        }
+    /// The portal directory the router reads each event's destinations from (it
+    /// may change while the router runs).
+    pub fn portals(mut self, portals: Portals) -> Self {
+        self.portals = portals;
         self
     }
 
@@ -135,7 +134,7 @@ impl RouterBuilder {
 
 impl Router {
     pub fn builder(store: Store) -> RouterBuilder {
-        RouterBuilder { networks: HashMap::new(), portals: HashMap::new(), store, max_backlog: MAX_BACKLOG }
+        RouterBuilder { networks: HashMap::new(), portals: Portals::in_memory(), store, max_backlog: MAX_BACKLOG }
     }
 
     /// A registered network.
@@ -145,6 +144,11 @@ impl Router {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The portal directory.
+    pub fn portals(&self) -> &Portals {
+        &self.inner.portals
     }
 
     /// The message id map (writes batched; lookups see every earlier write).
@@ -157,11 +161,14 @@ impl Router {
     /// A personal chat keeps the remote network's spelling on the XMPP side too: the
     /// XMPP side derives the room or contact JID from it.
     pub fn destinations(&self, event: &Event) -> Vec<(NetworkId, ChatRef)> {
-        if let Some(members) = self.inner.portals.get(&event.chat) {
-            return members
-                .iter()
-                .filter(|c| c.network != event.origin)
-                .map(|c| (c.network.clone(), c.clone()))
+        if let Some(portal) = self.inner.portals.of(&event.chat) {
+            // Every other chat of the portal, those on the origin's network included
+            // (two IRC channels in one portal): never the chat it came from.
+            return portal
+                .chats()
+                .into_iter()
+                .filter(|c| c.network != event.chat.network || c.id != event.chat.id)
+                .map(|c| (c.network.clone(), c))
                 .collect();
         }
         if event.origin.is_xmpp() {

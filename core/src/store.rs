@@ -564,6 +564,45 @@ impl Store {
         rows.iter().map(|r| Ok((r.try_get("network")?, r.try_get("remote_id")?))).collect()
     }
 
+    /// Every stored portal's members, as (portal, network, remote id), by portal.
+    pub async fn all_portal_members(&self) -> Result<Vec<(String, String, String)>> {
+        let rows =
+            sqlx::query("SELECT portal, network, remote_id FROM portal_members ORDER BY portal, network, remote_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok((r.try_get("portal")?, r.try_get("network")?, r.try_get("remote_id")?))).collect()
+    }
+
+    /// Remove portal `name` and its members.
+    pub async fn delete_portal(&self, name: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM portal_members WHERE portal = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM portals WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The value kept under `name` (a bridge's resume point: a poll offset, a sync token).
+    pub async fn checkpoint(&self, name: &str) -> Result<Option<String>> {
+        let row =
+            sqlx::query("SELECT value FROM checkpoints WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get("value")).transpose()?)
+    }
+
+    /// Keep `value` under `name`, replacing what was there.
+    pub async fn set_checkpoint(&self, name: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, value, updated_us) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_us = excluded.updated_us",
+        )
+        .bind(name)
+        .bind(value)
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn portal_of(&self, network: &str, remote_id: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT portal FROM portal_members WHERE network = $1 AND remote_id = $2")
             .bind(network)
