@@ -26,6 +26,7 @@ pub mod raw_c2s;
 pub mod relay;
 pub mod scenario;
 pub mod synapse;
+pub mod telegram;
 pub mod xmpp;
 
 pub use gateway::Isthmus;

@@ -1,0 +1,285 @@
+//! The Telegram bridge end to end: real Prosody, slixmpp on the XMPP side, and the
+//! Bot API emulator (`tests/emulators/telegram_bot_api.py`) reached through the
+//! bridge's `api_url`, as a self-hosted Bot API server would be.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use isthmus_tests::scenario::{SECRET, T};
+use isthmus_tests::telegram::{BOT_TOKEN, TelegramEmulator, user};
+use isthmus_tests::{Isthmus, Prosody, ProsodyOptions, Stanza, XmppClient};
+use serde_json::{Value, json};
+
+const DOMAIN: &str = "telegram.localhost";
+const LOBBY: &str = "lobby@telegram.localhost";
+const CHAT: i64 = -1001;
+
+struct Setup {
+    emu: TelegramEmulator,
+    prosody: Prosody,
+    gateway: Isthmus,
+}
+
+fn config(prosody: &Prosody, emu: &TelegramEmulator, portals: &str) -> String {
+    format!(
+        "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\naccess: {{ allow: [localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n\
+         telegram:\n  - domain: {DOMAIN}\n    token: \"{BOT_TOKEN}\"\n    api_url: \"{}\"\n    poll_timeout_secs: 2\n    portals:\n{portals}",
+        prosody.component_port(),
+        emu.api_url()
+    )
+}
+
+impl Setup {
+    /// The emulator with the supergroup `CHAT` (and whatever `chats` adds), Prosody
+    /// with alice and carol, and the gateway with `portals` (YAML list items).
+    async fn start(portals: &str) -> Result<Setup> {
+        let emu = TelegramEmulator::start().await?;
+        emu.group(CHAT, "supergroup", "Lobby", false).await?;
+        let prosody = Prosody::start(ProsodyOptions {
+            users: vec![("alice".into(), "alicepass".into()), ("carol".into(), "carolpass".into())],
+            components: vec![(DOMAIN.into(), SECRET.into())],
+            ..Default::default()
+        })
+        .await?;
+        let gateway = Isthmus::start(&config(&prosody, &emu, portals), &[]).await?;
+        gateway.wait_log("component link established", 1, T).await.with_context(|| gateway.log())?;
+        gateway.wait_log("Telegram bot ready", 1, T).await.with_context(|| gateway.log())?;
+        Ok(Setup { emu, prosody, gateway })
+    }
+
+    async fn enter(&self, user: &str, room: &str, nick: &str) -> Result<XmppClient> {
+        let mut xmpp = XmppClient::connect(&self.prosody, &format!("{user}@localhost"), &format!("{user}pass")).await?;
+        xmpp.join(room, nick).await?;
+        xmpp.expect(T, |s| s.kind == "presence" && s.from == format!("{room}/{nick}") && s.has_status(110))
+            .await
+            .with_context(|| format!("{user} did not enter {room}; gateway log:\n{}", self.gateway.log()))?;
+        Ok(xmpp)
+    }
+}
+
+fn groupchat_from<'a>(room: &'a str, nick: &'a str, body: &'a str) -> impl Fn(&Stanza) -> bool + 'a {
+    move |s| {
+        s.kind == "message"
+            && s.type_ == "groupchat"
+            && s.from == format!("{room}/{nick}")
+            && s.body.as_deref() == Some(body)
+    }
+}
+
+fn entity(kind: &str, offset: u64, length: u64) -> Value {
+    json!({"type": kind, "offset": offset, "length": length})
+}
+
+#[tokio::test]
+async fn a_group_chat_both_ways_with_styling_edits_replies_reactions_and_deletes() -> Result<()> {
+    let s = Setup::start("      - { name: lobby, chat: -1001 }\n").await?;
+    let mut alice = s.enter("alice", LOBBY, "alice").await?;
+    let tom = user(1001, "Tom", "tom");
+
+    // Telegram → XMPP: entities after an emoji (UTF-16 offsets) become styling.
+    let first = s
+        .emu
+        .say(CHAT, &tom, "😀 bold and code", json!({"entities": [entity("bold", 3, 4), entity("code", 12, 4)]}))
+        .await?;
+    // Tom entered the room when he first spoke.
+    alice.expect(T, |st| st.kind == "presence" && st.from == format!("{LOBBY}/Tom")).await?;
+    alice.expect(T, groupchat_from(LOBBY, "Tom", "😀 *bold* and `code`")).await.with_context(|| s.gateway.log())?;
+
+    // XMPP → Telegram: the bot says it, the nick bold, styling as entities, no parse mode.
+    alice.send_groupchat_with_id(LOBBY, "*hi* 😀 `x`", "a1").await?;
+    let reflection = alice.expect(T, groupchat_from(LOBBY, "alice", "*hi* 😀 `x`")).await?;
+    let sent = s.emu.wait_sent(CHAT, T, |m| m["text"] == "alice: hi 😀 x").await.with_context(|| s.gateway.log())?;
+    assert_eq!(sent["parse_mode"], Value::Null, "{sent}");
+    assert_eq!(sent["entities"], json!([entity("bold", 0, 5), entity("bold", 7, 2), entity("code", 13, 1)]), "{sent}");
+    let bot_message = sent["message_id"].as_i64().context("message_id")?;
+
+    // A correction from XMPP edits the bot's message, the nick kept.
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{LOBBY}' id='a2'><body>hi _again_</body>\
+             <replace xmlns='urn:xmpp:message-correct:0' id='a1'/></message>"
+        ))
+        .await?;
+    let edited = s
+        .emu
+        .wait_sent(CHAT, T, |m| m["message_id"].as_i64() == Some(bot_message) && m["text"] == "alice: hi again")
+        .await?;
+    assert_eq!(edited["entities"], json!([entity("bold", 0, 5), entity("italic", 10, 5)]), "{edited}");
+
+    // Telegram → XMPP: a reply to the bot's message answers alice's; an edit is a correction.
+    s.emu.say(CHAT, &tom, "yes", json!({"reply_to_message_id": bot_message})).await?;
+    let reply = alice.expect(T, groupchat_from(LOBBY, "Tom", "yes")).await?;
+    let alice_sid = reflection.stanza_id().context("the reflection has a stanza-id")?;
+    assert!(
+        reply.xml.contains("urn:xmpp:reply:0") && reply.xml.contains(&alice_sid),
+        "the reply names alice's message ({alice_sid}): {}",
+        reply.xml
+    );
+    s.emu
+        .control("edit", json!({"chat_id": CHAT, "message_id": first["message_id"], "text": "😀 bold and more"}))
+        .await?;
+    let correction = alice.expect(T, |st| st.body.as_deref() == Some("😀 bold and more")).await?;
+    assert!(correction.xml.contains("urn:xmpp:message-correct:0"), "{}", correction.xml);
+
+    // A reaction on Telegram is native on XMPP.
+    s.emu
+        .control(
+            "reaction",
+            json!({"chat_id": CHAT, "message_id": bot_message, "user": tom, "new_reaction": [{"type": "emoji", "emoji": "👍"}]}),
+        )
+        .await?;
+    let reaction =
+        alice.expect(T, |st| st.xml.contains("urn:xmpp:reactions:0")).await.with_context(|| s.gateway.log())?;
+    assert!(reaction.xml.contains("👍") && reaction.xml.contains(&alice_sid), "{}", reaction.xml);
+
+    // A reply from XMPP is a Telegram reply to Tom's message.
+    let tom_sid = alice
+        .seen()
+        .iter()
+        .find(|x| x.contains("😀 *bold* and `code`"))
+        .and_then(|x| {
+            x.split("<stanza-id")
+                .nth(1)
+                .and_then(|r| r.split(" id=\"").nth(1))
+                .map(|r| r.split('"').next().unwrap_or("").to_owned())
+        })
+        .context("Tom's first message had a stanza-id")?;
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{LOBBY}' id='a3'><body>agreed</body>\
+             <reply xmlns='urn:xmpp:reply:0' to='{LOBBY}/Tom' id='{tom_sid}'/></message>"
+        ))
+        .await?;
+    let answer = s.emu.wait_sent(CHAT, T, |m| m["text"] == "alice: agreed").await?;
+    assert_eq!(answer["reply_to_message"]["message_id"], first["message_id"], "{answer}");
+
+    // A retraction from XMPP deletes the bot's message.
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{LOBBY}' id='a4'><retract xmlns='urn:xmpp:message-retract:1' id='{alice_sid}'/>\
+             <body>retracted</body></message>"
+        ))
+        .await?;
+    s.emu.wait_sent(CHAT, T, |m| m["message_id"].as_i64() == Some(bot_message) && m["deleted"] == true).await?;
+
+    // Nothing the bot said came back.
+    let rest = alice.drain(Duration::from_secs(2)).await?;
+    assert!(!rest.iter().any(|st| st.body.as_deref().is_some_and(|b| b.starts_with("alice:"))), "{rest:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn flood_control_holds_a_burst_and_loses_nothing() -> Result<()> {
+    let s = Setup::start("      - { name: lobby, chat: -1001 }\n").await?;
+    let mut alice = s.enter("alice", LOBBY, "alice").await?;
+    s.emu.control("ratelimit", json!({"chat_id": CHAT, "calls": 20, "per_secs": 1, "retry_after": 1})).await?;
+    for i in 0..100 {
+        alice.send_groupchat_with_id(LOBBY, &format!("burst {i}"), &format!("b{i}")).await?;
+    }
+    s.emu.wait_sent(CHAT, Duration::from_secs(90), |m| m["text"] == "alice: burst 99").await?;
+    let texts: Vec<String> =
+        s.emu.sent(CHAT).await?.iter().filter_map(|m| m["text"].as_str().map(str::to_owned)).collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("alice: burst {i}")).collect();
+    assert_eq!(texts, expected, "every message once, in order");
+    let calls = s.emu.get("calls?method=sendMessage").await?;
+    let refused = calls.as_array().map(|c| c.iter().filter(|c| c["status"] == 429).count()).unwrap_or(0);
+    assert!(refused > 0, "the limiter never answered 429: the test did not test flood control");
+    let errors = alice.drain(Duration::from_secs(1)).await?;
+    assert!(!errors.iter().any(|st| st.type_ == "error"), "{errors:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_9_during_a_burst_from_telegram_loses_and_repeats_nothing() -> Result<()> {
+    let mut s = Setup::start("      - { name: lobby, chat: -1001 }\n").await?;
+    let mut alice = s.enter("alice", LOBBY, "alice").await?;
+    let tom = user(1001, "Tom", "tom");
+    let texts: Vec<String> = (0..500).map(|i| format!("tg {i}")).collect();
+    s.emu.control("messages", json!({"chat_id": CHAT, "from": tom, "texts": texts})).await?;
+    // Kill the gateway while the burst is on its way.
+    alice.expect(T, groupchat_from(LOBBY, "Tom", "tg 20")).await.with_context(|| s.gateway.log())?;
+    s.gateway.kill().await;
+    let pending = s.emu.get(&format!("updates_pending?token={BOT_TOKEN}")).await?;
+    if pending["pending"].as_u64().unwrap_or(0) == 0 {
+        bail!("the whole burst was confirmed before the kill: nothing was in flight ({pending})");
+    }
+    s.gateway.restart().await?;
+    s.gateway.wait_log("Telegram bot ready", 1, T).await?;
+    alice
+        .expect(Duration::from_secs(60), groupchat_from(LOBBY, "Tom", "tg 499"))
+        .await
+        .with_context(|| s.gateway.log())?;
+    let rest = alice.drain(Duration::from_secs(3)).await?;
+    drop(rest);
+    // Each message reached alice with one stanza-id (a copy delivered again keeps its id), in order.
+    let mut ids: std::collections::HashMap<String, HashSet<String>> = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    for xml in alice.seen() {
+        let Some(body) = xml.split("<body>").nth(1).and_then(|b| b.split("</body>").next()) else { continue };
+        if !body.starts_with("tg ") || !xml.contains(&format!("from=\"{LOBBY}/Tom\"")) {
+            continue;
+        }
+        let sid =
+            xml.split("<stanza-id").nth(1).and_then(|r| r.split(" id=\"").nth(1)).and_then(|r| r.split('"').next());
+        let entry = ids.entry(body.to_owned()).or_default();
+        if entry.is_empty() {
+            order.push(body.to_owned());
+        }
+        entry.insert(sid.unwrap_or("").to_owned());
+    }
+    let missing: Vec<&String> = texts.iter().filter(|t| !ids.contains_key(*t)).collect();
+    assert!(missing.is_empty(), "lost across kill -9: {missing:?}");
+    let twice: Vec<(&String, &HashSet<String>)> = ids.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert!(twice.is_empty(), "bridged twice (two stanza-ids): {twice:?}");
+    assert_eq!(order, texts, "in order");
+    let pending = s.emu.get(&format!("updates_pending?token={BOT_TOKEN}")).await?;
+    assert_eq!(pending["pending"], 0, "the bridge left updates unconfirmed: {pending}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_group_that_becomes_a_supergroup_keeps_its_portal() -> Result<()> {
+    let s = Setup::start("      - { name: lobby, chat: -1001 }\n      - { name: small, chat: -77 }\n").await?;
+    s.emu.group(-77, "group", "Small", false).await?;
+    let small = "small@telegram.localhost";
+    let mut alice = s.enter("alice", small, "alice").await?;
+    let tom = user(1001, "Tom", "tom");
+    s.emu.say(-77, &tom, "before", json!({})).await?;
+    alice.expect(T, groupchat_from(small, "Tom", "before")).await.with_context(|| s.gateway.log())?;
+    let migrated = s.emu.control("migrate", json!({"chat_id": -77})).await?;
+    let new_chat = migrated["new_chat_id"].as_i64().context("new_chat_id")?;
+    // Said on the supergroup: still the same room.
+    s.emu.say(new_chat, &tom, "after", json!({})).await?;
+    alice.expect(T, groupchat_from(small, "Tom", "after")).await.with_context(|| s.gateway.log())?;
+    alice.send_groupchat_with_id(small, "still here", "m1").await?;
+    s.emu.wait_sent(new_chat, T, |m| m["text"] == "alice: still here").await.with_context(|| s.gateway.log())?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_forum_topics_are_two_rooms() -> Result<()> {
+    let s = Setup::start("      - { name: lobby, chat: -1001 }\n      - { name: news, chat: -1002, topic: 1 }\n      - { name: chat, chat: -1002, topic: 2 }\n").await?;
+    s.emu.group(-1002, "supergroup", "Forum", true).await?;
+    let t2 = s.emu.control("topic", json!({"chat_id": -1002, "name": "News"})).await?;
+    let t3 = s.emu.control("topic", json!({"chat_id": -1002, "name": "Chat"})).await?;
+    let (t2, t3) = (t2["message_thread_id"].as_i64().context("t2")?, t3["message_thread_id"].as_i64().context("t3")?);
+    if (t2, t3) != (1, 2) {
+        bail!("the emulator numbered the topics {t2} and {t3}; the portals name 1 and 2");
+    }
+    let news = "news@telegram.localhost";
+    let chat = "chat@telegram.localhost";
+    let mut alice = s.enter("alice", news, "alice").await?;
+    let mut carol = s.enter("carol", chat, "carol").await?;
+    let tom = user(1001, "Tom", "tom");
+    s.emu.say(-1002, &tom, "in news", json!({"message_thread_id": 1})).await?;
+    s.emu.say(-1002, &tom, "in chat", json!({"message_thread_id": 2})).await?;
+    alice.expect(T, groupchat_from(news, "Tom", "in news")).await.with_context(|| s.gateway.log())?;
+    carol.expect(T, groupchat_from(chat, "Tom", "in chat")).await?;
+    let stray = alice.drain(Duration::from_secs(2)).await?;
+    assert!(!stray.iter().any(|st| st.body.as_deref() == Some("in chat")), "{stray:?}");
+    carol.send_groupchat_with_id(chat, "to the chat topic", "c1").await?;
+    let sent = s.emu.wait_sent(-1002, T, |m| m["text"] == "carol: to the chat topic").await?;
+    assert_eq!(sent["message_thread_id"], 2, "{sent}");
+    Ok(())
+}
