@@ -9,6 +9,7 @@
 //! | `disconnect` | a form with an account's JID (and a reason): closes its sessions on this network (IRC: QUIT with the reason; Matrix: the sync stops, the device stays logged in) and takes it out of its rooms (each device gets an unavailable self-presence with the reason, status 333) |
 //! | `link-status` | the component link (or the embedded server), the network's connections, the durable outbox per destination (rows waiting and the oldest one's age), the rooms joined |
 //! | `announce` | a form with a text: sent to every room joined on this network, from the room, to each device in it |
+//! | `portals`, `link`, `unlink` | the portals (see [`crate::portal_admin`]) |
 //!
 //! Others do not see them in the command list and get `forbidden` (with a text)
 //! when they run one. An admin must also be allowed to use the network.
@@ -38,6 +39,9 @@ pub const ADMIN_COMMANDS: &[(&str, &str)] = &[
     ("disconnect", "Close an account's sessions on this network (admin)"),
     ("link-status", "Show the link, the connections and the outbox (admin)"),
     ("announce", "Send a message to every room joined on this network (admin)"),
+    ("portals", "List the portals and the chats they link (admin)"),
+    ("link", "Link a chat to a portal (admin)"),
+    ("unlink", "Take a chat out of its portal (admin)"),
 ];
 
 /// What someone not in `access.admins` is told.
@@ -257,6 +261,28 @@ impl Gateway {
                     completed("announce", session, self.announce(domain, &admin, &text).await)
                 }
             },
+            "portals" => completed("portals", None, self.portals_text()),
+            node @ ("link" | "unlink") => {
+                let value = |var: &str| values(&cmd, var).and_then(|v| v.first()).map(|v| v.trim().to_owned());
+                match (node, value("network"), value("chat")) {
+                    (_, None, _) | (_, _, None) => {
+                        let title =
+                            if node == "link" { "Link a chat to a portal" } else { "Take a chat out of its portal" };
+                        executing(node, title.to_owned(), crate::portal_admin::fields(node))
+                    }
+                    ("link", Some(network), Some(chat)) => {
+                        let Some(portal) = value("portal").filter(|p| !p.is_empty()) else {
+                            let text = "`portal` is empty: name the portal";
+                            return adhoc_error(id, ErrorType::Modify, DefinedCondition::BadRequest, text);
+                        };
+                        let room = value("room");
+                        completed(node, session, self.link_portal(&portal, &network, &chat, room.as_deref()).await)
+                    }
+                    (_, Some(network), Some(chat)) => {
+                        completed(node, session, self.unlink_portal(&network, &chat).await)
+                    }
+                }
+            }
             other => {
                 let text = format!("no command `{other}`; see the command list");
                 return adhoc_error(id, ErrorType::Cancel, DefinedCondition::ItemNotFound, &text);
@@ -286,7 +312,10 @@ impl Gateway {
             }
             "announce" if !rest.trim().is_empty() => self.announce(domain, &admin, rest.trim()).await,
             "announce" => "Usage: announce TEXT".to_owned(),
-            other => format!("Unknown command `{other}`."),
+            other => match self.portal_chat_command(other, rest).await {
+                Some(reply) => reply,
+                None => format!("Unknown command `{other}`."),
+            },
         }
     }
 
@@ -544,7 +573,7 @@ mod tests {
     fn only_admins_see_the_admin_commands() {
         let admins = list(&["admin@example.org"]);
         let seen: Vec<&str> = visible_commands(&admins, &jid("admin@example.org/pc")).iter().map(|c| c.0).collect();
-        assert_eq!(seen, vec!["users", "disconnect", "link-status", "announce"]);
+        assert_eq!(seen, vec!["users", "disconnect", "link-status", "announce", "portals", "link", "unlink"]);
         assert!(visible_commands(&admins, &jid("user@example.org/pc")).is_empty());
         assert!(ADMIN_COMMANDS.iter().all(|(n, _)| is_admin_node(n)));
         assert!(!is_admin_node("status") && !is_admin_node("leave"));
@@ -596,7 +625,21 @@ mod tests {
                 .collect()
         };
         assert_eq!(nodes(false), vec!["status", "rooms", "leave"]);
-        assert_eq!(nodes(true), vec!["status", "rooms", "leave", "users", "disconnect", "link-status", "announce"]);
+        assert_eq!(
+            nodes(true),
+            vec![
+                "status",
+                "rooms",
+                "leave",
+                "users",
+                "disconnect",
+                "link-status",
+                "announce",
+                "portals",
+                "link",
+                "unlink"
+            ]
+        );
     }
 
     use crate::gateway::Outgoing;

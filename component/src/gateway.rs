@@ -749,6 +749,21 @@ impl Gateway {
         if portal { event } else { event.with_account(account.clone()) }
     }
 
+    /// The network domain named `name`.
+    pub(crate) fn domain(&self, name: &str) -> Option<&Domain> {
+        self.domains.get(name)
+    }
+
+    /// The router, once attached.
+    pub(crate) fn router(&self) -> Option<&isthmus_core::router::Router> {
+        self.router.get()
+    }
+
+    /// The portal directory (shared with the router).
+    pub(crate) fn portal_directory(&self) -> &Portals {
+        &self.portals
+    }
+
     /// Whether `room` is a portal room.
     pub(crate) fn is_portal(&self, room: &BareJid) -> bool {
         self.portals.is_room(room.as_str())

@@ -289,6 +289,13 @@ pub trait Network: Send + Sync + 'static {
         id.to_owned()
     }
 
+    /// Whether the chat `id` can be linked to a portal while the gateway runs (the
+    /// bridge serves whatever the portal directory holds). By default not: such a
+    /// network's portals are those of its configuration.
+    fn links_portals_at_run_time(&self, _id: &str) -> bool {
+        false
+    }
+
     /// One line per connection of `account` to this network, for status commands.
     async fn account_status(&self, _account: &jid::BareJid) -> Vec<String> {
         Vec::new()

@@ -23,7 +23,7 @@ struct Setup {
 
 fn config(prosody: &Prosody, emu: &TelegramEmulator, portals: &str) -> String {
     format!(
-        "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\naccess: {{ allow: [localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n\
+        "xmpp:\n  component:\n    port: {}\n    secret: {SECRET}\naccess: {{ allow: [localhost], admins: [carol@localhost] }}\nstore:\n  url: sqlite://{{dir}}/isthmus.db\n\
          telegram:\n  - domain: {DOMAIN}\n    token: \"{BOT_TOKEN}\"\n    api_url: \"{}\"\n    poll_timeout_secs: 2\n    portals:\n{portals}",
         prosody.component_port(),
         emu.api_url()
@@ -281,5 +281,53 @@ async fn two_forum_topics_are_two_rooms() -> Result<()> {
     carol.send_groupchat_with_id(chat, "to the chat topic", "c1").await?;
     let sent = s.emu.wait_sent(-1002, T, |m| m["text"] == "carol: to the chat topic").await?;
     assert_eq!(sent["message_thread_id"], 2, "{sent}");
+    Ok(())
+}
+
+/// Send an admin chat command to the domain and wait for the gateway's reply.
+async fn command(xmpp: &mut XmppClient, text: &str) -> Result<String> {
+    xmpp.send_raw(&format!("<message to='{DOMAIN}' type='chat' id='cmd'><body>{text}</body></message>")).await?;
+    let reply = xmpp.expect(T, |st| st.kind == "message" && st.from == DOMAIN && st.body.is_some()).await?;
+    Ok(reply.body.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_admin_links_and_unlinks_a_group_at_run_time_and_it_is_kept() -> Result<()> {
+    let mut s = Setup::start("      - { name: lobby, chat: -1001 }\n").await?;
+    s.emu.group(-1003, "supergroup", "Extra", false).await?;
+    let extra = "extra@telegram.localhost";
+    let mut carol = XmppClient::connect(&s.prosody, "carol@localhost", "carolpass").await?;
+    // Not an admin: refused.
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost", "alicepass").await?;
+    let refused = command(&mut alice, &format!("link extra {DOMAIN} -1003 {extra}")).await?;
+    assert!(refused.starts_with("Forbidden"), "{refused}");
+    let missing_room = command(&mut carol, &format!("link extra {DOMAIN} -1003")).await?;
+    assert!(missing_room.contains("say which XMPP room"), "{missing_room}");
+    let linked = command(&mut carol, &format!("link extra {DOMAIN} -1003 {extra}")).await?;
+    assert!(linked.starts_with("Linked -1003"), "{linked}");
+    let list = command(&mut carol, "portals").await?;
+    assert!(list.contains(&format!("extra ({extra}):\n  {DOMAIN} -1003")), "{list}");
+    let again = command(&mut carol, &format!("link other {DOMAIN} -1003 other@{DOMAIN}")).await?;
+    assert!(again.contains("already linked to the portal `extra`"), "{again}");
+
+    // Kept across a restart.
+    s.gateway.stop().await;
+    s.gateway.restart().await?;
+    s.gateway.wait_log("Telegram bot ready", 1, T).await?;
+    let mut alice = s.enter("alice", extra, "alice").await?;
+    let tom = user(1001, "Tom", "tom");
+    s.emu.say(-1003, &tom, "linked at run time", json!({})).await?;
+    alice.expect(T, groupchat_from(extra, "Tom", "linked at run time")).await.with_context(|| s.gateway.log())?;
+    alice.send_groupchat_with_id(extra, "hello extra", "e1").await?;
+    s.emu.wait_sent(-1003, T, |m| m["text"] == "alice: hello extra").await?;
+
+    let mut carol = XmppClient::connect(&s.prosody, "carol@localhost", "carolpass").await?;
+    let unlinked = command(&mut carol, &format!("unlink {DOMAIN} -1003")).await?;
+    assert!(unlinked.contains("no longer part of the portal extra"), "{unlinked}");
+    s.emu.say(-1003, &tom, "after unlink", json!({})).await?;
+    let rest = alice.drain(Duration::from_secs(3)).await?;
+    assert!(!rest.iter().any(|st| st.body.as_deref() == Some("after unlink")), "{rest:?}");
+    let none = command(&mut carol, &format!("unlink {DOMAIN} -1003")).await?;
+    assert!(none.contains("not linked to any portal"), "{none}");
     Ok(())
 }

@@ -520,6 +520,10 @@ impl Network for TelegramNetwork {
         parse_chat(id).map(|_| ChatKind::Room)
     }
 
+    fn links_portals_at_run_time(&self, id: &str) -> bool {
+        parse_chat(id).is_some()
+    }
+
     fn display_name(&self, id: &str) -> String {
         let s = self.state();
         s.people.values().find_map(|p| p.get(id)).map(|o| o.nick.clone()).unwrap_or_else(|| id.to_owned())
