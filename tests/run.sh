@@ -14,6 +14,10 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 if ! pgrep -x epmd >/dev/null; then trap 'pkill -x epmd 2>/dev/null || true' EXIT; fi
 cargo build --workspace --all-targets --locked
 cargo test --workspace --all-targets --locked
+# The network emulators' own checks (they speak the wire formats the bridges are tested against).
+PY=${ISTHMUS_TEST_CACHE:-$HOME/.cache/isthmus}/venv/bin/python
+"$PY" tests/emulators/test_telegram_bot_api.py
+"$PY" tests/emulators/test_discord_api.py
 # Each fuzz target for a short bounded time (see docs/development.md).
 ./tests/fuzz/run.sh 30
 echo "all tests passed"

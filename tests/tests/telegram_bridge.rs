@@ -331,3 +331,35 @@ async fn an_admin_links_and_unlinks_a_group_at_run_time_and_it_is_kept() -> Resu
     assert!(none.contains("not linked to any portal"), "{none}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_group_both_ways_on_the_embedded_server() -> Result<()> {
+    let emu = TelegramEmulator::start().await?;
+    emu.group(CHAT, "supergroup", "Lobby", false).await?;
+    let port = isthmus_tests::process::free_port();
+    let mut yaml = format!(
+        "xmpp:\n  mode: embedded\n  embedded:\n    domain: localhost\n    listen: 127.0.0.1:{port}\n    users:\n"
+    );
+    for (user, hash) in isthmus_tests::scenario::embedded_password_hashes()? {
+        yaml += &format!("      - {{ jid: {user}@localhost, password_hash: \"{hash}\" }}\n");
+    }
+    yaml += &format!(
+        "store:\n  url: sqlite://{{dir}}/isthmus.db\ntelegram:\n  - domain: {DOMAIN}\n    token: \"{BOT_TOKEN}\"\n    api_url: \"{}\"\n    poll_timeout_secs: 2\n    relay_template: \"[{{nick}}] {{text}}\"\n    portals:\n      - {{ name: lobby, chat: -1001 }}\n",
+        emu.api_url()
+    );
+    let gateway = Isthmus::start(&yaml, &[]).await?;
+    gateway.wait_log("accepting XMPP clients", 1, T).await.with_context(|| gateway.log())?;
+    gateway.wait_log("Telegram bot ready", 1, T).await.with_context(|| gateway.log())?;
+    let server = isthmus_tests::peers::EmbeddedC2s { port, ca_file: gateway.dir().join("tls/localhost.crt") };
+    let mut alice = XmppClient::connect(&server, "alice@localhost", "alicepass").await?;
+    alice.join(LOBBY, "alice").await?;
+    alice.expect(T, |st| st.kind == "presence" && st.from == format!("{LOBBY}/alice") && st.has_status(110)).await?;
+    let tom = user(1001, "Tom", "tom");
+    emu.say(CHAT, &tom, "over the embedded server", json!({"entities": [entity("italic", 9, 8)]})).await?;
+    alice.expect(T, groupchat_from(LOBBY, "Tom", "over the _embedded_ server")).await.with_context(|| gateway.log())?;
+    alice.send_groupchat_with_id(LOBBY, "back ~again~", "x1").await?;
+    // The admin's template, the nick still bold.
+    let sent = emu.wait_sent(CHAT, T, |m| m["text"] == "[alice] back again").await.with_context(|| gateway.log())?;
+    assert_eq!(sent["entities"], json!([entity("bold", 1, 5), entity("strikethrough", 13, 5)]), "{sent}");
+    Ok(())
+}
