@@ -3,6 +3,7 @@
 //! - [`model`]: the common message model (events, messages, references) that every
 //!   network translates to and from;
 //! - [`address`]: reversible mapping of remote identifiers into JID localparts;
+//! - [`ghosts`]: people of bot-bridged networks as occupants of portal rooms;
 //! - [`markup`]: HTML ↔ XEP-0393 message styling, for networks whose messages carry HTML;
 //! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
 //! - [`portal`]: portals, one XMPP room linked to chats on any networks, kept in the store;
@@ -16,6 +17,7 @@
 //! (`bridges/*`) and the XMPP component depend on it; it depends on none of them.
 
 pub mod address;
+pub mod ghosts;
 pub mod idmap;
 pub mod markup;
 pub mod model;

@@ -20,14 +20,15 @@ pub mod api;
 pub mod incoming;
 pub mod outgoing;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use isthmus_config::TelegramNetworkConfig;
+use isthmus_core::ghosts::Ghosts;
 use isthmus_core::model::{
-    Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, NetworkId, Occupant, RemoteId, Role, Sender,
+    Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, NetworkId, Occupant, Role, Sender,
 };
 use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network};
 use isthmus_core::portal::Portals;
@@ -48,8 +49,6 @@ const MAX_FLOOD_WAIT: Duration = Duration::from_secs(120);
 struct State {
     bot_id: Option<u64>,
     bot_name: Option<String>,
-    /// Per chat: the people who have been seen there (id → nick).
-    people: HashMap<String, HashMap<String, Occupant>>,
     /// Chats whose administrators were asked for.
     admins_known: HashSet<i64>,
     polling: bool,
@@ -64,6 +63,8 @@ pub struct TelegramNetwork {
     sink: EventSink,
     portals: Portals,
     template: RelayTemplate,
+    /// Who has been seen in which chat.
+    ghosts: Ghosts,
     state: Mutex<State>,
 }
 
@@ -116,6 +117,7 @@ impl TelegramNetwork {
             sink,
             portals,
             template,
+            ghosts: Ghosts::new(),
             state: Mutex::new(State::default()),
         }))
     }
@@ -248,58 +250,17 @@ impl TelegramNetwork {
         self.portals.of(&whole).is_some().then_some(whole)
     }
 
-    /// The occupant `user` of `chat`; a person not seen there before enters the room first.
+    /// The occupant `user` of `chat`; a person not seen there before enters the room
+    /// first, a new name is a nick change.
     async fn person(&self, chat: &ChatRef, user: &teloxide_core::types::User) -> Sender {
         let id = user.id.0.to_string();
         let nick = incoming::display_name(user);
-        let known = self.state().people.get(chat.id.as_str()).and_then(|p| p.get(&id)).map(|o| o.nick.clone());
-        match known {
-            Some(old) if old == nick => {}
-            Some(_) => {
-                let renamed = Event::new(
-                    self.id.clone(),
-                    chat.clone(),
-                    self.sender_of(chat, &id),
-                    EventKind::NickChanged { new_nick: nick.clone() },
-                );
-                self.set_person(chat, &id, &nick, None);
-                let _ = self.sink.emit(renamed).await;
-            }
-            None => {
-                let occupant = Occupant {
-                    id: RemoteId::new(id.clone()),
-                    nick: nick.clone(),
-                    role: Role::Participant,
-                    affiliation: Affiliation::Member,
-                };
-                self.set_person(chat, &id, &nick, Some(occupant.clone()));
-                let arrival = Event::new(
-                    self.id.clone(),
-                    chat.clone(),
-                    Sender::new(id.clone(), nick.clone()),
-                    EventKind::Joined { occupant },
-                );
-                let _ = self.sink.emit(arrival).await;
-            }
+        let before = self.ghosts.nick_in(chat.id.as_str(), &id);
+        if let Some(kind) = self.ghosts.seen(chat.id.as_str(), &id, &nick) {
+            let from = Sender::new(id.clone(), before.unwrap_or_else(|| nick.clone()));
+            let _ = self.sink.emit(Event::new(self.id.clone(), chat.clone(), from, kind)).await;
         }
         Sender::new(id, nick)
-    }
-
-    fn sender_of(&self, chat: &ChatRef, id: &str) -> Sender {
-        let nick = self.state().people.get(chat.id.as_str()).and_then(|p| p.get(id)).map(|o| o.nick.clone());
-        Sender::new(id, nick.unwrap_or_else(|| id.to_owned()))
-    }
-
-    fn set_person(&self, chat: &ChatRef, id: &str, nick: &str, occupant: Option<Occupant>) {
-        let mut s = self.state();
-        let people = s.people.entry(chat.id.0.clone()).or_default();
-        match (people.get_mut(id), occupant) {
-            (Some(o), _) => o.nick = nick.to_owned(),
-            (None, Some(o)) => {
-                people.insert(id.to_owned(), o);
-            }
-            (None, None) => {}
-        }
     }
 
     fn is_own(&self, user: Option<&teloxide_core::types::User>) -> bool {
@@ -389,10 +350,7 @@ impl TelegramNetwork {
             }
             Err(e) => debug!(network = %self.id, old, new, error = %e, "a group that is no portal became a supergroup"),
         }
-        let mut s = self.state();
-        if let Some(people) = s.people.remove(&old.to_string()) {
-            s.people.insert(new.to_string(), people);
-        }
+        self.ghosts.moved(&old.to_string(), &new.to_string());
     }
 
     /// Call `f` on the chat, waiting out flood control and following a migration.
@@ -440,19 +398,11 @@ impl TelegramNetwork {
         {
             match self.api.admins(target.chat).await {
                 Ok(admins) => {
-                    let mut s = self.state();
-                    s.admins_known.insert(target.chat);
-                    let people = s.people.entry(chat.id.0.clone()).or_default();
+                    self.state().admins_known.insert(target.chat);
                     for a in admins {
+                        let affiliation = if a.creator { Affiliation::Owner } else { Affiliation::Admin };
                         let id = a.user_id.to_string();
-                        let o = people.entry(id.clone()).or_insert_with(|| Occupant {
-                            id: RemoteId::new(id),
-                            nick: a.name.clone(),
-                            role: Role::Participant,
-                            affiliation: Affiliation::Member,
-                        });
-                        o.role = Role::Moderator;
-                        o.affiliation = if a.creator { Affiliation::Owner } else { Affiliation::Admin };
+                        self.ghosts.set_standing(chat.id.as_str(), &id, &a.name, Role::Moderator, affiliation);
                     }
                 }
                 Err(e) => {
@@ -460,10 +410,7 @@ impl TelegramNetwork {
                 }
             }
         }
-        let mut list: Vec<Occupant> =
-            self.state().people.get(chat.id.as_str()).map(|p| p.values().cloned().collect()).unwrap_or_default();
-        list.sort_by(|a, b| a.nick.cmp(&b.nick));
-        list
+        self.ghosts.occupants(chat.id.as_str())
     }
 
     async fn send(&self, event: &Event, text: OutgoingText) -> Result<Vec<String>, DeliveryError> {
@@ -525,8 +472,7 @@ impl Network for TelegramNetwork {
     }
 
     fn display_name(&self, id: &str) -> String {
-        let s = self.state();
-        s.people.values().find_map(|p| p.get(id)).map(|o| o.nick.clone()).unwrap_or_else(|| id.to_owned())
+        self.ghosts.any_nick(id).unwrap_or_else(|| id.to_owned())
     }
 
     async fn connections_status(&self) -> Vec<String> {
