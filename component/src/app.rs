@@ -253,7 +253,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     }
     for n in &telegram_networks {
-        for (room, member) in n.configured_portals() {
+        for (room, member) in n.configured_portals().await {
             define(room.clone(), room, vec![member]).await?;
         }
     }

@@ -426,6 +426,9 @@ fn check_telegram<'a>(
             if p.chat >= 0 {
                 return err(format!("portal `{}`: `chat: {}` is not a group (group ids are negative)", p.name, p.chat));
             }
+            if p.topic.is_some_and(|t| !(1..=i64::from(i32::MAX)).contains(&t)) {
+                return err(format!("portal `{}`: `topic` is a forum topic's id (a positive message id)", p.name));
+            }
             if !chats.insert((p.chat, p.topic)) {
                 return err(format!("portal `{}`: that chat is already another portal's", p.name));
             }
@@ -465,6 +468,16 @@ fn check_portals(config: &Config, file: &Path) -> Result<(), ConfigError> {
         if !names.insert(p.name.as_str()) {
             return err("the name is listed twice".into());
         }
+        let own_rooms =
+            config.matrix.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain))).chain(
+                config.telegram.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain))),
+            );
+        if let Some(taken) = own_rooms.into_iter().find(|r| *r == p.room) {
+            return err(format!("`room: {taken}` is already a portal of that network's own `portals` list"));
+        }
+        if config.portals[..i].iter().any(|q| q.room == p.room) {
+            return err(format!("`room: {}` is already another portal's", p.room));
+        }
         let room_ok =
             p.room.split_once('@').is_some_and(|(local, domain)| valid_portal_name(local) && domains.contains(&domain));
         if !room_ok {
@@ -480,6 +493,19 @@ fn check_portals(config: &Config, file: &Path) -> Result<(), ConfigError> {
         for m in &p.members {
             if !domains.contains(&m.network.as_str()) {
                 return err(format!("member on `{}`: no network has this domain", m.network));
+            }
+            if config.irc.iter().any(|n| n.domain == m.network) {
+                return err(format!(
+                    "member on `{}`: IRC channels cannot be portal members yet (IRC has no relay connection); \
+                     XMPP users reach IRC channels through their own connection",
+                    m.network
+                ));
+            }
+            if config.matrix.iter().any(|n| n.domain == m.network) {
+                return err(format!(
+                    "member on `{}`: a Matrix room joins portals through that network's own `portals` list for now",
+                    m.network
+                ));
             }
             if m.chat.is_empty() {
                 return err(format!("member on `{}`: `chat` is empty", m.network));
@@ -708,6 +734,59 @@ mod tests {
         // No network, nothing to open; embedded mode needs no list (its own accounts).
         from_str(BASE, file).expect("no networks");
         from_str("xmpp:\n  mode: embedded\nirc:\n  - domain: irc.localhost\n", file).expect("embedded");
+    }
+
+    const TG: &str = "telegram:\n  - domain: tg.localhost\n    token: \"1:abc\"\n";
+
+    #[test]
+    fn telegram_networks_load_and_are_checked() {
+        let c = from_str(
+            &format!("{BASE}{TG}    portals:\n      - {{ name: lobby, chat: -100 }}\n{OPEN}"),
+            Path::new("c.yaml"),
+        )
+        .expect("valid");
+        assert_eq!(c.telegram[0].api_url, "https://api.telegram.org");
+        assert_eq!(c.telegram[0].relay_template, "{nick}: {text}");
+        let e = err(&format!("{BASE}telegram:\n  - domain: tg.localhost\n    token: \"nope\"\n{OPEN}"));
+        assert!(e.to_string().contains("is not a bot token"), "{e}");
+        let e = err(&format!("{BASE}{TG}    relay_template: \"{{nick}}\"\n{OPEN}"));
+        assert!(e.to_string().contains("relay_template"), "{e}");
+        let e = err(&format!("{BASE}{TG}    portals:\n      - {{ name: lobby, chat: 5 }}\n{OPEN}"));
+        assert!(e.to_string().contains("not a group"), "{e}");
+        let e = err(&format!("{BASE}{TG}    portals:\n      - {{ name: lobby, chat: -5, topic: 0 }}\n{OPEN}"));
+        assert!(e.to_string().contains("`topic`"), "{e}");
+        let e = err(&format!("{BASE}{TG}    portals:\n      - {{ name: Lobby, chat: -5 }}\n{OPEN}"));
+        assert!(e.to_string().contains("lower-case"), "{e}");
+        let e = err(&format!("{BASE}{TG}"));
+        assert!(e.to_string().contains("Telegram network `tg.localhost`: nobody may use it"), "{e}");
+    }
+
+    #[test]
+    fn portals_are_checked() {
+        let irc = "irc:\n  - domain: irc.localhost\n";
+        let ok = format!(
+            "{BASE}{TG}{irc}portals:\n  - name: both\n    room: both@tg.localhost\n    members:\n      - {{ network: tg.localhost, chat: \"-1\" }}\n      - {{ network: tg.localhost, chat: \"-2\" }}\n{OPEN}"
+        );
+        let c = from_str(&ok, Path::new("c.yaml")).expect("two chats of one network in one portal");
+        assert_eq!(c.portals[0].members.len(), 2);
+        let bad = |members: &str, room: &str| {
+            err(&format!("{BASE}{TG}{irc}portals:\n  - name: p\n    room: {room}\n    members:\n{members}{OPEN}"))
+                .to_string()
+        };
+        let e = bad("      - { network: irc.localhost, chat: \"#a%srv\" }\n", "p@tg.localhost");
+        assert!(e.contains("IRC channels cannot be portal members yet"), "{e}");
+        let e = bad("      - { network: nowhere.localhost, chat: \"-1\" }\n", "p@tg.localhost");
+        assert!(e.contains("no network has this domain"), "{e}");
+        let e = bad("      - { network: tg.localhost, chat: \"-1\" }\n", "p@elsewhere.org");
+        assert!(e.contains("must be NAME@DOMAIN"), "{e}");
+        let e = err(&format!("{BASE}{TG}portals:\n  - {{ name: p, room: p@tg.localhost, members: [] }}\n{OPEN}"))
+            .to_string();
+        assert!(e.contains("`members` is empty"), "{e}");
+        let e = err(&format!(
+            "{BASE}{TG}    portals:\n      - {{ name: lobby, chat: -9 }}\nportals:\n  - {{ name: p, room: lobby@tg.localhost, members: [{{ network: tg.localhost, chat: \"-1\" }}] }}\n{OPEN}"
+        ))
+        .to_string();
+        assert!(e.contains("already a portal of that network's own"), "{e}");
     }
 
     #[test]

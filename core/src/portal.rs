@@ -48,6 +48,8 @@ pub enum PortalError {
     NotLinked { network: String, chat: String },
     #[error("a portal's name is letters, digits, `-`, `_`, `.` and `@` (at most 64), not `{0}`")]
     BadName(String),
+    #[error("the room `{room}` is already the portal `{portal}`'s")]
+    RoomTaken { room: String, portal: String },
     #[error("the portal `{0}` is new: say which XMPP room it is")]
     NoRoom(String),
     #[error("the portals could not be stored: {0}")]
@@ -199,6 +201,9 @@ impl Portals {
                     }
                 }
             }
+            if let Some(other) = state.by_chat.get(&room_chat(room)).filter(|p| p.name != name) {
+                return Err(PortalError::RoomTaken { room: room.to_owned(), portal: other.name.clone() });
+            }
             for m in &all {
                 if let Some(other) = state.by_chat.get(m).filter(|p| p.name != name) {
                     return Err(PortalError::AlreadyLinked {
@@ -238,6 +243,9 @@ impl Portals {
                 }
                 None => {
                     let room = room.ok_or_else(|| PortalError::NoRoom(name.to_owned()))?;
+                    if let Some(other) = state.by_chat.get(&room_chat(room)) {
+                        return Err(PortalError::RoomTaken { room: room.to_owned(), portal: other.name.clone() });
+                    }
                     Portal { name: name.to_owned(), room: room_chat(room), members: vec![member] }
                 }
             };
@@ -342,6 +350,15 @@ mod tests {
         assert!(Portals::load(store).await.expect("reload").list().is_empty());
         assert!(matches!(portals.unlink(&tg("-2")).await, Err(PortalError::NotLinked { .. })));
         assert_eq!(portals.link("a b", Some("x@y"), tg("-9")).await, Err(PortalError::BadName("a b".into())));
+        portals.link("one", Some("one@t.example"), tg("-5")).await.expect("link");
+        assert!(matches!(
+            portals.link("two", Some("one@t.example"), tg("-6")).await,
+            Err(PortalError::RoomTaken { .. })
+        ));
+        assert!(matches!(
+            portals.define("three", "one@t.example", vec![tg("-7")]).await,
+            Err(PortalError::RoomTaken { .. })
+        ));
     }
 
     #[tokio::test]

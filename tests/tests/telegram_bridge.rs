@@ -254,6 +254,45 @@ async fn a_group_that_becomes_a_supergroup_keeps_its_portal() -> Result<()> {
     alice.expect(T, groupchat_from(small, "Tom", "after")).await.with_context(|| s.gateway.log())?;
     alice.send_groupchat_with_id(small, "still here", "m1").await?;
     s.emu.wait_sent(new_chat, T, |m| m["text"] == "alice: still here").await.with_context(|| s.gateway.log())?;
+
+    // After a restart the configuration's old id means the supergroup: one copy, in the new chat.
+    let mut s = s;
+    s.gateway.stop().await;
+    s.gateway.restart().await?;
+    s.gateway.wait_log("Telegram bot ready", 1, T).await?;
+    // alice stays in the room: the gateway restores her session.
+    s.gateway.wait_log("restored the state of the previous run", 1, T).await.with_context(|| s.gateway.log())?;
+    alice.send_groupchat_with_id(small, "after restart", "m2").await?;
+    s.emu.wait_sent(new_chat, T, |m| m["text"] == "alice: after restart").await.with_context(|| s.gateway.log())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let copies = s.emu.sent(new_chat).await?.iter().filter(|m| m["text"] == "alice: after restart").count();
+    assert_eq!(copies, 1, "sent once");
+    assert!(s.emu.sent(-77).await?.is_empty(), "nothing went to the old group");
+    s.emu.say(new_chat, &tom, "still after", json!({})).await?;
+    alice.expect(T, groupchat_from(small, "Tom", "still after")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_group_that_is_no_portal_cannot_be_joined_or_written_to() -> Result<()> {
+    let s = Setup::start("      - { name: lobby, chat: -1001 }\n").await?;
+    s.emu.group(-1003, "supergroup", "Private", false).await?;
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost", "alicepass").await?;
+    let room = "-1003@telegram.localhost";
+    alice.join(room, "alice").await?;
+    let answer = alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(room)).await?;
+    assert!(answer.type_ == "error" && answer.xml.contains("not a portal"), "{}", answer.xml);
+    alice.send_groupchat_with_id(room, "let me in", "x1").await?;
+    let refused = alice.expect(T, |st| st.kind == "message" && st.type_ == "error").await?;
+    assert!(
+        refused.xml.contains("not a portal")
+            || refused.xml.contains("not-acceptable")
+            || refused.xml.contains("forbidden"),
+        "{}",
+        refused.xml
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(s.emu.sent(-1003).await?.is_empty(), "the bot spoke in a group that is no portal");
     Ok(())
 }
 

@@ -126,18 +126,6 @@ impl TelegramNetwork {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The chats of this network in portals, as the configuration wrote them.
-    pub fn configured_portals(&self) -> Vec<(String, ChatRef)> {
-        self.config
-            .portals
-            .iter()
-            .map(|p| {
-                let target = Target { chat: p.chat, topic: p.topic.and_then(|t| i32::try_from(t).ok()) };
-                (format!("{}@{}", p.name, self.config.domain), ChatRef::room(self.id.clone(), chat_string(target)))
-            })
-            .collect()
-    }
-
     fn checkpoint_name(&self) -> String {
         format!("telegram:{}:offset", self.id)
     }
@@ -337,8 +325,41 @@ impl TelegramNetwork {
         }
     }
 
-    /// The group `old` became the supergroup `new`: the portal follows it.
+    fn moved_name(&self, old: i64) -> String {
+        format!("telegram:{}:moved:{old}", self.id)
+    }
+
+    /// The chats the configuration names, each as it is now (a group written there
+    /// that became a supergroup is the supergroup).
+    pub async fn configured_portals(&self) -> Vec<(String, ChatRef)> {
+        let mut out = Vec::new();
+        for p in &self.config.portals {
+            let mut chat = p.chat;
+            // A group may have moved more than once; a loop in the records ends it.
+            for _ in 0..8 {
+                match self.store.checkpoint(&self.moved_name(chat)).await {
+                    Ok(Some(new)) => match new.parse::<i64>() {
+                        Ok(new) if new != chat => chat = new,
+                        _ => break,
+                    },
+                    _ => break,
+                }
+            }
+            let target = Target { chat, topic: p.topic.and_then(|t| i32::try_from(t).ok()) };
+            out.push((
+                format!("{}@{}", p.name, self.config.domain),
+                ChatRef::room(self.id.clone(), chat_string(target)),
+            ));
+        }
+        out
+    }
+
+    /// The group `old` became the supergroup `new`: the portal follows it, and the
+    /// move is kept so that the configuration's old id means the new chat.
     async fn migrated(&self, old: i64, new: i64) {
+        if let Err(e) = self.store.set_checkpoint(&self.moved_name(old), &new.to_string()).await {
+            warn!(network = %self.id, old, new, error = %e, "the group's move to a supergroup cannot be stored; write the new id in the configuration");
+        }
         let old_chat = ChatRef::room(self.id.clone(), old.to_string());
         let new_chat = ChatRef::room(self.id.clone(), new.to_string());
         if self.portals.of(&new_chat).is_some() {
@@ -483,6 +504,14 @@ impl Network for TelegramNetwork {
     }
 
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        // Groups are reached through portals only: a group's address joined by
+        // someone (a personal room) would make the bot speak wherever they like.
+        if event.account.is_some() || self.portals.of(&event.chat).is_none() {
+            return Err(DeliveryError::Forbidden(format!(
+                "`{}` is not a portal: Telegram groups are reached through the portals the gateway's admin links",
+                event.chat.id
+            )));
+        }
         let nick = event.sender.nick.clone();
         let ids = match &event.kind {
             EventKind::JoinRequest { nick, .. } => {
