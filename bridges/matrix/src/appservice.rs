@@ -1070,6 +1070,18 @@ impl Portals {
                 if known.is_empty() { "none".to_owned() } else { known.join(", ") }
             )));
         }
+        if !event.origin.is_xmpp() {
+            // Someone from another network in the portal (a Telegram person): no
+            // Matrix user of their own, the bot says it for them.
+            let room_id = self.ready_room(chat_id).await?;
+            let txn = transaction_id(&event);
+            debug!(portal = chat_id, origin = %event.origin, kind = event.kind.name(), "Matrix portal delivery by the bot for another network");
+            let ids = self.deliver_as_bot(&event, &room_id, event.sender.id.as_str(), &txn).await?;
+            if let Some(receipt) = &event.receipt {
+                receipt.confirm().await;
+            }
+            return Ok(Delivered::ids(ids));
+        }
         let jid = BareJid::new(event.sender.id.as_str())
             .map_err(|e| DeliveryError::Rejected(format!("`{}` is not an XMPP address: {e}", event.sender.id)))?;
         let jid = jid.as_str();
