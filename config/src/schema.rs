@@ -22,6 +22,8 @@ pub struct Config {
     pub matrix: Vec<MatrixNetworkConfig>,
     /// One entry per Telegram bot (one component domain each).
     pub telegram: Vec<TelegramNetworkConfig>,
+    /// One entry per Discord bot (one component domain each).
+    pub discord: Vec<DiscordNetworkConfig>,
     /// Portals linking one XMPP room to chats on several networks.
     pub portals: Vec<PortalConfig>,
     /// The configuration file's directory: relative paths are relative to it.
@@ -32,6 +34,8 @@ pub struct Config {
     pub(crate) matrix_locations: Vec<serde_saphyr::Location>,
     /// Where each Telegram network entry starts in the file.
     pub(crate) telegram_locations: Vec<serde_saphyr::Location>,
+    /// Where each Discord network entry starts in the file.
+    pub(crate) discord_locations: Vec<serde_saphyr::Location>,
     /// Where each portal entry starts in the file.
     pub(crate) portal_locations: Vec<serde_saphyr::Location>,
 }
@@ -56,6 +60,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     telegram: Vec<Spanned<TelegramNetworkConfig>>,
     #[serde(default)]
+    discord: Vec<Spanned<DiscordNetworkConfig>>,
+    #[serde(default)]
     portals: Vec<Spanned<PortalConfig>>,
 }
 
@@ -64,6 +70,7 @@ impl RawConfig {
         let irc_locations = self.irc.iter().map(|s| s.referenced).collect();
         let matrix_locations = self.matrix.iter().map(|s| s.referenced).collect();
         let telegram_locations = self.telegram.iter().map(|s| s.referenced).collect();
+        let discord_locations = self.discord.iter().map(|s| s.referenced).collect();
         let portal_locations = self.portals.iter().map(|s| s.referenced).collect();
         Config {
             xmpp: self.xmpp,
@@ -74,11 +81,13 @@ impl RawConfig {
             irc: self.irc.into_iter().map(|s| s.value).collect(),
             matrix: self.matrix.into_iter().map(|s| s.value).collect(),
             telegram: self.telegram.into_iter().map(|s| s.value).collect(),
+            discord: self.discord.into_iter().map(|s| s.value).collect(),
             portals: self.portals.into_iter().map(|s| s.value).collect(),
             base_dir,
             irc_locations,
             matrix_locations,
             telegram_locations,
+            discord_locations,
             portal_locations,
         }
     }
@@ -795,4 +804,51 @@ pub struct PortalMemberConfig {
     /// The chat as that network names it: `#chan%irc.server`, `!room:server`, a
     /// Telegram chat id (`-100…`, with `/TOPIC` for one forum topic).
     pub chat: String,
+}
+
+/// A Discord bot (REST API and gateway). Its channels are portals: the bot reads
+/// the channel, Discord users appear as occupants of the XMPP room, and XMPP users
+/// (and people from other networks in the portal) post through a webhook of the
+/// channel under their own nick.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordNetworkConfig {
+    /// The component domain, e.g. `discord.example.org`.
+    pub domain: String,
+    /// Component secret for this domain (else `xmpp.component.secret`).
+    pub secret: Option<Secret>,
+    /// JIDs or domains allowed to use this network (empty: `access.allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// The bot's token (Developer Portal → the application → Bot → Reset Token).
+    pub token: Secret,
+    /// Where the REST API is: `https://discord.com`, or a proxy's `http(s)://HOST[:PORT]`.
+    #[serde(default = "default_discord_api_url")]
+    pub api_url: String,
+    /// The gateway's websocket URL (`wss://…`); by default the one `GET /gateway/bot` names.
+    pub gateway_url: Option<String>,
+    /// Where pictures are (avatars): `https://cdn.discordapp.com`, or a proxy's.
+    #[serde(default = "default_discord_cdn_url")]
+    pub cdn_url: String,
+    /// Channels shared by everyone: each links `NAME@domain` on XMPP to one Discord
+    /// channel (or thread).
+    #[serde(default)]
+    pub portals: Vec<DiscordPortalConfig>,
+}
+
+/// One Discord portal: the group chat `name@domain` on XMPP is the Discord channel `channel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordPortalConfig {
+    /// The group chat's name on XMPP (its JID's localpart), e.g. `general`.
+    pub name: String,
+    /// The channel's (or thread's) id, a snowflake written as a string: `"1234567890123456789"`.
+    pub channel: String,
+}
+
+fn default_discord_api_url() -> String {
+    "https://discord.com".into()
+}
+fn default_discord_cdn_url() -> String {
+    "https://cdn.discordapp.com".into()
 }

@@ -67,6 +67,12 @@ pub(crate) fn resolve_secrets(config: &mut Config, file: &Path) -> Result<(), Co
         }
         resolve(&mut net.token, &base, file)?;
     }
+    for net in &mut config.discord {
+        if let Some(s) = net.secret.as_mut() {
+            resolve(s, &base, file)?;
+        }
+        resolve(&mut net.token, &base, file)?;
+    }
     for net in &mut config.matrix {
         if let Some(s) = net.secret.as_mut() {
             resolve(s, &base, file)?;
@@ -360,6 +366,7 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
         }
     }
     check_telegram(config, file, &users_domain, &mut seen)?;
+    check_discord(config, file, &users_domain, &mut seen)?;
     check_portals(config, file)?;
     check_admins(config, file)?;
     check_open(config, file)
@@ -556,7 +563,12 @@ fn check_open(config: &Config, file: &Path) -> Result<(), ConfigError> {
         .iter()
         .enumerate()
         .map(|(i, n)| ("Telegram", &n.domain, &n.allow, config.telegram_locations.get(i)));
-    for (kind, domain, allow, at) in irc.chain(matrix).chain(telegram) {
+    let discord = config
+        .discord
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ("Discord", &n.domain, &n.allow, config.discord_locations.get(i)));
+    for (kind, domain, allow, at) in irc.chain(matrix).chain(telegram).chain(discord) {
         if allow.is_empty() {
             return Err(ConfigError::at(
                 file,
@@ -568,6 +580,102 @@ fn check_open(config: &Config, file: &Path) -> Result<(), ConfigError> {
                      to everyone whose server reaches the component with `access: {{ allow: [\"*\"] }}`"
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// `scheme://HOST[:PORT]` with one of `schemes`, and a path only where `path` allows
+/// one; never a query or fragment.
+fn check_origin(url: &str, schemes: &[&str], path: bool) -> bool {
+    let Some(rest) = schemes.iter().find_map(|s| url.strip_prefix(s).and_then(|r| r.strip_prefix("://"))) else {
+        return false;
+    };
+    let (host, tail) = rest.split_once('/').map_or((rest, ""), |(h, t)| (h, t));
+    let host_ok = !host.is_empty()
+        && !host.contains(['@', ' ', '?', '#'])
+        && host.rsplit_once(':').is_none_or(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+    host_ok && !tail.contains(['?', '#', ' ']) && (path || tail.is_empty())
+}
+
+/// A Discord snowflake written as text.
+fn valid_snowflake(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 20 && s.chars().all(|c| c.is_ascii_digit()) && s.parse::<u64>().is_ok_and(|n| n > 0)
+}
+
+fn check_discord<'a>(
+    config: &'a Config,
+    file: &Path,
+    users_domain: &str,
+    seen: &mut std::collections::HashMap<&'a str, usize>,
+) -> Result<(), ConfigError> {
+    let top = serde_saphyr::Location::UNKNOWN;
+    let base = config.irc.len() + config.matrix.len() + config.telegram.len();
+    for (i, net) in config.discord.iter().enumerate() {
+        let at = config.discord_locations.get(i).copied().unwrap_or(top);
+        let err = |m: String| Err(ConfigError::at(file, &at, format!("Discord network `{}`: {m}", net.domain)));
+        if !valid_domain(&net.domain) {
+            return err("`domain` must be a domain name like discord.example.org (no `@`, `/` or spaces)".into());
+        }
+        if seen.insert(net.domain.as_str(), base + i).is_some() {
+            return err("the domain is already used by another network: each network needs its own domain".into());
+        }
+        if config.xmpp.mode == XmppMode::Embedded && net.domain == users_domain {
+            return err(format!("this is the users' domain; give the network its own, e.g. discord.{users_domain}"));
+        }
+        if config.xmpp.mode == XmppMode::Component && config.component_secret(net.secret.as_ref()).is_none() {
+            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        }
+        let token = net.token.expose();
+        if token.starts_with("Bot ") || token.starts_with("Bearer ") {
+            return err("`token`: write the bot token alone, without `Bot ` in front".into());
+        }
+        let well_formed = token.contains('.')
+            && !token.starts_with('.')
+            && token.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !well_formed {
+            return err(
+                "`token` is not a bot token (the Developer Portal gives `MTIz…`, three parts joined by `.`: \
+                 the application → Bot → Reset Token)"
+                    .into(),
+            );
+        }
+        if !check_origin(net.api_url.trim_end_matches('/'), &["https", "http"], false) {
+            return err(format!(
+                "`api_url: {}` is not an origin: expected https://HOST[:PORT] (no path; Isthmus adds /api/v10)",
+                net.api_url
+            ));
+        }
+        if let Some(g) = &net.gateway_url
+            && !check_origin(g.trim_end_matches('/'), &["wss", "ws"], true)
+        {
+            return err(format!("`gateway_url: {g}` is not a websocket URL: expected wss://HOST[:PORT][/PATH]"));
+        }
+        if !check_origin(net.cdn_url.trim_end_matches('/'), &["https", "http"], true) {
+            return err(format!("`cdn_url: {}` is not a URL: expected https://HOST[:PORT][/PATH]", net.cdn_url));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut channels = std::collections::HashSet::new();
+        for p in &net.portals {
+            if !valid_portal_name(&p.name) {
+                return err(format!(
+                    "portal `{}`: `name` must be lower-case letters, digits, `-`, `_` or `.` (it is a JID's localpart)",
+                    p.name
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return err(format!("portal `{}` is listed twice", p.name));
+            }
+            if !valid_snowflake(&p.channel) {
+                return err(format!(
+                    "portal `{}`: `channel: {}` is not a channel id (digits, e.g. \"1234567890123456789\": \
+                     Developer Mode on, then right-click the channel → Copy Channel ID)",
+                    p.name, p.channel
+                ));
+            }
+            if !channels.insert(p.channel.as_str()) {
+                return err(format!("portal `{}`: that channel is already another portal's", p.name));
+            }
         }
     }
     Ok(())
@@ -926,5 +1034,61 @@ mod tests {
         assert!(e.message().contains("no PEM `CERTIFICATE`"), "{e}");
         let e = from_str(&yaml("{ tls: false, tls_ca_file: ca.pem }"), &file).expect_err("without TLS");
         assert!(e.message().contains("needs `tls: true`"), "{e}");
+    }
+
+    const DC: &str = "discord:\n  - domain: dc.localhost\n    token: \"MTIz.Gx.abc-_d\"\n";
+
+    #[test]
+    fn discord_networks_load_and_are_checked() {
+        let c = from_str(
+            &format!("{BASE}{DC}    portals:\n      - {{ name: general, channel: \"300000000000000001\" }}\n{OPEN}"),
+            Path::new("c.yaml"),
+        )
+        .expect("valid");
+        let d = &c.discord[0];
+        assert_eq!((d.api_url.as_str(), d.cdn_url.as_str()), ("https://discord.com", "https://cdn.discordapp.com"));
+        assert_eq!(d.gateway_url, None);
+        assert_eq!(d.portals[0].channel, "300000000000000001");
+        let c = from_str(
+            &format!("{BASE}{DC}    api_url: http://127.0.0.1:8080\n    gateway_url: ws://127.0.0.1:8080/gateway\n    cdn_url: http://127.0.0.1:8080/\n{OPEN}"),
+            Path::new("c.yaml"),
+        )
+        .expect("an emulator or proxy on loopback");
+        assert_eq!(c.discord[0].gateway_url.as_deref(), Some("ws://127.0.0.1:8080/gateway"));
+
+        // Each problem at the network's entry (line 5, column 5), saying what to write.
+        let at = |extra: &str| {
+            let e = err(&format!("{BASE}{DC}{extra}{OPEN}"));
+            assert_eq!((e.line(), e.column()), (Some(5), Some(5)), "{e}");
+            assert!(e.to_string().starts_with("test.yaml:5:5: Discord network `dc.localhost`: "), "{e}");
+            e.message().to_owned()
+        };
+        let m = at("    api_url: https://discord.com/api/v10\n");
+        assert!(m.contains("no path"), "{m}");
+        assert!(at("    api_url: discord.com\n").contains("`api_url: discord.com` is not an origin"));
+        assert!(at("    gateway_url: https://gateway.discord.gg\n").contains("not a websocket URL"));
+        assert!(at("    cdn_url: cdn.discordapp.com\n").contains("`cdn_url"));
+        let m = at("    portals:\n      - { name: general, channel: \"#general\" }\n");
+        assert!(m.contains("not a channel id") && m.contains("Copy Channel ID"), "{m}");
+        assert!(at("    portals:\n      - { name: General, channel: \"1\" }\n").contains("lower-case"));
+        let m = at("    portals:\n      - { name: a, channel: \"1\" }\n      - { name: b, channel: \"1\" }\n");
+        assert!(m.contains("already another portal's"), "{m}");
+        let m = at("    portals:\n      - { name: a, channel: \"1\" }\n      - { name: a, channel: \"2\" }\n");
+        assert!(m.contains("listed twice"), "{m}");
+        let m = at("    portals:\n      - { name: a, channel: \"0\" }\n");
+        assert!(m.contains("not a channel id"), "{m}");
+
+        let e = err(&format!("{BASE}discord:\n  - domain: dc.localhost\n    token: \"Bot MTIz.Gx.abc\"\n{OPEN}"));
+        assert!(e.message().contains("without `Bot `"), "{e}");
+        let e = err(&format!("{BASE}discord:\n  - domain: dc.localhost\n    token: \"nope\"\n{OPEN}"));
+        assert!(e.message().contains("is not a bot token"), "{e}");
+        let e = err(&format!("{BASE}discord:\n  - domain: dc.localhost\n{OPEN}"));
+        assert!(e.message().contains("token"), "a token is required: {e}");
+        let e = err(&format!("{BASE}{DC}    guild: 5\n{OPEN}"));
+        assert!(e.message().contains("guild"), "unknown keys are refused: {e}");
+        let e = err(&format!("{BASE}{DC}"));
+        assert!(e.message().starts_with("Discord network `dc.localhost`: nobody may use it"), "{e}");
+        let e = err(&format!("{BASE}{TG}discord:\n  - domain: tg.localhost\n    token: \"a.b\"\n{OPEN}"));
+        assert!(e.message().contains("already used by another network"), "{e}");
     }
 }
