@@ -4,6 +4,7 @@
 //!   network translates to and from;
 //! - [`address`]: reversible mapping of remote identifiers into JID localparts;
 //! - [`ghosts`]: people of bot-bridged networks as occupants of portal rooms;
+//! - [`media`]: the fetcher of files named by URL, its address policy, and the signed-link media proxy;
 //! - [`markup`]: HTML ↔ XEP-0393 message styling, for networks whose messages carry HTML;
 //! - [`network`]: the [`network::Network`] trait a bridge implements, and its capabilities;
 //! - [`portal`]: portals, one XMPP room linked to chats on any networks, kept in the store;
@@ -20,6 +21,7 @@ pub mod address;
 pub mod ghosts;
 pub mod idmap;
 pub mod markup;
+pub mod media;
 pub mod model;
 pub mod network;
 pub mod outbox;

@@ -23,19 +23,15 @@
 //! change its answer between the check and the download) or a redirect leads there.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, LazyLock, RwLock};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use isthmus_config::MatrixMediaConfig;
 use isthmus_core::model::{Attachment, EventKind, Message, NetworkId};
 use isthmus_core::network::DeliveryError;
@@ -45,15 +41,14 @@ use matrix_sdk::reqwest;
 use matrix_sdk::ruma::OwnedMxcUri;
 use matrix_sdk::ruma::api::error::ErrorKind;
 use matrix_sdk::ruma::events::room::MediaSource;
-use rand::Rng;
 use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
-pub use crate::net_guard::is_public;
 use crate::outgoing::UploadedFile;
+pub use isthmus_core::media::{Fetcher, is_public};
 
 /// The signing key's file in the network's data directory (64 hex digits).
 pub const KEY_FILE: &str = "media_proxy.key";
@@ -66,67 +61,11 @@ const MAX_TRIES: usize = 3;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// File types the proxy names, by extension: (extension, type, shown inline).
-/// Anything else is `application/octet-stream`, to be downloaded. No type that
-/// a browser runs scripts from (HTML, SVG, XML) is here.
-const TYPES: &[(&str, &str, bool)] = &[
-    ("png", "image/png", true),
-    ("jpg", "image/jpeg", true),
-    ("jpeg", "image/jpeg", true),
-    ("gif", "image/gif", true),
-    ("webp", "image/webp", true),
-    ("avif", "image/avif", true),
-    ("apng", "image/apng", true),
-    ("bmp", "image/bmp", true),
-    ("heic", "image/heic", false),
-    ("mp4", "video/mp4", true),
-    ("m4v", "video/mp4", true),
-    ("webm", "video/webm", true),
-    ("mov", "video/quicktime", true),
-    ("ogv", "video/ogg", true),
-    ("mkv", "video/x-matroska", false),
-    ("mp3", "audio/mpeg", true),
-    ("m4a", "audio/mp4", true),
-    ("ogg", "audio/ogg", true),
-    ("oga", "audio/ogg", true),
-    ("opus", "audio/ogg", true),
-    ("wav", "audio/wav", true),
-    ("flac", "audio/flac", true),
-    ("aac", "audio/aac", true),
-    ("txt", "text/plain; charset=utf-8", true),
-    ("json", "application/json", true),
-    ("pdf", "application/pdf", false),
-    ("zip", "application/zip", false),
-    ("gz", "application/gzip", false),
-];
-
-const OCTET_STREAM: &str = "application/octet-stream";
-
-fn type_of_name(name: &str) -> Option<&'static (&'static str, &'static str, bool)> {
-    let (_, ext) = name.rsplit_once('.')?;
-    TYPES.iter().find(|(e, _, _)| e.eq_ignore_ascii_case(ext))
-}
-
-/// The `Content-Type` the proxy gives a file named `name`.
-pub fn mime_of_name(name: &str) -> &'static str {
-    type_of_name(name).map_or(OCTET_STREAM, |(_, mime, _)| mime)
-}
-
-/// Whether a file named `name` is shown in the browser rather than downloaded.
-fn inline(name: &str) -> bool {
-    type_of_name(name).is_some_and(|(_, _, inline)| *inline)
-}
-
-/// `text/plain; charset=utf-8` → `text/plain`.
-fn essence(mime: &str) -> String {
-    mime.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
-}
-
-/// The extension a file of type `mime` is given when its name has none of that type.
-fn extension_of_mime(mime: &str) -> Option<&'static str> {
-    let wanted = essence(mime);
-    TYPES.iter().find(|(_, m, _)| essence(m) == wanted).map(|(e, _, _)| *e)
-}
+pub use isthmus_core::media::proxy::{
+    OCTET_STREAM, essence, extension_of_mime, from_hex, inline, link_file_name, load_or_create_key, mime_of_name,
+    percent_decode, percent_encode, to_hex, type_of_name,
+};
+use isthmus_core::media::proxy::{file_response, plain};
 
 /// A homeserver name as in an `mxc://` URI: host name, IP literal, optional port.
 fn valid_server(s: &str) -> bool {
@@ -142,68 +81,6 @@ fn valid_media_id(s: &str) -> bool {
 pub fn parse_mxc(url: &str) -> Option<(&str, &str)> {
     let (server, media_id) = url.strip_prefix("mxc://")?.split_once('/')?;
     (valid_server(server) && valid_media_id(media_id)).then_some((server, media_id))
-}
-
-/// Percent-encode everything but RFC 3986's unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Undo percent-encoding; `None` on a malformed escape. Bytes that are no UTF-8 become U+FFFD.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Some(String::from_utf8_lossy(&out).into_owned())
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
-}
-
-/// The file name a link ends with: the attachment's own name (its last path
-/// component, without control characters), else the media id; with the
-/// extension of its type added when the name does not already say that type.
-fn link_file_name(name: Option<&str>, media_id: &str, mime: Option<&str>) -> String {
-    let base = name
-        .map(|n| n.rsplit(['/', '\\']).next().unwrap_or(n).trim())
-        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .unwrap_or(media_id);
-    let mut name: String = base.chars().filter(|c| !c.is_control()).take(200).collect();
-    if let Some(ext) = mime.and_then(extension_of_mime) {
-        let wanted = mime.map(essence).unwrap_or_default();
-        if essence(mime_of_name(&name)) != wanted {
-            name.push('.');
-            name.push_str(ext);
-        }
-    }
-    name
 }
 
 /// How a file of an encrypted room is encrypted (its `file` object: the key, the
@@ -423,30 +300,6 @@ pub fn proxied(network: &NetworkId, mut kind: EventKind) -> EventKind {
     kind
 }
 
-/// The key in `path`, made (random, readable by the owner only) when there is none yet.
-pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => from_hex(text.trim()).and_then(|k| <[u8; 32]>::try_from(k).ok()).ok_or_else(|| {
-            format!("{} is not a media proxy key (64 hex digits): remove it to make a new one", path.display())
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key: [u8; 32] = rand::rng().random();
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            }
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            std::io::Write::write_all(&mut file, format!("{}\n", to_hex(&key)).as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Ok(key)
-        }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
 /// The network's logged-in clients, for the proxy to download with.
 pub type Clients = Arc<dyn Fn() -> BoxFuture<'static, Vec<Client>> + Send + Sync>;
 
@@ -509,37 +362,11 @@ pub fn start(
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "media proxy: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let handler: isthmus_core::media::proxy::Handler = Arc::new(move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            // The timer enables hyper's 30-second limit on reading a request's head.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!(peer = %peer, error = %e, "media proxy connection ended");
-            }
-        });
-    }
-}
-
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r
+        Box::pin(async move { handle(&state, req).await })
+    });
+    isthmus_core::media::proxy::serve_http(listener, handler).await
 }
 
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -553,22 +380,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         return not_found();
     }
     match download(state, &p.server, &p.media_id, p.encryption.as_ref()).await {
-        Ok(bytes) => {
-            let len = bytes.len();
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
-            let h = r.headers_mut();
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime_of_name(&p.filename)));
-            let disposition = if inline(&p.filename) { "inline" } else { "attachment" };
-            h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static(disposition));
-            h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            h.insert(
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static("sandbox; default-src 'none'; img-src 'self'; media-src 'self'"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
-            r
-        }
+        Ok(bytes) => file_response(bytes, &p.filename),
         Err(status) if status == StatusCode::NOT_FOUND => not_found(),
         Err(status) if status == StatusCode::SERVICE_UNAVAILABLE => {
             plain(status, "no Matrix account is logged in through this gateway right now\n")
@@ -627,136 +439,6 @@ async fn download(
         return fallback(server.to_owned(), media_id.to_owned()).await;
     }
     Err(status)
-}
-
-/// Why an address is refused, for the sender.
-fn refusal(host: &str, ip: IpAddr) -> String {
-    let what = if ip.is_loopback() { "a loopback address" } else { "a private, local or reserved address" };
-    format!(
-        "{host} is {what} ({ip}): the gateway does not fetch files from such addresses \
-         (an admin can allow them with `fetch_private_addresses`)"
-    )
-}
-
-/// Resolves host names to public addresses only (every connection of a [`Fetcher`]
-/// that refuses private addresses goes through it, redirects included).
-struct PublicOnly;
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            match addrs.iter().find(|a| !is_public(a.ip())) {
-                Some(bad) => Err(refusal(&host, bad.ip()).into()),
-                None => Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs),
-            }
-        })
-    }
-}
-
-/// The host of `url` when it is an IP address that is not public.
-fn private_literal(url: &reqwest::Url) -> Option<(String, IpAddr)> {
-    let ip = match url.host()? {
-        url::Host::Ipv4(v4) => IpAddr::V4(v4),
-        url::Host::Ipv6(v6) => IpAddr::V6(v6),
-        url::Host::Domain(_) => return None,
-    };
-    (!is_public(ip)).then(|| (url.host_str().unwrap_or_default().to_owned(), ip))
-}
-
-/// Fetches the files XMPP users send, over HTTP(S), with the network's address policy.
-pub struct Fetcher {
-    http: Result<reqwest::Client, String>,
-    allow_private: bool,
-}
-
-impl Fetcher {
-    /// `allow_private`: whether loopback, private and link-local addresses may be fetched.
-    pub fn new(allow_private: bool) -> Fetcher {
-        let mut builder = reqwest::Client::builder()
-            // HTTP(S)_PROXY from the environment would hand the name to a proxy to resolve,
-            // past the address check below: files are fetched directly.
-            .no_proxy()
-            .user_agent(concat!("Isthmus/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
-            .timeout(Duration::from_secs(600));
-        if !allow_private {
-            builder = builder.dns_resolver(PublicOnly).redirect(reqwest::redirect::Policy::custom(|attempt| {
-                if let Some((host, ip)) = private_literal(attempt.url()) {
-                    let why = refusal(&host, ip);
-                    attempt.error(why)
-                } else if attempt.previous().len() >= 10 {
-                    attempt.error("too many redirects")
-                } else {
-                    attempt.follow()
-                }
-            }));
-        }
-        Fetcher { http: builder.build().map_err(|e| e.to_string()), allow_private }
-    }
-
-    /// Fetch `url` (http or https), at most `limit` bytes: the bytes and the `Content-Type` the server gave.
-    pub async fn fetch(&self, url: &str, limit: u64) -> Result<(Vec<u8>, Option<String>), String> {
-        let parsed = reqwest::Url::parse(url).map_err(|_| "it is not a URL".to_owned())?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err("only http and https links can be fetched".into());
-        }
-        if !self.allow_private {
-            if let Some((host, ip)) = private_literal(&parsed) {
-                return Err(refusal(&host, ip));
-            }
-            // The same check the connection makes, for a clear answer rather than a connect error.
-            if let Some(url::Host::Domain(host)) = parsed.host() {
-                let port = parsed.port_or_known_default().unwrap_or(443);
-                if let Ok(addrs) = tokio::net::lookup_host((host, port)).await
-                    && let Some(bad) = addrs.map(|a| a.ip()).find(|ip| !is_public(*ip))
-                {
-                    return Err(refusal(host, bad));
-                }
-            }
-        }
-        let http = self.http.as_ref().map_err(|e| format!("no HTTP client: {e}"))?;
-        fetch_with(http, parsed, limit).await
-    }
-}
-
-/// Download `url` with `http`, at most `limit` bytes.
-async fn fetch_with(
-    http: &reqwest::Client,
-    parsed: reqwest::Url,
-    limit: u64,
-) -> Result<(Vec<u8>, Option<String>), String> {
-    let too_big = || format!("it is larger than the {} MB the gateway sends to Matrix", limit / (1024 * 1024));
-    let mut response = http.get(parsed).send().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))?;
-    if !response.status().is_success() {
-        return Err(format!("its server answered {}", response.status()));
-    }
-    if response.content_length().is_some_and(|n| n > limit) {
-        return Err(too_big());
-    }
-    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut bytes = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("cannot fetch it: {}", error_chain(&e)))? {
-        if (bytes.len() + chunk.len()) as u64 > limit {
-            return Err(too_big());
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok((bytes, content_type))
-}
-
-/// An error with its causes (a refused address is the innermost one).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The type a file is sent to Matrix as: the attachment's own, else the one its
