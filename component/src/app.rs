@@ -219,8 +219,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             &config,
             component.as_ref(),
         )?;
-        let network = TelegramNetwork::new(id, net.clone(), store.clone(), sink.clone(), portals.clone())
-            .map_err(|e| AppError::Config(format!("Telegram network {}: {e}", net.domain)))?;
+        let network =
+            TelegramNetwork::new(id, net.clone(), &config.base_dir, store.clone(), sink.clone(), portals.clone())
+                .map_err(|e| AppError::Config(format!("Telegram network {}: {e}", net.domain)))?;
         telegram_networks.push(network);
     }
     let Wiring { domains, links, in_process, link_states } = wiring;

@@ -755,6 +755,13 @@ pub struct TelegramNetworkConfig {
     /// How long one long poll waits for updates (seconds, 1–50).
     #[serde(default = "default_poll_timeout")]
     pub poll_timeout_secs: u64,
+    /// The media proxy that makes Telegram files fetchable by XMPP clients (the
+    /// bot token stays in the gateway); without it, files reach XMPP as a notice.
+    pub media: Option<MatrixMediaConfig>,
+    /// Whether files XMPP users send may be fetched from loopback, private and
+    /// link-local addresses.
+    #[serde(default)]
+    pub fetch_private_addresses: bool,
     /// Groups shared by everyone: each links `NAME@domain` on XMPP to one Telegram
     /// group (or one topic of a forum supergroup).
     #[serde(default)]

@@ -345,24 +345,7 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
             return err(format!("`default_homeserver: {d}` is not in `allowed_homeservers`"));
         }
         if let Some(media) = &net.media {
-            if media.listen.parse::<std::net::SocketAddr>().is_err() {
-                return err(format!(
-                    "`media.listen: {}` is not an address to listen on: expected IP:PORT such as 127.0.0.1:8091",
-                    media.listen
-                ));
-            }
-            let other = config.matrix[..i].iter().find_map(|n| n.media.as_ref().filter(|m| m.listen == media.listen));
-            if other.is_some() {
-                return err(format!("`media.listen: {}` is already another Matrix network's", media.listen));
-            }
-            let host = media.public_url.strip_prefix("https://").or_else(|| media.public_url.strip_prefix("http://"));
-            let host = host.map(|rest| rest.split('/').next().unwrap_or_default());
-            if host.is_none_or(str::is_empty) || media.public_url.contains(['?', '#', ' ']) {
-                return err(format!(
-                    "`media.public_url: {}` is not a base URL: expected https://HOST[:PORT][/PATH], without `?` or `#`",
-                    media.public_url
-                ));
-            }
+            check_media(config, media, &net.domain).map_or(Ok(()), err)?;
         }
     }
     check_telegram(config, file, &users_domain, &mut seen)?;
@@ -370,6 +353,35 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
     check_portals(config, file)?;
     check_admins(config, file)?;
     check_open(config, file)
+}
+
+/// A network's media proxy settings (`net` is its domain): what is wrong, if anything.
+fn check_media(config: &Config, media: &crate::MatrixMediaConfig, net: &str) -> Option<String> {
+    if media.listen.parse::<std::net::SocketAddr>().is_err() {
+        return Some(format!(
+            "`media.listen: {}` is not an address to listen on: expected IP:PORT such as 127.0.0.1:8091",
+            media.listen
+        ));
+    }
+    let others = config
+        .matrix
+        .iter()
+        .map(|n| (n.domain.as_str(), n.media.as_ref()))
+        .chain(config.telegram.iter().map(|n| (n.domain.as_str(), n.media.as_ref())));
+    if let Some((other, _)) =
+        others.filter(|(d, _)| *d != net).find(|(_, m)| m.is_some_and(|m| m.listen == media.listen))
+    {
+        return Some(format!("`media.listen: {}` is already the media proxy of {other}", media.listen));
+    }
+    let host = media.public_url.strip_prefix("https://").or_else(|| media.public_url.strip_prefix("http://"));
+    let host = host.map(|rest| rest.split('/').next().unwrap_or_default());
+    if host.is_none_or(str::is_empty) || media.public_url.contains(['?', '#', ' ']) {
+        return Some(format!(
+            "`media.public_url: {}` is not a base URL: expected https://HOST[:PORT][/PATH], without `?` or `#`",
+            media.public_url
+        ));
+    }
+    None
 }
 
 /// A portal or Telegram portal name: a JID's localpart Isthmus can write as is.
@@ -417,6 +429,9 @@ fn check_telegram<'a>(
         }
         if !(1..=50).contains(&net.poll_timeout_secs) {
             return err("`poll_timeout_secs` must be between 1 and 50".into());
+        }
+        if let Some(problem) = net.media.as_ref().and_then(|m| check_media(config, m, &net.domain)) {
+            return err(problem);
         }
         let mut names = std::collections::HashSet::new();
         let mut chats = std::collections::HashSet::new();
@@ -959,7 +974,7 @@ mod tests {
         let e = err(&format!(
             "{BASE}matrix:\n  - domain: a.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://a\" }}\n  - domain: b.localhost\n    media: {{ listen: \"127.0.0.1:1\", public_url: \"http://b\" }}\n"
         ));
-        assert!(e.message().contains("already another Matrix network's"), "{e}");
+        assert!(e.message().contains("is already the media proxy of b.localhost"), "{e}");
     }
 
     #[test]

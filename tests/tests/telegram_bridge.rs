@@ -402,3 +402,114 @@ async fn a_group_both_ways_on_the_embedded_server() -> Result<()> {
     assert_eq!(sent["entities"], json!([entity("bold", 1, 5), entity("strikethrough", 13, 5)]), "{sent}");
     Ok(())
 }
+
+/// A 1×1 PNG.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn oob_urls(xml: &str) -> Vec<String> {
+    xml.split("<url>").skip(1).filter_map(|r| r.split("</url>").next()).map(|u| u.replace("&amp;", "&")).collect()
+}
+
+#[tokio::test]
+async fn photos_documents_albums_and_files_too_big_both_ways() -> Result<()> {
+    use base64::Engine;
+    let emu = TelegramEmulator::start().await?;
+    emu.group(CHAT, "supergroup", "Lobby", false).await?;
+    let prosody = Prosody::start(ProsodyOptions {
+        users: vec![("alice".into(), "alicepass".into())],
+        components: vec![(DOMAIN.into(), SECRET.into())],
+        ..Default::default()
+    })
+    .await?;
+    let media_port = isthmus_tests::process::free_port();
+    let portals = format!(
+        "      - {{ name: lobby, chat: -1001 }}\n    media: {{ listen: \"127.0.0.1:{media_port}\", public_url: \"http://127.0.0.1:{media_port}/tg-media\" }}\n    fetch_private_addresses: true\n"
+    );
+    let gateway = Isthmus::start(&config(&prosody, &emu, &portals), &[]).await?;
+    gateway.wait_log("Telegram bot ready", 1, T).await.with_context(|| gateway.log())?;
+    let s = Setup { emu, prosody, gateway };
+    let mut alice = s.enter("alice", LOBBY, "alice").await?;
+    let tom = user(1001, "Tom", "tom");
+    let png = base64::engine::general_purpose::STANDARD.decode(PNG)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+
+    // Telegram → XMPP: a photo with a caption, through the media proxy (no token in the link).
+    s.emu
+        .say(
+            CHAT,
+            &tom,
+            "",
+            json!({"text": null, "photo": {"bytes_b64": PNG, "width": 1, "height": 1}, "caption": "look"}),
+        )
+        .await?;
+    let photo = alice
+        .expect(T, |st| st.from == format!("{LOBBY}/Tom") && st.xml.contains("jabber:x:oob"))
+        .await
+        .with_context(|| s.gateway.log())?;
+    assert!(photo.body.as_deref().is_some_and(|b| b.starts_with("look\n")), "{:?}", photo.body);
+    let url = oob_urls(&photo.xml).into_iter().next().context("an OOB link")?;
+    assert!(url.starts_with(&format!("http://127.0.0.1:{media_port}/tg-media/")) && !url.contains(BOT_TOKEN), "{url}");
+    let got = http.get(&url).send().await?;
+    assert_eq!(got.headers()["content-type"], "image/jpeg", "the link's name says what it is");
+    assert_eq!(got.bytes().await?.to_vec(), png);
+    let forged = url.replace("/tg-media/telegram.localhost/", "/tg-media/telegram.localhost/0");
+    assert_eq!(http.get(&forged).send().await?.status(), 404, "only signed links are served");
+
+    // A document keeps its name and type.
+    let notes = b"some notes\n".to_vec();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&notes);
+    s.emu
+        .say(
+            CHAT,
+            &tom,
+            "",
+            json!({"text": null, "document": {"bytes_b64": b64, "file_name": "notes.txt", "mime_type": "text/plain"}}),
+        )
+        .await?;
+    let doc = alice.expect(T, |st| st.from == format!("{LOBBY}/Tom") && st.xml.contains("notes.txt")).await?;
+    let url = oob_urls(&doc.xml).into_iter().next().context("an OOB link")?;
+    assert_eq!(http.get(&url).send().await?.bytes().await?.to_vec(), notes);
+
+    // An album: each picture, in order.
+    for caption in ["one", "two"] {
+        s.emu.say(CHAT, &tom, "", json!({"text": null, "photo": {"bytes_b64": PNG, "width": 1, "height": 1}, "caption": caption, "media_group_id": "album1"})).await?;
+    }
+    alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.starts_with("one\n"))).await?;
+    alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.starts_with("two\n"))).await?;
+
+    // Too big for the Bot API to hand out: a notice, no link.
+    let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 21 * 1024 * 1024]);
+    s.emu.say(CHAT, &tom, "", json!({"text": null, "document": {"bytes_b64": big, "file_name": "big.bin", "mime_type": "application/octet-stream"}})).await?;
+    let notice = alice.expect(T, |st| st.body.as_deref().is_some_and(|b| b.contains("big.bin"))).await?;
+    assert!(notice.body.as_deref().is_some_and(|b| b.contains("more than the 20 MB")), "{:?}", notice.body);
+    assert!(!notice.xml.contains("jabber:x:oob"), "{}", notice.xml);
+
+    // XMPP → Telegram: a picture goes as a photo, a text file as a document, each fetched and uploaded.
+    let (port, _served) = isthmus_tests::matrix_scenario::serve_file(png.clone(), "image/png", 1).await?;
+    let pic = format!("http://127.0.0.1:{port}/cat.png");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{LOBBY}' id='f1'><body>{pic}</body><x xmlns='jabber:x:oob'><url>{pic}</url></x></message>"
+        ))
+        .await?;
+    let sent = s.emu.wait_sent(CHAT, T, |m| m["photo"].is_array()).await.with_context(|| s.gateway.log())?;
+    assert_eq!(sent["file_sha256"], sha256_hex(&png), "{sent}");
+    assert_eq!(sent["caption"], "alice:", "{sent}");
+    let (port, _served) = isthmus_tests::matrix_scenario::serve_file(notes.clone(), "text/plain", 1).await?;
+    let file = format!("http://127.0.0.1:{port}/notes.txt");
+    alice
+        .send_raw(&format!(
+            "<message type='groupchat' to='{LOBBY}' id='f2'><body>my notes\n{file}</body><x xmlns='jabber:x:oob'><url>{file}</url></x></message>"
+        ))
+        .await?;
+    let sent = s.emu.wait_sent(CHAT, T, |m| m["document"].is_object()).await.with_context(|| s.gateway.log())?;
+    assert_eq!(sent["file_sha256"], sha256_hex(&notes), "{sent}");
+    assert_eq!(sent["caption"], "alice: my notes", "{sent}");
+    assert_eq!(sent["document"]["file_name"], "notes.txt", "{sent}");
+    Ok(())
+}

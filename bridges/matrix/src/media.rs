@@ -37,7 +37,6 @@ use isthmus_core::model::{Attachment, EventKind, Message, NetworkId};
 use isthmus_core::network::DeliveryError;
 use matrix_sdk::Client;
 use matrix_sdk::media::{MediaFormat, MediaRequestParameters};
-use matrix_sdk::reqwest;
 use matrix_sdk::ruma::OwnedMxcUri;
 use matrix_sdk::ruma::api::error::ErrorKind;
 use matrix_sdk::ruma::events::room::MediaSource;
@@ -48,7 +47,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::outgoing::UploadedFile;
-pub use isthmus_core::media::{Fetcher, is_public};
+pub use isthmus_core::media::{Fetcher, attachment_name, is_public};
 
 /// The signing key's file in the network's data directory (64 hex digits).
 pub const KEY_FILE: &str = "media_proxy.key";
@@ -450,17 +449,6 @@ pub fn choose_mime(declared: Option<&str>, served: Option<&str>, name: &str) -> 
         .or_else(|| known(served))
         .or_else(|| known(type_of_name(name).map(|(_, m, _)| *m)))
         .unwrap_or(mime::APPLICATION_OCTET_STREAM)
-}
-
-/// The file name of an attachment: its own, else the last segment of its URL's
-/// path (decoded, also when the XMPP side gave that segment as the name), else `file`.
-pub fn attachment_name(a: &Attachment) -> String {
-    let last = reqwest::Url::parse(&a.url).ok().and_then(|u| u.path_segments()?.next_back().map(str::to_owned));
-    let decoded = last.as_deref().and_then(percent_decode).filter(|n| !n.trim().is_empty());
-    match a.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
-        Some(own) if Some(own) != last.as_deref() => own.to_owned(),
-        own => decoded.or(own.map(str::to_owned)).unwrap_or_else(|| "file".to_owned()),
-    }
 }
 
 /// Fetch attachment `a` and upload it to `client`'s homeserver; for an encrypted

@@ -13,8 +13,8 @@ use teloxide_core::payloads::{
 };
 use teloxide_core::requests::{Request, Requester};
 use teloxide_core::types::{
-    AllowedUpdate, ChatAction, ChatId, ChatMemberKind, MessageEntity, MessageEntityKind, MessageId, ReactionType,
-    Recipient, ReplyParameters, ThreadId, Update,
+    AllowedUpdate, ChatAction, ChatId, ChatMemberKind, FileId, InputFile, MessageEntity, MessageEntityKind, MessageId,
+    ReactionType, Recipient, ReplyParameters, ThreadId, Update,
 };
 use teloxide_core::{ApiError as TgApiError, Bot, RequestError};
 use thiserror::Error;
@@ -113,7 +113,29 @@ pub trait BotApi: Send + Sync + 'static {
     async fn react(&self, chat: i64, message: i32, emoji: Option<&str>) -> Result<(), ApiError>;
     async fn typing(&self, to: Target) -> Result<(), ApiError>;
     async fn admins(&self, chat: i64) -> Result<Vec<Admin>, ApiError>;
+    /// The size and the download path of a file (`getFile`).
+    async fn file_path(&self, file_id: &str) -> Result<(u64, String), ApiError>;
+    /// Download a file by its path, at most `limit` bytes.
+    async fn download(&self, path: &str, limit: usize) -> Result<Vec<u8>, ApiError>;
+    /// Send a file (a photo shown as one, or a document) with `caption`.
+    async fn send_file(&self, to: Target, file: OutgoingFile, caption: &OutgoingText) -> Result<i32, ApiError>;
 }
+
+/// A file to send.
+#[derive(Debug, Clone)]
+pub struct OutgoingFile {
+    pub bytes: Vec<u8>,
+    pub name: String,
+    /// Sent with `sendPhoto` (shown as a picture) rather than `sendDocument`.
+    pub photo: bool,
+}
+
+/// The most bytes the Bot API lets a bot download (`getFile`).
+pub const MAX_DOWNLOAD_BYTES: u64 = 20 * 1024 * 1024;
+/// The most bytes a bot may upload.
+pub const MAX_UPLOAD_BYTES: u64 = 50 * 1024 * 1024;
+/// The most bytes a photo may have (`sendPhoto`); larger pictures go as documents.
+pub const MAX_PHOTO_BYTES: u64 = 10 * 1024 * 1024;
 
 /// [`BotApi`] on teloxide-core's `Bot`.
 pub struct TeloxideBot {
@@ -246,6 +268,69 @@ impl BotApi for TeloxideBot {
             req = req.message_thread_id(ThreadId(MessageId(topic)));
         }
         req.send().await.map(|_| ()).map_err(tg_error)
+    }
+
+    async fn file_path(&self, file_id: &str) -> Result<(u64, String), ApiError> {
+        let file = self.bot.get_file(FileId(file_id.to_owned())).send().await.map_err(tg_error)?;
+        Ok((u64::from(file.meta.size), file.path))
+    }
+
+    async fn download(&self, path: &str, limit: usize) -> Result<Vec<u8>, ApiError> {
+        use futures::StreamExt;
+        use teloxide_core::net::Download;
+        let mut stream = self.bot.download_file_stream(path);
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::Unavailable(format!("the file could not be downloaded: {e}")))?;
+            if out.len() + chunk.len() > limit {
+                return Err(ApiError::Refused("the file is too big".into()));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    async fn send_file(&self, to: Target, file: OutgoingFile, caption: &OutgoingText) -> Result<i32, ApiError> {
+        use teloxide_core::payloads::{SendDocumentSetters, SendPhotoSetters};
+        let input = InputFile::memory(file.bytes).file_name(file.name);
+        let ents = entities(caption);
+        let reply = caption.reply_to.map(|r| ReplyParameters {
+            message_id: MessageId(r),
+            allow_sending_without_reply: Some(true),
+            ..Default::default()
+        });
+        let sent = if file.photo {
+            let mut req = self.bot.send_photo(recipient(to.chat), input);
+            if !caption.text.is_empty() {
+                req = req.caption(caption.text.clone());
+                if !ents.is_empty() {
+                    req = req.caption_entities(ents);
+                }
+            }
+            if let Some(topic) = to.topic {
+                req = req.message_thread_id(ThreadId(MessageId(topic)));
+            }
+            if let Some(reply) = reply {
+                req = req.reply_parameters(reply);
+            }
+            req.send().await
+        } else {
+            let mut req = self.bot.send_document(recipient(to.chat), input);
+            if !caption.text.is_empty() {
+                req = req.caption(caption.text.clone());
+                if !ents.is_empty() {
+                    req = req.caption_entities(ents);
+                }
+            }
+            if let Some(topic) = to.topic {
+                req = req.message_thread_id(ThreadId(MessageId(topic)));
+            }
+            if let Some(reply) = reply {
+                req = req.reply_parameters(reply);
+            }
+            req.send().await
+        };
+        Ok(sent.map_err(tg_error)?.id.0)
     }
 
     async fn admins(&self, chat: i64) -> Result<Vec<Admin>, ApiError> {

@@ -67,11 +67,68 @@ pub fn styled_body(text: &str, entities: Option<&[MessageEntity]>) -> String {
 /// The longest quote of a replied-to message carried for text fallbacks.
 const QUOTE_CHARS: usize = 120;
 
-/// A message's content in the model (`None`: nothing the bridge carries).
+/// A file a message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingFile {
+    pub file_id: String,
+    pub name: String,
+    pub mime: Option<String>,
+    pub size: u64,
+    /// What it is, for notices (`photo`, `voice message`…).
+    pub what: &'static str,
+}
+
+/// The file of a message, if it has one the bridge hands on; an animated
+/// sticker is said as text instead (`Err`).
+pub fn file_of(msg: &teloxide_core::types::Message) -> Option<Result<IncomingFile, String>> {
+    let file =
+        |meta: &teloxide_core::types::FileMeta, name: Option<&String>, default: &str, mime: Option<String>, what| {
+            Some(Ok(IncomingFile {
+                file_id: meta.id.0.clone(),
+                name: name.cloned().unwrap_or_else(|| default.to_owned()),
+                mime,
+                size: u64::from(meta.size),
+                what,
+            }))
+        };
+    if let Some(sizes) = msg.photo() {
+        let largest = sizes.iter().max_by_key(|p| u64::from(p.width) * u64::from(p.height))?;
+        return file(&largest.file, None, "photo.jpg", Some("image/jpeg".into()), "photo");
+    }
+    if let Some(d) = msg.document() {
+        return file(&d.file, d.file_name.as_ref(), "document", d.mime_type.as_ref().map(|m| m.to_string()), "file");
+    }
+    if let Some(v) = msg.video() {
+        return file(&v.file, v.file_name.as_ref(), "video.mp4", v.mime_type.as_ref().map(|m| m.to_string()), "video");
+    }
+    if let Some(v) = msg.voice() {
+        let mime = v.mime_type.as_ref().map(|m| m.to_string()).or(Some("audio/ogg".into()));
+        return file(&v.file, None, "voice.ogg", mime, "voice message");
+    }
+    if let Some(a) = msg.audio() {
+        return file(&a.file, a.file_name.as_ref(), "audio.mp3", a.mime_type.as_ref().map(|m| m.to_string()), "audio");
+    }
+    if let Some(a) = msg.animation() {
+        let mime = a.mime_type.as_ref().map(|m| m.to_string());
+        return file(&a.file, a.file_name.as_ref(), "animation.mp4", mime, "animation");
+    }
+    if let Some(st) = msg.sticker() {
+        let emoji = st.emoji.clone().unwrap_or_default();
+        if st.is_static() {
+            return file(&st.file, None, "sticker.webp", Some("image/webp".into()), "sticker");
+        }
+        return Some(Err(format!("[sticker {emoji}]").replace(" ]", "]")));
+    }
+    None
+}
+
+/// A message's content in the model (`None`: nothing the bridge carries). Files
+/// are added by the bridge (their links need the media proxy).
 pub fn message_of(msg: &teloxide_core::types::Message) -> Option<Message> {
     let (text, entities) = match (msg.text(), msg.caption()) {
         (Some(t), _) => (t, msg.entities()),
         (None, Some(c)) => (c, msg.caption_entities()),
+        (None, None) if file_of(msg).is_some() => ("", None),
         (None, None) => return None,
     };
     let mut m = Message::text(styled_body(text, entities));

@@ -27,6 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use isthmus_config::TelegramNetworkConfig;
 use isthmus_core::ghosts::Ghosts;
+use isthmus_core::media::Fetcher;
+use isthmus_core::media::proxy::{MediaError, MediaLinks, MediaProxy, MediaSource};
 use isthmus_core::model::{
     Affiliation, ChatKind, ChatRef, ChatState, Event, EventKind, LeaveKind, NetworkId, Occupant, Role, Sender,
 };
@@ -65,7 +67,37 @@ pub struct TelegramNetwork {
     template: RelayTemplate,
     /// Who has been seen in which chat.
     ghosts: Ghosts,
+    /// Links of the media proxy that hands out Telegram files, when configured.
+    media: Option<Arc<MediaLinks>>,
+    /// The running proxy (dropping it stops it).
+    _proxy: Option<MediaProxy>,
+    /// Fetches the files XMPP users send.
+    fetcher: Fetcher,
     state: Mutex<State>,
+}
+
+/// Telegram files for the media proxy: fetched with the bot's token, which never
+/// leaves the gateway.
+struct TelegramFiles {
+    api: Arc<dyn BotApi>,
+}
+
+#[async_trait]
+impl MediaSource for TelegramFiles {
+    async fn fetch(&self, id: &str, limit: usize) -> Result<Vec<u8>, MediaError> {
+        let (size, path) = self.api.file_path(id).await.map_err(|e| match e {
+            ApiError::Refused(t) if t.contains("too big") => MediaError::TooBig,
+            ApiError::Refused(_) => MediaError::NotFound,
+            _ => MediaError::Unavailable,
+        })?;
+        if size > limit as u64 {
+            return Err(MediaError::TooBig);
+        }
+        self.api.download(&path, limit).await.map_err(|e| match e {
+            ApiError::Refused(_) => MediaError::TooBig,
+            _ => MediaError::Unavailable,
+        })
+    }
 }
 
 /// A chat id of this bridge: `CHAT` or `CHAT/TOPIC`.
@@ -86,29 +118,42 @@ fn chat_string(t: Target) -> String {
 }
 
 impl TelegramNetwork {
-    /// The bridge for `config`, on the Bot API server its `api_url` names.
+    /// The bridge for `config`, on the Bot API server its `api_url` names; its media
+    /// proxy's key is kept in `base_dir`. Call inside the runtime (the proxy starts).
     pub fn new(
         id: NetworkId,
         config: TelegramNetworkConfig,
+        base_dir: &std::path::Path,
         store: Store,
         sink: EventSink,
         portals: Portals,
     ) -> Result<Arc<Self>, String> {
         let timeout = Duration::from_secs(config.poll_timeout_secs);
         let api = api::TeloxideBot::new(config.token.expose(), &config.api_url, timeout).map_err(|e| e.to_string())?;
-        Self::with_api(id, config, Arc::new(api), store, sink, portals)
+        Self::with_api(id, config, base_dir, Arc::new(api), store, sink, portals)
     }
 
     /// The bridge on any [`BotApi`].
     pub fn with_api(
         id: NetworkId,
         config: TelegramNetworkConfig,
+        base_dir: &std::path::Path,
         api: Arc<dyn BotApi>,
         store: Store,
         sink: EventSink,
         portals: Portals,
     ) -> Result<Arc<Self>, String> {
         let template = RelayTemplate::parse(&config.relay_template).map_err(|e| e.to_string())?;
+        let proxy = match &config.media {
+            Some(m) => {
+                let key = base_dir.join(format!("{}.media.key", config.domain));
+                let source: Arc<dyn MediaSource> = Arc::new(TelegramFiles { api: api.clone() });
+                let sources = std::collections::HashMap::from([(id.to_string(), source)]);
+                Some(isthmus_core::media::proxy::start(&m.listen, &m.public_url, &key, sources)?)
+            }
+            None => None,
+        };
+        let fetcher = Fetcher::new(config.fetch_private_addresses);
         Ok(Arc::new(TelegramNetwork {
             id,
             config,
@@ -118,6 +163,9 @@ impl TelegramNetwork {
             portals,
             template,
             ghosts: Ghosts::new(),
+            media: proxy.as_ref().map(|p| p.links.clone()),
+            _proxy: proxy,
+            fetcher,
             state: Mutex::new(State::default()),
         }))
     }
@@ -275,7 +323,8 @@ impl TelegramNetwork {
                     return;
                 };
                 let Some(user) = msg.from.as_ref() else { return };
-                let Some(content) = incoming::message_of(&msg) else { return };
+                let Some(mut content) = incoming::message_of(&msg) else { return };
+                self.add_file(&msg, &mut content);
                 let message_id = msg.id.0.to_string();
                 if self.seen(&chat, &message_id).await {
                     debug!(network = %self.id, message_id, "already bridged");
@@ -352,6 +401,45 @@ impl TelegramNetwork {
             ));
         }
         out
+    }
+
+    /// The file of `msg` as an attachment with a link of the media proxy, or, when
+    /// XMPP clients cannot be given it, a notice in the body saying what it was.
+    fn add_file(&self, msg: &teloxide_core::types::Message, content: &mut isthmus_core::model::Message) {
+        let notice = |content: &mut isthmus_core::model::Message, text: String| {
+            if !content.body.is_empty() {
+                content.body.push('\n');
+            }
+            content.body.push_str(&text);
+        };
+        match incoming::file_of(msg) {
+            None => {}
+            Some(Err(text)) => notice(content, text),
+            Some(Ok(f)) if f.size > api::MAX_DOWNLOAD_BYTES => notice(
+                content,
+                format!(
+                    "[{} {}: {} MB, more than the {} MB the Telegram Bot API lets the gateway fetch]",
+                    f.what,
+                    f.name,
+                    f.size.div_ceil(1024 * 1024),
+                    api::MAX_DOWNLOAD_BYTES / (1024 * 1024)
+                ),
+            ),
+            Some(Ok(f)) => match &self.media {
+                Some(links) => {
+                    let name = isthmus_core::media::proxy::link_file_name(Some(&f.name), "file", f.mime.as_deref());
+                    content.attachments.push(isthmus_core::model::Attachment {
+                        url: links.link(self.id.as_str(), &f.file_id, &name),
+                        name: Some(f.name),
+                        mime: f.mime,
+                        size: Some(f.size),
+                    });
+                }
+                None => {
+                    notice(content, format!("[{} {}: the gateway has no media proxy to hand it out]", f.what, f.name))
+                }
+            },
+        }
     }
 
     /// The group `old` became the supergroup `new`: the portal follows it, and the
@@ -432,6 +520,70 @@ impl TelegramNetwork {
             }
         }
         self.ghosts.occupants(chat.id.as_str())
+    }
+
+    /// A message with files: each file fetched and uploaded (a picture as a photo),
+    /// the first one with the text as its caption. A file larger than a bot may
+    /// upload goes as its link, with a notice saying so.
+    async fn send_files(
+        &self,
+        event: &Event,
+        nick: &str,
+        m: &isthmus_core::model::Message,
+    ) -> Result<Vec<String>, DeliveryError> {
+        let mut caption_message = m.clone();
+        caption_message.attachments.clear();
+        caption_message.body =
+            m.body.lines().filter(|l| !m.attachments.iter().any(|a| a.url == l.trim())).collect::<Vec<_>>().join("\n");
+        let mut caption = outgoing::relayed_text(&self.template, nick, &caption_message);
+        caption.text.truncate(caption.text.trim_end().len());
+        caption.reply_to = m.reply_to.as_ref().and_then(|r| message_id(&r.target).ok());
+        let mut ids = Vec::new();
+        for (i, a) in m.attachments.iter().enumerate() {
+            let caption = if i == 0 { caption.clone() } else { OutgoingText::default() };
+            let text = match self.fetcher.fetch(&a.url, api::MAX_UPLOAD_BYTES).await {
+                Ok((bytes, served)) => {
+                    let name = isthmus_core::media::attachment_name(a);
+                    let mime = a.mime.clone().or(served).unwrap_or_default();
+                    let photo = matches!(
+                        mime.split(';').next().unwrap_or_default().trim(),
+                        "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+                    ) && bytes.len() as u64 <= api::MAX_PHOTO_BYTES;
+                    let file = api::OutgoingFile { bytes, name, photo };
+                    let receipt = event.receipt.clone();
+                    let id = self
+                        .call(&event.chat, |to| {
+                            let (file, caption, receipt) = (file.clone(), caption.clone(), receipt.clone());
+                            async move {
+                                if let Some(r) = &receipt {
+                                    r.confirm().await;
+                                }
+                                self.api.send_file(to, file, &caption).await
+                            }
+                        })
+                        .await?;
+                    ids.push(id.to_string());
+                    continue;
+                }
+                Err(why) if why.contains("larger than") => format!(
+                    "{} (more than the {} MB a Telegram bot may upload)",
+                    a.url,
+                    api::MAX_UPLOAD_BYTES / (1024 * 1024)
+                ),
+                Err(why) => {
+                    return Err(DeliveryError::Rejected(format!(
+                        "the file {} cannot be sent to Telegram: {why}",
+                        a.url
+                    )));
+                }
+            };
+            let mut words = caption_message.clone();
+            words.body = if i == 0 && !words.body.is_empty() { format!("{}\n{text}", words.body) } else { text };
+            let mut out = outgoing::relayed_text(&self.template, nick, &words);
+            out.reply_to = caption.reply_to;
+            ids.extend(self.send(event, out).await?);
+        }
+        Ok(ids)
     }
 
     async fn send(&self, event: &Event, text: OutgoingText) -> Result<Vec<String>, DeliveryError> {
@@ -525,6 +677,7 @@ impl Network for TelegramNetwork {
                 self.sink.emit(answer).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))?;
                 Vec::new()
             }
+            EventKind::Message(m) if !m.attachments.is_empty() => self.send_files(&event, &nick, m).await?,
             EventKind::Message(m) => {
                 let mut text = outgoing::relayed_text(&self.template, &nick, m);
                 if let Some(r) = &m.reply_to {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use reqwest::header;
 
 use super::guard::is_public;
+use crate::model::Attachment;
 
 /// Why an address is refused, for the sender.
 fn refusal(host: &str, ip: IpAddr) -> String {
@@ -139,4 +140,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The file name of an attachment: its own, else the last segment of its URL's
+/// path (decoded, also when the XMPP side gave that segment as the name), else `file`.
+pub fn attachment_name(a: &Attachment) -> String {
+    let last = reqwest::Url::parse(&a.url).ok().and_then(|u| u.path_segments()?.next_back().map(str::to_owned));
+    let decoded = last.as_deref().and_then(super::proxy::percent_decode).filter(|n| !n.trim().is_empty());
+    match a.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        Some(own) if Some(own) != last.as_deref() => own.to_owned(),
+        own => decoded.or(own.map(str::to_owned)).unwrap_or_else(|| "file".to_owned()),
+    }
 }

@@ -7,5 +7,5 @@ pub mod fetch;
 pub mod guard;
 pub mod proxy;
 
-pub use fetch::{Fetcher, error_chain};
+pub use fetch::{Fetcher, attachment_name, error_chain};
 pub use guard::is_public;
