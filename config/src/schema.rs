@@ -412,6 +412,15 @@ pub struct IrcNetworkConfig {
     /// server restart, every user reconnects).
     #[serde(default = "default_max_concurrent_connects")]
     pub max_concurrent_connects: usize,
+    /// At most this many IRC servers one XMPP account is connected to at once
+    /// through this network (one connection each), so that one user cannot make
+    /// the gateway open connections without end.
+    #[serde(default = "default_max_servers_per_account")]
+    pub max_servers_per_account: usize,
+}
+
+fn default_max_servers_per_account() -> usize {
+    10
 }
 
 fn default_reconnect_grace() -> u64 {

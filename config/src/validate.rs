@@ -218,6 +218,9 @@ pub(crate) fn check(config: &Config, file: &Path) -> Result<(), ConfigError> {
         if net.max_concurrent_connects == 0 {
             return err("`max_concurrent_connects` must be at least 1".into());
         }
+        if net.max_servers_per_account == 0 {
+            return err("`max_servers_per_account` must be at least 1".into());
+        }
         for (name, server) in &net.servers {
             if server.port == Some(0) {
                 return err(format!("server `{name}`: `port` must not be 0"));
@@ -810,6 +813,8 @@ mod tests {
         assert!(e.message().contains("`encoding_fallback: klingon` is not an encoding name"), "{e}");
         let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    max_concurrent_connects: 0\n"));
         assert!(e.message().contains("`max_concurrent_connects` must be at least 1"), "{e}");
+        let e = err(&format!("{BASE}irc:\n  - domain: irc.localhost\n    max_servers_per_account: 0\n"));
+        assert!(e.message().contains("`max_servers_per_account` must be at least 1"), "{e}");
     }
 
     #[test]

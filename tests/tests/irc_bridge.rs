@@ -1375,3 +1375,31 @@ async fn a_reply_reaches_irc_with_the_nick_and_a_short_quote() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_account_connects_to_at_most_max_servers_per_account() -> Result<()> {
+    let s = IrcSetup::start("    max_servers_per_account: 1\n").await?;
+    let first = room("#first");
+    let mut alice = s.join("alice", "r", &first, "alice").await?;
+    // A second server (the same ngIRCd over TLS): refused, with the reason.
+    let second = format!("#second%localhost@{IRC_DOMAIN}");
+    alice.join(&second, "alice").await?;
+    let refused = alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&second)).await?;
+    assert!(
+        refused.type_ == "error" && refused.xml.contains("as many as it allows (1)"),
+        "the second server was not refused with the reason: {}",
+        refused.xml
+    );
+    // Having left the first server, the second one is allowed.
+    alice.send_raw(&format!("<presence to='{first}/alice' type='unavailable'/>")).await?;
+    alice
+        .expect(T, |st| st.kind == "presence" && st.from == format!("{first}/alice") && st.type_ == "unavailable")
+        .await?;
+    alice.join(&second, "alice").await?;
+    alice
+        .expect(Duration::from_secs(30), |st| {
+            st.kind == "presence" && st.from == format!("{second}/alice") && st.has_status(110)
+        })
+        .await?;
+    Ok(())
+}

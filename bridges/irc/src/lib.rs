@@ -163,6 +163,15 @@ impl IrcNetwork {
         if let Some(conn) = map.get(&key).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
+        let max = self.config.max_servers_per_account;
+        let open = map.iter().filter(|(k, c)| &k.account == account && c.is_alive()).count();
+        if open >= max {
+            warn!(account = %account, server, open, max, "IRC connection refused: the account has as many as it may");
+            return Err(DeliveryError::Forbidden(format!(
+                "you are connected to {open} IRC servers through this gateway, as many as it allows ({max}): \
+                 leave every channel of one of them first"
+            )));
+        }
         let server_config = match self.config.servers.get(server) {
             Some(s) => s.clone(),
             None if self.config.allow_unlisted_servers => Default::default(),
