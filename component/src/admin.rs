@@ -665,7 +665,7 @@ mod tests {
             allow: list(&["example.org"]),
             admins: list(admins),
             link: LinkState::component(),
-            outgoing: tx,
+            outgoing: crate::gateway::OutgoingQueue::new(tx),
         };
         let archive = crate::archive::Archive::spawn(store, 0);
         let gateway = Gateway::new(vec![domain.clone()], archive, 20);

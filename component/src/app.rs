@@ -134,7 +134,7 @@ impl Wiring {
             allow: effective_allow(config, spec.allow),
             admins: config.access.admins.clone(),
             link: state,
-            outgoing: tx,
+            outgoing: crate::gateway::OutgoingQueue::new(tx),
         });
         match component {
             Some(component) => {

@@ -79,70 +79,11 @@ pub struct Domain {
     pub admins: Vec<String>,
     /// The state of the domain's link to the XMPP server, for the admin's link status.
     pub link: Arc<crate::admin::LinkState>,
-    /// Unbounded: the gateway never waits on the link (see `link`).
-    pub outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// The gateway never waits on the link (see `link`): bounded by count.
+    pub outgoing: OutgoingQueue,
 }
 
-/// A stanza on its way to the XMPP server.
-#[derive(Debug)]
-pub struct Outgoing {
-    pub stanza: Stanza,
-    /// Confirmed right before the stanza is written: it takes the event out of the
-    /// durable outbox, or (a gate) holds a reflection until what it announces is stored.
-    pub receipt: Option<Receipt>,
-}
-
-impl Outgoing {
-    /// Most stanzas written in one batch (one durable commit for their receipts).
-    const MAX_BATCH: usize = 64;
-
-    /// Confirm the receipt, if any; call right before writing the stanza.
-    pub async fn confirm(&self) {
-        if let Some(r) = &self.receipt {
-            r.confirm().await;
-        }
-    }
-
-    /// `first` and whatever else is queued behind it, up to a batch.
-    fn batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Outgoing> {
-        let mut batch = vec![first];
-        while batch.len() < Self::MAX_BATCH {
-            match queue.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        batch
-    }
-
-    /// `first` and whatever else is queued behind it (up to a batch), with every
-    /// receipt confirmed (one durable commit covers the batch): the stanzas to write now.
-    pub async fn confirmed_batch(first: Outgoing, queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Stanza> {
-        let batch = Self::batch(first, queue);
-        futures::future::join_all(batch.iter().map(Outgoing::confirm)).await;
-        batch.into_iter().map(|item| item.stanza).collect()
-    }
-
-    /// `first` and whatever else is queued behind it (up to a batch), with every
-    /// receipt marked written (one durable commit covers the batch): the stanzas to
-    /// write now, and the receipts to let go of once the server acknowledged them.
-    pub async fn written_batch(
-        first: Outgoing,
-        queue: &mut mpsc::UnboundedReceiver<Outgoing>,
-    ) -> (Vec<Stanza>, Vec<Receipt>) {
-        let batch = Self::batch(first, queue);
-        futures::future::join_all(batch.iter().filter_map(|item| item.receipt.as_ref()).map(Receipt::sending)).await;
-        let mut receipts = Vec::new();
-        let stanzas = batch
-            .into_iter()
-            .map(|item| {
-                receipts.extend(item.receipt);
-                item.stanza
-            })
-            .collect();
-        (stanzas, receipts)
-    }
-}
+pub use crate::outgoing::{Outgoing, OutgoingQueue};
 
 /// Where one XMPP account stands in one room.
 #[derive(Debug, Default)]
@@ -446,9 +387,7 @@ impl Gateway {
 
     /// Queue a stanza that is written only once `receipt` is confirmed.
     fn send_after(&self, domain: &Domain, stanza: Stanza, receipt: Option<Receipt>) {
-        if domain.outgoing.send(Outgoing { stanza, receipt }).is_err() {
-            warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
-        }
+        domain.outgoing.push(&domain.name, stanza, receipt);
     }
 
     async fn send_all(&self, domain: &Domain, stanzas: Vec<Stanza>) {
@@ -1409,9 +1348,7 @@ impl Gateway {
         };
         let mut send = move |domain: &Domain, stanzas: Vec<Stanza>| {
             for stanza in stanzas {
-                if domain.outgoing.send(Outgoing { stanza, receipt: persisted.take() }).is_err() {
-                    warn!(domain = %domain.name, "component link gone; stanza dropped during shutdown");
-                }
+                domain.outgoing.push(&domain.name, stanza, persisted.take());
             }
         };
         let Some(confirmation) = confirmation else {

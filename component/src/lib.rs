@@ -23,6 +23,7 @@ pub mod gateway;
 pub mod link;
 pub mod moderation;
 pub mod nesting;
+pub mod outgoing;
 pub mod portal_admin;
 pub mod puppet;
 pub mod room_commands;
