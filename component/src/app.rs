@@ -10,6 +10,7 @@ use isthmus_core::portal::Portals;
 use isthmus_core::router::Router;
 use isthmus_core::secrets::SecretBox;
 use isthmus_core::store::{Store, StoreError};
+use isthmus_discord::DiscordNetwork;
 use isthmus_irc::IrcNetwork;
 use isthmus_matrix::MatrixNetwork;
 use isthmus_telegram::TelegramNetwork;
@@ -224,6 +225,25 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 .map_err(|e| AppError::Config(format!("Telegram network {}: {e}", net.domain)))?;
         telegram_networks.push(network);
     }
+    let mut discord_networks = Vec::new();
+    for net in &config.discord {
+        let id = wiring.add(
+            DomainSpec {
+                domain: &net.domain,
+                kind: "Discord",
+                escaping: Escaping::CaseInsensitive,
+                persistent: true,
+                reconnect_grace: std::time::Duration::ZERO,
+                allow: &net.allow,
+                secret: net.secret.as_ref(),
+            },
+            &config,
+            component.as_ref(),
+        )?;
+        let network = DiscordNetwork::new(id, net.clone(), store.clone(), sink.clone(), portals.clone())
+            .map_err(|e| AppError::Config(format!("Discord network {}: {e}", net.domain)))?;
+        discord_networks.push(network);
+    }
     let Wiring { domains, links, in_process, link_states } = wiring;
     for d in &domains {
         if d.allow.is_empty() {
@@ -258,6 +278,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             define(room.clone(), room, vec![member]).await?;
         }
     }
+    for n in &discord_networks {
+        for (room, member) in n.configured_portals() {
+            define(room.clone(), room, vec![member]).await?;
+        }
+    }
     for p in &config.portals {
         let members =
             p.members.iter().map(|m| ChatRef::room(NetworkId::new(m.network.clone()), m.chat.clone())).collect();
@@ -266,6 +291,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let gateway = Gateway::with_portals(domains, archive, config.archive.history_on_join, portals.clone());
     let mut builder = Router::builder(store).portals(portals.clone()).network(gateway.clone());
     for n in &telegram_networks {
+        builder = builder.network(n.clone());
+    }
+    for n in &discord_networks {
         builder = builder.network(n.clone());
     }
     for n in networks {
@@ -289,6 +317,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for n in &telegram_networks {
         n.start();
     }
+    for n in &discord_networks {
+        n.start();
+    }
     let restored = gateway.restore_sessions().await;
     let replayed = router.replay().await;
     if restored > 0 || replayed > 0 {
@@ -304,6 +335,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             .map(|n| (n.domain.clone(), format!("IRC ({})", n.domain)))
             .chain(config.matrix.iter().map(|n| (n.domain.clone(), format!("Matrix ({})", n.domain))))
             .chain(config.telegram.iter().map(|n| (n.domain.clone(), format!("Telegram ({})", n.domain))))
+            .chain(config.discord.iter().map(|n| (n.domain.clone(), format!("Discord ({})", n.domain))))
             .collect();
         let server = crate::server::Server::new(&embedded, &config.base_dir, store_for_server, gateway.clone(), names)?;
         // The gateway's stanzas for users go straight to the server's router: no socket hop.

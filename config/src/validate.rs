@@ -652,11 +652,9 @@ fn check_discord<'a>(
             && !token.starts_with('.')
             && token.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !well_formed {
-            return err(
-                "`token` is not a bot token (the Developer Portal gives `MTIz…`, three parts joined by `.`: \
+            return err("`token` is not a bot token (the Developer Portal gives `MTIz…`, three parts joined by `.`: \
                  the application → Bot → Reset Token)"
-                    .into(),
-            );
+                .into());
         }
         if !check_origin(net.api_url.trim_end_matches('/'), &["https", "http"], false) {
             return err(format!(

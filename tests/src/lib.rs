@@ -8,6 +8,7 @@
 //! - [`peers`]: Prosody and ejabberd, ngIRCd and InspIRCd, PostgreSQL;
 //! - [`xmpp`]: a real XMPP client (slixmpp, through `tests/clients/xmpp_driver.py`);
 //! - [`irc`]: a raw IRC client, independent of the bridge's IRC library;
+//! - [`discord`], [`telegram`]: the Discord and Telegram API emulators, started for one test;
 //! - [`synapse`]: a Synapse Matrix homeserver, with users registered by shared secret;
 //! - [`matrix`]: a raw Matrix client-server API client, independent of the bridge's Matrix library;
 //! - [`gateway`]: the `isthmus` binary under test;
@@ -16,6 +17,7 @@
 //!
 //! The peers are installed by `tests/install-deps.sh`.
 
+pub mod discord;
 pub mod gateway;
 pub mod irc;
 pub mod matrix;

@@ -1,0 +1,1115 @@
+//! The Discord bridge: a bot (twilight: REST with its rate limiter, one gateway
+//! shard, an in-memory cache of guilds, roles, channels and members) whose
+//! channels are portals.
+//!
+//! - **Discord → XMPP**: gateway events are handled in order by one task. A
+//!   message in a portal channel becomes a `Message` (markdown as XEP-0393,
+//!   mentions as names, a reply as a reply), an edit a `Correction` (link-preview
+//!   updates are not edits), a delete a `Retraction`, reactions the person's full
+//!   set. The author becomes an occupant when first seen. What our own webhooks
+//!   and the bot post is never bridged back: webhook ids are known before anything
+//!   is posted through them. A message is recognised by its id in the id map, so
+//!   none is bridged twice. The id of the last message of each channel whose event
+//!   is safe in the outbox is kept with `set_checkpoint`; at each READY (start, or
+//!   a new session after INVALID_SESSION) each portal channel is read from there
+//!   on with `GET /channels/{id}/messages?after=…`, page by page, so what was said
+//!   while the bridge was away arrives once, in order.
+//! - **XMPP → Discord**: people from elsewhere post through one webhook per
+//!   channel (the bot's, named [`WEBHOOK_NAME`], found again after a restart and
+//!   made again if deleted) under their nick; styling becomes markdown; edits and
+//!   deletes go through the same webhook; a reply is a short quote with a jump
+//!   link; reactions are the bot's; mentions never ping. Discord's 429s are waited
+//!   out by twilight's limiter, and the router hands messages over one at a time,
+//!   so a channel's order is kept.
+
+pub mod gateway;
+pub mod incoming;
+pub mod outgoing;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use isthmus_config::DiscordNetworkConfig;
+use isthmus_core::ghosts::Ghosts;
+use isthmus_core::model::{ChatKind, ChatRef, ChatState, Event, EventKind, MessageRef, NetworkId, Sender};
+use isthmus_core::network::{Capabilities, Delivered, DeliveryError, EventSink, Network, Routed};
+use isthmus_core::portal::Portals;
+use isthmus_core::router::id_scope;
+use isthmus_core::store::Store;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use twilight_cache_inmemory::{DefaultInMemoryCache, ResourceType};
+use twilight_gateway::Intents;
+use twilight_http::Client;
+use twilight_http::api_error::ApiError;
+use twilight_http::error::ErrorType;
+use twilight_http::request::channel::reaction::RequestReactionType;
+use twilight_model::channel::Message as DiscordMessage;
+use twilight_model::channel::message::{AllowedMentions, EmojiReactionType};
+use twilight_model::id::Id;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, MessageMarker, UserMarker, WebhookMarker};
+
+use crate::gateway::Update;
+
+/// The name of the webhook the bridge posts through in each channel.
+pub const WEBHOOK_NAME: &str = "Isthmus";
+/// Messages per page of `GET /channels/{id}/messages`.
+const PAGE: u16 = 100;
+/// Message ids remembered as bridged in this run (besides the id map).
+const RECENT: usize = 10_000;
+/// Reaction sets remembered per direction.
+const MAX_REACTION_SETS: usize = 10_000;
+/// How long reading back waits for READY's guilds to arrive.
+const GUILDS_WAIT: Duration = Duration::from_secs(10);
+/// How often the "MESSAGE_CONTENT is off" warning is repeated.
+const EMPTY_WARNING_EVERY: Duration = Duration::from_secs(600);
+
+/// Where a channel's webhook posts.
+#[derive(Debug, Clone)]
+struct Hook {
+    id: Id<WebhookMarker>,
+    token: String,
+    /// Set for a thread: the webhook is its parent channel's.
+    thread: Option<Id<ChannelMarker>>,
+}
+
+/// What the bridge knows of a portal channel.
+#[derive(Debug, Clone, Copy)]
+struct ChannelInfo {
+    guild: Option<Id<GuildMarker>>,
+}
+
+#[derive(Default)]
+struct State {
+    bot_id: Option<Id<UserMarker>>,
+    bot_name: Option<String>,
+    connected: bool,
+    /// Identified with MESSAGE_CONTENT.
+    message_content: bool,
+    warned_empty: Option<Instant>,
+    hooks: HashMap<u64, Hook>,
+    /// Every webhook the bot made (its messages are never bridged back).
+    own_hooks: HashSet<u64>,
+    channels: HashMap<u64, ChannelInfo>,
+    /// Sessions begun (READYs seen).
+    sessions: u64,
+    /// The guilds READY named that have not come yet; reading back waits for them
+    /// (their members' nicknames), `None` once done for this session.
+    awaited_guilds: Option<HashSet<u64>>,
+    /// Messages the bridge deleted itself (their MESSAGE_DELETE is not bridged back).
+    self_deleted: HashSet<u64>,
+    /// Message ids bridged in this run, oldest first.
+    recent: VecDeque<u64>,
+    /// Who wrote each of them (Discord people: a deletion is theirs).
+    recent_set: HashMap<u64, Option<Sender>>,
+    /// Discord → XMPP: each person's reactions on a message.
+    reactions_in: HashMap<(u64, u64), Vec<String>>,
+    /// XMPP → Discord: each sender's reactions on a message (the bot shows their union).
+    reactions_out: HashMap<u64, HashMap<String, Vec<String>>>,
+}
+
+impl State {
+    fn remember(&mut self, id: u64, author: Option<Sender>) {
+        if self.recent_set.insert(id, author).is_none() {
+            self.recent.push_back(id);
+            if self.recent.len() > RECENT
+                && let Some(old) = self.recent.pop_front()
+            {
+                self.recent_set.remove(&old);
+            }
+        }
+    }
+}
+
+/// One message whose checkpoint may move once its event is safe.
+struct Progress {
+    channel: u64,
+    message: u64,
+    routed: Option<Routed>,
+}
+
+/// One configured Discord bot.
+pub struct DiscordNetwork {
+    id: NetworkId,
+    config: DiscordNetworkConfig,
+    http: Arc<Client>,
+    store: Store,
+    sink: EventSink,
+    portals: Portals,
+    ghosts: Ghosts,
+    cache: DefaultInMemoryCache,
+    state: Mutex<State>,
+    /// One webhook lookup at a time (two would make two webhooks).
+    hook_lock: tokio::sync::Mutex<()>,
+    progress: mpsc::UnboundedSender<Progress>,
+    progress_rx: Mutex<Option<mpsc::UnboundedReceiver<Progress>>>,
+    /// The bridge's own way into its gateway queue (timers).
+    updates: Mutex<Option<mpsc::UnboundedSender<Update>>>,
+}
+
+/// A channel id of this bridge (a snowflake).
+pub fn parse_channel(id: &str) -> Option<Id<ChannelMarker>> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse::<u64>().ok().and_then(Id::new_checked)
+}
+
+/// Why a REST call failed, as the router understands it.
+fn delivery_error(what: &str, e: &twilight_http::Error) -> DeliveryError {
+    match e.kind() {
+        ErrorType::Response { status, error, .. } => {
+            let message = match error {
+                ApiError::General(g) => format!("{} ({})", g.message, g.code),
+                other => other.to_string(),
+            };
+            match status.get() {
+                401 => DeliveryError::Unavailable("Discord refuses the bot token".into()),
+                403 => DeliveryError::Rejected(format!(
+                    "Discord refused to {what}: {message}; the bot needs Manage Webhooks, Read Message History and \
+                     Add Reactions in this channel"
+                )),
+                s if s >= 500 => DeliveryError::Unavailable(format!("Discord could not {what} now: {message}")),
+                _ => DeliveryError::Rejected(format!("Discord refused to {what}: {message}")),
+            }
+        }
+        ErrorType::Unauthorized => DeliveryError::Unavailable("Discord refuses the bot token".into()),
+        _ => DeliveryError::Unavailable(format!("Discord cannot be reached to {what}: {e}")),
+    }
+}
+
+/// The Discord error code of a failed call.
+fn error_code(e: &twilight_http::Error) -> Option<u64> {
+    match e.kind() {
+        ErrorType::Response { error: ApiError::General(g), .. } => Some(g.code),
+        _ => None,
+    }
+}
+
+const UNKNOWN_WEBHOOK: u64 = 10015;
+const UNKNOWN_MESSAGE: u64 = 10008;
+
+fn time_of(ts: twilight_model::util::Timestamp) -> SystemTime {
+    let micros = ts.as_micros();
+    SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
+
+/// The emoji of a reaction, as text.
+fn emoji_text(e: &EmojiReactionType) -> Option<String> {
+    match e {
+        EmojiReactionType::Unicode { name } => Some(name.clone()),
+        EmojiReactionType::Custom { name: Some(name), .. } => Some(format!(":{name}:")),
+        EmojiReactionType::Custom { .. } => None,
+    }
+}
+
+/// Names for mentions: the message's own mention list, then the cache.
+struct CacheNames<'a> {
+    cache: &'a DefaultInMemoryCache,
+    guild: Option<Id<GuildMarker>>,
+    mentions: &'a [twilight_model::channel::message::Mention],
+}
+
+impl incoming::Names for CacheNames<'_> {
+    fn user(&self, id: u64) -> Option<String> {
+        let uid = Id::<UserMarker>::new_checked(id)?;
+        let mention = self.mentions.iter().find(|m| m.id == uid);
+        if let Some(nick) = mention.and_then(|m| m.member.as_ref()).and_then(|p| p.nick.clone()) {
+            return Some(nick);
+        }
+        if let Some(guild) = self.guild
+            && let Some(member) = self.cache.member(guild, uid)
+            && let Some(nick) = member.nick()
+        {
+            return Some(nick.to_owned());
+        }
+        self.cache
+            .user(uid)
+            .map(|u| u.global_name.clone().unwrap_or_else(|| u.name.clone()))
+            .or_else(|| mention.map(|m| m.name.clone()))
+    }
+
+    fn role(&self, id: u64) -> Option<String> {
+        self.cache.role(Id::new_checked(id)?).map(|r| r.name.clone())
+    }
+
+    fn channel(&self, id: u64) -> Option<String> {
+        self.cache.channel(Id::new_checked(id)?).and_then(|c| c.name.clone())
+    }
+}
+
+impl DiscordNetwork {
+    /// The bridge for `config`, on the REST origin its `api_url` names.
+    pub fn new(
+        id: NetworkId,
+        config: DiscordNetworkConfig,
+        store: Store,
+        sink: EventSink,
+        portals: Portals,
+    ) -> Result<Arc<Self>, String> {
+        let origin = config.api_url.trim_end_matches('/');
+        let (host, plain) = match (origin.strip_prefix("https://"), origin.strip_prefix("http://")) {
+            (Some(h), _) => (h, false),
+            (None, Some(h)) => (h, true),
+            _ => return Err(format!("`api_url: {}` is not an http(s) origin", config.api_url)),
+        };
+        let mut builder = Client::builder()
+            .token(config.token.expose().to_owned())
+            .default_allowed_mentions(AllowedMentions::default())
+            .timeout(Duration::from_secs(30));
+        if host != "discord.com" || plain {
+            // Another origin (a proxy, a test's emulator): twilight keeps its limiter.
+            builder = builder.proxy(host.to_owned(), plain);
+        }
+        let http = Arc::new(builder.build());
+        let cache = DefaultInMemoryCache::builder()
+            .resource_types(
+                ResourceType::GUILD
+                    | ResourceType::CHANNEL
+                    | ResourceType::ROLE
+                    | ResourceType::MEMBER
+                    | ResourceType::USER
+                    | ResourceType::USER_CURRENT,
+            )
+            .build();
+        let (progress, progress_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(DiscordNetwork {
+            id,
+            config,
+            http,
+            store,
+            sink,
+            portals,
+            ghosts: Ghosts::new(),
+            cache,
+            state: Mutex::new(State::default()),
+            hook_lock: tokio::sync::Mutex::new(()),
+            progress,
+            progress_rx: Mutex::new(Some(progress_rx)),
+            updates: Mutex::new(None),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The channels of this network in portals, as the configuration wrote them.
+    pub fn configured_portals(&self) -> Vec<(String, ChatRef)> {
+        self.config
+            .portals
+            .iter()
+            .map(|p| (format!("{}@{}", p.name, self.config.domain), ChatRef::room(self.id.clone(), p.channel.clone())))
+            .collect()
+    }
+
+    fn checkpoint_name(&self, channel: u64) -> String {
+        format!("discord:{}:{channel}:last", self.id)
+    }
+
+    fn portal_chat(&self, channel: Id<ChannelMarker>) -> Option<ChatRef> {
+        let chat = ChatRef::room(self.id.clone(), channel.to_string());
+        self.portals.of(&chat).is_some().then_some(chat)
+    }
+
+    /// Connect the gateway and bridge for as long as the gateway runs.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.run().await });
+        if let Some(rx) = self.progress_rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let me = self.clone();
+            tokio::spawn(async move { me.keep_progress(rx).await });
+        }
+    }
+
+    /// Who the bot is, asked over REST until Discord answers.
+    async fn bot_user(&self) -> Id<UserMarker> {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            if let Some(id) = self.state().bot_id {
+                return id;
+            }
+            match self.http.current_user().await {
+                Ok(r) => match r.model().await {
+                    Ok(user) => {
+                        let mut s = self.state();
+                        s.bot_id = Some(user.id);
+                        s.bot_name = Some(user.name.clone());
+                        return user.id;
+                    }
+                    Err(e) => warn!(network = %self.id, error = %e, "Discord's answer about the bot cannot be read"),
+                },
+                Err(e)
+                    if matches!(e.kind(), ErrorType::Unauthorized)
+                        || matches!(e.kind(), ErrorType::Response { status, .. } if status.get() == 401) =>
+                {
+                    warn!(network = %self.id, "Discord refuses the bot token (401): put the token from the Developer Portal (your application → Bot → Reset Token) in `token`; trying again in 5 minutes");
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                    continue;
+                }
+                Err(e) => warn!(network = %self.id, error = %e, retry_in = ?wait, "Discord is not reachable"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    }
+
+    async fn gateway_url(&self) -> String {
+        if let Some(url) = &self.config.gateway_url {
+            return url.clone();
+        }
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match self.http.gateway().authed().await {
+                Ok(r) => match r.model().await {
+                    Ok(g) => return g.url,
+                    Err(e) => warn!(network = %self.id, error = %e, "Discord's gateway answer cannot be read"),
+                },
+                Err(e) => {
+                    warn!(network = %self.id, error = %e, retry_in = ?wait, "Discord does not say where its gateway is")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        self.bot_user().await;
+        let url = self.gateway_url().await;
+        let interval = std::env::var("ISTHMUS_TEST_DISCORD_IDENTIFY_INTERVAL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(5), Duration::from_millis);
+        let settings = gateway::Settings {
+            network: self.id.to_string(),
+            token: self.config.token.expose().to_owned(),
+            url,
+            queue: gateway::IdentifyQueue::new(interval),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        *self.updates.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        tokio::spawn(gateway::run(settings, tx));
+        while let Some(update) = rx.recv().await {
+            match update {
+                Update::Intents(i) => self.state().message_content = i.contains(Intents::MESSAGE_CONTENT),
+                Update::Event(event) => self.event(*event).await,
+                Update::Backfill(session) => {
+                    let due = {
+                        let mut s = self.state();
+                        (s.sessions == session && s.awaited_guilds.take().is_some()).then_some(())
+                    };
+                    if due.is_some() {
+                        debug!(network = %self.id, "not every guild arrived in time; reading back now");
+                        self.backfill_all().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn event(&self, event: twilight_gateway::Event) {
+        use twilight_gateway::Event as E;
+        self.cache.update(&event);
+        match event {
+            E::Ready(r) => {
+                // A new session: what was said meanwhile is read back, once its guilds
+                // (and their members' nicknames) are here, or after a while.
+                let (session, waiting) = {
+                    let mut s = self.state();
+                    s.bot_id = Some(r.user.id);
+                    s.bot_name = Some(r.user.name.clone());
+                    s.connected = true;
+                    s.sessions += 1;
+                    let guilds: HashSet<u64> = r.guilds.iter().map(|g| g.id.get()).collect();
+                    let waiting = !guilds.is_empty();
+                    s.awaited_guilds = Some(guilds);
+                    (s.sessions, waiting)
+                };
+                if waiting {
+                    let tx = self.updates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(tx) = tx {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(GUILDS_WAIT).await;
+                            let _ = tx.send(Update::Backfill(session));
+                        });
+                    }
+                } else {
+                    self.state().awaited_guilds = None;
+                    self.backfill_all().await;
+                }
+            }
+            E::GuildCreate(g) => {
+                let all_here = {
+                    let mut s = self.state();
+                    match s.awaited_guilds.as_mut() {
+                        Some(w) => {
+                            w.remove(&g.id().get());
+                            w.is_empty()
+                        }
+                        None => false,
+                    }
+                };
+                if all_here {
+                    self.state().awaited_guilds = None;
+                    self.backfill_all().await;
+                }
+            }
+            E::Resumed => {
+                self.state().connected = true;
+                debug!(network = %self.id, "gateway session resumed");
+            }
+            E::GatewayClose(_) => self.state().connected = false,
+            E::MessageCreate(m) => self.message(m.message, false).await,
+            E::MessageUpdate(m) => self.edited((*m).0).await,
+            E::MessageDelete(d) => self.deleted(d.channel_id, d.id).await,
+            E::MessageDeleteBulk(d) => {
+                for id in d.ids {
+                    self.deleted(d.channel_id, id).await;
+                }
+            }
+            E::ReactionAdd(r) => self.reaction(&r.0, true).await,
+            E::ReactionRemove(r) => self.reaction(&r.0, false).await,
+            _ => {}
+        }
+    }
+
+    /// Read each portal channel from its checkpoint on.
+    async fn backfill_all(&self) {
+        for chat in self.portals.chats_on(&self.id) {
+            let Some(channel) = parse_channel(chat.id.as_str()) else { continue };
+            // The webhooks first: what they posted is known as ours.
+            if let Err(e) = self.hook(channel).await {
+                warn!(network = %self.id, channel = %channel, error = %e, "no webhook in this channel: messages from XMPP cannot be posted there");
+            }
+            self.backfill(channel).await;
+        }
+    }
+
+    async fn backfill(&self, channel: Id<ChannelMarker>) {
+        let name = self.checkpoint_name(channel.get());
+        let after = match self.store.checkpoint(&name).await {
+            // `0`: the channel was empty; everything in it is new.
+            Ok(v) => v.and_then(|v| v.parse::<u64>().ok()).map(|v| Id::<MessageMarker>::new(v.max(1))),
+            Err(e) => {
+                warn!(network = %self.id, error = %e, "the channel's checkpoint cannot be read; not reading back");
+                return;
+            }
+        };
+        let Some(mut after) = after else {
+            // A channel seen for the first time: bridged from now on, its past is not.
+            let last = match self.http.channel_messages(channel).limit(1).await {
+                Ok(r) => match r.models().await {
+                    Ok(m) => m.first().map_or(0, |m| m.id.get()),
+                    Err(e) => {
+                        warn!(network = %self.id, channel = %channel, error = %e, "the channel's last message cannot be read");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(network = %self.id, channel = %channel, error = %e, "the channel's last message is not known (the bot needs Read Message History)");
+                    return;
+                }
+            };
+            if let Err(e) = self.store.set_checkpoint(&name, &last.to_string()).await {
+                warn!(network = %self.id, error = %e, "the channel's checkpoint cannot be stored");
+            }
+            return;
+        };
+        let mut read = 0usize;
+        loop {
+            let page = match self.http.channel_messages(channel).after(after).limit(PAGE).await {
+                Ok(r) => match r.models().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(network = %self.id, channel = %channel, error = %e, "a page of messages cannot be read");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(network = %self.id, channel = %channel, error = %e, "what was said while the bridge was away cannot be read (the bot needs Read Message History)");
+                    return;
+                }
+            };
+            let full = page.len() >= usize::from(PAGE);
+            let mut page = page;
+            page.sort_by_key(|m| m.id);
+            let Some(newest) = page.last().map(|m| m.id) else { break };
+            for m in page {
+                read += 1;
+                self.message(m, true).await;
+            }
+            after = newest;
+            if !full {
+                break;
+            }
+        }
+        if read > 0 {
+            info!(network = %self.id, channel = %channel, messages = read, "read back what was said while the bridge was away");
+        }
+    }
+
+    /// Keep each channel's checkpoint at the newest message whose event is safe, in order.
+    async fn keep_progress(&self, mut rx: mpsc::UnboundedReceiver<Progress>) {
+        let mut dirty: HashMap<u64, u64> = HashMap::new();
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        let mut flushed = Instant::now();
+        while let Some(p) = rx.recv().await {
+            if let Some(r) = p.routed
+                && !r.wait().await
+            {
+                return;
+            }
+            if last.get(&p.channel).is_none_or(|l| *l < p.message) {
+                last.insert(p.channel, p.message);
+                dirty.insert(p.channel, p.message);
+            }
+            // Written when nothing more is waiting, and at least every second under load.
+            if rx.is_empty() || flushed.elapsed() >= Duration::from_secs(1) {
+                flushed = Instant::now();
+                for (channel, message) in dirty.drain() {
+                    if let Err(e) =
+                        self.store.set_checkpoint(&self.checkpoint_name(channel), &message.to_string()).await
+                    {
+                        warn!(network = %self.id, error = %e, "the channel's checkpoint cannot be stored; messages may be read again (they are not bridged twice)");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether this message is the bridge's own (the bot's, or one of its webhooks').
+    fn is_own(&self, author: Id<UserMarker>, webhook: Option<Id<WebhookMarker>>) -> bool {
+        let s = self.state();
+        s.bot_id == Some(author) || webhook.is_some_and(|w| s.own_hooks.contains(&w.get()))
+    }
+
+    /// Whether the event `origin_id` of `chat` was taken in already.
+    async fn seen(&self, chat: &ChatRef, origin_id: &str) -> bool {
+        let scope = id_scope(None, chat);
+        matches!(self.store.key_for_remote(self.id.as_str(), &scope, origin_id).await, Ok(Some(_)))
+    }
+
+    /// The occupant for a Discord user; a person not seen in the chat before enters the room first.
+    async fn person(&self, chat: &ChatRef, user: Id<UserMarker>, nick: String) -> Sender {
+        let id = user.to_string();
+        let before = self.ghosts.nick_in(chat.id.as_str(), &id);
+        if let Some(kind) = self.ghosts.seen(chat.id.as_str(), &id, &nick) {
+            let from = Sender::new(id.clone(), before.unwrap_or_else(|| nick.clone()));
+            let _ = self.sink.emit(Event::new(self.id.clone(), chat.clone(), from, kind)).await;
+        }
+        Sender::new(id, nick)
+    }
+
+    async fn emit(&self, channel: u64, message: Option<u64>, event: Event) {
+        match self.sink.emit_routed(event).await {
+            Ok(routed) => {
+                if let Some(message) = message {
+                    let _ = self.progress.send(Progress { channel, message, routed: Some(routed) });
+                }
+            }
+            Err(e) => debug!(error = %e, "the gateway is stopping"),
+        }
+    }
+
+    fn names<'a>(&'a self, msg: &'a DiscordMessage) -> CacheNames<'a> {
+        CacheNames {
+            cache: &self.cache,
+            guild: msg.guild_id.or_else(|| self.guild_of(msg.channel_id)),
+            mentions: &msg.mentions,
+        }
+    }
+
+    fn guild_of(&self, channel: Id<ChannelMarker>) -> Option<Id<GuildMarker>> {
+        self.state()
+            .channels
+            .get(&channel.get())
+            .and_then(|c| c.guild)
+            .or_else(|| self.cache.channel(channel).and_then(|c| c.guild_id))
+    }
+
+    /// The name to show for a message's author: as the message says, else (a
+    /// message read back over REST carries no member) the cached server nickname.
+    fn author(&self, msg: &DiscordMessage) -> String {
+        if msg.member.is_none()
+            && msg.webhook_id.is_none()
+            && let Some(guild) = self.guild_of(msg.channel_id)
+            && let Some(member) = self.cache.member(guild, msg.author.id)
+            && let Some(nick) = member.nick()
+        {
+            return incoming::one_line(nick);
+        }
+        incoming::author_name(msg)
+    }
+
+    /// A new message (live, or read back).
+    async fn message(&self, msg: DiscordMessage, backfill: bool) {
+        let channel = msg.channel_id.get();
+        let Some(chat) = self.portal_chat(msg.channel_id) else { return };
+        let mid = msg.id.get();
+        let skip = |me: &Self| {
+            let _ = me.progress.send(Progress { channel, message: mid, routed: None });
+        };
+        if self.is_own(msg.author.id, msg.webhook_id) {
+            skip(self);
+            return;
+        }
+        let origin_id = mid.to_string();
+        if self.state().recent_set.contains_key(&mid) || self.seen(&chat, &origin_id).await {
+            debug!(network = %self.id, message = mid, "already bridged");
+            skip(self);
+            return;
+        }
+        if msg.content.is_empty() && msg.attachments.is_empty() && msg.embeds.is_empty() && msg.sticker_items.is_empty()
+        {
+            let mut s = self.state();
+            if !s.message_content && s.warned_empty.is_none_or(|t| t.elapsed() > EMPTY_WARNING_EVERY) {
+                s.warned_empty = Some(Instant::now());
+                warn!(
+                    network = %self.id,
+                    channel,
+                    "a message from Discord arrived empty: the bot runs without the MESSAGE_CONTENT intent. Turn on \
+                     MESSAGE CONTENT INTENT in the Developer Portal (your application → Bot → Privileged Gateway \
+                     Intents); the bridge uses it at its next connection"
+                );
+            }
+        }
+        let content = incoming::message_of(&msg, &self.names(&msg));
+        let Some(content) = content else {
+            skip(self);
+            return;
+        };
+        let sender = self.person(&chat, msg.author.id, self.author(&msg)).await;
+        self.state().remember(mid, Some(sender.clone()));
+        let time = time_of(msg.timestamp);
+        let event = Event::new(self.id.clone(), chat, sender, EventKind::Message(content)).with_origin_id(origin_id);
+        let event = if backfill { event.with_time(time) } else { event.at(time) };
+        self.emit(channel, Some(mid), event).await;
+    }
+
+    async fn edited(&self, msg: DiscordMessage) {
+        // A link preview (only embeds changed) is no edit.
+        let Some(edited) = msg.edited_timestamp else { return };
+        let Some(chat) = self.portal_chat(msg.channel_id) else { return };
+        if self.is_own(msg.author.id, msg.webhook_id) {
+            return;
+        }
+        let edit_id = format!("{}:{}", msg.id, edited.as_micros());
+        if self.seen(&chat, &edit_id).await {
+            return;
+        }
+        let Some(content) = incoming::message_of(&msg, &self.names(&msg)) else { return };
+        let sender = self.person(&chat, msg.author.id, self.author(&msg)).await;
+        let kind = EventKind::Correction { target: MessageRef(msg.id.to_string()), message: content };
+        let event = Event::new(self.id.clone(), chat, sender, kind).with_origin_id(edit_id);
+        self.emit(msg.channel_id.get(), None, event).await;
+    }
+
+    async fn deleted(&self, channel: Id<ChannelMarker>, id: Id<MessageMarker>) {
+        let Some(chat) = self.portal_chat(channel) else { return };
+        if self.state().self_deleted.remove(&id.get()) {
+            return;
+        }
+        // Discord does not say who deleted it: its author, when the bridge knows
+        // them, else a moderator (the bot, for the room).
+        let (sender, moderator) = {
+            let s = self.state();
+            match s.recent_set.get(&id.get()).cloned().flatten() {
+                Some(author) => (author, None),
+                None => {
+                    let bot = s.bot_name.clone().unwrap_or_else(|| "Discord".into());
+                    (Sender::new(s.bot_id.map(|b| b.to_string()).unwrap_or_default(), bot.clone()), Some(bot))
+                }
+            }
+        };
+        let kind = EventKind::Retraction { target: MessageRef(id.to_string()), moderator, reason: None };
+        let event = Event::new(self.id.clone(), chat, sender, kind).with_origin_id(format!("{id}:deleted"));
+        self.emit(channel.get(), None, event).await;
+    }
+
+    async fn reaction(&self, r: &twilight_model::gateway::GatewayReaction, added: bool) {
+        if self.state().bot_id == Some(r.user_id) {
+            return;
+        }
+        let Some(chat) = self.portal_chat(r.channel_id) else { return };
+        let Some(emoji) = emoji_text(&r.emoji) else { return };
+        let emojis = {
+            let mut s = self.state();
+            if s.reactions_in.len() >= MAX_REACTION_SETS {
+                s.reactions_in.clear();
+            }
+            let set = s.reactions_in.entry((r.message_id.get(), r.user_id.get())).or_default();
+            if added {
+                if !set.contains(&emoji) {
+                    set.push(emoji);
+                }
+            } else {
+                set.retain(|e| *e != emoji);
+            }
+            set.clone()
+        };
+        let nick = r
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone().or_else(|| m.user.global_name.clone()).or_else(|| Some(m.user.name.clone())))
+            .or_else(|| self.cache.user(r.user_id).map(|u| u.global_name.clone().unwrap_or_else(|| u.name.clone())))
+            .or_else(|| self.ghosts.nick_in(chat.id.as_str(), &r.user_id.to_string()))
+            .unwrap_or_else(|| r.user_id.to_string());
+        let sender = self.person(&chat, r.user_id, incoming::one_line(&nick)).await;
+        let kind = EventKind::Reactions { target: MessageRef(r.message_id.to_string()), emojis };
+        self.emit(r.channel_id.get(), None, Event::new(self.id.clone(), chat, sender, kind)).await;
+    }
+
+    /// What the bridge knows of a channel (asked once).
+    async fn channel_info(
+        &self,
+        channel: Id<ChannelMarker>,
+    ) -> Result<(ChannelInfo, Option<Id<ChannelMarker>>), DeliveryError> {
+        let ch = self
+            .http
+            .channel(channel)
+            .await
+            .map_err(|e| delivery_error("read the channel", &e))?
+            .model()
+            .await
+            .map_err(|e| {
+                DeliveryError::Unavailable(format!("Discord's answer about the channel cannot be read: {e}"))
+            })?;
+        let info = ChannelInfo { guild: ch.guild_id };
+        self.state().channels.insert(channel.get(), info);
+        let parent = ch.kind.is_thread().then_some(ch.parent_id).flatten();
+        Ok((info, parent))
+    }
+
+    /// The webhook that posts in `channel` (a thread: its parent's), found or made.
+    async fn hook(&self, channel: Id<ChannelMarker>) -> Result<Hook, DeliveryError> {
+        if let Some(h) = self.state().hooks.get(&channel.get()) {
+            return Ok(h.clone());
+        }
+        let _one = self.hook_lock.lock().await;
+        if let Some(h) = self.state().hooks.get(&channel.get()) {
+            return Ok(h.clone());
+        }
+        let (_, parent) = self.channel_info(channel).await?;
+        let bot = self.bot_user().await;
+        let home = parent.unwrap_or(channel);
+        let list = self
+            .http
+            .channel_webhooks(home)
+            .await
+            .map_err(|e| delivery_error("list the channel's webhooks", &e))?
+            .models()
+            .await
+            .map_err(|e| DeliveryError::Unavailable(format!("Discord's webhook list cannot be read: {e}")))?;
+        let mut found = None;
+        {
+            let mut s = self.state();
+            for w in &list {
+                if w.user.as_ref().is_some_and(|u| u.id == bot) {
+                    s.own_hooks.insert(w.id.get());
+                    if found.is_none()
+                        && w.name.as_deref() == Some(WEBHOOK_NAME)
+                        && let Some(token) = &w.token
+                    {
+                        found = Some((w.id, token.clone()));
+                    }
+                }
+            }
+        }
+        let (id, token) = match found {
+            Some(f) => f,
+            None => {
+                let w = self
+                    .http
+                    .create_webhook(home, WEBHOOK_NAME)
+                    .await
+                    .map_err(|e| delivery_error("make a webhook", &e))?
+                    .model()
+                    .await
+                    .map_err(|e| DeliveryError::Unavailable(format!("Discord's new webhook cannot be read: {e}")))?;
+                let token =
+                    w.token.ok_or_else(|| DeliveryError::Rejected("Discord gave the webhook no token".into()))?;
+                info!(network = %self.id, channel = %home, webhook = %w.id, "made the channel's webhook");
+                (w.id, token)
+            }
+        };
+        let hook = Hook { id, token, thread: parent.map(|_| channel) };
+        let mut s = self.state();
+        s.own_hooks.insert(id.get());
+        s.hooks.insert(channel.get(), hook.clone());
+        Ok(hook)
+    }
+
+    /// Forget a webhook Discord no longer knows (someone deleted it).
+    fn forget_hook(&self, channel: Id<ChannelMarker>) {
+        let mut s = self.state();
+        if let Some(h) = s.hooks.remove(&channel.get()) {
+            warn!(network = %self.id, channel = %channel, webhook = %h.id, "the channel's webhook is gone; making a new one");
+        }
+    }
+
+    /// The quote above a reply to `target`.
+    async fn replied(&self, channel: Id<ChannelMarker>, target: &MessageRef) -> Option<outgoing::Replied> {
+        let mid = target.0.parse::<u64>().ok().and_then(Id::<MessageMarker>::new_checked)?;
+        let guild = match self.guild_of(channel) {
+            Some(g) => g.to_string(),
+            None => {
+                self.channel_info(channel).await.ok().and_then(|(i, _)| i.guild).map_or("@me".into(), |g| g.to_string())
+            }
+        };
+        let link = format!("{}/channels/{guild}/{channel}/{mid}", self.config.api_url.trim_end_matches('/'));
+        let found = match self.http.message(channel, mid).await {
+            Ok(r) => r.model().await.ok(),
+            Err(e) => {
+                debug!(network = %self.id, error = %e, "the replied-to message cannot be read");
+                None
+            }
+        };
+        Some(outgoing::Replied {
+            author: found.as_ref().map(|m| self.author(m)),
+            text: found.as_ref().map(|m| incoming::parse(&m.content, &self.names(m)).0),
+            link,
+        })
+    }
+
+    /// Post `content` as `nick` through the channel's webhook; the message's id.
+    async fn post(
+        &self,
+        channel: Id<ChannelMarker>,
+        nick: &str,
+        content: &str,
+        event: &Event,
+    ) -> Result<u64, DeliveryError> {
+        let username = outgoing::username(nick);
+        let mentions = AllowedMentions::default();
+        for again in [false, true] {
+            let hook = self.hook(channel).await?;
+            if let Some(r) = &event.receipt {
+                // The copy leaves the process now: it is not sent twice after a crash.
+                r.confirm().await;
+            }
+            let mut req = self
+                .http
+                .execute_webhook(hook.id, &hook.token)
+                .content(content)
+                .username(&username)
+                .allowed_mentions(Some(&mentions));
+            if let Some(t) = hook.thread {
+                req = req.thread_id(t);
+            }
+            match req.wait().await {
+                Ok(r) => {
+                    let m = r
+                        .model()
+                        .await
+                        .map_err(|e| DeliveryError::Unavailable(format!("Discord's answer cannot be read: {e}")))?;
+                    self.state().remember(m.id.get(), None);
+                    return Ok(m.id.get());
+                }
+                Err(e) if error_code(&e) == Some(UNKNOWN_WEBHOOK) && !again => self.forget_hook(channel),
+                Err(e) => return Err(delivery_error("post the message", &e)),
+            }
+        }
+        Err(DeliveryError::Unavailable("the channel's webhook keeps disappearing".into()))
+    }
+
+    fn message_id(target: &MessageRef) -> Result<Id<MessageMarker>, DeliveryError> {
+        target
+            .0
+            .split(':')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok())
+            .and_then(Id::new_checked)
+            .ok_or_else(|| DeliveryError::Rejected("that message is not known on Discord".into()))
+    }
+
+    async fn react(
+        &self,
+        channel: Id<ChannelMarker>,
+        event: &Event,
+        target: &MessageRef,
+        emojis: &[String],
+    ) -> Result<(), DeliveryError> {
+        let mid = Self::message_id(target)?;
+        let (add, remove) = {
+            let mut s = self.state();
+            if s.reactions_out.len() >= MAX_REACTION_SETS && !s.reactions_out.contains_key(&mid.get()) {
+                s.reactions_out.clear();
+            }
+            let per = s.reactions_out.entry(mid.get()).or_default();
+            let union =
+                |p: &HashMap<String, Vec<String>>| -> HashSet<String> { p.values().flatten().cloned().collect() };
+            let before = union(per);
+            per.insert(event.sender.id.to_string(), emojis.to_vec());
+            per.retain(|_, v| !v.is_empty());
+            let after = union(per);
+            let add: Vec<String> = emojis.iter().filter(|e| !before.contains(*e)).cloned().collect();
+            let remove: Vec<String> = before.difference(&after).cloned().collect();
+            (add, remove)
+        };
+        if let Some(r) = &event.receipt {
+            r.confirm().await;
+        }
+        for e in add {
+            let emoji = RequestReactionType::Unicode { name: &e };
+            self.http.create_reaction(channel, mid, &emoji).await.map_err(|er| delivery_error("react", &er))?;
+        }
+        for e in remove {
+            let emoji = RequestReactionType::Unicode { name: &e };
+            self.http
+                .delete_current_user_reaction(channel, mid, &emoji)
+                .await
+                .map_err(|er| delivery_error("take the reaction back", &er))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Network for DiscordNetwork {
+    fn id(&self) -> &NetworkId {
+        &self.id
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            formatted_bodies: true,
+            attachments: false,
+            replies: true,
+            threads: false,
+            corrections: true,
+            retractions: true,
+            reactions: true,
+            typing: true,
+            read_markers: false,
+            echoes_own_messages: false,
+            rooms_exist_while_occupied: false,
+        }
+    }
+
+    fn chat_kind(&self, id: &str) -> Option<ChatKind> {
+        parse_channel(id).map(|_| ChatKind::Room)
+    }
+
+    fn links_portals_at_run_time(&self, id: &str) -> bool {
+        parse_channel(id).is_some()
+    }
+
+    fn display_name(&self, id: &str) -> String {
+        self.ghosts.any_nick(id).unwrap_or_else(|| id.to_owned())
+    }
+
+    async fn connections_status(&self) -> Vec<String> {
+        let s = self.state();
+        let bot = s.bot_name.clone().unwrap_or_else(|| "the bot (not reached yet)".into());
+        let portals = self.portals.chats_on(&self.id).len();
+        vec![format!("{bot}: {}, {portals} portal channels", if s.connected { "connected" } else { "connecting" })]
+    }
+
+    async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
+        let channel = parse_channel(event.chat.id.as_str())
+            .ok_or_else(|| DeliveryError::Rejected(format!("`{}` is not a Discord channel", event.chat.id)))?;
+        let nick = event.sender.nick.clone();
+        let ids = match &event.kind {
+            EventKind::JoinRequest { nick, .. } => {
+                let occupants = self.ghosts.occupants(event.chat.id.as_str());
+                let answer = Event::new(
+                    self.id.clone(),
+                    event.chat.clone(),
+                    Sender::own(event.sender.id.as_str(), nick.clone()),
+                    EventKind::SelfJoined { nick: nick.clone(), occupants, topic: None },
+                );
+                self.sink.emit(answer).await.map_err(|e| DeliveryError::Unavailable(e.to_string()))?;
+                Vec::new()
+            }
+            EventKind::Message(m) => {
+                let replied = match &m.reply_to {
+                    Some(r) => self.replied(channel, &r.target).await,
+                    None => None,
+                };
+                let content = outgoing::content(m, replied.as_ref());
+                vec![self.post(channel, &nick, &content, &event).await?.to_string()]
+            }
+            EventKind::Correction { target, message } => {
+                let mid = Self::message_id(target)?;
+                let content = outgoing::content(message, None);
+                let hook = self.hook(channel).await?;
+                if let Some(r) = &event.receipt {
+                    r.confirm().await;
+                }
+                let mentions = AllowedMentions::default();
+                let mut req = self
+                    .http
+                    .update_webhook_message(hook.id, &hook.token, mid)
+                    .content(Some(&content))
+                    .allowed_mentions(Some(&mentions));
+                if let Some(t) = hook.thread {
+                    req = req.thread_id(t);
+                }
+                req.await.map_err(|e| delivery_error("edit the message", &e))?;
+                Vec::new()
+            }
+            EventKind::Retraction { target, .. } => {
+                let mid = Self::message_id(target)?;
+                let hook = self.hook(channel).await?;
+                if let Some(r) = &event.receipt {
+                    r.confirm().await;
+                }
+                self.state().self_deleted.insert(mid.get());
+                let mut req = self.http.delete_webhook_message(hook.id, &hook.token, mid);
+                if let Some(t) = hook.thread {
+                    req = req.thread_id(t);
+                }
+                match req.await {
+                    Ok(_) => {}
+                    // Not the webhook's: someone's own message, deleted by the bot (Manage Messages).
+                    Err(e) if error_code(&e) == Some(UNKNOWN_MESSAGE) => {
+                        self.http.delete_message(channel, mid).await.map_err(|e| {
+                            self.state().self_deleted.remove(&mid.get());
+                            delivery_error(
+                                "delete the message (the bot needs Manage Messages for others' messages)",
+                                &e,
+                            )
+                        })?;
+                    }
+                    Err(e) => {
+                        self.state().self_deleted.remove(&mid.get());
+                        return Err(delivery_error("delete the message", &e));
+                    }
+                }
+                Vec::new()
+            }
+            EventKind::Reactions { target, emojis } => {
+                self.react(channel, &event, target, emojis).await?;
+                Vec::new()
+            }
+            EventKind::Typing(ChatState::Composing) => {
+                if let Err(e) = self.http.create_typing_trigger(channel).await {
+                    debug!(network = %self.id, error = %e, "typing not shown");
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        if let Some(r) = &event.receipt {
+            r.confirm().await;
+        }
+        Ok(Delivered::ids(ids))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_ids() {
+        assert_eq!(parse_channel("300000000000000001").map(Id::get), Some(300000000000000001));
+        assert_eq!(parse_channel("0"), None);
+        assert_eq!(parse_channel("-5"), None);
+        assert_eq!(parse_channel("#general"), None);
+        assert_eq!(parse_channel(""), None);
+    }
+}
