@@ -166,7 +166,7 @@ pub fn render(text: &str, spans: &[Span]) -> String {
             }
         }
     }
-    inserts.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    inserts.sort_by_key(|a| (a.0, a.1, a.2));
     let mut out = String::with_capacity(text.len() + text.len() / 8 + 16);
     let mut cuts: Vec<usize> = inserts.iter().map(|i| i.0).collect();
     cuts.extend(verbatim.iter().flat_map(|r| [r.start, r.end]));
