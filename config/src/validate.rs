@@ -481,6 +481,7 @@ fn check_portals(config: &Config, file: &Path) -> Result<(), ConfigError> {
         .map(|n| n.domain.as_str())
         .chain(config.matrix.iter().map(|n| n.domain.as_str()))
         .chain(config.telegram.iter().map(|n| n.domain.as_str()))
+        .chain(config.discord.iter().map(|n| n.domain.as_str()))
         .collect();
     let mut names = std::collections::HashSet::new();
     let mut members = std::collections::HashSet::new();
@@ -493,11 +494,14 @@ fn check_portals(config: &Config, file: &Path) -> Result<(), ConfigError> {
         if !names.insert(p.name.as_str()) {
             return err("the name is listed twice".into());
         }
-        let own_rooms =
-            config.matrix.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain))).chain(
-                config.telegram.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain))),
-            );
-        if let Some(taken) = own_rooms.into_iter().find(|r| *r == p.room) {
+        let matrix =
+            config.matrix.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain)));
+        let telegram =
+            config.telegram.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain)));
+        let discord =
+            config.discord.iter().flat_map(|n| n.portals.iter().map(move |q| format!("{}@{}", q.name, n.domain)));
+        let mut own_rooms = matrix.chain(telegram).chain(discord);
+        if let Some(taken) = own_rooms.find(|r| *r == p.room) {
             return err(format!("`room: {taken}` is already a portal of that network's own `portals` list"));
         }
         if config.portals[..i].iter().any(|q| q.room == p.room) {

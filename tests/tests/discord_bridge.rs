@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use isthmus_tests::discord::{BOT_TOKEN, DiscordEmulator, GENERAL, ann, tom};
+use isthmus_tests::discord::{BOT_TOKEN, DiscordEmulator, GENERAL, RANDOM, ann, tom};
 use isthmus_tests::scenario::{SECRET, T};
 use isthmus_tests::{Isthmus, Prosody, ProsodyOptions, Stanza, XmppClient};
 use serde_json::{Value, json};
@@ -461,5 +461,20 @@ async fn without_the_message_content_intent_the_operator_is_told_what_to_enable(
     let _alice = s.enter("alice", "alice").await?;
     s.emu.say(GENERAL, &tom(), "invisible", json!({})).await?;
     s.gateway.wait_log("a message from Discord arrived empty", 1, T).await.with_context(|| s.gateway.log())?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_channel_that_is_no_portal_cannot_be_joined_or_written_to() -> Result<()> {
+    let s = Setup::start().await?;
+    let mut alice = XmppClient::connect(&s.prosody, "alice@localhost", "alicepass").await?;
+    let room = format!("{RANDOM}@{DOMAIN}");
+    alice.join(&room, "alice").await?;
+    let answer = alice.expect(T, |st| st.kind == "presence" && st.from.starts_with(&room)).await?;
+    assert!(answer.type_ == "error" && answer.xml.contains("not a portal"), "{}", answer.xml);
+    alice.send_groupchat_with_id(&room, "let me in", "x1").await?;
+    alice.expect(T, |st| st.kind == "message" && st.type_ == "error").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(s.emu.posted(RANDOM).await?.is_empty(), "the bot spoke in a channel that is no portal");
     Ok(())
 }
