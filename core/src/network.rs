@@ -39,6 +39,25 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// What a bot-bridged network renders natively (Telegram, Discord): formatted
+    /// text, replies, edits, deletes, reactions and typing; no files, threads or
+    /// read markers unless the bridge adds them.
+    pub const fn bot() -> Self {
+        Capabilities {
+            formatted_bodies: true,
+            attachments: false,
+            replies: true,
+            threads: false,
+            corrections: true,
+            retractions: true,
+            reactions: true,
+            typing: true,
+            read_markers: false,
+            echoes_own_messages: false,
+            rooms_exist_while_occupied: false,
+        }
+    }
+
     /// Everything rendered natively.
     pub const fn all() -> Self {
         Capabilities {

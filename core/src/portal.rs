@@ -165,6 +165,23 @@ impl Portals {
         })
     }
 
+    /// For a network reached through portals only (a bot network): refuse an event
+    /// that is no portal's (a personal room made of a chat's address would make
+    /// the bot speak wherever a user likes). `what` names the network's chats.
+    pub fn require_portal_event(
+        &self,
+        event: &crate::model::Event,
+        what: &str,
+    ) -> Result<(), crate::network::DeliveryError> {
+        if event.account.is_none() && self.of(&event.chat).is_some() {
+            return Ok(());
+        }
+        Err(crate::network::DeliveryError::Forbidden(format!(
+            "`{}` is not a portal: {what} are reached through the portals the gateway's admin links",
+            event.chat.id
+        )))
+    }
+
     /// Whether the XMPP room `room` (a bare JID) is a portal's.
     pub fn is_room(&self, room: &str) -> bool {
         self.read().by_chat.get(&room_chat(room)).is_some_and(|p| p.room.id.as_str() == room)

@@ -61,6 +61,8 @@ Control API (every body and answer is JSON):
                             {"kind": "outage", "secs": N, "drop_existing"?: true}
                             {"kind": "ratelimit", "route"?: "POST /channels/{id}/messages", "calls": N,
                              "per_secs": S, "scope"?: "user" | "shared"}
+                            (a "shared" limit is the resource's: the headers keep showing the
+                             client's own bucket, and only its 429s tell the client)
                             {"kind": "global_ratelimit", "secs": S}
                             {"kind": "http", "method"?, "path_prefix", "status", "count"?: 1, "code"?, "message"?}
                             {"kind": "clear"}                    (lifts every REST fault)
@@ -1319,6 +1321,22 @@ class Rest:
                 chosen = fault["buckets"].setdefault((route.bucket, major), Bucket(fault["calls"], fault["per_secs"]))
                 scope = fault["scope"]
                 break
+        if chosen is not None and scope == "shared":
+            # A shared limit is the resource's, not the client's: the headers keep
+            # telling the client's own bucket, and only the 429 says otherwise.
+            shared = chosen
+            if not shared.take(now):
+                own = st.buckets.setdefault((route.bucket, major), Bucket(st.cfg.bucket_limit, st.cfg.bucket_window))
+                wait = shared.reset_after(now)
+                h = dict(headers)
+                h.update({"X-RateLimit-Limit": str(own.limit), "X-RateLimit-Remaining": str(own.remaining()),
+                          "X-RateLimit-Reset": "%.3f" % (now + own.reset_after(now)),
+                          "X-RateLimit-Reset-After": "%.3f" % own.reset_after(now),
+                          "X-RateLimit-Bucket": route.bucket, "X-RateLimit-Scope": "shared",
+                          "Retry-After": str(max(1, math.ceil(wait)))})
+                return {"message": "You are being rate limited.", "retry_after": round(wait, 3), "global": False,
+                        "code": 0}, h
+            chosen = None
         if chosen is None:
             if len(st.buckets) > 20000:
                 st.buckets = {k: b for k, b in st.buckets.items() if b.reset_at > now}

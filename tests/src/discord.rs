@@ -2,16 +2,12 @@
 //! loopback for one test, with one bot application and one guild, and a client
 //! of its control API.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
 
-use crate::process::terminate;
+use crate::emulator::Emulator;
 
 /// The test bot's token (the Developer Portal's shape: three parts joined by `.`).
 pub const BOT_TOKEN: &str = "MTAwMDAw.GxTest.discord-bot-token";
@@ -37,40 +33,16 @@ pub fn ann() -> Value {
 
 /// A running emulator.
 pub struct DiscordEmulator {
-    _dir: TempDir,
-    log: PathBuf,
-    port: u16,
-    child: Child,
-    http: reqwest::Client,
+    emu: Emulator,
 }
 
 impl DiscordEmulator {
     /// Start the emulator with the test bot (`privileged` intents enabled for it)
     /// and the guild: #general, #random, the role `mods`, Tom and Ann.
     pub async fn start_with(privileged: &[&str]) -> Result<DiscordEmulator> {
-        let dir = tempfile::Builder::new().prefix("isthmus-discord-").tempdir()?;
-        let log = dir.path().join("emulator.log");
-        let script = crate::repo_root().join("tests/emulators/discord_api.py");
-        let mut child = tokio::process::Command::new(crate::xmpp::python()?)
-            .arg(script)
-            .args(["--port", "0", "--resume-window", "120"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the Discord emulator")?;
-        let stdout = child.stdout.take().context("emulator stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .map_err(|_| anyhow!("the Discord emulator did not start within 20 s"))??
-            .ok_or_else(|| anyhow!("the Discord emulator exited: {}", crate::process::tail(&log, 20)))?;
-        let port = line
-            .strip_prefix("listening on 127.0.0.1:")
-            .and_then(|p| p.trim().parse().ok())
-            .ok_or_else(|| anyhow!("unexpected first line from the emulator: {line}"))?;
-        let http = reqwest::Client::builder().no_proxy().build()?;
-        let emu = DiscordEmulator { _dir: dir, log, port, child, http };
+        let emu = DiscordEmulator {
+            emu: Emulator::start("discord_api.py", &["--resume-window", "120"], "Discord emulator").await?,
+        };
         emu.control(
             "app",
             json!({"token": BOT_TOKEN, "bot_user": {"id": BOT_ID, "username": "isthmus"}, "privileged_intents": privileged}),
@@ -98,35 +70,21 @@ impl DiscordEmulator {
 
     /// The origin the bridge's `api_url` and `cdn_url` point at.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.emu.url()
     }
 
     pub fn log(&self) -> String {
-        crate::process::tail(&self.log, 40)
+        self.emu.log()
     }
 
     /// `POST /_control/{path}` with `body`; the answer's JSON.
     pub async fn control(&self, path: &str, body: Value) -> Result<Value> {
-        let url = format!("{}/_control/{path}", self.url());
-        let resp = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("POST /_control/{path} answered {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        self.emu.control(path, body).await
     }
 
     /// `GET /_control/{path_and_query}`.
     pub async fn get(&self, path_and_query: &str) -> Result<Value> {
-        let url = format!("{}/_control/{path_and_query}", self.url());
-        let resp = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("GET /_control/{path_and_query} answered {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text)?)
+        self.emu.get(path_and_query).await
     }
 
     /// `author` writes `content` in `channel` (with `extra` fields); the message.
@@ -190,6 +148,6 @@ impl DiscordEmulator {
     }
 
     pub async fn stop(&mut self) {
-        terminate(&mut self.child, Duration::from_secs(2)).await;
+        self.emu.stop().await;
     }
 }

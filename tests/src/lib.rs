@@ -18,6 +18,7 @@
 //! The peers are installed by `tests/install-deps.sh`.
 
 pub mod discord;
+pub mod emulator;
 pub mod gateway;
 pub mod irc;
 pub mod matrix;

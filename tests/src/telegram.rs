@@ -1,16 +1,12 @@
 //! The Telegram Bot API emulator (`tests/emulators/telegram_bot_api.py`) started
 //! on loopback for one test, and a client of its control API.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
 
-use crate::process::terminate;
+use crate::emulator::Emulator;
 
 /// The token of the test bot (BotFather's shape: `ID:SECRET`).
 pub const BOT_TOKEN: &str = "123456:test-bot-token";
@@ -18,74 +14,34 @@ pub const BOT_ID: u64 = 123456;
 
 /// A running emulator.
 pub struct TelegramEmulator {
-    _dir: TempDir,
-    log: PathBuf,
-    port: u16,
-    child: Child,
-    http: reqwest::Client,
+    emu: Emulator,
 }
 
 impl TelegramEmulator {
     /// Start the emulator with the test bot registered.
     pub async fn start() -> Result<TelegramEmulator> {
-        let dir = tempfile::Builder::new().prefix("isthmus-telegram-").tempdir()?;
-        let log = dir.path().join("emulator.log");
-        let script = crate::repo_root().join("tests/emulators/telegram_bot_api.py");
-        let mut child = tokio::process::Command::new(crate::xmpp::python()?)
-            .arg(script)
-            .args(["--port", "0"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the Telegram emulator")?;
-        let stdout = child.stdout.take().context("emulator stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .map_err(|_| anyhow!("the Telegram emulator did not start within 20 s"))??
-            .ok_or_else(|| anyhow!("the Telegram emulator exited: {}", crate::process::tail(&log, 20)))?;
-        let port = line
-            .strip_prefix("listening on 127.0.0.1:")
-            .and_then(|p| p.trim().parse().ok())
-            .ok_or_else(|| anyhow!("unexpected first line from the emulator: {line}"))?;
-        let http = reqwest::Client::builder().no_proxy().build()?;
-        let emu = TelegramEmulator { _dir: dir, log, port, child, http };
+        let emu = TelegramEmulator { emu: Emulator::start("telegram_bot_api.py", &[], "Telegram emulator").await? };
         emu.control("bot", json!({"token": BOT_TOKEN, "id": BOT_ID, "username": "isthmus_bot", "first_name": "Isthmus", "can_read_all_group_messages": true})).await?;
         Ok(emu)
     }
 
     /// The URL the bridge's `api_url` points at.
     pub fn api_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.emu.url()
     }
 
     pub fn log(&self) -> String {
-        crate::process::tail(&self.log, 40)
+        self.emu.log()
     }
 
     /// `POST /_control/{path}` with `body`; the answer's JSON.
     pub async fn control(&self, path: &str, body: Value) -> Result<Value> {
-        let url = format!("{}/_control/{path}", self.api_url());
-        let resp = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("POST /_control/{path} answered {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        self.emu.control(path, body).await
     }
 
     /// `GET /_control/{path_and_query}`.
     pub async fn get(&self, path_and_query: &str) -> Result<Value> {
-        let url = format!("{}/_control/{path_and_query}", self.api_url());
-        let resp = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("GET /_control/{path_and_query} answered {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text)?)
+        self.emu.get(path_and_query).await
     }
 
     /// A group chat the bot is in (an administrator).
@@ -131,7 +87,7 @@ impl TelegramEmulator {
     }
 
     pub async fn stop(&mut self) {
-        terminate(&mut self.child, Duration::from_secs(2)).await;
+        self.emu.stop().await;
     }
 }
 

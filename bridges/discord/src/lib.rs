@@ -974,19 +974,7 @@ impl Network for DiscordNetwork {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            formatted_bodies: true,
-            attachments: false,
-            replies: true,
-            threads: false,
-            corrections: true,
-            retractions: true,
-            reactions: true,
-            typing: true,
-            read_markers: false,
-            echoes_own_messages: false,
-            rooms_exist_while_occupied: false,
-        }
+        Capabilities::bot()
     }
 
     fn chat_kind(&self, id: &str) -> Option<ChatKind> {
@@ -1009,14 +997,7 @@ impl Network for DiscordNetwork {
     }
 
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
-        // Channels are reached through portals only: a channel's address joined by
-        // someone (a personal room) would make the bot speak wherever they like.
-        if event.account.is_some() || self.portals.of(&event.chat).is_none() {
-            return Err(DeliveryError::Forbidden(format!(
-                "`{}` is not a portal: Discord channels are reached through the portals the gateway's admin links",
-                event.chat.id
-            )));
-        }
+        self.portals.require_portal_event(&event, "Discord channels")?;
         let channel = parse_channel(event.chat.id.as_str())
             .ok_or_else(|| DeliveryError::Rejected(format!("`{}` is not a Discord channel", event.chat.id)))?;
         let nick = event.sender.nick.clone();

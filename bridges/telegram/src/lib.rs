@@ -621,19 +621,7 @@ impl Network for TelegramNetwork {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            formatted_bodies: true,
-            attachments: false,
-            replies: true,
-            threads: false,
-            corrections: true,
-            retractions: true,
-            reactions: true,
-            typing: true,
-            read_markers: false,
-            echoes_own_messages: false,
-            rooms_exist_while_occupied: false,
-        }
+        Capabilities { attachments: true, ..Capabilities::bot() }
     }
 
     fn chat_kind(&self, id: &str) -> Option<ChatKind> {
@@ -656,14 +644,7 @@ impl Network for TelegramNetwork {
     }
 
     async fn deliver(&self, event: Event) -> Result<Delivered, DeliveryError> {
-        // Groups are reached through portals only: a group's address joined by
-        // someone (a personal room) would make the bot speak wherever they like.
-        if event.account.is_some() || self.portals.of(&event.chat).is_none() {
-            return Err(DeliveryError::Forbidden(format!(
-                "`{}` is not a portal: Telegram groups are reached through the portals the gateway's admin links",
-                event.chat.id
-            )));
-        }
+        self.portals.require_portal_event(&event, "Telegram groups")?;
         let nick = event.sender.nick.clone();
         let ids = match &event.kind {
             EventKind::JoinRequest { nick, .. } => {
