@@ -100,6 +100,27 @@ struct DomainSpec<'a> {
     secret: Option<&'a isthmus_config::Secret>,
 }
 
+impl<'a> DomainSpec<'a> {
+    /// A bot network's domain (Telegram, Discord): ids are numbers, rooms are
+    /// kept, nobody's connection needs a grace period.
+    fn bot(
+        domain: &'a str,
+        kind: &'static str,
+        allow: &'a [String],
+        secret: Option<&'a isthmus_config::Secret>,
+    ) -> Self {
+        DomainSpec {
+            domain,
+            kind,
+            escaping: Escaping::CaseInsensitive,
+            persistent: true,
+            reconnect_grace: Duration::ZERO,
+            allow,
+            secret,
+        }
+    }
+}
+
 /// The domains being set up, each with its way to the XMPP server: a component
 /// link, or (embedded) the server in this process.
 #[derive(Default)]
@@ -208,15 +229,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut telegram_networks = Vec::new();
     for net in &config.telegram {
         let id = wiring.add(
-            DomainSpec {
-                domain: &net.domain,
-                kind: "Telegram",
-                escaping: Escaping::CaseInsensitive,
-                persistent: true,
-                reconnect_grace: std::time::Duration::ZERO,
-                allow: &net.allow,
-                secret: net.secret.as_ref(),
-            },
+            DomainSpec::bot(&net.domain, "Telegram", &net.allow, net.secret.as_ref()),
             &config,
             component.as_ref(),
         )?;
@@ -228,15 +241,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut discord_networks = Vec::new();
     for net in &config.discord {
         let id = wiring.add(
-            DomainSpec {
-                domain: &net.domain,
-                kind: "Discord",
-                escaping: Escaping::CaseInsensitive,
-                persistent: true,
-                reconnect_grace: std::time::Duration::ZERO,
-                allow: &net.allow,
-                secret: net.secret.as_ref(),
-            },
+            DomainSpec::bot(&net.domain, "Discord", &net.allow, net.secret.as_ref()),
             &config,
             component.as_ref(),
         )?;

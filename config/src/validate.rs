@@ -405,17 +405,10 @@ fn check_telegram<'a>(
     for (i, net) in config.telegram.iter().enumerate() {
         let at = config.telegram_locations.get(i).copied().unwrap_or(top);
         let err = |m: String| Err(ConfigError::at(file, &at, format!("Telegram network `{}`: {m}", net.domain)));
-        if !valid_domain(&net.domain) {
-            return err("`domain` must be a domain name like telegram.example.org (no `@`, `/` or spaces)".into());
-        }
-        if seen.insert(net.domain.as_str(), base + i).is_some() {
-            return err("the domain is already used by another network: each network needs its own domain".into());
-        }
-        if config.xmpp.mode == XmppMode::Embedded && net.domain == users_domain {
-            return err(format!("this is the users' domain; give the network its own, e.g. telegram.{users_domain}"));
-        }
-        if config.xmpp.mode == XmppMode::Component && config.component_secret(net.secret.as_ref()).is_none() {
-            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        if let Some(problem) =
+            check_network_domain(config, &net.domain, net.secret.as_ref(), "telegram", users_domain, seen, base + i)
+        {
+            return err(problem);
         }
         let token = net.token.expose();
         let well_formed = token.split_once(':').is_some_and(|(id, rest)| {
@@ -460,6 +453,33 @@ fn check_telegram<'a>(
         }
     }
     Ok(())
+}
+
+/// What every bot network's domain must be: a domain name, its own, not the
+/// users' domain (embedded mode), with a component secret (component mode).
+/// `example` is the network's word for the example domain (`telegram`).
+fn check_network_domain<'a>(
+    config: &Config,
+    domain: &'a str,
+    secret: Option<&crate::Secret>,
+    example: &str,
+    users_domain: &str,
+    seen: &mut std::collections::HashMap<&'a str, usize>,
+    index: usize,
+) -> Option<String> {
+    if !valid_domain(domain) {
+        return Some(format!("`domain` must be a domain name like {example}.example.org (no `@`, `/` or spaces)"));
+    }
+    if seen.insert(domain, index).is_some() {
+        return Some("the domain is already used by another network: each network needs its own domain".into());
+    }
+    if config.xmpp.mode == XmppMode::Embedded && domain == users_domain {
+        return Some(format!("this is the users' domain; give the network its own, e.g. {example}.{users_domain}"));
+    }
+    if config.xmpp.mode == XmppMode::Component && config.component_secret(secret).is_none() {
+        return Some("no component secret: set `secret` here or `xmpp.component.secret`".into());
+    }
+    None
 }
 
 /// The relay template's rule (kept here so the configuration alone can be checked).
@@ -636,17 +656,10 @@ fn check_discord<'a>(
     for (i, net) in config.discord.iter().enumerate() {
         let at = config.discord_locations.get(i).copied().unwrap_or(top);
         let err = |m: String| Err(ConfigError::at(file, &at, format!("Discord network `{}`: {m}", net.domain)));
-        if !valid_domain(&net.domain) {
-            return err("`domain` must be a domain name like discord.example.org (no `@`, `/` or spaces)".into());
-        }
-        if seen.insert(net.domain.as_str(), base + i).is_some() {
-            return err("the domain is already used by another network: each network needs its own domain".into());
-        }
-        if config.xmpp.mode == XmppMode::Embedded && net.domain == users_domain {
-            return err(format!("this is the users' domain; give the network its own, e.g. discord.{users_domain}"));
-        }
-        if config.xmpp.mode == XmppMode::Component && config.component_secret(net.secret.as_ref()).is_none() {
-            return err("no component secret: set `secret` here or `xmpp.component.secret`".into());
+        if let Some(problem) =
+            check_network_domain(config, &net.domain, net.secret.as_ref(), "discord", users_domain, seen, base + i)
+        {
+            return err(problem);
         }
         let token = net.token.expose();
         if token.starts_with("Bot ") || token.starts_with("Bearer ") {

@@ -190,6 +190,11 @@ fn entities(text: &OutgoingText) -> Vec<MessageEntity> {
         .collect()
 }
 
+/// A reply to `message`, sent also when that message is gone.
+fn reply_to(message: i32) -> ReplyParameters {
+    ReplyParameters { message_id: MessageId(message), allow_sending_without_reply: Some(true), ..Default::default() }
+}
+
 fn recipient(chat: i64) -> Recipient {
     Recipient::Id(ChatId(chat))
 }
@@ -227,11 +232,7 @@ impl BotApi for TeloxideBot {
             req = req.message_thread_id(ThreadId(MessageId(topic)));
         }
         if let Some(reply) = text.reply_to {
-            req = req.reply_parameters(ReplyParameters {
-                message_id: MessageId(reply),
-                allow_sending_without_reply: Some(true),
-                ..Default::default()
-            });
+            req = req.reply_parameters(reply_to(reply));
         }
         Ok(req.send().await.map_err(tg_error)?.id.0)
     }
@@ -294,41 +295,31 @@ impl BotApi for TeloxideBot {
         use teloxide_core::payloads::{SendDocumentSetters, SendPhotoSetters};
         let input = InputFile::memory(file.bytes).file_name(file.name);
         let ents = entities(caption);
-        let reply = caption.reply_to.map(|r| ReplyParameters {
-            message_id: MessageId(r),
-            allow_sending_without_reply: Some(true),
-            ..Default::default()
-        });
+        let reply = caption.reply_to.map(reply_to);
+        // sendPhoto and sendDocument take the same caption, topic and reply settings
+        // (each through its own setter trait).
+        macro_rules! placed {
+            ($req:expr) => {{
+                let mut req = $req;
+                if !caption.text.is_empty() {
+                    req = req.caption(caption.text.clone());
+                    if !ents.is_empty() {
+                        req = req.caption_entities(ents);
+                    }
+                }
+                if let Some(topic) = to.topic {
+                    req = req.message_thread_id(ThreadId(MessageId(topic)));
+                }
+                if let Some(reply) = reply {
+                    req = req.reply_parameters(reply);
+                }
+                req.send().await
+            }};
+        }
         let sent = if file.photo {
-            let mut req = self.bot.send_photo(recipient(to.chat), input);
-            if !caption.text.is_empty() {
-                req = req.caption(caption.text.clone());
-                if !ents.is_empty() {
-                    req = req.caption_entities(ents);
-                }
-            }
-            if let Some(topic) = to.topic {
-                req = req.message_thread_id(ThreadId(MessageId(topic)));
-            }
-            if let Some(reply) = reply {
-                req = req.reply_parameters(reply);
-            }
-            req.send().await
+            placed!(self.bot.send_photo(recipient(to.chat), input))
         } else {
-            let mut req = self.bot.send_document(recipient(to.chat), input);
-            if !caption.text.is_empty() {
-                req = req.caption(caption.text.clone());
-                if !ents.is_empty() {
-                    req = req.caption_entities(ents);
-                }
-            }
-            if let Some(topic) = to.topic {
-                req = req.message_thread_id(ThreadId(MessageId(topic)));
-            }
-            if let Some(reply) = reply {
-                req = req.reply_parameters(reply);
-            }
-            req.send().await
+            placed!(self.bot.send_document(recipient(to.chat), input))
         };
         Ok(sent.map_err(tg_error)?.id.0)
     }
